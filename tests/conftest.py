@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny real models and datasets, built offline once per session."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*torchvision.*")
+
+from kd_cache import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def processor():
+    return tiny.build_processor()
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, processor):
+    """A tiny SigLIP + Qwen2 LLaVA teacher saved to disk (load it with from_pretrained)."""
+    return tiny.build_llava(tmp_path_factory.mktemp("teacher"), processor=processor, seed=0)
+
+
+@pytest.fixture(scope="session")
+def student_dir(tmp_path_factory, processor):
+    """A smaller-text student sharing the tokenizer and the vision geometry."""
+    sizes = tiny.TinySizes(text_hidden=32, text_heads=2, text_kv_heads=1, text_intermediate=64)
+    return tiny.build_llava(tmp_path_factory.mktemp("student"), processor=processor, sizes=sizes, seed=1)
+
+
+@pytest.fixture(scope="session")
+def causal_teacher_dir(tmp_path_factory, processor):
+    return tiny.build_causal_lm(tmp_path_factory.mktemp("causal"), tokenizer=processor.tokenizer, seed=2)
+
+
+@pytest.fixture(scope="session")
+def chat_data(tmp_path_factory):
+    """(data.json, image folder): 10 two-turn image QA records, every 4th text-only."""
+    return tiny.make_llava_dataset(tmp_path_factory.mktemp("chat"), n=10, seed=0, text_only_every=4)
+
+
+@pytest.fixture(scope="session")
+def caption_data(tmp_path_factory):
+    return tiny.make_llava_dataset(tmp_path_factory.mktemp("caption"), n=8, seed=1, caption=True, fmt="jsonl")
