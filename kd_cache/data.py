@@ -1,0 +1,310 @@
+"""Data records, templates and the one tokenisation function shared by the teacher pass and training.
+
+A record is LLaVA-format: ``{"id", "image" (optional, str or list), "conversations": [{"from", "value"}]}``
+with ``<image>`` placeholders. Records come from a JSON/JSONL file or a Hugging Face ``datasets``
+dataset (a ``save_to_disk`` directory, or parquet/json/jsonl files) with a string image-path column.
+
+``encode_record`` turns a record into ``input_ids`` and ``labels`` (aligned as in ``transformers``:
+``labels[t]`` is the target of the logits at ``t - 1``; -100 = no loss). Image placeholders are
+expanded to the number of image tokens the processor produces, so the token ids stored in a cache
+are exactly what the model sees. Labels cover assistant turns only (chat template) or the caption
+only (pretrain template); assistant spans are found on the rendered text, by rendering the
+conversation up to each assistant turn, which works for any prefix-stable chat template.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+IGNORE_INDEX = -100
+TEMPLATES = ("chat", "pretrain")
+
+# Reasons a record is skipped (the manifest counts them by these names).
+MISSING_IMAGE = "missing_image"
+UNREADABLE_IMAGE = "unreadable_image"
+EMPTY_CONVERSATION = "empty_conversation"
+NO_ASSISTANT_TOKENS = "no_assistant_tokens_after_truncation"
+IMAGE_TAG_MISMATCH = "image_tag_count_mismatch"
+IMAGE_TRUNCATED = "image_tokens_truncated"
+
+
+class BadRecord(Exception):
+    """A record that cannot be used; ``reason`` is one of the module's reason names."""
+
+    def __init__(self, record_id: str, reason: str, detail: str = ""):
+        self.record_id, self.reason, self.detail = record_id, reason, detail
+        super().__init__(f"record {record_id!r}: {reason}" + (f" ({detail})" if detail else ""))
+
+
+@dataclass
+class Record:
+    id: str
+    conversations: list[dict]
+    images: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Encoded:
+    id: str
+    input_ids: np.ndarray  # int32 [L]
+    labels: np.ndarray  # int32 [L]
+    images: list[str]  # paths as given in the data
+    pil_images: list[Any]  # loaded RGB images, in placeholder order
+
+
+def _as_record(row: dict, index: int) -> Record:
+    rid = row.get("id")
+    rid = str(rid) if rid is not None else str(index)
+    image = row.get("image", row.get("images"))
+    if image is None or image == "":
+        images = []
+    elif isinstance(image, str):
+        images = [image]
+    elif isinstance(image, (list, tuple)):
+        images = [str(x) for x in image]
+    else:
+        raise ValueError(
+            f"record {rid!r}: the image column holds {type(image).__name__}, expected a path string "
+            "(or a list of them); save embedded images to files and store their relative paths"
+        )
+    conv = row.get("conversations") or []
+    return Record(id=rid, conversations=list(conv), images=images)
+
+
+def load_records(data: str) -> list[Record]:
+    """Read LLaVA-format records from a JSON/JSONL file, a ``save_to_disk`` dir or parquet/json files."""
+    p = Path(data)
+    if p.is_dir():
+        import datasets
+
+        ds = datasets.load_from_disk(str(p))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds:
+                raise ValueError(f"{data}: a DatasetDict without a 'train' split (found {list(ds)})")
+            ds = ds["train"]
+        return [_as_record(row, i) for i, row in enumerate(ds)]
+    if not p.exists():
+        raise FileNotFoundError(f"--data {data}: no such file or directory")
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        rows = json.loads(p.read_text())
+        if not isinstance(rows, list):
+            raise ValueError(f"{data}: expected a JSON list of records, found {type(rows).__name__}")
+    elif suffix == ".jsonl":
+        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    elif suffix == ".parquet":
+        import datasets
+
+        rows = list(datasets.load_dataset("parquet", data_files=str(p), split="train"))
+    else:
+        raise ValueError(f"--data {data}: expected .json, .jsonl, .parquet or a datasets directory")
+    return [_as_record(row, i) for i, row in enumerate(rows)]
+
+
+def dataset_fingerprint(data: str) -> str:
+    """SHA-256 (16 hex) of the data file bytes, or of every file of a dataset directory."""
+    h = hashlib.sha256()
+    p = Path(data)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    for f in files:
+        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _role(src: str) -> str:
+    src = src.lower()
+    if src in ("human", "user"):
+        return "user"
+    if src in ("gpt", "assistant", "model"):
+        return "assistant"
+    if src == "system":
+        return "system"
+    raise ValueError(f"unknown conversation role {src!r} (expected human/gpt/system)")
+
+
+def _load_image(path: Path, rid: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise BadRecord(rid, MISSING_IMAGE, str(path))
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise BadRecord(rid, UNREADABLE_IMAGE, f"{path}: {e}") from e
+
+
+class Encoder:
+    """Tokenises records for one (processor or tokenizer, template, max length) combination.
+
+    ``processor`` may be a multimodal processor (with ``image_processor`` and ``image_token``) or
+    a plain tokenizer (causal-LM teacher, text-only data).
+    """
+
+    def __init__(self, processor, template: str = "chat", max_length: int = 2048,
+                 image_folder: str | None = None, image_tokens: int | None = None):
+        if template not in TEMPLATES:
+            raise ValueError(f"--template {template!r}: expected one of {TEMPLATES}")
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.template = template
+        self.max_length = max_length
+        self.image_folder = Path(image_folder) if image_folder else None
+        self.image_token = getattr(processor, "image_token", None)
+        self.image_token_id = getattr(processor, "image_token_id", None)
+        self.image_tokens = image_tokens
+        self.multimodal = getattr(processor, "image_processor", None) is not None and self.image_token is not None
+        self.placeholder = self.image_token or "<image>"
+
+    # -- rendering ---------------------------------------------------------------------------------
+    def _messages(self, conv: list[dict], structured: bool) -> list[dict]:
+        msgs = []
+        for turn in conv:
+            role, text = _role(turn.get("from", "")), str(turn.get("value", ""))
+            if not structured:
+                msgs.append({"role": role, "content": text})
+                continue
+            parts: list[dict] = []
+            for j, chunk in enumerate(text.split("<image>")):
+                if j > 0:
+                    parts.append({"type": "image"})
+                if chunk:
+                    parts.append({"type": "text", "text": chunk})
+            msgs.append({"role": role, "content": parts})
+        return msgs
+
+    def _render(self, msgs: list[dict], add_generation_prompt: bool, structured: bool) -> str:
+        owner = self.processor if structured else self.tokenizer
+        return owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _chat_text(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        structured = self.multimodal and getattr(self.processor, "chat_template", None) is not None
+        msgs = self._messages(conv, structured)
+        full = self._render(msgs, False, structured)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            prefix = self._render(msgs[:i], True, structured) if i else ""
+            upto = self._render(msgs[: i + 1], False, structured)
+            if not (full.startswith(upto) and upto.startswith(prefix)):
+                raise ValueError(
+                    "the chat template is not prefix-stable (rendering the first turns does not give a "
+                    "prefix of the whole conversation), so assistant spans cannot be located; "
+                    "use a template that renders turns independently"
+                )
+            spans.append((len(prefix), len(upto)))
+        return full, spans
+
+    def _pretrain_text(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+        # LLaVA's "plain" template: image tokens, then the caption, then a newline; loss on the caption.
+        caption = next((str(t.get("value", "")) for t in reversed(conv) if _role(t.get("from", "")) == "assistant"), "")
+        bos = self.tokenizer.bos_token or ""
+        prefix = bos + self.placeholder
+        text = prefix + caption.strip() + "\n"
+        return text, [(len(prefix), len(text))] if caption.strip() else []
+
+    # -- encoding ----------------------------------------------------------------------------------
+    def encode(self, record: Record) -> Encoded:
+        rid = record.id
+        conv = [t for t in record.conversations if str(t.get("value", "")).strip() or _role(t.get("from", "")) == "system"]
+        if not any(_role(t.get("from", "")) == "assistant" for t in conv):
+            raise BadRecord(rid, EMPTY_CONVERSATION, "no assistant turn with text")
+        n_tags = sum(str(t.get("value", "")).count("<image>") for t in conv)
+        if record.images and not self.multimodal:
+            raise BadRecord(rid, IMAGE_TAG_MISMATCH, "record has an image but the teacher has no image processor")
+        if record.images and n_tags == 0 and self.template == "chat":
+            # LLaVA convention: an image without a placeholder goes before the first user text.
+            conv = [dict(t) for t in conv]
+            first = next(i for i, t in enumerate(conv) if _role(t.get("from", "")) == "user")
+            conv[first]["value"] = "<image>\n" + conv[first]["value"]
+            n_tags = 1
+        if self.template == "pretrain":
+            n_tags = 1 if record.images else 0
+        if n_tags != len(record.images):
+            raise BadRecord(rid, IMAGE_TAG_MISMATCH, f"{n_tags} <image> tags, {len(record.images)} images")
+
+        pil = []
+        for rel in record.images:
+            path = Path(rel) if Path(rel).is_absolute() or self.image_folder is None else self.image_folder / rel
+            pil.append(_load_image(path, rid))
+
+        if self.template == "pretrain":
+            text, spans = self._pretrain_text(conv)
+            if not record.images:
+                text = text.replace(self.placeholder, "", 1)
+                spans = [(a - len(self.placeholder), b - len(self.placeholder)) for a, b in spans]
+        else:
+            text, spans = self._chat_text(conv)
+        text, spans = self._expand_images(text, spans, len(pil))
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int32)
+        starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
+        in_span = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:
+            in_span |= (starts >= a) & (starts < b)
+        labels = np.where(in_span, ids, IGNORE_INDEX).astype(np.int32)
+        if self.image_token_id is not None:
+            labels[ids == self.image_token_id] = IGNORE_INDEX
+            n_img = int((ids == self.image_token_id).sum())
+            expected = len(pil) * (self.image_tokens or 0)
+            if n_img != expected:
+                raise ValueError(
+                    f"record {rid!r}: tokenised text holds {n_img} image tokens, expected {expected}; "
+                    "the tokenizer must treat the image token as one special token"
+                )
+        if len(ids) > self.max_length:
+            ids, labels = ids[: self.max_length], labels[: self.max_length]
+            if self.image_token_id is not None and int((ids == self.image_token_id).sum()) != len(pil) * (self.image_tokens or 0):
+                raise BadRecord(rid, IMAGE_TRUNCATED, f"--max-length {self.max_length} cuts through an image")
+        if not (labels[1:] != IGNORE_INDEX).any():
+            raise BadRecord(rid, NO_ASSISTANT_TOKENS, f"--max-length {self.max_length}")
+        return Encoded(rid, ids, labels, list(record.images), pil)
+
+    def _expand_images(self, text: str, spans, n_images: int):
+        if n_images == 0:
+            return text, spans
+        tok = self.placeholder
+        pieces = text.split(tok)
+        if len(pieces) - 1 != n_images:
+            raise ValueError(f"rendered text holds {len(pieces) - 1} image placeholders, expected {n_images}")
+        extra = len(tok) * ((self.image_tokens or 1) - 1)
+        # Map an original char offset to its offset after expansion.
+        occ = []
+        pos = 0
+        for piece in pieces[:-1]:
+            pos += len(piece)
+            occ.append(pos)
+            pos += len(tok)
+
+        def shift(x: int) -> int:
+            return x + extra * sum(1 for o in occ if o < x)
+
+        expanded = (tok * (self.image_tokens or 1)).join(pieces)
+        return expanded, [(shift(a), shift(b)) for a, b in spans]
+
+
+def response_positions(labels: np.ndarray) -> np.ndarray:
+    """Positions t whose logits predict a labelled token t + 1."""
+    return np.nonzero(labels[1:] != IGNORE_INDEX)[0].astype(np.int32)
+
+
+def visual_positions(input_ids: np.ndarray, image_token_id: int | None) -> np.ndarray:
+    if image_token_id is None:
+        return np.zeros(0, dtype=np.int32)
+    return np.nonzero(input_ids == image_token_id)[0].astype(np.int32)
+
+
+def resolve_image_folder(image_folder: str | None) -> str | None:
+    return os.path.abspath(image_folder) if image_folder else None

@@ -1,0 +1,215 @@
+"""The teacher side: loading a teacher, running it on padded batches, and turning its final hidden
+states into what the losses need (sparse distributions at distilled positions, relation matrices).
+
+Only the final hidden states of the whole sequence are computed by the model; logits are produced
+for the distilled positions alone, chunk by chunk, so the [batch, seq, vocab] tensor never exists.
+Relation matrices use ``R = Z Z^T = H (W^T W) H^T`` with the constant ``W^T W`` of the frozen head.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_cache.data import Encoded, response_positions, visual_positions
+
+
+def pick_attn_implementation(device: torch.device) -> str:
+    if device.type == "cuda":
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise ValueError(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
+    return table[dtype]
+
+
+@dataclass
+class Teacher:
+    model: Any
+    processor: Any  # a processor, or a tokenizer for a causal-LM teacher
+    tokenizer: Any
+    image_token_id: int | None
+    multimodal: bool
+    device: torch.device
+
+
+def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> Teacher:
+    """Load any image-text-to-text model, or any causal LM (text-only data), with its processor."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+
+    device = torch.device(device)
+    config = AutoConfig.from_pretrained(path)
+    multimodal = getattr(config, "vision_config", None) is not None
+    attn = pick_attn_implementation(device)
+    cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
+    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).eval()
+    model.requires_grad_(False)
+    if multimodal:
+        processor = AutoProcessor.from_pretrained(path)
+        tokenizer = processor.tokenizer
+        image_token_id = getattr(processor, "image_token_id", None)
+        cfg_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
+        if cfg_id is not None and image_token_id is not None and cfg_id != image_token_id:
+            raise ValueError(
+                f"teacher config image_token_id {cfg_id} != processor image_token_id {image_token_id}: "
+                f"the processor saved in {path} does not belong to this model"
+            )
+    else:
+        processor = tokenizer = AutoTokenizer.from_pretrained(path)
+        image_token_id = None
+    vocab = model.get_output_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ValueError(
+            f"teacher tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}: "
+            f"the tokenizer in {path} does not belong to this model"
+        )
+    return Teacher(model, processor, tokenizer, image_token_id, multimodal, device)
+
+
+def _sample_seed(seed: int, sample_id: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+class TeacherRunner:
+    """Runs the teacher on batches of ``Encoded`` samples and returns one cache sample dict each."""
+
+    def __init__(self, teacher: Teacher, *, sparse: str = "topk", top_k: int = 64, samples: int = 64,
+                 relation: str = "full", seed: int = 0, chunk_size: int = 1024):
+        if sparse not in ("topk", "sample"):
+            raise ValueError(f"--sparse {sparse!r}: expected topk or sample")
+        self.t = teacher
+        self.sparse, self.top_k, self.samples, self.seed = sparse, top_k, samples, seed
+        self.relation = relation
+        self.chunk_size = chunk_size
+        head = teacher.model.get_output_embeddings()
+        self.head = head
+        self.vocab = head.weight.shape[0]
+        self.base = getattr(teacher.model, teacher.model.base_model_prefix)
+        # W^T W, fp32, once: relation matrices then cost O(N d^2) instead of O(N V d).
+        self.gram = None
+        if relation != "none" and teacher.multimodal and getattr(head, "bias", None) is None:
+            w = head.weight.float()
+            self.gram = w.T @ w
+
+    def _inputs(self, batch: list[Encoded]) -> dict:
+        dev = self.t.device
+        L = max(len(e.input_ids) for e in batch)
+        pad = self.t.tokenizer.pad_token_id or 0
+        ids = torch.full((len(batch), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(batch), L), dtype=torch.long)
+        for i, e in enumerate(batch):
+            ids[i, : len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
+            mask[i, : len(e.input_ids)] = 1
+        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+        images = [im for e in batch for im in e.pil_images]
+        if images:
+            px = self.t.processor.image_processor(images=images, return_tensors="pt")
+            for k, v in px.items():
+                if torch.is_tensor(v):
+                    inputs[k] = v.to(dev, dtype=self.t.model.dtype) if v.is_floating_point() else v.to(dev)
+        return inputs
+
+    @torch.no_grad()
+    def hidden_states(self, batch: list[Encoded]) -> torch.Tensor:
+        """Final hidden states [B, L, d] (padding on the right)."""
+        out = self.base(**self._inputs(batch), use_cache=False)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def run(self, batch: list[Encoded]) -> list[dict]:
+        h = self.hidden_states(batch)
+        return [self._sample(e, h[i, : len(e.input_ids)]) for i, e in enumerate(batch)]
+
+    def _distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict:
+        """Sparse teacher distribution at the rows of ``h`` [P, d]."""
+        P = h.shape[0]
+        gen = None
+        if self.sparse == "sample":
+            gen = torch.Generator(device=h.device)
+            gen.manual_seed(_sample_seed(self.seed, f"{sample_id}/{kind}"))
+        k = min(self.top_k, self.vocab) if self.sparse == "topk" else self.samples
+        ids_out = torch.full((P, k), -1, dtype=torch.long)
+        lp_out = torch.zeros((P, k), dtype=torch.float32)
+        tail_out = torch.zeros(P, dtype=torch.float32)
+        cnt_out = torch.zeros((P, k), dtype=torch.long) if self.sparse == "sample" else None
+        for a in range(0, P, self.chunk_size):
+            z = self.head(h[a : a + self.chunk_size]).float()
+            logp = torch.log_softmax(z, dim=-1)
+            if self.sparse == "topk":
+                lp, ids = logp.topk(k, dim=-1)
+                counts = None
+            else:
+                draws = torch.multinomial(logp.exp(), self.samples, replacement=True, generator=gen)
+                srt = draws.sort(dim=-1).values
+                new = torch.ones_like(srt, dtype=torch.bool)
+                new[:, 1:] = srt[:, 1:] != srt[:, :-1]
+                group = new.long().cumsum(-1) - 1
+                ids = torch.full_like(srt, -1).scatter_(1, group, srt)
+                counts = torch.zeros_like(srt).scatter_add_(1, group, torch.ones_like(srt))
+                lp = torch.where(ids >= 0, logp.gather(1, ids.clamp_min(0)), torch.zeros((), device=z.device))
+            # Exact tail: log of the mass outside the stored ids, from the fp32 logits themselves.
+            # Padding (-1) is pointed at the row's first id, which is always a real one.
+            fill = torch.where(ids >= 0, ids, ids[:, :1])
+            masked = logp.scatter(1, fill, float("-inf"))
+            tail = torch.logsumexp(masked, dim=-1)
+            sl = slice(a, a + z.shape[0])
+            ids_out[sl], lp_out[sl], tail_out[sl] = ids.cpu(), lp.cpu(), tail.cpu()
+            if counts is not None:
+                cnt_out[sl] = counts.cpu()
+        out = {f"{kind}_ids": ids_out.numpy().astype(np.int32), f"{kind}_logprobs": lp_out.numpy(),
+               f"{kind}_tail": tail_out.numpy()}
+        if cnt_out is not None:
+            out[f"{kind}_counts"] = cnt_out.numpy().astype(np.int32)
+        return out
+
+    def _relations(self, h_vis: torch.Tensor, n_images: int) -> list[np.ndarray]:
+        if self.relation == "none" or n_images == 0:
+            return []
+        n = h_vis.shape[0] // n_images
+        rels = []
+        for i in range(n_images):
+            hi = h_vis[i * n : (i + 1) * n].float()
+            if self.gram is not None:
+                r = hi @ self.gram @ hi.T
+            else:
+                z = self.head(h_vis[i * n : (i + 1) * n]).float()
+                r = z @ z.T
+            r = 0.5 * (r + r.T)
+            r = r / r.norm().clamp_min(1e-30)
+            rels.append(r.cpu().numpy().astype(np.float32))
+        return rels
+
+    def _sample(self, e: Encoded, h: torch.Tensor) -> dict:
+        resp = response_positions(e.labels)
+        vis = visual_positions(e.input_ids, self.t.image_token_id)
+        out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids, "labels": e.labels,
+               "response_positions": resp, "visual_positions": vis}
+        for kind, pos in (("response", resp), ("visual", vis)):
+            out.update(self._distribution(h[torch.from_numpy(pos.astype(np.int64)).to(h.device)], e.id, kind))
+        hv = h[torch.from_numpy(vis.astype(np.int64)).to(h.device)]
+        out["relation"] = self._relations(hv, len(e.images))
+        return out
+
+
+def dense_reference(teacher: Teacher, batch: list[Encoded]) -> list[torch.Tensor]:
+    """Full fp32 logits [L, V] per sample from the model's own forward pass (tests only)."""
+    runner_inputs = TeacherRunner(teacher, relation="none")._inputs(batch)
+    with torch.no_grad():
+        logits = teacher.model(**runner_inputs, use_cache=False).logits.float()
+    return [logits[i, : len(e.input_ids)] for i, e in enumerate(batch)]
