@@ -1,0 +1,293 @@
+"""``kd-cache build``: run the teacher once over a dataset and write an immutable, resumable cache.
+
+Work is split into shards of ``shard_size`` consecutive input records; shard ``s`` belongs to rank
+``s % world_size`` (under ``accelerate launch``), so every writer owns whole shards. A shard is done
+when its completion record exists; a rerun skips done shards and rebuilds the rest, which makes a
+killed build resumable and the result identical to an uninterrupted one. The manifest is written
+last, by rank 0, once every shard is complete.
+
+The teacher forward is the only step on the accelerator; tokenisation and image decoding run one
+batch ahead in a thread, and compression + writes of a finished shard run in another thread, so
+they overlap with the teacher instead of following it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from queue import Queue
+from typing import Any
+
+import fsspec
+import torch
+
+from kd_cache import fingerprint
+from kd_cache.data import TEMPLATES, BadRecord, Encoder, dataset_fingerprint, load_records, resolve_image_folder
+from kd_cache.relation import parse_relation_spec
+from kd_cache.shards import FORMAT_VERSION, CacheWriter
+from kd_cache.teacher import TeacherRunner, load_teacher, resolve_dtype
+
+# Settings that change what a cache contains: a rerun against the same --out must match them.
+CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "relation",
+                "shard_size", "max_length", "dtype", "limit", "seed")
+
+
+@dataclass
+class BuildConfig:
+    """Resolved settings of one ``kd-cache build`` run (written into the manifest)."""
+
+    teacher: str
+    data: str
+    out: str
+    image_folder: str | None = None
+    template: str = "chat"
+    sparse: str = "topk"
+    top_k: int = 64
+    samples: int = 64
+    relation: str = "full"
+    batch_size: int = 8
+    shard_size: int = 1024
+    max_length: int = 2048
+    dtype: str = "auto"
+    device: str = "auto"
+    strict: bool = False
+    limit: int | None = None
+    seed: int = 0
+    progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.template not in TEMPLATES:
+            raise ValueError(f"--template {self.template!r}: expected one of {', '.join(TEMPLATES)}")
+        if self.sparse not in ("topk", "sample"):
+            raise ValueError(f"--sparse {self.sparse!r}: expected topk or sample")
+        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.samples > 65535:
+            raise ValueError(f"--samples {self.samples}: at most 65535 draws per position (counts are uint16)")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {self.limit}")
+        parse_relation_spec(self.relation)  # raises with the accepted forms
+        self.image_folder = resolve_image_folder(self.image_folder)
+
+    def identity(self) -> dict:
+        return {k: getattr(self, k) for k in CONTENT_KEYS}
+
+
+def _fs(url: str, storage_options: dict):
+    fs, root = fsspec.core.url_to_fs(url, **storage_options)
+    return fs, root.rstrip("/")
+
+
+def _read_json(fs, path: str) -> dict | None:
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(fs, path: str, obj: dict) -> None:
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+
+
+def _check_identity(previous: dict, current: dict, out: str) -> None:
+    diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
+    if diffs:
+        lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"
+                 for k in diffs]
+        raise ValueError(
+            f"{out} already holds a cache built with different settings:\n" + "\n".join(lines)
+            + "\nRerun with the original settings to resume, or choose another --out."
+        )
+
+
+class _Dist:
+    """Rank/world/barrier from ``accelerate`` when launched with it, plain single-process otherwise."""
+
+    def __init__(self, device: str):
+        from accelerate import PartialState
+
+        cpu = device == "cpu"
+        self.state = PartialState(cpu=cpu)
+        self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.main = self.state.is_main_process
+        self.device = torch.device(device) if device not in ("auto",) else self.state.device
+
+    def barrier(self):
+        self.state.wait_for_everyone()
+
+
+def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_q: Queue, skipped: list):
+    """Producer thread: tokenise + load images, put batches of ``Encoded`` (None = end) on the queue."""
+    batch = []
+    try:
+        for rec in records:
+            try:
+                batch.append(encoder.encode(rec))
+            except BadRecord as e:
+                if strict:
+                    raise
+                skipped.append({"id": e.record_id, "reason": e.reason, "detail": e.detail})
+                continue
+            if len(batch) == batch_size:
+                out_q.put(batch)
+                batch = []
+        if batch:
+            out_q.put(batch)
+        out_q.put(None)
+    except BaseException as e:  # surfaced in the consumer
+        out_q.put(e)
+
+
+def build_cache(cfg: BuildConfig) -> dict:
+    """Build (or finish) the cache described by ``cfg``; returns the manifest."""
+    dist = _Dist(cfg.device)
+    fs, root = _fs(cfg.out, cfg.storage_options)
+    writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
+    identity = cfg.identity()
+    build_json = f"{root}/build.json"
+
+    if dist.main:
+        previous = _read_json(fs, build_json)
+        if previous is not None:
+            _check_identity(previous, identity, cfg.out)
+        else:
+            fs.makedirs(root, exist_ok=True)
+            _write_json(fs, build_json, identity)
+    dist.barrier()
+    if not dist.main:
+        _check_identity(_read_json(fs, build_json) or {}, identity, cfg.out)
+
+    manifest = writer.read_manifest()
+    if manifest is not None:
+        if dist.main:
+            print(f"{cfg.out}: cache already complete ({manifest.get('num_samples')} samples)", file=sys.stderr)
+        return manifest
+
+    records = load_records(cfg.data)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    if not records:
+        raise ValueError(f"--data {cfg.data}: no records")
+    n_shards = math.ceil(len(records) / cfg.shard_size)
+    mine = [s for s in range(n_shards) if s % dist.world == dist.rank and not writer.is_complete(s)]
+
+    dtype = resolve_dtype(cfg.dtype, dist.device)
+    teacher = load_teacher(cfg.teacher, dist.device, dtype)
+    image_tokens = fingerprint.image_tokens_per_image(teacher.processor) if teacher.multimodal else None
+    encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, image_tokens)
+    runner = TeacherRunner(teacher, sparse=cfg.sparse, top_k=cfg.top_k, samples=cfg.samples,
+                           relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed)
+    k = min(cfg.top_k, runner.vocab) if cfg.sparse == "topk" else cfg.samples
+
+    todo = sum(len(records[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in mine)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=todo, unit="sample", desc=f"teacher pass (rank {dist.rank})" if dist.world > 1 else "teacher pass",
+               disable=not cfg.progress, position=dist.rank, dynamic_ncols=True)
+    io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-cache-write")
+    pending: list[Future] = []
+    n_skipped = 0
+    try:
+        for s in mine:
+            shard_records = records[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+            skipped: list[dict] = []
+            q: Queue = Queue(maxsize=4)
+            producer = threading.Thread(
+                target=_encode_ahead, args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped),
+                daemon=True,
+            )
+            producer.start()
+            samples: list[dict] = []
+            while True:
+                item = q.get()
+                if item is None:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                samples.extend(runner.run(item))
+                bar.update(len(item))
+            producer.join()
+            bar.update(len(skipped))
+            n_skipped += len(skipped)
+            bar.set_postfix(skipped=n_skipped, shard=s)
+            # The skip list goes next to the shard before its data: a complete shard always has one.
+            _write_json(fs, f"{root}/shards/{writer.shard_name(s)}.skipped.json", {"skipped": skipped})
+            while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
+                pending.pop(0).result()
+            pending.append(io.submit(writer.write_shard, s, samples, sparse_mode=cfg.sparse, k=k,
+                                     relation=runner.relation))
+        for f in pending:
+            f.result()
+    finally:
+        io.shutdown(wait=True)
+        bar.close()
+
+    dist.barrier()
+    if dist.main:
+        manifest = _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, runner.relation)
+    dist.barrier()
+    if not dist.main:
+        manifest = writer.read_manifest()
+    return manifest
+
+
+def _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, relation) -> dict:
+    entries, skipped = [], []
+    for s in range(n_shards):
+        entry = writer.read_complete_entry(s)
+        if entry is None:
+            raise RuntimeError(f"{cfg.out}: shard {writer.shard_name(s)} is not complete after the build")
+        entries.append(entry)
+        skipped.extend((_read_json(fs, f"{root}/shards/{writer.shard_name(s)}.skipped.json") or {}).get("skipped", []))
+    model_cfg = teacher.model.config
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "teacher": {
+            "path": cfg.teacher,
+            "model_type": model_cfg.model_type,
+            "revision": getattr(model_cfg, "_commit_hash", None),
+            "config_hash": fingerprint.config_hash(model_cfg),
+            "multimodal": teacher.multimodal,
+        },
+        "tokenizer_hash": fingerprint.tokenizer_hash(teacher.tokenizer),
+        "vocab_size": int(teacher.model.get_output_embeddings().weight.shape[0]),
+        "tokenizer_size": len(teacher.tokenizer),
+        "image_token_id": teacher.image_token_id,
+        "visual_tokens_per_image": image_tokens,
+        "template": cfg.template,
+        "max_length": cfg.max_length,
+        "sparse": {"mode": cfg.sparse, "k": k, **({"samples": cfg.samples} if cfg.sparse == "sample" else {"top_k": k}),
+                   "seed": cfg.seed},
+        "relation": relation,
+        "dataset_fingerprint": dataset_fingerprint(cfg.data),
+        "build_config": {key: v for key, v in asdict(cfg).items() if key != "storage_options"},
+        "num_samples": sum(e["samples"] for e in entries),
+        "shards": entries,
+        "skipped": [{"id": x["id"], "reason": x["reason"]} for x in skipped],
+        "skipped_counts": dict(sorted(Counter(x["reason"] for x in skipped).items())),
+    }
+    writer.write_manifest(manifest)
+    return manifest
+
+
+def summary(manifest: dict) -> str:
+    total = sum(e["bytes"] for e in manifest["shards"])
+    lines = [
+        f"cache: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
+        f"{total / 2**20:.2f} MiB ({total / max(manifest['num_samples'], 1) / 1024:.1f} KiB/sample)",
+    ]
+    if manifest["skipped"]:
+        lines.append(f"skipped {len(manifest['skipped'])} records (listed in manifest.json under 'skipped'):")
+        lines += [f"  {reason}: {n}" for reason, n in manifest["skipped_counts"].items()]
+    else:
+        lines.append("skipped 0 records")
+    return "\n".join(lines)

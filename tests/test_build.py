@@ -1,0 +1,279 @@
+"""kd-cache build: stored values equal a dense teacher computation; batching, resumption, ranks,
+bad records, causal-LM teachers and fsspec stores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.kd_cache_cli import app
+from kd_cache import open_cache, tiny
+from kd_cache.build import BuildConfig, build_cache
+from kd_cache.data import Encoder, load_records
+from kd_cache.fingerprint import image_tokens_per_image
+from kd_cache.teacher import TeacherRunner, load_teacher
+
+ARRAYS = ("input_ids", "labels", "response_positions", "visual_positions", "response_ids", "response_logprobs",
+          "response_tail", "visual_ids", "visual_logprobs", "visual_tail")
+
+
+def _build(teacher_dir, data, out, **kw):
+    data_file, images = data
+    cfg = BuildConfig(teacher=str(teacher_dir), data=str(data_file), image_folder=str(images), out=str(out),
+                      device="cpu", progress=False, **kw)
+    return build_cache(cfg)
+
+
+def _dense_logprobs(teacher_dir, data, template="chat"):
+    """Per-sample fp32 log-softmax [L, V] from the teacher's own full forward pass (no cache code)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(teacher_dir)
+    enc = Encoder(proc, template, 2048, str(data[1]), image_tokens_per_image(proc))
+    out = {}
+    for rec in load_records(str(data[0])):
+        e = enc.encode(rec)
+        inputs = {"input_ids": torch.from_numpy(e.input_ids.astype(np.int64))[None]}
+        if e.pil_images:
+            inputs["pixel_values"] = proc.image_processor(images=e.pil_images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            logits = model(**inputs).logits[0].float()
+        out[e.id] = logits
+    return out
+
+
+def test_topk_and_relation_equal_dense(teacher_dir, chat_data, tmp_path):
+    manifest = _build(teacher_dir, chat_data, tmp_path / "c", top_k=8, shard_size=4, batch_size=3)
+    cache = open_cache(str(tmp_path / "c"))
+    assert len(cache) == manifest["num_samples"] == 10
+    dense = _dense_logprobs(teacher_dir, chat_data)
+    n_images = 0
+    for s in cache:
+        logits = dense[s["id"]]
+        logp = torch.log_softmax(logits, -1)
+        labels = s["labels"]
+        np.testing.assert_array_equal(s["response_positions"], np.nonzero(labels[1:] != -100)[0])
+        np.testing.assert_array_equal(s["visual_positions"], np.nonzero(s["input_ids"] == manifest["image_token_id"])[0])
+        for kind in ("response", "visual"):
+            pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
+            ref_lp, ref_ids = logp[pos].topk(8, dim=-1)
+            np.testing.assert_array_equal(s[f"{kind}_ids"], ref_ids.numpy())
+            np.testing.assert_allclose(s[f"{kind}_logprobs"], ref_lp.numpy(), rtol=2e-3, atol=2e-3)  # fp16 storage
+            ref_tail = torch.log1p(-ref_lp.exp().sum(-1).clamp(max=1 - 1e-7)).numpy()
+            np.testing.assert_allclose(s[f"{kind}_tail"], ref_tail, rtol=1e-3, atol=1e-4)
+        assert len(s["relation"]) == len(s["images"])
+        for r in s["relation"]:
+            z = logits[torch.from_numpy(s["visual_positions"].astype(np.int64))]
+            ref = z @ z.T
+            ref = (ref / ref.norm()).numpy()
+            np.testing.assert_allclose(r, ref, atol=2e-3)  # fp16 upper triangle
+            assert abs(np.linalg.norm(r) - 1) < 1e-3
+            n_images += 1
+    assert n_images > 0 and any(len(s["images"]) == 0 for s in cache)  # text-only samples present too
+
+
+def test_lowrank_relation_is_close(teacher_dir, chat_data, tmp_path):
+    _build(teacher_dir, chat_data, tmp_path / "full", top_k=4)
+    _build(teacher_dir, chat_data, tmp_path / "low", top_k=4, relation="lowrank:8")
+    full, low = open_cache(str(tmp_path / "full")), open_cache(str(tmp_path / "low"))
+    for a, b in zip(full, low):
+        for ra, rb, energy in zip(a["relation"], b["relation"], b["relation_energy"]):
+            cos = float((ra * rb).sum() / np.linalg.norm(ra) / np.linalg.norm(rb))
+            assert cos > 0.999 and energy > 0.999
+
+
+def test_sample_mode_is_unbiased(teacher_dir, chat_data):
+    teacher = load_teacher(str(teacher_dir), "cpu", torch.float32)
+    enc = Encoder(teacher.processor, "chat", 2048, str(chat_data[1]), image_tokens_per_image(teacher.processor))
+    e = enc.encode(load_records(str(chat_data[0]))[0])
+    dense = _dense_logprobs(teacher_dir, chat_data)[e.id]
+    p = torch.softmax(dense[torch.from_numpy(e.labels[1:] != -100).nonzero()[:, 0]], -1).numpy()
+    N, trials = 16, 300
+    est = np.zeros_like(p)
+    for seed in range(trials):
+        s = TeacherRunner(teacher, sparse="sample", samples=N, relation="none", seed=seed).run([e])[0]
+        ids, counts, lp, tail = s["response_ids"], s["response_counts"], s["response_logprobs"], s["response_tail"]
+        assert (counts.sum(-1) == N).all()
+        valid = ids >= 0
+        np.testing.assert_allclose(lp[valid], np.log(p[np.nonzero(valid)[0], ids[valid]]), atol=1e-5)
+        mass = np.where(valid, p[np.arange(len(p))[:, None], np.maximum(ids, 0)], 0).sum(-1)
+        np.testing.assert_allclose(np.exp(tail), 1 - mass, atol=1e-5)
+        np.add.at(est, (np.nonzero(valid)[0], ids[valid]), counts[valid] / N)
+    est /= trials
+    # Each estimate is a mean of N*trials Bernoulli draws: stay within 5 standard errors everywhere.
+    se = np.sqrt(p * (1 - p) / (N * trials))
+    assert (np.abs(est - p) <= 5 * se + 1e-4).all()
+    assert np.abs(est - p).max() < 0.02
+
+
+def _arrays_close(a, b, exact=False):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["id"] == y["id"] and x["images"] == y["images"]
+        for k in ARRAYS:
+            if exact or x[k].dtype.kind in "iu":
+                np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+            else:
+                np.testing.assert_allclose(x[k], y[k], atol=2e-3, rtol=2e-3, err_msg=k)
+        for ra, rb in zip(x["relation"], y["relation"]):
+            np.testing.assert_allclose(ra, rb, atol=2e-3)
+
+
+def test_batch_size_invariance(teacher_dir, chat_data, tmp_path):
+    _build(teacher_dir, chat_data, tmp_path / "b1", top_k=8, batch_size=1)
+    _build(teacher_dir, chat_data, tmp_path / "b4", top_k=8, batch_size=4)
+    _arrays_close(list(open_cache(str(tmp_path / "b1"))), list(open_cache(str(tmp_path / "b4"))))
+
+
+def _cli_build(teacher_dir, data, out, *extra):
+    return [sys.executable, "-m", "cli.kd_cache_cli", "build", "--teacher", str(teacher_dir), "--data", str(data[0]),
+            "--image-folder", str(data[1]), "--out", str(out), "--device", "cpu", "--no-progress", *extra]
+
+
+def _shard_checksums(path):
+    return [e["checksum"] for e in json.loads((Path(path) / "manifest.json").read_text())["shards"]]
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_cache(teacher_dir, tmp_path):
+    data = tiny.make_llava_dataset(tmp_path / "data", n=36, seed=5)
+    args = ("--top-k", "8", "--shard-size", "3", "--batch-size", "2")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    subprocess.run(_cli_build(teacher_dir, data, tmp_path / "ref", *args), check=True, env=env, capture_output=True)
+    out = tmp_path / "killed"
+    # A real SIGKILL once the first shard is complete (between/during the following shard writes).
+    proc = subprocess.Popen(_cli_build(teacher_dir, data, out, *args), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((out / "shards").glob("*.complete.json")):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = sorted((out / "shards").glob("*.complete.json"))
+    assert 1 <= len(done) < 12 and not (out / "manifest.json").exists()
+    # The state a kill in the middle of a shard write leaves: data files present, record missing.
+    victim = done[0]
+    victim.unlink()
+    chunks = [p for p in (out / "shards" / victim.name.split(".")[0]).rglob("*") if p.is_file()]
+    chunks[len(chunks) // 2].write_bytes(b"partial")
+    res = subprocess.run(_cli_build(teacher_dir, data, out, *args), env=env, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _shard_checksums(out) == _shard_checksums(tmp_path / "ref")
+    assert subprocess.run([sys.executable, "-m", "cli.kd_cache_cli", "verify", str(out)], env=env).returncode == 0
+    # A rerun with different settings is refused, naming the setting.
+    res = subprocess.run(_cli_build(teacher_dir, data, out, "--top-k", "16", "--shard-size", "3"), env=env,
+                         capture_output=True, text=True)
+    assert res.returncode != 0 and "--top-k" in res.stderr and "8" in res.stderr and "16" in res.stderr
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one(teacher_dir, tmp_path):
+    data = tiny.make_llava_dataset(tmp_path / "data", n=14, seed=6, text_only_every=5)
+    args = ("--top-k", "8", "--shard-size", "3", "--batch-size", "2")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli_build(teacher_dir, data, tmp_path / "one", *args), check=True, env=env, capture_output=True)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+           "-m", "cli.kd_cache_cli", *_cli_build(teacher_dir, data, tmp_path / "two", *args)[3:]]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    one, two = json.loads((tmp_path / "one/manifest.json").read_text()), json.loads((tmp_path / "two/manifest.json").read_text())
+    assert one["shards"] == two["shards"] and one["num_samples"] == two["num_samples"] == 14
+    _arrays_close(list(open_cache(str(tmp_path / "one"))), list(open_cache(str(tmp_path / "two"))), exact=True)
+
+
+def _bad_dataset(root: Path):
+    data, images = tiny.make_llava_dataset(root, n=3, seed=7)
+    recs = json.loads(data.read_text())
+    (images / "broken.png").write_bytes(b"not a png")
+    long_q = "What colour is the shape? " * 40
+    recs += [
+        {"id": "missing", "image": "nope.png", "conversations": recs[0]["conversations"]},
+        {"id": "unreadable", "image": "broken.png", "conversations": recs[0]["conversations"]},
+        {"id": "empty", "conversations": []},
+        {"id": "too-long", "conversations": [{"from": "human", "value": long_q}, {"from": "gpt", "value": "red"}]},
+        {"id": "two-tags", "image": recs[0]["image"],
+         "conversations": [{"from": "human", "value": "<image> and <image>"}, {"from": "gpt", "value": "red"}]},
+    ]
+    data.write_text(json.dumps(recs))
+    return data, images
+
+
+def test_bad_records_are_counted_and_listed(teacher_dir, tmp_path):
+    data = _bad_dataset(tmp_path / "bad")
+    res = CliRunner().invoke(app, _cli_build(teacher_dir, data, tmp_path / "c", "--max-length", "120", "--top-k", "4")[3:])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "c/manifest.json").read_text())
+    assert manifest["num_samples"] == 3
+    reasons = {x["id"]: x["reason"] for x in manifest["skipped"]}
+    assert reasons == {"missing": "missing_image", "unreadable": "unreadable_image", "empty": "empty_conversation",
+                       "too-long": "no_assistant_tokens_after_truncation", "two-tags": "image_tag_count_mismatch"}
+    assert manifest["skipped_counts"]["missing_image"] == 1
+    assert "skipped 5 records" in res.output and "unreadable_image: 1" in res.output
+
+    res = CliRunner().invoke(app, _cli_build(teacher_dir, data, tmp_path / "s", "--strict", "--max-length", "120")[3:])
+    assert res.exit_code != 0
+    assert "missing" in res.output and "missing_image" in res.output
+
+
+def test_causal_lm_teacher_on_text_only_data(causal_teacher_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path / "text"
+    root.mkdir()
+    recs = [{"id": f"t{i}", "conversations": [{"from": "human", "value": f"Is {c} a colour?"},
+                                              {"from": "gpt", "value": "yes"}]} for i, c in enumerate(tiny.COLOURS)]
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    manifest = _build(causal_teacher_dir, (root / "d.jsonl", root), tmp_path / "c", top_k=5, relation="full")
+    assert manifest["visual_tokens_per_image"] is None and manifest["relation"] == "none"
+    model = AutoModelForCausalLM.from_pretrained(causal_teacher_dir).eval()
+    tok = AutoTokenizer.from_pretrained(causal_teacher_dir)
+    for s in open_cache(str(tmp_path / "c")):
+        assert len(s["visual_positions"]) == 0 and s["relation"] == []
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.from_numpy(s["input_ids"].astype(np.int64))[None]).logits[0], -1)
+        ref = logp[torch.from_numpy(s["response_positions"].astype(np.int64))].topk(5)
+        np.testing.assert_array_equal(s["response_ids"], ref.indices.numpy())
+        assert tok.decode(s["input_ids"][s["labels"] != -100]) == "yes<|im_end|>\n"
+
+
+def test_fsspec_url_stores(teacher_dir, chat_data, tmp_path):
+    local = _build(teacher_dir, chat_data, tmp_path / "local", top_k=4, limit=4)
+    mem = _build(teacher_dir, chat_data, "memory://kd-test-cache", top_k=4, limit=4)
+    url = _build(teacher_dir, chat_data, (tmp_path / "viaurl").as_uri(), top_k=4, limit=4)
+    assert local["shards"] == mem["shards"] == url["shards"]
+    _arrays_close(list(open_cache(str(tmp_path / "local"))), list(open_cache("memory://kd-test-cache")), exact=True)
+
+
+def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
+    out = tmp_path / "c"
+    _build(teacher_dir, chat_data, out, top_k=8, shard_size=5, relation="lowrank:4")
+    runner = CliRunner()
+    res = runner.invoke(app, ["inspect-shard", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "response_logprobs" in res.output and "lowrank:4" in res.output
+    res = runner.invoke(app, ["inspect-shard", str(out), "--shard", "1", "--sample", "0", "--json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert json.dumps(info).count("yellow") + json.dumps(info).count("the ") > 0  # decoded response text
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 0 and "OK" in res.output
+    # Corrupt one chunk file: verify must fail and name the shard.
+    chunk = next(p for p in sorted((out / "shards" / "00001").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 1
+    assert "00001" in res.output
