@@ -1,0 +1,549 @@
+"""Distillation losses: small pure functions over flattened positions.
+
+Notation used in every docstring:
+
+- ``P``: positions (batch x sequence, flattened and already selected by a mask);
+- ``V``: vocabulary size; ``K``: teacher ids stored per position; ``d``: hidden size;
+- ``N``: visual tokens of one image;
+- ``p``: the teacher distribution, ``q``: the student distribution.
+
+Conventions:
+
+- Forward KL is ``KL(p || q) = sum p (log p - log q)`` (mass covering); reverse KL is ``KL(q || p)``.
+  Each function returns the quantity it is named after, so identical distributions give 0.
+- Generalised JSD follows TRL's ``generalized_jsd_loss`` (GKD, arXiv 2306.13649, Eq. 1)::
+
+      m = beta * p + (1 - beta) * q
+      JSD_beta = beta * KL(p || m) + (1 - beta) * KL(q || m)
+
+  ``beta = 0`` returns forward KL and ``beta = 1`` returns reverse KL exactly (as TRL does; the
+  formula itself is 0 at both ends, and ``JSD_beta / beta -> KL(p||q)`` as ``beta -> 0``).
+  ``beta = 0.5`` is the symmetric Jensen-Shannon divergence.
+- Skew KL is ``KL(p || a p + (1 - a) q)`` with ``a = skew_alpha`` (``a = 0`` is forward KL).
+- Total variation is ``0.5 * sum |p - q|`` (in [0, 1]).
+- Inputs of any float dtype are upcast to at least float32 inside; float64 stays float64 (handy
+  for gradcheck).
+- Log-probabilities of every bin are floored at ``LOG_PROB_FLOOR`` (-100, i.e. p ~ 4e-44) so that a
+  bin that one side gives zero mass (e.g. a teacher tail stored as ``-inf`` because the stored ids
+  cover the whole vocabulary) gives a finite loss and finite gradients instead of ``inf``/``NaN``.
+  This only changes results for probabilities below ~1e-43.
+- Losses return per-position values, or sums and counts; turn them into means once, with the
+  global count of valid positions (all micro-batches, all ranks), via ``normalise(sum, count)``.
+  Empty inputs give 0, guarded with ``clamp_min(1)``, never with a Python branch on a tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from enum import Enum
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint as _checkpoint
+
+__all__ = [
+    "LOG_PROB_FLOOR",
+    "Divergence",
+    "SparseMode",
+    "ce_reference",
+    "chunked_distill",
+    "dense_divergence",
+    "head_gram",
+    "normalise",
+    "rdist",
+    "relation_from_hidden",
+    "relation_from_logits",
+    "sparse_divergence",
+    "teacher_row_mask",
+    "zscore_logits",
+]
+
+LOG_PROB_FLOOR = -100.0
+IGNORE_INDEX = -100
+
+
+class Divergence(str, Enum):
+    """Which divergence between teacher ``p`` and student ``q`` (see the module docstring)."""
+
+    FKL = "fkl"  # forward KL(p || q)
+    RKL = "rkl"  # reverse KL(q || p)
+    JSD = "jsd"  # generalised JSD(beta), TRL convention
+    TVD = "tvd"  # total variation 0.5 * sum |p - q|
+    SKL = "skl"  # skew KL(p || a p + (1 - a) q)
+
+
+class SparseMode(str, Enum):
+    """How a sparse teacher distribution is compared with the student's full one."""
+
+    TAIL = "tail"  # k stored ids + one "everything else" bin, for both sides
+    RENORM = "renorm"  # both renormalised over the stored ids
+    SAMPLE = "sample"  # random-sampling KD: needs counts, forward KL only
+
+
+def _as_divergence(divergence: str | Divergence) -> Divergence:
+    try:
+        return Divergence(divergence)
+    except ValueError:
+        choices = ", ".join(repr(d.value) for d in Divergence)
+        raise ValueError(f"divergence {divergence!r} not understood: expected one of {choices}") from None
+
+
+def _as_mode(mode: str | SparseMode) -> SparseMode:
+    try:
+        return SparseMode(mode)
+    except ValueError:
+        choices = ", ".join(repr(m.value) for m in SparseMode)
+        raise ValueError(f"sparse mode {mode!r} not understood: expected one of {choices}") from None
+
+
+def _check_options(jsd_beta: float, skew_alpha: float, temperature: float) -> None:
+    if not 0.0 <= jsd_beta <= 1.0:
+        raise ValueError(f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {jsd_beta}")
+    if not 0.0 <= skew_alpha < 1.0:
+        raise ValueError(f"skew_alpha must lie in [0, 1) (0 = forward KL), got {skew_alpha}")
+    if not temperature > 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+
+
+def _up(x: Tensor) -> Tensor:
+    """Upcast to at least float32 (float64 stays float64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _masked_log_softmax(x: Tensor, mask: Tensor) -> Tensor:
+    """log-softmax of ``x`` [P, B] over the bins where ``mask`` [P, B] is True.
+
+    Masked bins get a finite fill (never -inf), so an all-masked row yields finite garbage rather
+    than NaN; callers mask those bins/rows out afterwards.
+    """
+    x = x.masked_fill(~mask, torch.finfo(x.dtype).min)
+    return x - x.logsumexp(-1, keepdim=True)
+
+
+def _bin_divergence(
+    log_p: Tensor, log_q: Tensor, mask: Tensor, divergence: Divergence, jsd_beta: float, skew_alpha: float
+) -> Tensor:
+    """Divergence between two distributions over B bins.
+
+    log_p, log_q: [P, B] log-probabilities (teacher, student); mask: [P, B] bool, bins to use.
+    Returns [P]. Masked bins contribute exactly 0 (their inputs may be NaN or -inf).
+    """
+    # Double-where: sanitise masked entries *before* any arithmetic so their gradients stay finite.
+    log_p = torch.where(mask, log_p.clamp_min(LOG_PROB_FLOOR), 0.0)
+    log_q = torch.where(mask, log_q.clamp_min(LOG_PROB_FLOOR), 0.0)
+    p, q = log_p.exp(), log_q.exp()
+    if divergence is Divergence.JSD and jsd_beta == 0.0:
+        divergence = Divergence.FKL
+    elif divergence is Divergence.JSD and jsd_beta == 1.0:
+        divergence = Divergence.RKL
+    elif divergence is Divergence.SKL and skew_alpha == 0.0:
+        divergence = Divergence.FKL
+
+    if divergence is Divergence.FKL:
+        terms = p * (log_p - log_q)
+    elif divergence is Divergence.RKL:
+        terms = q * (log_q - log_p)
+    elif divergence is Divergence.JSD:
+        b = jsd_beta
+        log_m = torch.logaddexp(log_p + math.log(b), log_q + math.log1p(-b))
+        terms = b * p * (log_p - log_m) + (1.0 - b) * q * (log_q - log_m)
+    elif divergence is Divergence.TVD:
+        terms = 0.5 * (p - q).abs()
+    elif divergence is Divergence.SKL:
+        a = skew_alpha
+        log_m = torch.logaddexp(log_p + math.log(a), log_q + math.log1p(-a))
+        terms = p * (log_p - log_m)
+    else:  # pragma: no cover - _as_divergence rejects anything else
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return torch.where(mask, terms, 0.0).sum(-1)
+
+
+def zscore_logits(logits: Tensor, eps: float = 1e-6) -> Tensor:
+    """Standardise each row of logits [..., V] to zero mean, unit std (logit standardisation).
+
+    Returns float32 (or float64) [..., V]. A constant row maps to zeros (std guarded by ``eps``).
+    """
+    z = _up(logits)
+    mean = z.mean(-1, keepdim=True)
+    std = z.std(-1, keepdim=True, correction=0)
+    return (z - mean) / std.clamp_min(eps)
+
+
+def _student_logits(logits: Tensor, temperature: float, zscore: bool) -> Tensor:
+    z = _up(logits)
+    if zscore:
+        z = zscore_logits(z)
+    if temperature != 1.0:
+        z = z / temperature
+    return z
+
+
+def teacher_row_mask(teacher_ids: Tensor) -> Tensor:
+    """[P, K] teacher ids padded with -1 -> [P] bool, True where at least one id is stored."""
+    return (teacher_ids >= 0).any(-1)
+
+
+def dense_divergence(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    divergence: str | Divergence = "fkl",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    zscore: bool = False,
+) -> Tensor:
+    """Full-vocabulary divergence (the reference the sparse paths are tested against).
+
+    student_logits, teacher_logits: [P, V], any float dtype. ``temperature`` divides both (after
+    ``zscore_logits`` on both when ``zscore``). Returns [P] (float32 or float64).
+    """
+    div = _as_divergence(divergence)
+    _check_options(jsd_beta, skew_alpha, temperature)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
+            "must have the same shape [P, V]"
+        )
+    log_q = _student_logits(student_logits, temperature, zscore).log_softmax(-1)
+    log_p = _student_logits(teacher_logits, temperature, zscore).log_softmax(-1)
+    mask = torch.ones_like(log_q, dtype=torch.bool)
+    return _bin_divergence(log_p, log_q.to(log_p.dtype), mask, div, jsd_beta, skew_alpha)
+
+
+def _sparse_from_logq(
+    log_q_all: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor | None,
+    counts: Tensor | None,
+    div: Divergence,
+    mode: SparseMode,
+    jsd_beta: float,
+    skew_alpha: float,
+) -> Tensor:
+    """``sparse_divergence`` given the student's full log-softmax [P, V]; returns [P]."""
+    ids = teacher_ids.long()
+    valid = ids >= 0  # [P, K]
+    rows = valid.any(-1)  # [P]
+    safe_ids = ids.clamp_min(0)
+    t_lp = torch.where(valid, _up(teacher_logprobs), 0.0).to(log_q_all.dtype)
+    s_lp = log_q_all.gather(-1, safe_ids)  # [P, K]
+
+    if mode is SparseMode.SAMPLE:
+        # sum_i (c_i / N)(log p_i - log q_i): E[c_i / N] = p_i, so this is unbiased for KL(p || q).
+        c = torch.where(valid, _up(counts), 0.0).to(log_q_all.dtype)
+        n = c.sum(-1, keepdim=True).clamp_min(1)
+        terms = (c / n) * (t_lp.clamp_min(LOG_PROB_FLOOR) - s_lp.clamp_min(LOG_PROB_FLOOR))
+        per = torch.where(valid, terms, 0.0).sum(-1)
+    elif mode is SparseMode.RENORM:
+        log_p = _masked_log_softmax(t_lp, valid)
+        log_q = _masked_log_softmax(s_lp, valid)
+        per = _bin_divergence(log_p, log_q, valid, div, jsd_beta, skew_alpha)
+    else:
+        # Student tail bin: log(1 - sum_K q) as a logsumexp over the ids *not* stored, which stays
+        # exact when sum_K q is close to 1 (log1p(-exp(.)) would not). Padding is pointed at the
+        # row's largest id, a stored one whenever the row has any, so scatter_ writes only True.
+        row_max = ids.max(-1, keepdim=True).values if ids.shape[-1] else ids
+        fill = torch.where(valid, ids, row_max).clamp_min(0)
+        stored = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(-1, fill, True)
+        s_tail = log_q_all.masked_fill(stored, torch.finfo(log_q_all.dtype).min).logsumexp(-1)
+        t_tail = torch.where(rows, _up(teacher_tail).to(log_q_all.dtype), 0.0)
+        mask = torch.cat([valid, torch.ones_like(rows)[:, None]], -1)  # [P, K + 1]
+        log_p = torch.cat([t_lp, t_tail[:, None]], -1).clamp_min(LOG_PROB_FLOOR)
+        log_q = torch.cat([s_lp, s_tail[:, None]], -1)
+        # The stored teacher bins sum to 1 up to the rounding of (fp16) log-probs: renormalise.
+        log_p = _masked_log_softmax(log_p, mask)
+        per = _bin_divergence(log_p, log_q, mask, div, jsd_beta, skew_alpha)
+    return torch.where(rows, per, 0.0)
+
+
+def _check_sparse(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor | None,
+    counts: Tensor | None,
+    div: Divergence,
+    mode: SparseMode,
+) -> SparseMode:
+    if student_logits.ndim != 2:
+        raise ValueError(f"student logits must be [P, V], found shape {tuple(student_logits.shape)}")
+    P = student_logits.shape[0]
+    if teacher_ids.ndim != 2 or teacher_ids.shape[0] != P or teacher_logprobs.shape != teacher_ids.shape:
+        raise ValueError(
+            f"teacher ids {tuple(teacher_ids.shape)} and log-probs {tuple(teacher_logprobs.shape)} must both "
+            f"be [P, K] with P = {P} (the student logits' rows)"
+        )
+    if counts is not None or mode is SparseMode.SAMPLE:
+        if counts is None:
+            raise ValueError("sparse mode 'sample' needs the teacher's draw counts (counts=[P, K]); none given")
+        if counts.shape != teacher_ids.shape:
+            raise ValueError(f"counts {tuple(counts.shape)} must match teacher ids {tuple(teacher_ids.shape)}")
+        if div is not Divergence.FKL:
+            raise ValueError(
+                f"divergence {div.value!r} cannot be used with sampled teacher ids (counts given): only "
+                "forward KL is unbiased in sample mode, since E[c_i/N] = p_i makes sum_i (c_i/N)(log p_i - "
+                "log q_i) an unbiased estimate of KL(p||q), while reverse KL, JSD, TVD and skew KL need p "
+                "on tokens that were never drawn. Use divergence='fkl', or build the cache with top-k ids."
+            )
+        return SparseMode.SAMPLE
+    if mode is SparseMode.TAIL:
+        if teacher_tail is None:
+            raise ValueError("sparse mode 'tail' needs teacher_tail [P] (log of the teacher mass outside the ids)")
+        if teacher_tail.shape != (P,):
+            raise ValueError(f"teacher tail must be [P] = [{P}], found shape {tuple(teacher_tail.shape)}")
+    return mode
+
+
+def sparse_divergence(
+    student_logits: Tensor,
+    teacher_ids: Tensor,
+    teacher_logprobs: Tensor,
+    teacher_tail: Tensor | None,
+    *,
+    divergence: str | Divergence = "fkl",
+    mode: str | SparseMode = "tail",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    counts: Tensor | None = None,
+    temperature: float = 1.0,
+    zscore: bool = False,
+) -> Tensor:
+    """Per-position divergence between a sparse teacher and the student's full distribution.
+
+    Args:
+        student_logits: [P, V], any float dtype (upcast to fp32 inside).
+        teacher_ids: [P, K] integer ids, padded with -1 (padding is ignored, whatever the other
+            tensors hold there); ids within a row are assumed distinct.
+        teacher_logprobs: [P, K] teacher log-prob of each id, normalised over the full vocabulary.
+        teacher_tail: [P] log of the teacher mass outside the stored ids (may be -inf or very
+            negative when the ids cover everything). Only read in ``mode="tail"``; may be None
+            otherwise.
+        mode: ``"tail"`` compares the K + 1 bins (the ids + "everything else") on both sides; the
+            student's tail bin is the logsumexp of its log-probs off the stored ids, and the
+            teacher's K + 1 bins are renormalised (they sum to 1 up to storage rounding).
+            ``"renorm"`` renormalises both sides over the stored ids only. ``"sample"`` (or any
+            mode when ``counts`` is given) is the random-sampling estimator below.
+        counts: [P, K] draw counts (random-sampling KD: ids drawn N times with replacement, N =
+            counts.sum(-1)). Returns ``sum_i (c_i/N)(log p_i - log q_i)`` with q the student's
+            full-vocabulary probability, an unbiased estimate of forward KL(p || q). Any other
+            divergence raises ``ValueError``.
+        temperature: divides the *student* logits only; the teacher's distribution is used as
+            stored (apply a teacher temperature when building the cache).
+        zscore: standardise the student logits per row (``zscore_logits``) before the softmax; the
+            cached teacher distribution must then come from standardised logits too.
+
+    Returns:
+        [P] float32 divergences; rows whose ids are all -1 give exactly 0.
+    """
+    div = _as_divergence(divergence)
+    mode = _check_sparse(student_logits, teacher_ids, teacher_logprobs, teacher_tail, counts, div, _as_mode(mode))
+    _check_options(jsd_beta, skew_alpha, temperature)
+    log_q_all = _student_logits(student_logits, temperature, zscore).log_softmax(-1)
+    return _sparse_from_logq(
+        log_q_all, teacher_ids, teacher_logprobs, teacher_tail, counts, div, mode, jsd_beta, skew_alpha
+    )
+
+
+def ce_reference(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """Unchunked cross-entropy: logits [P, V], targets [P] (-100 = ignore) -> (sum, count) scalars."""
+    total = F.cross_entropy(_up(logits), targets.long(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return total, (targets != IGNORE_INDEX).sum().to(total.dtype)
+
+
+def normalise(total: Tensor, count: Tensor) -> Tensor:
+    """``total / count`` with an empty count giving 0 rather than NaN (no host sync)."""
+    return total / count.clamp_min(1)
+
+
+def _chunk_losses(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor | None,
+    ids: Tensor | None,
+    logprobs: Tensor | None,
+    tail: Tensor | None,
+    counts: Tensor | None,
+    *,
+    div: Divergence,
+    mode: SparseMode,
+    jsd_beta: float,
+    skew_alpha: float,
+    temperature: float,
+    zscore: bool,
+) -> tuple[Tensor, Tensor]:
+    """CE sum and KD sum (fp32 scalars) for one chunk of positions: hidden [c, d] -> logits [c, V]."""
+    dtype = torch.promote_types(hidden.dtype, head_weight.dtype)
+    logits = hidden.to(dtype) @ head_weight.to(dtype).T  # [c, V] in the model's dtype
+    z = _up(logits)
+    log_q = z.log_softmax(-1)
+    zero = z.new_zeros(())
+    ce = zero
+    if targets is not None:
+        keep = targets != IGNORE_INDEX
+        picked = log_q.gather(-1, targets.long().clamp_min(0)[:, None])[:, 0]
+        ce = -torch.where(keep, picked, 0.0).sum()
+    kd = zero
+    if ids is not None:
+        log_q_kd = log_q
+        if temperature != 1.0 or zscore:
+            log_q_kd = _student_logits(z, temperature, zscore).log_softmax(-1)
+        kd = _sparse_from_logq(log_q_kd, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha).sum()
+    return ce, kd
+
+
+def chunked_distill(
+    hidden: Tensor,
+    head_weight: Tensor,
+    *,
+    targets: Tensor | None = None,
+    teacher: dict[str, Tensor] | None = None,
+    divergence: str | Divergence = "fkl",
+    mode: str | SparseMode = "tail",
+    jsd_beta: float = 0.5,
+    skew_alpha: float = 0.1,
+    temperature: float = 1.0,
+    zscore: bool = False,
+    chunk_size: int = 1024,
+    checkpoint: bool = True,
+) -> dict[str, Tensor]:
+    """Cross-entropy and sparse KD from hidden states, chunked over positions.
+
+    The LM head is applied chunk by chunk (``logits = hidden_c @ head_weight.T`` in the model's
+    dtype, then fp32 log-softmax), so fp32 [P, V] logits never exist for all positions at once. A
+    head bias is not supported (Qwen2/LLaMA-style heads have none). With ``checkpoint=True`` each
+    chunk runs under ``torch.utils.checkpoint`` (non-reentrant), so its [chunk, V] logits are
+    recomputed in backward instead of being kept alive until then.
+
+    Args:
+        hidden: [P, d] final hidden states (after the final norm) at the selected positions.
+        head_weight: [V, d] LM head weight.
+        targets: optional [P] next-token ids, -100 = ignore (no CE contribution).
+        teacher: optional dict with ``ids`` [P, K] (-1 padded), ``logprobs`` [P, K], ``tail`` [P]
+            (needed in tail mode) and optional ``counts`` [P, K] (sample mode). Rows whose ids are
+            all -1 contribute nothing.
+        divergence, mode, jsd_beta, skew_alpha, temperature, zscore: as in ``sparse_divergence``
+            (temperature and zscore apply to the KD term only, never to CE).
+        chunk_size: positions per chunk.
+        checkpoint: recompute each chunk's logits in backward (only when grad is enabled).
+
+    Returns:
+        dict of fp32 scalars ``ce_sum``, ``ce_count`` (targets != -100), ``kd_sum``, ``kd_count``
+        (teacher rows with at least one id). Sums, not means: divide by the global counts with
+        ``normalise`` so that gradient accumulation and data parallelism equal one big batch.
+        Empty inputs give zero sums (still connected to the graph), never NaN.
+    """
+    if hidden.ndim != 2 or head_weight.ndim != 2 or hidden.shape[1] != head_weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [P, d] and head_weight [V, d] with the same d, found {tuple(hidden.shape)} "
+            f"and {tuple(head_weight.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    div = _as_divergence(divergence)
+    mode = _as_mode(mode)
+    _check_options(jsd_beta, skew_alpha, temperature)
+    P = hidden.shape[0]
+    if targets is not None and targets.shape != (P,):
+        raise ValueError(f"targets must be [P] = [{P}], found shape {tuple(targets.shape)}")
+
+    ids = logprobs = tail = counts = None
+    if teacher is not None:
+        missing = [k for k in ("ids", "logprobs") if k not in teacher]
+        if missing:
+            raise ValueError(f"teacher dict is missing {missing}; expected keys ids, logprobs, tail, [counts]")
+        ids, logprobs, tail, counts = teacher["ids"], teacher["logprobs"], teacher.get("tail"), teacher.get("counts")
+        fake = hidden.new_empty((P, 0))  # only its shape is read
+        mode = _check_sparse(fake, ids, logprobs, tail, counts, div, mode)
+
+    # Zero sums that still reach both parameters, so backward() works on an empty batch.
+    zero = (_up(hidden[:0]).sum() + _up(head_weight[:0]).sum()) * 0.0
+    ce_sum, kd_sum = zero, zero
+    fn = functools.partial(
+        _chunk_losses, div=div, mode=mode, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
+        temperature=temperature, zscore=zscore,
+    )
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    for a in range(0, P, chunk_size):
+        sl = slice(a, a + chunk_size)
+        args = (
+            hidden[sl],
+            head_weight,
+            None if targets is None else targets[sl],
+            None if ids is None else ids[sl],
+            None if logprobs is None else logprobs[sl],
+            None if tail is None else tail[sl],
+            None if counts is None else counts[sl],
+        )
+        if use_ckpt:
+            ce, kd = _checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+        else:
+            ce, kd = fn(*args)
+        ce_sum = ce_sum + ce
+        kd_sum = kd_sum + kd
+
+    count_dtype = zero.dtype
+    ce_count = zero.new_zeros(()) if targets is None else (targets != IGNORE_INDEX).sum().to(count_dtype)
+    kd_count = zero.new_zeros(()) if ids is None else teacher_row_mask(ids).sum().to(count_dtype)
+    return {"ce_sum": ce_sum, "ce_count": ce_count, "kd_sum": kd_sum, "kd_count": kd_count}
+
+
+def head_gram(head_weight: Tensor, chunk_size: int = 16384) -> Tensor:
+    """``W^T W`` [d, d] in fp32 from the LM head [V, d], accumulated over vocabulary chunks so no
+    fp32 copy of the whole head is made."""
+    if head_weight.ndim != 2:
+        raise ValueError(f"head weight must be [V, d], found shape {tuple(head_weight.shape)}")
+    d = head_weight.shape[1]
+    dtype = torch.promote_types(head_weight.dtype, torch.float32)
+    gram = head_weight.new_zeros((d, d), dtype=dtype)
+    for a in range(0, head_weight.shape[0], chunk_size):
+        w = head_weight[a : a + chunk_size].to(dtype)
+        gram = gram + w.T @ w
+    return gram
+
+
+def relation_from_hidden(hidden: Tensor, head_weight: Tensor | None, *, gram: Tensor | None = None) -> Tensor:
+    """Relation matrix ``R = Z Z^T`` with ``Z = hidden @ head_weight.T``, without forming Z.
+
+    Uses ``R = H (W^T W) H^T``: hidden [..., N, d], head_weight [V, d] -> [..., N, N] (fp32). Pass a
+    precomputed ``gram = head_gram(head_weight)`` [d, d] to share it across images in a step (then
+    ``head_weight`` may be None). Gradients flow to ``hidden`` and, through the Gram matrix, to the
+    head.
+    """
+    if gram is None:
+        if head_weight is None:
+            raise ValueError("relation_from_hidden needs head_weight [V, d] or a precomputed gram [d, d]")
+        gram = head_gram(head_weight)
+    h = hidden.to(torch.promote_types(hidden.dtype, gram.dtype))
+    if h.shape[-1] != gram.shape[0]:
+        raise ValueError(f"hidden size {h.shape[-1]} does not match the head's {gram.shape[0]}")
+    return h @ gram.to(h.dtype) @ h.transpose(-1, -2)
+
+
+def relation_from_logits(logits: Tensor) -> Tensor:
+    """Dense reference: logits [..., N, V] -> ``Z Z^T`` [..., N, N] in fp32."""
+    z = _up(logits)
+    return z @ z.transpose(-1, -2)
+
+
+def rdist(student_relation: Tensor, teacher_relation: Tensor, eps: float = 1e-12) -> Tensor:
+    """Relation distillation: ``1 - cos(vec R_s, vec R_t)``.
+
+    student_relation, teacher_relation: [..., N, N] (any scale: the result is scale invariant).
+    Returns [...] (a scalar for [N, N] inputs), in [0, 2]. Each side is normalised by its Frobenius
+    norm (guarded by ``eps``) before the dot product, so large logit products cannot overflow; a
+    zero matrix gives 1.
+    """
+    if student_relation.shape != teacher_relation.shape:
+        raise ValueError(
+            f"student relation {tuple(student_relation.shape)} and teacher relation "
+            f"{tuple(teacher_relation.shape)} must have the same shape [..., N, N]"
+        )
+    s = _up(student_relation).flatten(-2)
+    t = _up(teacher_relation).flatten(-2).to(s.dtype)
+    s = s / s.norm(dim=-1, keepdim=True).clamp_min(eps)
+    t = t / t.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return 1.0 - (s * t).sum(-1)
