@@ -1,0 +1,306 @@
+"""Streaming the teacher cache into padded training batches.
+
+Order. The sample order of an epoch is a pure function of ``(seed, epoch, shard sizes)``
+(``epoch_order``): the shards are permuted, taken ``block_shards`` at a time, and the samples of each
+block are permuted together. Reading stays shard-local (a worker keeps the block's shards open)
+while batches still mix samples of several shards.
+
+Split. Ranks take the epoch order strided (rank ``r`` gets positions ``r, r + W, r + 2W, ...``), so
+an optimizer step of ``W`` ranks x ``A`` micro-batches x ``B`` samples covers exactly the same
+samples as one process with batch ``W * A * B``. The last ``N mod W`` samples of an epoch are
+dropped so that every rank runs the same number of micro-batches (a collective in the backward pass
+would otherwise hang). Micro-batch ``j`` of a rank is built by dataloader worker ``j mod workers``;
+``torch.utils.data.DataLoader`` reads its workers round-robin, so the batches arrive in the same
+order whatever ``num_workers`` is.
+
+Resumption. The state is ``(epoch, samples_seen)``: ``samples_seen`` counts the samples of the epoch
+order consumed by all ranks together (always a prefix of the order). A resumed stream starts right
+after that prefix; nothing is replayed.
+
+Batches. Images are read from the image folder and processed with the student's image processor in
+the workers. Sequences are right-padded; per-sample positions become flat indices into the padded
+``[B * T]`` hidden states; teacher arrays are concatenated over the batch with a batch index.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kd_cache import open_cache
+
+IGNORE_INDEX = -100
+KINDS = ("response", "visual")
+
+
+@dataclass
+class DataState:
+    """Where the stream stands: ``samples_seen`` samples of epoch ``epoch``'s order are consumed."""
+
+    epoch: int = 0
+    samples_seen: int = 0
+
+    def to_dict(self) -> dict:
+        return {"epoch": self.epoch, "samples_seen": self.samples_seen}
+
+
+def epoch_order(shard_sizes: list[int], seed: int, epoch: int, *, shuffle: bool = True,
+                block_shards: int = 4) -> np.ndarray:
+    """Global sample indices of one epoch, in order (a pure function of the arguments)."""
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    if not shuffle:
+        return np.arange(starts[-1], dtype=np.int64)
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    shard_perm = rng.permutation(len(sizes))
+    parts = []
+    for b in range(0, len(shard_perm), max(1, block_shards)):
+        block = shard_perm[b:b + block_shards]
+        idx = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in block] or [np.zeros(0, np.int64)])
+        parts.append(rng.permutation(idx))
+    return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def rank_stream(order: np.ndarray, samples_seen: int, rank: int, world_size: int) -> np.ndarray:
+    """The samples rank ``rank`` still has to read in this epoch (after ``samples_seen`` consumed)."""
+    rest = order[samples_seen:]
+    usable = len(rest) - len(rest) % world_size
+    return rest[:usable][rank::world_size]
+
+
+def micro_batches_per_epoch(n_samples: int, world_size: int, batch_size: int) -> int:
+    return math.ceil((n_samples // world_size) / batch_size)
+
+
+def steps_per_epoch(n_samples: int, world_size: int, batch_size: int, grad_accum: int) -> int:
+    """Optimizer steps in one epoch; a step never spans two epochs (the last one may be shorter)."""
+    return math.ceil(micro_batches_per_epoch(n_samples, world_size, batch_size) / grad_accum)
+
+
+def _identity(x):
+    return x
+
+
+def _worker_init(_):
+    torch.set_num_threads(1)  # workers decode and resize images; leave the cores to the main process
+
+
+class StreamingKDDataset(IterableDataset):
+    """Yields collated micro-batches of one rank for the epoch set by ``set_position``.
+
+    Args:
+        cache: a cache URL or an opened ``KDCache`` (picklable; each worker reopens the shards).
+        processor: the student's processor (image processor + tokenizer for the pad id).
+        image_folder: where the relative image paths of the cache resolve.
+        with_teacher: include the teacher arrays (False for SFT: they are not even collated).
+    """
+
+    def __init__(self, cache, processor, *, image_folder: str | None, batch_size: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True, block_shards: int = 4,
+                 with_teacher: bool = True, storage_options: dict | None = None):
+        super().__init__()
+        self.cache = open_cache(cache, storage_options) if isinstance(cache, (str, Path)) else cache
+        self.image_processor = getattr(processor, "image_processor", None)
+        tok = getattr(processor, "tokenizer", processor)
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.image_folder = image_folder
+        self.batch_size, self.seed, self.shuffle, self.block_shards = batch_size, seed, shuffle, block_shards
+        self.rank, self.world_size = rank, world_size
+        self.with_teacher = with_teacher
+        m = self.cache.manifest
+        self.image_token_id = m.get("image_token_id")
+        self.tokens_per_image = m.get("visual_tokens_per_image")
+        self.state = DataState()
+        self._stream = np.zeros(0, np.int64)
+        self._readers: OrderedDict[int, Any] = OrderedDict()
+        self.set_position(0, 0)
+
+    # ------------------------------------------------------------------------------------ position
+    def set_position(self, epoch: int, samples_seen: int = 0) -> None:
+        order = epoch_order(self.cache.shard_sizes, self.seed, epoch, shuffle=self.shuffle,
+                            block_shards=self.block_shards)
+        if not 0 <= samples_seen <= len(order):
+            raise ValueError(f"data position {samples_seen} is outside epoch {epoch} of {len(order)} samples")
+        self.state = DataState(epoch, samples_seen)
+        self._stream = rank_stream(order, samples_seen, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        """Micro-batches left in the current epoch for this rank."""
+        return math.ceil(len(self._stream) / self.batch_size)
+
+    def batch_indices(self, j: int) -> np.ndarray:
+        return self._stream[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def position_after(self, j: int) -> int:
+        """``samples_seen`` once micro-batch ``j`` of the epoch (counted from the set position) is consumed."""
+        consumed = min((j + 1) * self.batch_size, len(self._stream))
+        return self.state.samples_seen + consumed * self.world_size
+
+    # ----------------------------------------------------------------------------------- iteration
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        for j in range(wid, len(self), nw):
+            batch = self.collate([self._read(int(i)) for i in self.batch_indices(j)])
+            batch["data_position"] = self.position_after(j)
+            batch["epoch"] = self.state.epoch
+            yield batch
+
+    def _read(self, i: int) -> dict:
+        shard, local = self.cache.locate(i)
+        reader = self._readers.get(shard)
+        if reader is None:
+            # One reader per open shard (a KDCache keeps one shard open): a shuffle block touches
+            # ``block_shards`` shards in turn, and each keeps its decoded chunks.
+            reader = self._readers[shard] = copy.copy(self.cache)
+            while len(self._readers) > self.block_shards + 1:
+                self._readers.popitem(last=False)
+        self._readers.move_to_end(shard)
+        return reader.read_sample(shard, local)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_readers"] = OrderedDict()
+        return state
+
+    # ------------------------------------------------------------------------------------ collation
+    def _load_images(self, sample: dict) -> list:
+        from PIL import Image, UnidentifiedImageError
+
+        out = []
+        for rel in sample["images"]:
+            path = Path(rel)
+            if not path.is_absolute():
+                if self.image_folder is None:
+                    raise FileNotFoundError(
+                        f"sample {sample['id']!r}: image {rel!r} is relative and no image folder is known; "
+                        "pass --image-folder (the cache records none)")
+                path = Path(self.image_folder) / rel
+            try:
+                with Image.open(path) as im:
+                    out.append(im.convert("RGB"))
+            except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+                raise FileNotFoundError(f"sample {sample['id']!r}: cannot read image {path}: {e}; "
+                                        "check --image-folder") from e
+        return out
+
+    def collate(self, samples: list[dict]) -> dict:
+        """Right-padded batch with flat position indices and concatenated teacher arrays.
+
+        Keys: ``input_ids``/``attention_mask`` [B, T]; ``pixel_values`` [I, C, H, W] (images of the
+        batch in sample order; absent when none); ``response_index`` [P] flat ``b * T + t`` indices of
+        response positions with ``response_targets`` [P] (the labelled token t + 1); ``visual_index``
+        [Pv]; ``{kind}_batch`` [P] sample index; with the teacher: ``{kind}_ids`` [P, K] (-1 pad),
+        ``{kind}_logprobs`` [P, K], ``{kind}_tail`` [P], ``{kind}_counts`` [P, K] (sample mode);
+        ``relation_index`` [R, N] flat indices of each image's visual positions and
+        ``relation_target`` [R, N, N]. Plus ``ids`` (sample ids) and ``n_samples``.
+        """
+        B = len(samples)
+        T = max(len(s["input_ids"]) for s in samples)
+        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
+        attention = np.zeros((B, T), dtype=np.int64)
+        images, per_kind, rel_index, rel_target = [], {k: [] for k in KINDS}, [], []
+        for b, s in enumerate(samples):
+            ids = np.asarray(s["input_ids"], dtype=np.int64)
+            labels = np.asarray(s["labels"], dtype=np.int64)
+            L = len(ids)
+            input_ids[b, :L], attention[b, :L] = ids, 1
+            n_img = len(s["images"])
+            if n_img:
+                n_tok = int((ids == self.image_token_id).sum())
+                if self.tokens_per_image is not None and n_tok != n_img * self.tokens_per_image:
+                    raise ValueError(f"sample {s['id']!r}: {n_tok} image tokens for {n_img} image(s) of "
+                                     f"{self.tokens_per_image} tokens each: the cache is inconsistent")
+                images.extend(self._load_images(s))
+            for kind in KINDS:
+                pos = np.asarray(s[f"{kind}_positions"], dtype=np.int64)
+                entry = {"index": b * T + pos, "batch": np.full(len(pos), b, np.int64)}
+                if kind == "response":
+                    targets = labels[pos + 1] if len(pos) else np.zeros(0, np.int64)
+                    if (targets == IGNORE_INDEX).any():
+                        raise ValueError(f"sample {s['id']!r}: a response position predicts an unlabelled "
+                                         "token: the cache is inconsistent")
+                    entry["targets"] = targets
+                if self.with_teacher:
+                    for f in ("ids", "logprobs", "tail", "counts"):
+                        if f"{kind}_{f}" in s:
+                            entry[f] = np.asarray(s[f"{kind}_{f}"])
+                per_kind[kind].append(entry)
+            if self.with_teacher and s.get("relation"):
+                vis = np.asarray(s["visual_positions"], dtype=np.int64)
+                start = 0
+                for R in s["relation"]:
+                    n = R.shape[0]
+                    if start + n > len(vis):
+                        raise ValueError(f"sample {s['id']!r}: relation matrices cover more positions "
+                                         f"than the {len(vis)} visual positions")
+                    rel_index.append(b * T + vis[start:start + n])
+                    rel_target.append(np.asarray(R, dtype=np.float32))
+                    start += n
+
+        out: dict[str, Any] = {
+            "input_ids": torch.from_numpy(input_ids),
+            "attention_mask": torch.from_numpy(attention),
+            "ids": [str(s["id"]) for s in samples],
+            "n_samples": B,
+        }
+        if images:
+            if self.image_processor is None:
+                raise ValueError("the cache has images but the student's processor has no image processor")
+            px = self.image_processor(images=images, return_tensors="pt")
+            for k, v in px.items():
+                if torch.is_tensor(v):
+                    out[k] = v
+        for kind in KINDS:
+            entries = per_kind[kind]
+            out[f"{kind}_index"] = torch.from_numpy(np.concatenate([e["index"] for e in entries]))
+            out[f"{kind}_batch"] = torch.from_numpy(np.concatenate([e["batch"] for e in entries]))
+            if kind == "response":
+                out["response_targets"] = torch.from_numpy(np.concatenate([e["targets"] for e in entries]))
+            if self.with_teacher:
+                out.update(_cat_teacher(kind, entries))
+        if self.with_teacher and rel_index:
+            out["relation_index"] = torch.from_numpy(np.stack(rel_index))
+            out["relation_target"] = torch.from_numpy(np.stack(rel_target))
+        return out
+
+
+def _cat_teacher(kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:
+    """Concatenate one kind's teacher arrays over the batch, padding K to the widest sample (ids -1)."""
+    if not entries or "ids" not in entries[0]:
+        return {}
+    K = max(e["ids"].shape[1] if e["ids"].ndim == 2 else 0 for e in entries)
+    K = max(K, 1)
+
+    def pad(a: np.ndarray, fill, dtype) -> np.ndarray:
+        a = np.asarray(a).reshape(len(a), -1) if np.asarray(a).size else np.zeros((len(a), 0), dtype)
+        out = np.full((a.shape[0], K), fill, dtype=dtype)
+        out[:, :a.shape[1]] = a
+        return out
+
+    out = {
+        f"{kind}_ids": torch.from_numpy(np.concatenate([pad(e["ids"], -1, np.int64) for e in entries])),
+        f"{kind}_logprobs": torch.from_numpy(
+            np.concatenate([pad(e["logprobs"], 0.0, np.float32) for e in entries])),
+        f"{kind}_tail": torch.from_numpy(
+            np.concatenate([np.asarray(e["tail"], dtype=np.float32) for e in entries])),
+    }
+    if all("counts" in e for e in entries):
+        out[f"{kind}_counts"] = torch.from_numpy(np.concatenate([pad(e["counts"], 0, np.int64) for e in entries]))
+    return out
+
+
+def make_loader(dataset: StreamingKDDataset, num_workers: int = 0) -> DataLoader:
+    """A DataLoader over already-collated micro-batches (order independent of ``num_workers``)."""
+    return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
+                      worker_init_fn=_worker_init if num_workers else None,
+                      prefetch_factor=4 if num_workers else None, persistent_workers=False)

@@ -1,0 +1,287 @@
+"""Building, loading and checking the student.
+
+A student is a plain ``LlavaForConditionalGeneration`` checkpoint plus its ``LlavaProcessor``, so the
+result of every stage loads with ``from_pretrained`` and any tool that serves HF models.
+``compose_student`` makes one from parts as in LLaVA-KD: a vision tower (a SigLIP/CLIP vision model
+directory, or the vision tower of an existing LLaVA-style checkpoint), a causal LM, and a fresh
+two-layer GELU MLP projector. ``check_compatibility`` compares a cache manifest with a student before
+training and names both values of whatever differs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+# ChatML with structured-content support: used only when the LLM's tokenizer has no chat template.
+FALLBACK_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class CompatibilityError(ValueError):
+    """A cache and a student (or the parts of a student) that cannot be used together."""
+
+
+def attn_implementation() -> str:
+    """``flash_attention_2`` when flash-attn is importable and a GPU is present, else ``sdpa``."""
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
+    """Load ``(model, processor)`` from a saved student; fp32 master weights by default (autocast on GPU)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--student {path}: no config.json there; expected a saved "
+                                "LlavaForConditionalGeneration (make one with `kd-train init-student`)")
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation())
+    processor = AutoProcessor.from_pretrained(path)
+    if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
+        raise CompatibilityError(f"--student {path}: the saved processor is {type(processor).__name__}; "
+                                 "expected a LlavaProcessor with an image processor and a tokenizer")
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------------- compose
+
+
+def _safetensors_state(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"--vision {path}: no *.safetensors weights found")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def _vision_tower_from(path: Path):
+    """Return ``(vision_model, vision_config, source_config_or_None)`` from a vision or LLaVA-style dir.
+
+    A LLaVA-style checkpoint (any config with a ``vision_config``) contributes only its vision tower:
+    the weights under ``...vision_tower.`` are read from its safetensors files, so a 7B teacher's
+    language model is never loaded to take a 400M vision encoder.
+    """
+    from transformers import AutoConfig, AutoModel
+
+    cfg = AutoConfig.from_pretrained(path)
+    if getattr(cfg, "vision_config", None) is None or cfg.model_type.endswith("vision_model"):
+        # A vision-model directory (SiglipVisionModel, CLIPVisionModel, ...).
+        return AutoModel.from_pretrained(path, dtype=torch.float32), cfg, None
+
+    vcfg = cfg.vision_config
+    model = AutoModel.from_config(vcfg)
+    own = set(model.state_dict())
+    state = {}
+    for key, value in _safetensors_state(path).items():
+        if "vision_tower." in key:
+            key = key.split("vision_tower.", 1)[1]
+        elif not (cfg.model_type in ("siglip", "clip") and key.startswith("vision_model.")):
+            continue  # a dual-encoder checkpoint keeps its image side under vision_model.
+        if key not in own and key.startswith("vision_model.") and key[len("vision_model."):] in own:
+            key = key[len("vision_model."):]  # older layouts nest the tower one level deeper
+        state[key] = value
+    if own - set(state):
+        # An unfamiliar key layout: let transformers' own checkpoint conversion load the whole model.
+        from transformers import AutoModelForImageTextToText
+
+        full = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
+        return full.model.vision_tower, vcfg, cfg
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=True)
+    return model, vcfg, cfg
+
+
+def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str | Path, *,
+                    vision_feature_layer: int | None = None, image_token: str = DEFAULT_IMAGE_TOKEN,
+                    seed: int = 0, dtype: str = "float32") -> Path:
+    """Compose ``vision tower + fresh 2-layer GELU MLP projector + causal LM`` and save it as a LLaVA.
+
+    * ``vision_path``: a vision-model directory (e.g. ``SiglipVisionModel``) or any LLaVA-style
+      checkpoint whose vision tower is reused (the teacher's, say); its image processor is reused too.
+    * ``llm_path``: a causal LM (e.g. ``Qwen2ForCausalLM``) with its tokenizer and chat template.
+    * ``vision_feature_layer``: which vision hidden layer feeds the projector; default: the source
+      LLaVA's setting, else -2 (the LLaVA / LLaVA-KD recipe).
+
+    The image token is added to the tokenizer if missing (the embeddings grow only if the new id does
+    not fit the LM's existing vocabulary). Returns ``out_dir``.
+    """
+    from transformers import (
+        AutoImageProcessor,
+        AutoModelForCausalLM,
+        AutoProcessor,
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    vision_path, llm_path, out_dir = Path(vision_path), Path(llm_path), Path(out_dir)
+    for flag, p in (("--vision", vision_path), ("--llm", llm_path)):
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"{flag} {p}: no config.json there; expected a saved transformers model")
+
+    vision, vcfg, source_cfg = _vision_tower_from(vision_path)
+    image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    has_cls = vcfg.model_type.startswith("clip")  # SigLIP has no CLS token, CLIP has one
+
+    # Prefer the source processor's geometry (a LLaVA dir knows its own strategy and token counts).
+    strategy, extra_tokens, layer = ("default" if has_cls else "full"), (1 if has_cls else 0), -2
+    if source_cfg is not None:
+        strategy = getattr(source_cfg, "vision_feature_select_strategy", strategy)
+        layer = getattr(source_cfg, "vision_feature_layer", layer)
+        try:
+            src_proc = AutoProcessor.from_pretrained(vision_path)
+            extra_tokens = getattr(src_proc, "num_additional_image_tokens", extra_tokens)
+        except (OSError, ValueError, TypeError):
+            pass
+    if vision_feature_layer is not None:
+        layer = vision_feature_layer
+    n_layers = vcfg.num_hidden_layers
+    if not -(n_layers + 1) <= layer <= n_layers:
+        raise ValueError(f"--vision-feature-layer {layer}: the vision tower has {n_layers} layers "
+                         f"(hidden states -{n_layers + 1}..{n_layers})")
+
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
+                                     replace_additional_special_tokens=False)
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+
+    lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
+    if len(tokenizer) > lm.config.vocab_size:
+        lm.resize_token_embeddings(len(tokenizer))
+    tcfg = lm.config
+
+    patches = (vcfg.image_size // vcfg.patch_size) ** 2
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict(),
+        text_config=tcfg.to_dict(),
+        image_token_id=image_token_id,
+        image_seq_length=patches + extra_tokens - (1 if strategy == "default" else 0),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=strategy,
+        vision_feature_layer=layer,
+        tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)),
+    )
+    torch.manual_seed(seed)  # the projector is the only freshly initialised part
+    model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
+    base_prefix = lm.base_model_prefix
+    model.model.language_model.load_state_dict(getattr(lm, base_prefix).state_dict(), strict=True)
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict(), strict=True)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vcfg.patch_size,
+        vision_feature_select_strategy=strategy,
+        chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+        image_token=image_token,
+        num_additional_image_tokens=extra_tokens,
+    )
+    _check_image_geometry(model, processor)
+
+    model.to(DTYPES[dtype])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    (out_dir / "kd_student.json").write_text(json.dumps({
+        "vision": str(vision_path), "llm": str(llm_path), "vision_feature_layer": layer,
+        "vision_feature_select_strategy": strategy, "image_token": image_token, "seed": seed,
+    }, indent=2) + "\n")
+    return out_dir
+
+
+def _check_image_geometry(model, processor) -> None:
+    """The processor must expand one image to exactly as many tokens as the vision tower yields features."""
+    from PIL import Image
+
+    n_tokens = image_tokens_per_image(processor)
+    enc = processor.image_processor(images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt")
+    with torch.no_grad():
+        feats = model.model.get_image_features(pixel_values=enc["pixel_values"].to(model.dtype)).pooler_output
+    n_feats = int(feats[0].shape[0])
+    if n_tokens != n_feats:
+        raise CompatibilityError(
+            f"processor expands one image to {n_tokens} image tokens but the vision tower yields {n_feats} "
+            "features: check the image processor size and --vision-feature-layer/strategy")
+
+
+# ----------------------------------------------------------------------------------------- compatibility
+
+
+def student_facts(model, processor) -> dict[str, Any]:
+    """The values a cache must agree with, read from the student itself."""
+    tok = processor.tokenizer
+    return {
+        "vocab_size": int(model.config.text_config.vocab_size),
+        "tokenizer_hash": tokenizer_hash(tok),
+        "image_token_id": int(model.config.image_token_id),
+        "visual_tokens_per_image": image_tokens_per_image(processor),
+        "max_position_embeddings": getattr(model.config.text_config, "max_position_embeddings", None),
+    }
+
+
+def check_compatibility(manifest: dict, model, processor, *, template: str | None = None) -> None:
+    """Raise ``CompatibilityError`` naming both values if the cache and the student disagree.
+
+    Checked: vocab size, tokenizer hash (identical token ids), image token id, visual tokens per image
+    (skipped for a text-only cache), the template the stage expects (``template``; None = any), and
+    that the cached sequence length fits the student's position embeddings.
+    """
+    s = student_facts(model, processor)
+    problems = []
+    if manifest.get("vocab_size") != s["vocab_size"]:
+        problems.append(f"cache vocab_size {manifest.get('vocab_size')} != student vocab_size {s['vocab_size']}: "
+                        "logit distillation needs a shared tokenizer and output vocabulary")
+    if manifest.get("tokenizer_hash") != s["tokenizer_hash"]:
+        problems.append(f"cache tokenizer_hash {manifest.get('tokenizer_hash')} != student tokenizer_hash "
+                        f"{s['tokenizer_hash']}: teacher and student token ids differ; logit distillation "
+                        "needs a shared tokenizer")
+    if manifest.get("image_token_id") is not None and manifest.get("image_token_id") != s["image_token_id"]:
+        problems.append(f"cache image_token_id {manifest.get('image_token_id')} != student image_token_id "
+                        f"{s['image_token_id']}")
+    cache_vt = manifest.get("visual_tokens_per_image")
+    if cache_vt is not None and cache_vt != s["visual_tokens_per_image"]:
+        problems.append(f"cache visual_tokens_per_image {cache_vt} != student visual_tokens_per_image "
+                        f"{s['visual_tokens_per_image']}: the student's image processor and vision tower must "
+                        "produce as many image tokens as the teacher's")
+    if template is not None and manifest.get("template") != template:
+        problems.append(f"cache template {manifest.get('template')!r} != stage template {template!r}: DPT expects "
+                        "a 'pretrain' (caption) cache, SFT/DFT a 'chat' cache (pass --any-template to override)")
+    max_len, max_pos = manifest.get("max_length"), s["max_position_embeddings"]
+    if max_len is not None and max_pos is not None and max_len > max_pos:
+        problems.append(f"cache max_length {max_len} > student max_position_embeddings {max_pos}")
+    if problems:
+        raise CompatibilityError("cache and student are incompatible:\n  " + "\n  ".join(problems))

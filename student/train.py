@@ -1,0 +1,455 @@
+"""``kd-train``: the student training loop for DPT, SFT and DFT, streaming a teacher cache.
+
+The teacher is never imported or loaded here: everything the losses need comes from the cache.
+``train(TrainConfig)`` is one explicit loop (no ``Trainer``) under ``accelerate``; its pieces:
+
+* ``TrainConfig``: one typed config, validated in ``__post_init__`` (messages name the flag), resolved
+  against the stage recipe and written into ``OUT`` and every checkpoint;
+* ``accumulate_gradients``: forward/backward over the micro-batches of one optimizer step with every
+  loss normalised by the *global* count of its valid positions (all micro-batches, all ranks), so
+  grad-accum 4 x batch 2, batch 8, and 2 ranks x batch 4 give the same gradient;
+* checkpoints ``OUT/checkpoints/step-N/`` (model, optimizer, scheduler, RNG via
+  ``Accelerator.save_state``; data position and config as JSON; a ``COMPLETE`` marker written last).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from student.distill import COUNT_KEYS, SUM_KEYS, DistillStudent, LossSettings, batch_counts
+from student.stages import MODULES, RECIPES, Stage, parse_modules
+
+CONFIG_NAME = "train_config.json"
+STATE_NAME = "trainer_state.json"
+METRICS_NAME = "metrics.jsonl"
+COMPLETE_MARKER = "COMPLETE"
+
+
+class Divergence(str, Enum):
+    fkl = "fkl"
+    rkl = "rkl"
+    jsd = "jsd"
+    tvd = "tvd"
+    skl = "skl"
+
+
+class KDMode(str, Enum):
+    tail = "tail"
+    renorm = "renorm"
+
+
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    no = "no"
+    bf16 = "bf16"
+
+
+# Settings that decide which samples a step sees and what its loss is: a resumed run must match them.
+RESUME_KEYS = ("stage", "cache", "batch_size", "grad_accum", "seed", "shuffle", "block_shards", "lr",
+               "warmup_ratio", "weight_decay", "alpha", "beta", "gamma", "divergence", "jsd_beta",
+               "sparse_mode", "train_modules", "epochs", "max_steps")
+
+
+@dataclass
+class TrainConfig:
+    """Resolved settings of one ``kd-train`` run (see ``cli/kd_train_cli.py`` for each flag's help)."""
+
+    stage: Stage
+    student: str
+    cache: str
+    out: str
+    image_folder: str | None = None
+    epochs: int = 1
+    max_steps: int | None = None
+    lr: float | None = None  # None: the stage's default
+    batch_size: int = 1
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 1.0
+    divergence: Divergence = Divergence.fkl
+    jsd_beta: float = 0.5
+    sparse_mode: KDMode = KDMode.tail
+    chunk_size: int = 1024
+    num_workers: int = 0
+    shuffle: bool = True
+    block_shards: int = 4
+    save_every: int = 0
+    resume: bool = False
+    report_to: ReportTo = ReportTo.none
+    train_modules: str | tuple[str, ...] | None = None  # None: the stage's default
+    gradient_checkpointing: bool = False
+    mixed_precision: Precision = Precision.auto
+    any_template: bool = False
+    progress: bool = True
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        def enum(value, cls, flag):
+            try:
+                return cls(value.value if isinstance(value, Enum) else value)
+            except ValueError:
+                choices = ", ".join(m.value for m in cls)
+                raise ValueError(f"{flag} {value!r}: expected one of {choices}") from None
+
+        self.stage = enum(self.stage, Stage, "--stage")
+        self.divergence = enum(self.divergence, Divergence, "--divergence")
+        self.sparse_mode = enum(self.sparse_mode, KDMode, "--sparse-mode")
+        self.report_to = enum(self.report_to, ReportTo, "--report-to")
+        self.mixed_precision = enum(self.mixed_precision, Precision, "--mixed-precision")
+        for flag, value in (("--student", self.student), ("--cache", self.cache), ("--out", self.out)):
+            if not value:
+                raise ValueError(f"{flag} is required")
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--chunk-size": self.chunk_size, "--block-shards": self.block_shards}
+        for flag, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1 (or left out to run --epochs), got {self.max_steps}")
+        recipe = RECIPES[self.stage]
+        self.lr = recipe.lr if self.lr is None else float(self.lr)
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--alpha", self.alpha), ("--beta", self.beta),
+                            ("--gamma", self.gamma), ("--max-grad-norm", self.max_grad_norm)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
+        for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        self.train_modules = parse_modules(recipe.train_modules if self.train_modules is None else self.train_modules)
+
+    @property
+    def distill(self) -> bool:
+        return RECIPES[self.stage].distill
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Enum):
+                d[k] = v.value
+            elif isinstance(v, tuple):
+                d[k] = ",".join(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# ------------------------------------------------------------------------------------------- one step
+
+
+def _to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, distill: bool,
+                         weights: tuple[float, float, float]) -> dict[str, float]:
+    """Forward and backward over one optimizer step's micro-batches; returns the step's metrics.
+
+    Each loss is a sum over its valid positions divided by the step's *global* count of them (all
+    micro-batches, all ranks), known from the data before the first backward. Data-parallel
+    wrappers average gradients over ranks, so the loss is scaled by the world size to make the
+    result the global mean. Metrics (``loss``, ``ce``, ``mdist_response``, ``mdist_visual``,
+    ``rdist``) are the same global means, computed in this forward pass, before the update.
+    """
+    alpha, beta, gamma = weights
+    device = accelerator.device
+    world = accelerator.num_processes
+    local = sum(batch_counts(b, distill) for b in micro_batches)
+    counts = accelerator.reduce(local.to(device), reduction="sum") if world > 1 else local.to(device)
+    denom = counts.to(torch.float32).clamp_min(1)  # an empty count gives 0, not NaN
+    scale = torch.tensor([1.0, alpha, beta, gamma], device=device) / denom * world
+
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for i, mb in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        # Gradients are synchronised once per step, on the last micro-batch's backward.
+        with nullcontext() if last else accelerator.no_sync(model):
+            sums = model(_to_device(mb, device))
+            parts = torch.stack([sums[k].float() for k in SUM_KEYS])
+            accelerator.backward((parts * scale).sum())
+        totals += parts.detach().double()
+    if world > 1:
+        totals = accelerator.reduce(totals, reduction="sum")
+    means = (totals / counts.clamp_min(1)).tolist()
+    n = counts.tolist()
+    metrics = {"ce": means[0], "mdist_response": means[1], "mdist_visual": means[2], "rdist": means[3]}
+    metrics["loss"] = means[0] + alpha * means[1] + beta * means[2] + gamma * means[3]
+    if not distill:
+        metrics.update(mdist_response=None, mdist_visual=None, rdist=None)
+    metrics["positions"] = {k.removesuffix("_count"): int(v) for k, v in zip(COUNT_KEYS, n)}
+    return metrics
+
+
+# -------------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dirs(out: str | Path) -> list[Path]:
+    """Complete checkpoints under ``OUT/checkpoints``, oldest first."""
+    root = Path(out) / "checkpoints"
+    found = []
+    for p in root.glob("step-*") if root.is_dir() else []:
+        if (p / COMPLETE_MARKER).is_file() and p.name[5:].isdigit():
+            found.append((int(p.name[5:]), p))
+    return [p for _, p in sorted(found)]
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)
+
+
+def save_checkpoint(accelerator, out: Path, step: int, data_state: dict, cfg: TrainConfig) -> Path:
+    ckpt = out / "checkpoints" / f"step-{step}"
+    if accelerator.is_main_process and ckpt.exists():
+        shutil.rmtree(ckpt)  # a leftover without COMPLETE from a killed run
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(ckpt), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        _write_json(ckpt / STATE_NAME, {"step": step, **data_state, "world_size": accelerator.num_processes})
+        _write_json(ckpt / CONFIG_NAME, cfg.to_dict())
+        (ckpt / COMPLETE_MARKER).write_text("")  # last: a checkpoint without it is ignored
+    accelerator.wait_for_everyone()
+    return ckpt
+
+
+def _check_resume(saved: dict, cfg: TrainConfig, ckpt: Path) -> None:
+    now = cfg.to_dict()
+    diffs = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if diffs:
+        lines = [f"  --{k.replace('_', '-')}: checkpoint has {saved.get(k)!r}, this run asks for {now.get(k)!r}"
+                 for k in diffs]
+        raise ValueError(f"--resume: {ckpt} was written with different settings:\n" + "\n".join(lines)
+                         + "\nResume with the original settings, or train into another --out.")
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (the run died past it)."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    precision = cfg.mixed_precision.value
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    log_with = None if cfg.report_to is ReportTo.none else cfg.report_to.value
+    if log_with == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise ValueError("--report-to tensorboard needs the tensorboard package: pip install tensorboard") \
+                    from None
+    if log_with == "wandb":
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ValueError("--report-to wandb needs the wandb package: pip install wandb") from None
+    return Accelerator(
+        mixed_precision=precision,
+        log_with=log_with,
+        project_dir=cfg.out,
+        # The loop steps the scheduler once per optimizer step itself; accelerate would otherwise
+        # step it once per process.
+        step_scheduler_with_optimizer=False,
+        # Every trainable parameter gets a gradient on every rank (see DistillStudent), so DDP can
+        # skip its per-step search for unused parameters.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
+    )
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)  # no decay on biases and norm scales
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run one stage; returns ``{"step", "out", "metrics"}`` (the last step's metrics)."""
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from kd_cache import open_cache
+    from student.data import StreamingKDDataset, make_loader, steps_per_epoch
+    from student.model import check_compatibility, load_student
+    from student.stages import set_trainable
+
+    out = Path(cfg.out)
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+
+    # --- cache and student: check they belong together before any work ----------------------------
+    cache = open_cache(cfg.cache, cfg.storage_options or None)
+    manifest = cache.manifest
+    model, processor = load_student(cfg.student)
+    recipe = RECIPES[cfg.stage]
+    check_compatibility(manifest, model, processor, template=None if cfg.any_template else recipe.template)
+    sparse = (manifest.get("sparse") or {}).get("mode", "topk")
+    if cfg.distill and sparse == "sample" and cfg.divergence is not Divergence.fkl:
+        raise ValueError(f"--divergence {cfg.divergence.value}: the cache holds sampled teacher tokens "
+                         "(sparse mode 'sample'), for which only forward KL is unbiased; use --divergence fkl")
+    if cfg.image_folder is None:
+        cfg.image_folder = (manifest.get("build_config") or {}).get("image_folder")
+    if len(cache) == 0:
+        raise ValueError(f"--cache {cfg.cache}: the cache holds no samples")
+
+    set_trainable(model, cfg.train_modules)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    settings = LossSettings(distill=cfg.distill, divergence=cfg.divergence.value, mode=cfg.sparse_mode.value,
+                            jsd_beta=cfg.jsd_beta, chunk_size=cfg.chunk_size)
+    wrapper = DistillStudent(model, settings)
+    wrapper.train()
+
+    world, rank = accelerator.num_processes, accelerator.process_index
+    per_epoch = steps_per_epoch(len(cache), world, cfg.batch_size, cfg.grad_accum)
+    if per_epoch == 0:
+        raise ValueError(f"--cache {cfg.cache}: {len(cache)} samples cannot feed {world} processes")
+    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
+    optimizer = _optimizer(wrapper, cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+
+    dataset = StreamingKDDataset(cache, processor, image_folder=cfg.image_folder, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, rank=rank, world_size=world, shuffle=cfg.shuffle,
+                                 block_shards=cfg.block_shards, with_teacher=cfg.distill)
+
+    # --- resume -----------------------------------------------------------------------------------
+    step, epoch, seen = 0, 0, 0
+    metrics_path = out / METRICS_NAME
+    if cfg.resume:
+        ckpts = checkpoint_dirs(out)
+        if ckpts:
+            ckpt = ckpts[-1]
+            _check_resume(json.loads((ckpt / CONFIG_NAME).read_text()), cfg, ckpt)
+            accelerator.load_state(str(ckpt))
+            state = json.loads((ckpt / STATE_NAME).read_text())
+            step, epoch, seen = state["step"], state["epoch"], state["samples_seen"]
+            if main:
+                _truncate_metrics(metrics_path, step)
+                print(f"kd-train: resuming from {ckpt} (step {step}, epoch {epoch}, {seen} samples seen)",
+                      file=sys.stderr)
+        elif main:
+            print(f"kd-train: --resume given but {out / 'checkpoints'} holds no complete checkpoint; "
+                  "starting from scratch", file=sys.stderr)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / CONFIG_NAME, cfg.to_dict())
+        if step == 0:
+            metrics_path.write_text("")
+    if cfg.report_to is not ReportTo.none:
+        accelerator.init_trackers("kd-train", config={k: v for k, v in cfg.to_dict().items()
+                                                     if isinstance(v, (int, float, str, bool))})
+
+    # --- the loop -----------------------------------------------------------------------------------
+    params = [p for p in wrapper.parameters() if p.requires_grad]
+    weights = (cfg.alpha, cfg.beta, cfg.gamma)
+    bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress), desc=f"kd-train {cfg.stage.value}",
+               unit="step", dynamic_ncols=True)
+    last: dict[str, Any] = {}
+    while step < total_steps:
+        if cfg.max_steps is None and epoch >= cfg.epochs:
+            break
+        dataset.set_position(epoch, seen)
+        batches = iter(make_loader(dataset, cfg.num_workers))
+        while step < total_steps:
+            t0 = time.perf_counter()
+            micro = list(islice(batches, cfg.grad_accum))  # a step never spans two epochs
+            if not micro:
+                break
+            m = accumulate_gradients(accelerator, wrapper, micro, distill=cfg.distill, weights=weights)
+            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            lr = scheduler.get_last_lr()[0]  # the rate this update uses
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            seen = micro[-1]["data_position"]
+            n_samples = sum(b["n_samples"] for b in micro) * world
+            last = {"step": step, "epoch": epoch, "samples_seen": seen, "loss": m["loss"], "ce": m["ce"],
+                    "mdist_response": m["mdist_response"], "mdist_visual": m["mdist_visual"],
+                    "rdist": m["rdist"], "lr": lr,
+                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "samples": n_samples, "samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9),
+                    "positions": m["positions"]}
+            if main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(last) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{lr:.2e}")
+            if cfg.report_to is not ReportTo.none:
+                accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))}, step=step)
+            if cfg.save_every and step % cfg.save_every == 0:
+                save_checkpoint(accelerator, out, step, {"epoch": epoch, "samples_seen": seen}, cfg)
+        del batches
+        if step < total_steps:
+            epoch, seen = epoch + 1, 0
+    bar.close()
+
+    # --- final model: plain from_pretrained-loadable LLaVA + processor + resolved config -----------------
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(wrapper)
+    if main:
+        student = accelerator.unwrap_model(wrapper).student
+        prefix = "student."
+        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+        student.save_pretrained(out, state_dict=state_dict)
+        processor.save_pretrained(out)
+        _write_json(out / CONFIG_NAME, cfg.to_dict())
+        _write_json(out / STATE_NAME, {"step": step, "epoch": epoch, "samples_seen": seen,
+                                       "world_size": world, "modules": list(MODULES)})
+    accelerator.wait_for_everyone()
+    if cfg.report_to is not ReportTo.none:
+        accelerator.end_training()
+    return {"step": step, "out": str(out), "metrics": last}

@@ -1,0 +1,112 @@
+"""Helpers for the trainer tests: synthetic teacher caches written with the real ``CacheWriter``.
+
+A synthetic cache has exactly the layout ``kd-cache build`` writes, with the teacher replaced by a
+random distribution per position, so data-path tests (order, resumption, collation, gradients) run
+without a teacher pass and on any number of samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from kd_cache import CacheWriter, tiny
+from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+
+
+def _sparse(logits: np.ndarray, k: int, mode: str, rng: np.random.Generator, draws: int = 16) -> dict:
+    """Top-k (or sampled) ids, log-probs and exact log tail of softmax(logits) [P, V]."""
+    z = logits - logits.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    P = logits.shape[0]
+    if mode == "topk":
+        ids = np.argsort(-logp, axis=-1)[:, :k]
+        counts = None
+    else:
+        ids = np.full((P, k), -1, np.int64)
+        counts = np.zeros((P, k), np.int64)
+        for r in range(P):
+            u, c = np.unique(rng.choice(logp.shape[1], size=draws, p=np.exp(logp[r])), return_counts=True)
+            ids[r, :len(u)], counts[r, :len(u)] = u[:k], c[:k]
+    lp = np.where(ids >= 0, np.take_along_axis(logp, np.maximum(ids, 0), -1), 0.0)
+    p = np.exp(logp)
+    mass = np.where(ids >= 0, np.take_along_axis(p, np.maximum(ids, 0), -1), 0.0).sum(-1)
+    tail = np.log(np.clip(1.0 - mass, 1e-30, None))
+    out = {"ids": ids.astype(np.int32), "logprobs": lp.astype(np.float32), "tail": tail.astype(np.float32)}
+    if counts is not None:
+        out["counts"] = counts
+    return out
+
+
+def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_size: int = 5, k: int = 8,
+                          image_every: int = 2, template: str = "chat", sparse_mode: str = "topk",
+                          relation: str = "full", seed: int = 0, min_len: int = 6, max_len: int = 24,
+                          image_folder: str | Path | None = None, teacher_scale: float = 3.0) -> Path:
+    """Write an ``n``-sample cache to ``root/cache``; every ``image_every``-th sample has an image
+    (0 = text only). Images are drawn into ``image_folder`` (default ``root/images``). Returns the path.
+    """
+    root = Path(root)
+    out = root / "cache"
+    img_dir = Path(image_folder) if image_folder is not None else root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    tok = processor.tokenizer
+    V = len(tok)
+    image_id = tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
+    n_vis = image_tokens_per_image(processor)
+    special = set(tok.all_special_ids)
+    normal = np.array([i for i in range(V) if i not in special])
+    rng = np.random.default_rng(seed)
+    colours, shapes, positions = list(tiny.COLOURS), tiny.SHAPES, tiny.POSITIONS
+
+    samples = []
+    for i in range(n):
+        has_image = bool(image_every) and i % image_every == 0
+        prompt = rng.choice(normal, size=int(rng.integers(2, 5)))
+        answer = rng.choice(normal, size=int(rng.integers(min_len // 2, max_len // 2)))
+        images: list[str] = []
+        if has_image:
+            name = f"img-{seed}-{i:05d}.png"
+            tiny.draw_shapes(img_dir / name, [(shapes[i % 3], colours[i % 6], positions[i % 5])])
+            images = [name]
+            prompt = np.concatenate([prompt[:1], np.full(n_vis, image_id), prompt[1:]])
+        input_ids = np.concatenate([prompt, answer]).astype(np.int32)
+        labels = np.full_like(input_ids, -100)
+        labels[len(prompt):] = input_ids[len(prompt):]
+        resp = np.nonzero(labels[1:] != -100)[0].astype(np.int32)
+        vis = np.nonzero(input_ids == image_id)[0].astype(np.int32)
+        s = {"id": f"syn-{seed}-{i:05d}", "images": images, "input_ids": input_ids, "labels": labels,
+             "response_positions": resp, "visual_positions": vis}
+        for kind, pos in (("response", resp), ("visual", vis)):
+            logits = teacher_scale * rng.standard_normal((len(pos), V))
+            for f, v in _sparse(logits, k, sparse_mode, rng).items():
+                s[f"{kind}_{f}"] = v
+        rels = []
+        if has_image and relation != "none":
+            z = rng.standard_normal((n_vis, V)).astype(np.float32)
+            r = z @ z.T
+            rels.append((r / np.linalg.norm(r)).astype(np.float32))
+        s["relation"] = rels
+        samples.append(s)
+
+    writer = CacheWriter(str(out))
+    entries = []
+    for shard, a in enumerate(range(0, n, shard_size)):
+        entries.append(writer.write_shard(shard, samples[a:a + shard_size], sparse_mode=sparse_mode, k=k,
+                                          relation=relation))
+    writer.write_manifest({
+        "teacher": {"path": "synthetic", "model_type": "llava", "config_hash": "synthetic"},
+        "tokenizer_hash": tokenizer_hash(tok),
+        "vocab_size": V,
+        "image_token_id": image_id,
+        "visual_tokens_per_image": n_vis,
+        "template": template,
+        "max_length": 2048,
+        "sparse": {"mode": sparse_mode, "k": k},
+        "relation": relation,
+        "build_config": {"image_folder": str(img_dir), "data": "synthetic"},
+        "num_samples": n,
+        "shards": entries,
+        "skipped": [],
+    })
+    return out
