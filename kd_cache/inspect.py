@@ -1,0 +1,364 @@
+"""What is inside a cache or one shard (for ``inspect-shard`` and debugging).
+
+``inspect_cache`` returns a JSON-serialisable dict; ``format_report`` renders it as text tables;
+``verify_cache`` re-hashes every shard and lists problems (empty list: intact).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from kd_cache.shards import IGNORE_INDEX, KINDS, KDCache, open_cache
+
+# Checksums mean reading every byte; without a chosen shard only small caches are hashed by default.
+VERIFY_ALL_MAX_SHARDS = 16
+
+
+def verify_cache(url: str, storage_options: dict | None = None) -> list[str]:
+    """Problems found in the cache at ``url`` as readable lines; an empty list means it is intact."""
+    try:
+        cache = open_cache(url, storage_options)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        return [str(e)]
+    return cache.verify()
+
+
+def kind_stats(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray) -> dict[str, Any]:
+    """Statistics of one kind's stored sparse distributions (P positions).
+
+    ``entropy_estimate``: mean over positions of ``-sum p log p`` over the stored ids plus the tail
+    bucket as one bin (nats). It is an estimate: the tail's own spread is not known.
+    ``tail_mass_*``: mean and 90th percentile of ``exp(tail)``, the probability outside the stored ids.
+    """
+    P = int(tail.shape[0])
+    if P == 0:
+        return {"positions": 0, "entropy_estimate": None, "tail_mass_mean": None, "tail_mass_p90": None}
+    lp = logprobs.astype(np.float64)
+    valid = ids >= 0  # sample mode pads rows with id -1
+    p = np.where(valid, np.exp(lp), 0.0)
+    head = -np.sum(np.where(valid & (p > 0), p * lp, 0.0), axis=1)
+    t = np.exp(tail.astype(np.float64))
+    tail_term = -np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0)
+    return {
+        "positions": P,
+        "entropy_estimate": float(np.mean(head + tail_term)),
+        "tail_mass_mean": float(np.mean(t)),
+        "tail_mass_p90": float(np.percentile(t, 90)),
+    }
+
+
+def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
+    """Per-sample summary: lengths, per-kind distribution statistics, relation energy, response text."""
+    labels = np.asarray(sample["labels"])
+    out: dict[str, Any] = {
+        "id": sample["id"],
+        "images": len(sample["images"]),
+        "seq_len": int(labels.shape[0]),
+        "labelled_tokens": int(np.sum(labels != IGNORE_INDEX)),
+    }
+    for kind in KINDS:
+        out[kind] = kind_stats(sample[f"{kind}_ids"], sample[f"{kind}_logprobs"], sample[f"{kind}_tail"])
+    out["relation_energy"] = [float(e) for e in sample.get("relation_energy", [])]
+    if tokenizer is not None:
+        ids = np.asarray(sample["input_ids"])[labels != IGNORE_INDEX]
+        out["response_text"] = tokenizer.decode([int(x) for x in ids])
+    return out
+
+
+def _load_tokenizer(manifest: dict) -> tuple[Any, str]:
+    teacher = manifest.get("teacher")
+    path = teacher.get("path") if isinstance(teacher, dict) else None
+    if not path:
+        return None, "skipped: no tokenizer given and the manifest has no teacher path"
+    if not os.path.isdir(path):
+        return None, f"skipped: teacher path {path} is not a directory here"
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path), f"tokenizer from {path}"
+    except Exception as e:  # noqa: BLE001 - any failure (missing files, bad config) only disables decoding
+        return None, f"skipped: could not load a tokenizer from {path} ({type(e).__name__}: {e})"
+
+
+def _shard_info(cache: KDCache, index: int, check: bool) -> dict[str, Any]:
+    entry = cache.manifest["shards"][index]
+    info: dict[str, Any] = {
+        "index": index,
+        "name": entry.get("name"),
+        "samples": entry.get("samples"),
+        "bytes": entry.get("bytes"),
+    }
+    info.update(cache.shard_status(index, check=check))
+    try:
+        arrays = cache.array_stats(index)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        info["arrays"] = {}
+        info["error"] = str(e)
+        return info
+    info["arrays"] = arrays
+    stored = sum(a["stored_bytes"] for a in arrays.values())
+    raw = sum(a["raw_bytes"] for a in arrays.values())
+    info["raw_bytes"] = raw
+    info["ratio"] = raw / stored if stored else 0.0
+    return info
+
+
+def _summary(rows: list[dict]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        stats = [r[kind] for r in rows if r[kind]["positions"]]
+        w = np.array([s["positions"] for s in stats], dtype=np.float64)
+        if not stats:
+            out[kind] = {"positions": 0, "entropy_estimate": None, "tail_mass_mean": None}
+            continue
+        out[kind] = {
+            "positions": int(w.sum()),
+            "entropy_estimate": float(np.average([s["entropy_estimate"] for s in stats], weights=w)),
+            "tail_mass_mean": float(np.average([s["tail_mass_mean"] for s in stats], weights=w)),
+        }
+    energies = [e for r in rows for e in r["relation_energy"]]
+    out["relation_energy_min"] = min(energies) if energies else None
+    return out
+
+
+def inspect_cache(
+    url: str,
+    shard: int | None = None,
+    sample: int | None = None,
+    tokenizer=None,
+    *,
+    storage_options: dict | None = None,
+    max_samples: int = 50,
+    verify: bool | None = None,
+) -> dict[str, Any]:
+    """Summarise a cache, its shards and samples as a JSON-serialisable dict.
+
+    - ``shard`` chosen: that shard's arrays and samples (``sample`` is then its local index);
+    - only ``sample``: that global sample index (and its shard);
+    - neither: every shard, and the first ``max_samples`` samples of the first shard.
+    ``verify`` re-hashes the shards shown (None: the chosen shard, or all shards of a cache with at
+    most 16 shards). Response text is decoded with ``tokenizer`` or the teacher's tokenizer named in
+    the manifest when that directory exists; otherwise decoding is skipped and ``decoding`` says why.
+    """
+    cache = open_cache(url, storage_options)
+    m = cache.manifest
+    n_shards = len(cache.shard_sizes)
+    if shard is not None and not 0 <= shard < n_shards:
+        raise IndexError(f"shard {shard} out of range: {url} has {n_shards} shards (0..{n_shards - 1})")
+    if sample is not None and shard is None:
+        shard, sample = cache.locate(sample)
+    if sample is not None and not 0 <= sample < cache.shard_sizes[shard]:
+        raise IndexError(
+            f"sample {sample} out of range for shard {shard} ({cache.shard_sizes[shard]} samples)"
+        )
+
+    if tokenizer is not None:
+        decoding = f"tokenizer given ({type(tokenizer).__name__})"
+    else:
+        tokenizer, decoding = _load_tokenizer(m)
+
+    skipped = m.get("skipped") or []
+    info: dict[str, Any] = {
+        "url": str(url),
+        "format_version": m.get("format_version"),
+        "samples": len(cache),
+        "shards": n_shards,
+        "total_bytes": int(sum(int(e.get("bytes") or 0) for e in m["shards"])),
+        "sparse": m.get("sparse"),
+        "relation": m.get("relation"),
+        "build": {k: v for k, v in m.items() if k not in ("shards", "skipped")},
+        "skipped": {
+            "count": len(skipped),
+            "by_reason": dict(Counter(str(s.get("reason")) for s in skipped if isinstance(s, dict))),
+        },
+        "decoding": decoding,
+    }
+
+    shown = [shard] if shard is not None else list(range(n_shards))
+    check = verify if verify is not None else (shard is not None or n_shards <= VERIFY_ALL_MAX_SHARDS)
+    info["shard_info"] = [_shard_info(cache, i, check) for i in shown]
+
+    rows: list[dict] = []
+    scope_shard = shard if shard is not None else 0
+    if n_shards and cache.shard_sizes[scope_shard] > 0:
+        if sample is not None:
+            locals_ = [sample]
+        else:
+            locals_ = list(range(min(cache.shard_sizes[scope_shard], max_samples)))
+        base = int(sum(cache.shard_sizes[:scope_shard]))
+        for j in locals_:
+            row = {"shard": scope_shard, "index": j, "global_index": base + j}
+            row.update(sample_stats(cache.read_sample(scope_shard, j), tokenizer))
+            rows.append(row)
+        info["samples_in_scope"] = 1 if sample is not None else cache.shard_sizes[scope_shard]
+    else:
+        info["samples_in_scope"] = 0
+    info["samples_listed"] = rows
+    info["samples_truncated"] = len(rows) < info["samples_in_scope"]
+    info["summary"] = _summary(rows)
+    return info
+
+
+# --------------------------------------------------------------------------------------------------
+# text rendering
+
+
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _bytes(n: Any) -> str:
+    if n is None:
+        return "-"
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cells[0], widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells[1:]:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def format_report(info: dict[str, Any]) -> str:
+    """Readable text tables for an ``inspect_cache`` result."""
+    out = [
+        f"cache {info['url']}",
+        (
+            f"  format version {info.get('format_version')}, {info['samples']} samples in {info['shards']} "
+            f"shards, {_bytes(info['total_bytes'])} on disk"
+        ),
+        f"  sparse {info.get('sparse')}, relation {info.get('relation')}",
+        f"  skipped records: {info['skipped']['count']}"
+        + (f" {info['skipped']['by_reason']}" if info["skipped"]["count"] else ""),
+    ]
+    build = info.get("build") or {}
+    teacher = build.get("teacher")
+    if teacher:
+        out.append(f"  teacher {teacher}")
+    out.append(f"  decoding: {info.get('decoding')}")
+
+    out.append("")
+    out.append("shards")
+    out.append(
+        _table(
+            ["shard", "samples", "bytes", "ratio", "complete", "checksum"],
+            [
+                [
+                    s["name"],
+                    s["samples"],
+                    _bytes(s.get("bytes")),
+                    s.get("ratio"),
+                    "yes" if s.get("complete") else "NO",
+                    s.get("checksum"),
+                ]
+                for s in info["shard_info"]
+            ],
+        )
+    )
+    for s in info["shard_info"]:
+        if s.get("error"):
+            out.append(f"  shard {s['name']}: {s['error']}")
+    if len(info["shard_info"]) == 1:
+        s = info["shard_info"][0]
+        out.append("")
+        out.append(f"arrays of shard {s['name']} ({s.get('path')})")
+        out.append(
+            _table(
+                ["array", "dtype", "shape", "stored", "raw", "ratio"],
+                [
+                    [
+                        name,
+                        a["dtype"],
+                        "x".join(map(str, a["shape"])),
+                        _bytes(a["stored_bytes"]),
+                        _bytes(a["raw_bytes"]),
+                        a["ratio"],
+                    ]
+                    for name, a in s["arrays"].items()
+                ],
+            )
+        )
+
+    rows = info.get("samples_listed") or []
+    if rows:
+        out.append("")
+        more = f" (first {len(rows)} of {info['samples_in_scope']})" if info.get("samples_truncated") else ""
+        out.append(f"samples{more}; entropy is an estimate (stored ids + tail as one bin, nats);")
+        out.append("tail = probability mass outside the stored ids, exp(tail)")
+        out.append(
+            _table(
+                [
+                    "shard",
+                    "idx",
+                    "id",
+                    "len",
+                    "imgs",
+                    "resp",
+                    "H resp",
+                    "tail mean",
+                    "tail p90",
+                    "vis",
+                    "H vis",
+                    "vis tail",
+                    "rel energy",
+                ],
+                [
+                    [
+                        r["shard"],
+                        r["index"],
+                        r["id"],
+                        r["seq_len"],
+                        r["images"],
+                        r["response"]["positions"],
+                        r["response"]["entropy_estimate"],
+                        r["response"]["tail_mass_mean"],
+                        r["response"]["tail_mass_p90"],
+                        r["visual"]["positions"],
+                        r["visual"]["entropy_estimate"],
+                        r["visual"]["tail_mass_mean"],
+                        ",".join(f"{e:.4f}" for e in r["relation_energy"]) or "-",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
+        texts = [(r["id"], r["response_text"]) for r in rows if "response_text" in r]
+        if texts:
+            out.append("")
+            out.append("response text (tokens with a label)")
+            for sid, text in texts:
+                out.append(f"  [{sid}] {text!r}")
+        summ = info.get("summary") or {}
+        out.append("")
+        out.append(
+            "summary over listed samples: "
+            + "; ".join(
+                f"{kind}: {summ[kind]['positions']} positions, entropy~{_fmt(summ[kind]['entropy_estimate'])}, "
+                f"tail mass {_fmt(summ[kind]['tail_mass_mean'])}"
+                for kind in KINDS
+                if kind in summ
+            )
+            + (
+                f"; min relation energy {summ['relation_energy_min']:.6f}"
+                if summ.get("relation_energy_min") is not None
+                else ""
+            )
+        )
+    return "\n".join(out) + "\n"

@@ -1,0 +1,358 @@
+"""Shard writer/reader: round trips, stores, completion records, manifest, verify, pickling."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+
+from kd_cache.relation import decode_relation, encode_relation, normalise
+from kd_cache.shards import FORMAT_VERSION, KINDS, CacheWriter, KDCache, open_cache
+
+VOCAB = 500
+N_VIS = 6  # visual tokens per image (relation matrices are N_VIS x N_VIS)
+
+
+def make_sample(rng: np.random.Generator, i: int, mode: str, k: int, n_images: int | None = None) -> dict:
+    """A random sample in the writer's input format (ids padded with -1 in sample mode)."""
+    n_img = int(rng.integers(0, 3)) if n_images is None else n_images
+    L = n_img * N_VIS + int(rng.integers(3, 30))
+    input_ids = rng.integers(0, VOCAB, L).astype(np.int64)
+    labels = input_ids.copy()
+    cut = int(rng.integers(1, L))
+    labels[:cut] = -100
+    if i % 4 == 3:
+        labels[:] = -100  # no response positions at all
+    resp = np.flatnonzero(labels[1:] != -100)
+    vis = np.arange(n_img * N_VIS)
+    s: dict = {
+        "id": f"sample-{i}",
+        "images": [f"img/{i}_{m}.png" for m in range(n_img)],
+        "input_ids": input_ids,
+        "labels": labels,
+    }
+    for kind, pos in (("response", resp), ("visual", vis)):
+        P = len(pos)
+        s[f"{kind}_positions"] = pos.astype(np.int64)
+        s[f"{kind}_tail"] = np.log(rng.uniform(0.001, 0.5, P)).astype(np.float32)
+        if mode == "topk":
+            s[f"{kind}_ids"] = np.array([rng.choice(VOCAB, k, replace=False) for _ in range(P)]).reshape(P, k)
+            s[f"{kind}_logprobs"] = -np.sort(rng.exponential(3.0, (P, k)), axis=1).astype(np.float32)
+        else:
+            ids = np.full((P, k), -1, np.int64)
+            counts = np.zeros((P, k), np.int64)
+            lps = np.zeros((P, k), np.float32)
+            for p in range(P):
+                n = int(rng.integers(1, k + 1))
+                ids[p, :n] = rng.choice(VOCAB, n, replace=False)
+                counts[p, :n] = rng.integers(1, 5, n)
+                lps[p, :n] = -rng.exponential(3.0, n)
+            s[f"{kind}_ids"], s[f"{kind}_counts"], s[f"{kind}_logprobs"] = ids, counts, lps
+    s["relation"] = []
+    for _ in range(n_img):
+        Z = rng.standard_normal((N_VIS, 16)).astype(np.float32) + 2.0
+        s["relation"].append(Z @ Z.T)
+    return s
+
+
+def build_cache(
+    url, samples, *, mode="topk", k=8, relation="full", per_shard=4, storage_options=None, **writer_kw
+) -> CacheWriter:
+    w = CacheWriter(url, storage_options, **writer_kw)
+    entries = []
+    for idx, start in enumerate(range(0, len(samples), per_shard)):
+        entries.append(
+            w.write_shard(idx, samples[start : start + per_shard], sparse_mode=mode, k=k, relation=relation)
+        )
+    sparse = {"mode": mode, "k": k} if mode == "topk" else {"mode": mode, "samples": k}
+    w.write_manifest({"shards": entries, "sparse": sparse, "relation": relation, "skipped": []})
+    return w
+
+
+def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str) -> None:
+    assert got["id"] == want["id"]
+    assert got["images"] == want["images"]
+    np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    np.testing.assert_array_equal(got["labels"], want["labels"])
+    assert got["input_ids"].dtype == np.int32 and got["labels"].dtype == np.int32
+    for kind in KINDS:
+        P = len(want[f"{kind}_positions"])
+        np.testing.assert_array_equal(got[f"{kind}_positions"], want[f"{kind}_positions"])
+        assert got[f"{kind}_ids"].shape == (P, k) and got[f"{kind}_ids"].dtype == np.int32
+        np.testing.assert_array_equal(got[f"{kind}_ids"], want[f"{kind}_ids"])
+        assert got[f"{kind}_logprobs"].dtype == np.float16
+        np.testing.assert_array_equal(got[f"{kind}_logprobs"], want[f"{kind}_logprobs"].astype(np.float16))
+        np.testing.assert_allclose(
+            got[f"{kind}_logprobs"].astype(np.float32), want[f"{kind}_logprobs"], rtol=1e-3, atol=1e-3
+        )
+        assert got[f"{kind}_tail"].dtype == np.float32
+        np.testing.assert_array_equal(got[f"{kind}_tail"], want[f"{kind}_tail"])
+        if mode == "sample":
+            assert got[f"{kind}_counts"].dtype == np.uint16
+            np.testing.assert_array_equal(got[f"{kind}_counts"], want[f"{kind}_counts"])
+        else:
+            assert f"{kind}_counts" not in got
+    if relation == "none":
+        assert got["relation"] == [] and got["relation_energy"] == []
+        return
+    assert len(got["relation"]) == len(want["relation"]) == len(got["relation_energy"])
+    for R_got, R_in, energy in zip(got["relation"], want["relation"], got["relation_energy"]):
+        assert R_got.dtype == np.float32 and R_got.shape == R_in.shape
+        ref = decode_relation(encode_relation(R_in, relation), R_in.shape[0], relation)
+        np.testing.assert_allclose(R_got, ref, rtol=1e-6, atol=1e-7)
+        assert np.linalg.norm(R_got) == pytest.approx(1.0, abs=1e-5)
+        if relation == "full":
+            assert energy == 1.0
+            np.testing.assert_allclose(R_got, normalise(R_in), rtol=2e-3, atol=1e-4)
+        else:
+            assert 0.0 < energy <= 1.0
+
+
+@pytest.fixture
+def memory_url():
+    name = f"memory://kdtest-{uuid.uuid4().hex}"
+    yield name
+    fs, path = fsspec.core.url_to_fs(name)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+
+
+@pytest.mark.parametrize(
+    "mode,relation",
+    [("topk", "full"), ("topk", "lowrank:3"), ("topk", "none"), ("sample", "full"), ("sample", "lowrank:2")],
+)
+def test_round_trip(tmp_path, mode, relation):
+    rng = np.random.default_rng(0)
+    k = 8
+    samples = [make_sample(rng, i, mode, k) for i in range(11)]
+    samples[0] = make_sample(rng, 0, mode, k, n_images=0)
+    samples[1] = make_sample(rng, 1, mode, k, n_images=2)
+    # small chunks so samples straddle chunk boundaries
+    build_cache(str(tmp_path / "c"), samples, mode=mode, k=k, relation=relation, per_shard=4, chunk_bytes=256)
+    cache = open_cache(str(tmp_path / "c"))
+    assert len(cache) == 11 and cache.shard_sizes == [4, 4, 3]
+    got = list(cache)
+    assert len(got) == 11
+    for g, w in zip(got, samples):
+        assert_sample_equal(g, w, mode, k, relation)
+
+
+def test_random_access_matches_iteration(tmp_path):
+    rng = np.random.default_rng(1)
+    samples = [make_sample(rng, i, "topk", 4) for i in range(17)]
+    build_cache(tmp_path / "c", samples, k=4, relation="lowrank:2", per_shard=5, chunk_bytes=200)
+    cache = open_cache(tmp_path / "c")
+    in_order = [s["id"] for s in cache]
+    assert in_order == [s["id"] for s in samples]
+    order = np.random.default_rng(2).permutation(len(cache))
+    for i in order:
+        g = cache[int(i)]
+        assert_sample_equal(g, samples[i], "topk", 4, "lowrank:2")
+    assert cache[-1]["id"] == samples[-1]["id"]
+    with pytest.raises(IndexError):
+        cache[17]
+    assert cache.locate(5) == (1, 0) and cache.locate(16) == (3, 1)
+    assert [s["id"] for s in cache.shard_samples(2)] == [s["id"] for s in samples[10:15]]
+    assert cache.read_sample(3, 1)["id"] == "sample-16"
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_url_stores(tmp_path, memory_url, scheme):
+    url = memory_url if scheme == "memory" else f"file://{tmp_path}/cache"
+    rng = np.random.default_rng(3)
+    samples = [make_sample(rng, i, "sample", 6) for i in range(7)]
+    w = build_cache(url, samples, mode="sample", k=6, relation="full", per_shard=3)
+    assert w.is_complete(0) and w.is_complete(2) and not w.is_complete(3)
+    cache = open_cache(url)
+    for g, s in zip(cache, samples):
+        assert_sample_equal(g, s, "sample", 6, "full")
+    assert cache.verify() == []
+    if scheme == "file":
+        assert (tmp_path / "cache" / "shards" / "00000.complete.json").exists()
+        assert (tmp_path / "cache" / "shards" / "00000" / "zarr.json").exists()
+
+
+def test_completion_record_semantics(tmp_path):
+    rng = np.random.default_rng(4)
+    root = tmp_path / "c"
+    w = CacheWriter(str(root))
+    assert w.shard_name(0) == "00000" and w.shard_name(123) == "00123"
+    assert not w.is_complete(0)
+    assert w.read_complete_entry(0) is None
+
+    # leftovers of a crashed attempt: data but no record
+    partial = root / "shards" / "00000"
+    (partial / "junk").mkdir(parents=True)
+    (partial / "junk" / "zarr.json").write_text("{}")
+    assert not w.is_complete(0)
+
+    samples = [make_sample(rng, i, "topk", 4) for i in range(3)]
+    entry = w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
+    assert set(entry) == {"name", "samples", "bytes", "checksum"}
+    assert entry["name"] == "00000" and entry["samples"] == 3 and entry["bytes"] > 0
+    assert not (partial / "junk").exists(), "write_shard must delete partial leftovers"
+    assert w.is_complete(0)
+    rec = w.read_complete_entry(0)
+    assert rec["checksum"] == entry["checksum"] and rec["samples"] == 3 and rec["bytes"] == entry["bytes"]
+    on_disk = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
+    assert on_disk == entry["bytes"]
+
+    # rewriting gives the same content hash (deterministic)
+    again = w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
+    assert again == entry
+
+    # an unreadable record does not count as complete
+    rec_path = root / "shards" / "00000.complete.json"
+    rec_path.write_text("{not json")
+    assert not w.is_complete(0)
+    rec_path.unlink()
+    assert not w.is_complete(0)
+
+    # a cache whose manifest lists a shard without a record refuses to read it
+    w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
+    w.write_manifest(
+        {
+            "shards": [w.read_complete_entry(0)],
+            "sparse": {"mode": "topk", "k": 4},
+            "relation": "full",
+            "skipped": [],
+        }
+    )
+    rec_path.unlink()
+    cache = open_cache(str(root))
+    with pytest.raises(FileNotFoundError, match="completion record"):
+        cache[0]
+    problems = cache.verify()
+    assert any("00000.complete.json" in p and "missing" in p for p in problems)
+
+
+def test_write_shard_validates_input(tmp_path):
+    rng = np.random.default_rng(5)
+    w = CacheWriter(str(tmp_path / "c"))
+    s = make_sample(rng, 0, "topk", 4, n_images=1)
+    with pytest.raises(ValueError, match=r"shape \(\d+, 8\)"):
+        w.write_shard(0, [s], sparse_mode="topk", k=8, relation="full")
+    with pytest.raises(ValueError, match="sparse mode"):
+        w.write_shard(0, [s], sparse_mode="topp", k=4, relation="full")
+    with pytest.raises(ValueError, match="lowrank:R"):
+        w.write_shard(0, [s], sparse_mode="topk", k=4, relation="low")
+    bad = dict(s, extra_field=1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        w.write_shard(0, [bad], sparse_mode="topk", k=4, relation="full")
+    bad = dict(s, labels=s["labels"][:-1])
+    with pytest.raises(ValueError, match="labels"):
+        w.write_shard(0, [bad], sparse_mode="topk", k=4, relation="full")
+    assert not w.is_complete(0)
+
+
+def test_extra_per_position_arrays(tmp_path):
+    rng = np.random.default_rng(6)
+    samples = [make_sample(rng, i, "topk", 4) for i in range(5)]
+    for s in samples:
+        s["visual_hidden"] = rng.standard_normal((len(s["visual_positions"]), 3)).astype(np.float16)
+    build_cache(tmp_path / "c", samples, k=4, per_shard=5)
+    for g, s in zip(open_cache(tmp_path / "c"), samples):
+        assert g["visual_hidden"].dtype == np.float16
+        np.testing.assert_array_equal(g["visual_hidden"], s["visual_hidden"])
+        assert "response_hidden" not in g
+    del samples[2]["visual_hidden"]
+    with pytest.raises(ValueError, match="visual_hidden"):
+        CacheWriter(str(tmp_path / "d")).write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
+
+
+def test_manifest_atomic_write_and_errors(tmp_path, monkeypatch):
+    root = tmp_path / "c"
+    with pytest.raises(FileNotFoundError, match="run kd-cache build"):
+        open_cache(str(root))
+    w = CacheWriter(str(root))
+    assert w.read_manifest() is None
+    rng = np.random.default_rng(7)
+    entry = w.write_shard(0, [make_sample(rng, 0, "topk", 4)], sparse_mode="topk", k=4, relation="none")
+    # shards without a manifest: the build did not finish
+    with pytest.raises(FileNotFoundError, match="cache incomplete: run kd-cache build again") as ei:
+        open_cache(str(root))
+    assert str(root / "manifest.json") in str(ei.value)
+
+    manifest = {"shards": [entry], "sparse": {"mode": "topk", "k": 4}, "relation": "none", "skipped": []}
+    w.write_manifest(manifest)
+    assert "format_version" not in manifest, "write_manifest must not modify its argument"
+    assert w.read_manifest() == dict(manifest, format_version=FORMAT_VERSION)
+    assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "shards"], "no temp file left behind"
+
+    # a failing rename leaves the previous manifest intact
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError):
+        w.write_manifest(dict(manifest, skipped=[{"id": "x", "reason": "y"}]))
+    monkeypatch.undo()
+    assert w.read_manifest()["skipped"] == []
+
+    data = json.loads((root / "manifest.json").read_text())
+    data["format_version"] = 999
+    (root / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError) as ei:
+        open_cache(str(root))
+    msg = str(ei.value)
+    assert "999" in msg and f"expected {FORMAT_VERSION}" in msg and str(root / "manifest.json") in msg
+
+
+def test_verify_detects_flipped_byte(tmp_path):
+    rng = np.random.default_rng(8)
+    samples = [make_sample(rng, i, "topk", 8, n_images=1) for i in range(6)]
+    build_cache(tmp_path / "c", samples, k=8, relation="lowrank:3", per_shard=3)
+    cache = open_cache(tmp_path / "c")
+    assert cache.verify() == []
+
+    chunk = sorted(
+        p for p in (tmp_path / "c" / "shards" / "00000").rglob("*") if p.is_file() and "/c/" in str(p)
+    )
+    target = next(p for p in chunk if "response/logprobs" in str(p))
+    raw = bytearray(target.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    target.write_bytes(bytes(raw))
+    problems = cache.verify()
+    assert len(problems) == 1
+    assert "00000" in problems[0] and "checksum mismatch" in problems[0]
+    assert str(target.relative_to(tmp_path / "c" / "shards" / "00000")) in problems[0]
+    assert str(tmp_path / "c" / "shards" / "00000") in problems[0]
+
+    # a missing shard directory is reported too
+    import shutil
+
+    shutil.rmtree(tmp_path / "c" / "shards" / "00001")
+    assert any("00001" in p and "missing" in p for p in cache.verify())
+
+
+def test_pickle_and_reopen(tmp_path, memory_url):
+    rng = np.random.default_rng(9)
+    samples = [make_sample(rng, i, "sample", 4) for i in range(9)]
+    for url in (str(tmp_path / "c"), memory_url):
+        build_cache(url, samples, mode="sample", k=4, relation="full", per_shard=4)
+        cache = open_cache(url)
+        _ = cache[5]  # opens a shard; the open handles must not travel in the pickle
+        clone = pickle.loads(pickle.dumps(cache))
+        assert isinstance(clone, KDCache) and len(clone) == 9
+        for i in (8, 0, 5):
+            assert_sample_equal(clone[i], samples[i], "sample", 4, "full")
+
+
+def test_array_stats(tmp_path):
+    rng = np.random.default_rng(10)
+    samples = [make_sample(rng, i, "topk", 8) for i in range(6)]
+    build_cache(tmp_path / "c", samples, k=8, relation="full", per_shard=6)
+    stats = open_cache(Path(tmp_path / "c")).array_stats(0)
+    assert {"tokens/input_ids", "response/ids", "response/logprobs", "visual/tail", "relation/upper"} <= set(
+        stats
+    )
+    st = stats["response/logprobs"]
+    assert st["dtype"] == "float16" and st["shape"][1] == 8
+    assert st["raw_bytes"] == st["shape"][0] * 8 * 2
+    assert st["stored_bytes"] > 0 and st["ratio"] == pytest.approx(st["raw_bytes"] / st["stored_bytes"])
