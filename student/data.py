@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kd_cache import open_cache
+from kd_cache.shards import open_cache
 
 IGNORE_INDEX = -100
 KINDS = ("response", "visual")
@@ -100,7 +100,7 @@ class StreamingKDDataset(IterableDataset):
     Args:
         cache: a cache URL or an opened ``KDCache`` (picklable; each worker reopens the shards).
         processor: the student's processor (image processor + tokenizer for the pad id).
-        image_folder: where the relative image paths of the cache resolve.
+        image_folder: where the relative image paths of the cache resolve (None: the cache's own).
         with_teacher: include the teacher arrays (False for SFT: they are not even collated).
     """
 
@@ -112,7 +112,8 @@ class StreamingKDDataset(IterableDataset):
         self.image_processor = getattr(processor, "image_processor", None)
         tok = getattr(processor, "tokenizer", processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-        self.image_folder = image_folder
+        # Default: the folder the cache was built from (recorded in its manifest).
+        self.image_folder = image_folder or (self.cache.manifest.get("build_config") or {}).get("image_folder")
         self.batch_size, self.seed, self.shuffle, self.block_shards = batch_size, seed, shuffle, block_shards
         self.rank, self.world_size = rank, world_size
         self.with_teacher = with_teacher

@@ -69,15 +69,43 @@ def named_module_parameters(model: torch.nn.Module, module: str) -> Iterator[tup
             yield name, p
 
 
+def _unused_vision_parameters(model: torch.nn.Module) -> set[str]:
+    """Vision-tower parameters that LLaVA's image features never reach.
+
+    LLaVA reads a hidden layer of the vision tower, so the layers after ``vision_feature_layer``,
+    the post-layernorm and SigLIP's pooling head get no gradient. Found by one probe backward on a
+    blank image rather than by name, so it holds for any vision tower.
+    """
+    vcfg = model.config.vision_config
+    size = vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0]
+    px = torch.zeros(1, vcfg.num_channels, size, size, dtype=model.dtype, device=model.device)
+    tower = dict(named_module_parameters(model, "vision"))
+    saved = {n: p.requires_grad for n, p in tower.items()}
+    for p in tower.values():
+        p.requires_grad_(True)
+        p.grad = None
+    feats = model.model.get_image_features(pixel_values=px).pooler_output
+    sum(f.float().sum() for f in feats).backward()
+    unused = {n for n, p in tower.items() if p.grad is None}
+    for n, p in tower.items():
+        p.grad = None
+        p.requires_grad_(saved[n])
+    model.zero_grad(set_to_none=True)
+    return unused
+
+
 def set_trainable(model: torch.nn.Module, modules: Iterable[str]) -> list[str]:
     """Freeze everything except ``modules``; returns the names of the trainable parameters.
 
     Frozen parameters never reach the optimizer, so neither AdamW nor weight decay can move them.
+    Vision-tower parameters that the image features do not depend on stay frozen even when the
+    vision tower trains (DDP requires every trainable parameter to receive a gradient).
     """
     modules = set(modules)
+    unused = _unused_vision_parameters(model) if "vision" in modules else set()
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(module_of(name) in modules)
+        p.requires_grad_(module_of(name) in modules and name not in unused)
         if p.requires_grad:
             trainable.append(name)
     if not trainable:

@@ -317,7 +317,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from kd_cache import open_cache
+    from kd_cache.shards import open_cache
     from student.data import StreamingKDDataset, make_loader, steps_per_epoch
     from student.model import check_compatibility, load_student
     from student.stages import set_trainable

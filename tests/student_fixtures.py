@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_cache import CacheWriter, tiny
+from kd_cache import tiny
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+from kd_cache.shards import CacheWriter
 
 
 def _sparse(logits: np.ndarray, k: int, mode: str, rng: np.random.Generator, draws: int = 16) -> dict:
@@ -42,9 +43,12 @@ def _sparse(logits: np.ndarray, k: int, mode: str, rng: np.random.Generator, dra
 def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_size: int = 5, k: int = 8,
                           image_every: int = 2, template: str = "chat", sparse_mode: str = "topk",
                           relation: str = "full", seed: int = 0, min_len: int = 6, max_len: int = 24,
-                          image_folder: str | Path | None = None, teacher_scale: float = 3.0) -> Path:
+                          image_folder: str | Path | None = None, teacher_scale: float = 3.0,
+                          teacher_seed: int = 0) -> Path:
     """Write an ``n``-sample cache to ``root/cache``; every ``image_every``-th sample has an image
     (0 = text only). Images are drawn into ``image_folder`` (default ``root/images``). Returns the path.
+    The tokens depend on ``seed`` only and the teacher arrays on ``teacher_seed`` too, so two caches
+    that differ only in ``teacher_seed`` hold the same sequences with different teachers.
     """
     root = Path(root)
     out = root / "cache"
@@ -57,6 +61,7 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
     special = set(tok.all_special_ids)
     normal = np.array([i for i in range(V) if i not in special])
     rng = np.random.default_rng(seed)
+    t_rng = np.random.default_rng([seed, teacher_seed])
     colours, shapes, positions = list(tiny.COLOURS), tiny.SHAPES, tiny.POSITIONS
 
     samples = []
@@ -78,12 +83,12 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
         s = {"id": f"syn-{seed}-{i:05d}", "images": images, "input_ids": input_ids, "labels": labels,
              "response_positions": resp, "visual_positions": vis}
         for kind, pos in (("response", resp), ("visual", vis)):
-            logits = teacher_scale * rng.standard_normal((len(pos), V))
-            for f, v in _sparse(logits, k, sparse_mode, rng).items():
+            logits = teacher_scale * t_rng.standard_normal((len(pos), V))
+            for f, v in _sparse(logits, k, sparse_mode, t_rng).items():
                 s[f"{kind}_{f}"] = v
         rels = []
         if has_image and relation != "none":
-            z = rng.standard_normal((n_vis, V)).astype(np.float32)
+            z = t_rng.standard_normal((n_vis, V)).astype(np.float32)
             r = z @ z.T
             rels.append((r / np.linalg.norm(r)).astype(np.float32))
         s["relation"] = rels

@@ -1,0 +1,133 @@
+"""Gradient equality: one big batch == grad accumulation == per-sample micro-batches, and == a dense
+full-vocabulary reference, for batches that mix image and text-only samples of different lengths.
+
+Gradients (``.grad``) are compared, not loss curves: AdamW's normalised update hides a global scale
+error in the loss normalisation.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from student_fixtures import write_synthetic_cache
+
+from kd_cache.shards import open_cache
+from student.data import StreamingKDDataset
+from student.distill import DistillStudent, LossSettings
+from student.losses import rdist, relation_from_logits, sparse_divergence
+from student.model import load_student
+from student.stages import set_trainable
+from student.train import accumulate_gradients
+
+WEIGHTS = (1.0, 0.5, 2.0)  # alpha, beta, gamma: distinct so a swapped term would show
+
+
+@pytest.fixture(scope="module")
+def cache_path(tmp_path_factory, processor):
+    # 8 samples: 0, 2, 4, 6 have an image; lengths differ; two shards.
+    return write_synthetic_cache(tmp_path_factory.mktemp("grad"), processor, n=8, shard_size=5, k=6,
+                                 image_every=2, min_len=6, max_len=30)
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="module")
+def samples(cache_path):
+    cache = open_cache(str(cache_path))
+    out = [cache[i] for i in range(len(cache))]
+    assert len({len(s["input_ids"]) for s in out}) > 3  # really different lengths
+    assert {bool(s["images"]) for s in out} == {True, False}
+    return out
+
+
+def _grads(model, accelerator, micro_batches, distill, settings=None):
+    for p in model.parameters():
+        p.grad = None
+    wrapper = DistillStudent(model, settings or LossSettings(distill=distill, chunk_size=7))
+    metrics = accumulate_gradients(accelerator, wrapper, micro_batches, distill=distill, weights=WEIGHTS)
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, metrics
+
+
+def _assert_same(a: dict, b: dict, rtol=2e-4, atol=1e-6):
+    assert a.keys() == b.keys() and a
+    for name, value in a.items():
+        torch.testing.assert_close(value, b[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize(("modules", "distill"), [
+    (("projector", "llm"), True),   # DFT
+    (("projector",), True),         # DPT (text-only micro-batches take the dummy-image path)
+    (("projector", "llm"), False),  # SFT
+    (("vision", "projector", "llm"), True),
+])
+def test_grad_accum_and_per_sample_equal_one_big_batch(student_dir, processor, cache_path, samples, accelerator,
+                                                       modules, distill):
+    ds = StreamingKDDataset(str(cache_path), processor, image_folder=None, batch_size=8, with_teacher=distill)
+    model, _ = load_student(student_dir)
+    trained = set_trainable(model, modules)
+
+    big, m_big = _grads(model, accelerator, [ds.collate(samples)], distill)
+    accum, m_accum = _grads(model, accelerator, [ds.collate(samples[i:i + 2]) for i in range(0, 8, 2)], distill)
+    single, m_single = _grads(model, accelerator, [ds.collate([s]) for s in samples], distill)
+
+    assert set(big) == set(trained)  # every trainable parameter got a gradient, nothing else did
+    _assert_same(big, accum)
+    _assert_same(big, single)
+    for key in ("loss", "ce", "mdist_response", "mdist_visual", "rdist"):
+        if distill:
+            assert m_big[key] == pytest.approx(m_accum[key], rel=1e-5)
+            assert m_big[key] == pytest.approx(m_single[key], rel=1e-5)
+    assert m_big["positions"] == m_accum["positions"] == m_single["positions"]
+
+
+def test_gradients_equal_the_dense_full_vocabulary_reference(student_dir, processor, cache_path, samples,
+                                                             accelerator):
+    """The chunked, gathered, globally normalised losses are the DESIGN.md quantities, computed densely."""
+    ds = StreamingKDDataset(str(cache_path), processor, image_folder=None, batch_size=8)
+    model, _ = load_student(student_dir)
+    set_trainable(model, ("projector", "llm"))
+    micro = [ds.collate(samples[i:i + 3]) for i in range(0, 8, 3)]  # uneven micro-batches: 3, 3, 2
+    chunked, metrics = _grads(model, accelerator, micro, True)
+
+    for p in model.parameters():
+        p.grad = None
+    batch = ds.collate(samples)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   pixel_values=batch["pixel_values"]).logits.float()
+    z = logits.reshape(-1, logits.shape[-1])
+    ce = F.cross_entropy(z[batch["response_index"]], batch["response_targets"])
+    kd = {}
+    for kind in ("response", "visual"):
+        kd[kind] = sparse_divergence(z[batch[f"{kind}_index"]], batch[f"{kind}_ids"], batch[f"{kind}_logprobs"],
+                                     batch[f"{kind}_tail"]).mean()
+    rel = rdist(relation_from_logits(z[batch["relation_index"]]), batch["relation_target"]).mean()
+    a, b, g = WEIGHTS
+    loss = ce + a * kd["response"] + b * kd["visual"] + g * rel
+    loss.backward()
+    dense = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    _assert_same(chunked, dense, rtol=1e-3, atol=1e-5)
+    assert metrics["loss"] == pytest.approx(loss.item(), rel=1e-4)
+    assert metrics["ce"] == pytest.approx(ce.item(), rel=1e-4)
+    assert metrics["rdist"] == pytest.approx(rel.item(), rel=1e-4)
+
+
+def test_sft_ignores_the_teacher(student_dir, processor, tmp_path, accelerator):
+    """Same tokens, different teacher arrays: SFT gradients are identical (and the batch carries no teacher)."""
+    grads = []
+    for teacher_seed in (0, 1):
+        path = write_synthetic_cache(tmp_path / str(teacher_seed), processor, n=4, shard_size=4,
+                                     teacher_seed=teacher_seed)
+        cache = open_cache(str(path))
+        ds = StreamingKDDataset(str(path), processor, image_folder=None, batch_size=4, with_teacher=False)
+        model, _ = load_student(student_dir)
+        set_trainable(model, ("projector", "llm"))
+        grads.append(_grads(model, accelerator, [ds.collate([cache[i] for i in range(4)])], False)[0])
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
