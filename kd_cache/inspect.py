@@ -107,6 +107,35 @@ def _shard_info(cache: KDCache, index: int, check: bool) -> dict[str, Any]:
     return info
 
 
+def sample_key(array: str) -> str:
+    """The key of a reader sample that a shard array feeds (``response/logprobs`` -> ``response_logprobs``)."""
+    group, _, leaf = array.partition("/")
+    if group == "tokens":
+        return "(index)" if leaf == "offsets" else leaf
+    if group == "relation":
+        return (
+            "relation_energy" if leaf == "energy" else "(index)" if leaf.endswith("offsets") else "relation"
+        )
+    if group in KINDS:
+        if leaf in ("offsets", "entry_offsets", "n_entries"):
+            return "(index)"
+        return f"{group}_{leaf.removeprefix('extra/')}"
+    return "-"
+
+
+def _array_totals(shards: list[dict]) -> dict[str, dict]:
+    """Per array name, summed over shards: stored and raw bytes, ratio."""
+    tot: dict[str, dict] = {}
+    for sh in shards:
+        for name, a in sh.get("arrays", {}).items():
+            t = tot.setdefault(name, {"dtype": a["dtype"], "stored_bytes": 0, "raw_bytes": 0})
+            t["stored_bytes"] += a["stored_bytes"]
+            t["raw_bytes"] += a["raw_bytes"]
+    for t in tot.values():
+        t["ratio"] = t["raw_bytes"] / t["stored_bytes"] if t["stored_bytes"] else 0.0
+    return dict(sorted(tot.items()))
+
+
 def _summary(rows: list[dict]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for kind in KINDS:
@@ -181,6 +210,7 @@ def inspect_cache(
     shown = [shard] if shard is not None else list(range(n_shards))
     check = verify if verify is not None else (shard is not None or n_shards <= VERIFY_ALL_MAX_SHARDS)
     info["shard_info"] = [_shard_info(cache, i, check) for i in shown]
+    info["array_totals"] = _array_totals(info["shard_info"])
 
     rows: list[dict] = []
     scope_shard = shard if shard is not None else 0
@@ -275,23 +305,31 @@ def format_report(info: dict[str, Any]) -> str:
     for s in info["shard_info"]:
         if s.get("error"):
             out.append(f"  shard {s['name']}: {s['error']}")
-    if len(info["shard_info"]) == 1:
-        s = info["shard_info"][0]
+    totals = info.get("array_totals") or {}
+    if totals:
+        shards = info["shard_info"]
+        single = len(shards) == 1
+        title = (
+            f"arrays of shard {shards[0]['name']} ({shards[0].get('path')})"
+            if single
+            else f"arrays, summed over {len(shards)} shards"
+        )
         out.append("")
-        out.append(f"arrays of shard {s['name']} ({s.get('path')})")
+        out.append(title)
         out.append(
             _table(
-                ["array", "dtype", "shape", "stored", "raw", "ratio"],
+                ["array", "sample key", "dtype", "shape", "stored", "raw", "ratio"],
                 [
                     [
                         name,
+                        sample_key(name),
                         a["dtype"],
-                        "x".join(map(str, a["shape"])),
+                        "x".join(map(str, shards[0]["arrays"][name]["shape"])) if single else "-",
                         _bytes(a["stored_bytes"]),
                         _bytes(a["raw_bytes"]),
                         a["ratio"],
                     ]
-                    for name, a in s["arrays"].items()
+                    for name, a in totals.items()
                 ],
             )
         )

@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import posixpath
+import shutil
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
@@ -157,9 +158,22 @@ def _list_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, str
     prefix = root.rstrip("/") + "/"
     for p in fs.find(root):
         p = str(p)
-        rel = p[len(prefix) :] if p.startswith(prefix) else posixpath.relpath(p, root)
-        out.append((rel, p))
+        if p.startswith(prefix):  # strict: never a sibling such as 00000.complete.json
+            out.append((p[len(prefix) :], p))
     return sorted(out)
+
+
+def _remove_tree(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Delete every file under ``root`` (and, locally, its directories); siblings are untouched."""
+    if _is_local(fs):
+        shutil.rmtree(root, ignore_errors=True)
+        if os.path.exists(root):
+            raise OSError(f"could not delete the partial shard {root}")
+        return
+    files = [full for _, full in _list_files(fs, root)]
+    if files:
+        fs.rm(files)
+    fs.invalidate_cache(root)
 
 
 def shard_digest(fs: fsspec.AbstractFileSystem, root: str) -> tuple[str, int, dict[str, str]]:
@@ -440,6 +454,9 @@ class CacheWriter:
         self.fs, self.root = fsspec.core.url_to_fs(self.url, **self.storage_options)
         self.compressors = compressors or default_compressors
         self.chunk_bytes = int(chunk_bytes)
+        # The layout exists as soon as a writer does (a no-op on object stores), so files the build
+        # puts next to shards (e.g. per-shard skip lists) can be written before the first shard.
+        self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
 
     # paths ------------------------------------------------------------------------------------
     def shard_name(self, index: int) -> str:
@@ -486,8 +503,7 @@ class CacheWriter:
         path, record = self.shard_path(index), self.record_path(index)
         if self.fs.exists(record):
             self.fs.rm(record)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        _remove_tree(self.fs, path)
         self.fs.invalidate_cache(posixpath.dirname(path))
 
         group = zarr.open_group(store=_zarr_store(self.fs, path, read_only=False), mode="w", zarr_format=3)

@@ -181,3 +181,13 @@ def test_sample_mode_entropy_ignores_padding(tmp_path):
     st = kind_stats(s["response_ids"], s["response_logprobs"].astype(np.float16), s["response_tail"])
     assert r["response"]["entropy_estimate"] == pytest.approx(st["entropy_estimate"], rel=1e-6)
     assert r["relation_energy"] == [1.0]
+
+
+def test_report_over_all_shards_names_sample_keys(cache_dir):
+    root, _ = cache_dir
+    info = inspect_cache(str(root))
+    tot = info["array_totals"]["response/logprobs"]
+    per = [s["arrays"]["response/logprobs"] for s in info["shard_info"]]
+    assert tot["stored_bytes"] == sum(a["stored_bytes"] for a in per)
+    text = format_report(info)
+    assert "summed over 2 shards" in text and "response_logprobs" in text and "relation_energy" in text

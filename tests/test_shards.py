@@ -356,3 +356,20 @@ def test_array_stats(tmp_path):
     assert st["dtype"] == "float16" and st["shape"][1] == 8
     assert st["raw_bytes"] == st["shape"][0] * 8 * 2
     assert st["stored_bytes"] > 0 and st["ratio"] == pytest.approx(st["raw_bytes"] / st["stored_bytes"])
+
+
+@pytest.mark.parametrize("scheme", ["memory", "local"])
+def test_rewrite_keeps_siblings_and_drops_leftovers(tmp_path, memory_url, scheme):
+    url = memory_url if scheme == "memory" else str(tmp_path / "c")
+    rng = np.random.default_rng(11)
+    w = CacheWriter(url)
+    shards = w.root + "/shards"
+    w.fs.makedirs(shards + "/00000/old", exist_ok=True)
+    w.fs.pipe_file(shards + "/00000/old/c0", b"stale chunk")  # leftover of a crashed attempt
+    w.fs.pipe_file(shards + "/00000.skipped.json", b"{}")  # the build's sibling file
+    samples = [make_sample(rng, i, "topk", 4) for i in range(2)]
+    entry = w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
+    assert not w.fs.exists(shards + "/00000/old/c0")
+    assert w.fs.cat_file(shards + "/00000.skipped.json") == b"{}"
+    assert "old/c0" not in w.read_complete_entry(0)["files"]
+    assert w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full") == entry
