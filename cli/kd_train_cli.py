@@ -127,7 +127,9 @@ def train_cmd(
         result = train(cfg)
     except (ValueError, TypeError, FileNotFoundError, CompatibilityError) as e:
         _fail(e)
-    typer.echo(f"kd-train: {stage.value} done after {result['step']} steps; model saved to {result['out']}", err=True)
+    if result["main_process"]:
+        typer.echo(f"kd-train: {stage.value} done after {result['step']} steps; model saved to {result['out']}",
+                   err=True)
 
 
 @app.command("init-student")

@@ -172,8 +172,7 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if image_token not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [image_token]},
-                                     replace_additional_special_tokens=False)
+        tokenizer.add_tokens([image_token], special_tokens=True)
     image_token_id = tokenizer.convert_tokens_to_ids(image_token)
 
     lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)

@@ -290,6 +290,9 @@ def _accelerator(cfg: TrainConfig):
         except ImportError:
             raise ValueError("--report-to wandb needs the wandb package: pip install wandb") from None
     return Accelerator(
+        # Without a GPU run on CPU, data-parallel over gloo when launched with several processes
+        # (`accelerate launch --multi_gpu --num_processes N` or torchrun set the rank environment).
+        cpu=not torch.cuda.is_available(),
         mixed_precision=precision,
         log_with=log_with,
         project_dir=cfg.out,
@@ -312,7 +315,7 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one stage; returns ``{"step", "out", "metrics"}`` (the last step's metrics)."""
+    """Run one stage; returns ``{"step", "out", "metrics" (the last step's), "main_process"}``."""
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
@@ -452,4 +455,4 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if cfg.report_to is not ReportTo.none:
         accelerator.end_training()
-    return {"step": step, "out": str(out), "metrics": last}
+    return {"step": step, "out": str(out), "metrics": last, "main_process": main}
