@@ -136,7 +136,7 @@ class TeacherRunner:
         h = self.hidden_states(batch)
         return [self._sample(e, h[i, : len(e.input_ids)]) for i, e in enumerate(batch)]
 
-    def _distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict:
+    def distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict:
         """Sparse teacher distribution at the rows of ``h`` [P, d]."""
         P = h.shape[0]
         gen = None
@@ -201,7 +201,7 @@ class TeacherRunner:
         out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids, "labels": e.labels,
                "response_positions": resp, "visual_positions": vis}
         for kind, pos in (("response", resp), ("visual", vis)):
-            out.update(self._distribution(h[torch.from_numpy(pos.astype(np.int64)).to(h.device)], e.id, kind))
+            out.update(self.distribution(h[torch.from_numpy(pos.astype(np.int64)).to(h.device)], e.id, kind))
         hv = h[torch.from_numpy(vis.astype(np.int64)).to(h.device)]
         out["relation"] = self._relations(hv, len(e.images))
         return out

@@ -101,8 +101,11 @@ def test_sample_mode_is_unbiased(teacher_dir, chat_data):
     p = torch.softmax(dense[torch.from_numpy(e.labels[1:] != -100).nonzero()[:, 0]], -1).numpy()
     N, trials = 16, 300
     est = np.zeros_like(p)
+    runner = TeacherRunner(teacher, sparse="sample", samples=N, relation="none")
+    h = runner.hidden_states([e])[0, torch.from_numpy(e.labels[1:] != -100).nonzero()[:, 0]]
     for seed in range(trials):
-        s = TeacherRunner(teacher, sparse="sample", samples=N, relation="none", seed=seed).run([e])[0]
+        runner.seed = seed
+        s = runner.distribution(h, e.id, "response")
         ids, counts, lp, tail = s["response_ids"], s["response_counts"], s["response_logprobs"], s["response_tail"]
         assert (counts.sum(-1) == N).all()
         valid = ids >= 0
@@ -111,10 +114,16 @@ def test_sample_mode_is_unbiased(teacher_dir, chat_data):
         np.testing.assert_allclose(np.exp(tail), 1 - mass, atol=1e-5)
         np.add.at(est, (np.nonzero(valid)[0], ids[valid]), counts[valid] / N)
     est /= trials
-    # Each estimate is a mean of N*trials Bernoulli draws: stay within 5 standard errors everywhere.
-    se = np.sqrt(p * (1 - p) / (N * trials))
-    assert (np.abs(est - p) <= 5 * se + 1e-4).all()
-    assert np.abs(est - p).max() < 0.02
+    draws = N * trials
+    np.testing.assert_allclose(est.sum(-1), 1.0, atol=1e-6)
+    # Ids the teacher draws often: a z-test per id (normal approximation holds there).
+    common = p * draws >= 10
+    z = (est - p)[common] / np.sqrt(p * (1 - p) / draws)[common]
+    assert common.sum() > 20 and np.abs(z).max() < 5
+    # Rare ids (binomial far from normal): their total mass per position matches instead.
+    rare_est, rare_p = np.where(common, 0, est).sum(-1), np.where(common, 0, p).sum(-1)
+    se = np.sqrt(rare_p * (1 - rare_p) / draws)
+    assert (np.abs(rare_est - rare_p) <= 5 * se + 1e-4).all()
 
 
 def _arrays_close(a, b, exact=False):
