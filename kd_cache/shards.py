@@ -12,7 +12,8 @@ deletes its leftovers before writing it again. Every writer (process, rank) owns
 Inside a shard group (S samples; T tokens, P positions of one kind, I relation matrices in total)::
 
     attrs: format_version, n_samples, sparse_mode ("topk" | "sample"), k, relation (spec string),
-           sample_ids [S] (str), images [S][*] (str), extras {kind: {name: {dtype, shape}}}
+           sample_ids [S] (str), images [S][*] (str), extras {kind: {name: {dtype, shape}}},
+           meta [S] (optional per-sample JSON dicts; the reader returns {} when absent)
     tokens/offsets int64 [S+1]       tokens/input_ids int32 [T]      tokens/labels int32 [T]
     <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
       topk:    <kind>/ids int32 [P, K]        <kind>/logprobs float16 [P, K]
@@ -51,7 +52,7 @@ from zarr.storage import FsspecStore, LocalStore
 from kd_cache.relation import decode_relation, encode_relation, parse_relation_spec, relation_energy
 
 FORMAT_VERSION = 1
-KINDS = ("response", "visual")
+KINDS = ("response", "visual", "prompt")  # prompt: other text positions (LLaVADI all-token KD)
 SPARSE_MODES = ("topk", "sample")
 IGNORE_INDEX = -100
 MANIFEST_NAME = "manifest.json"
@@ -62,7 +63,7 @@ READER_CHUNKS_CACHED = 4  # decoded chunks kept per array by a shard reader
 
 INCOMPLETE_HINT = "cache incomplete: run kd-cache build again to finish it"
 
-_SAMPLE_KEYS = {"id", "images", "input_ids", "labels", "relation", "relation_energy"}
+_SAMPLE_KEYS = {"id", "images", "input_ids", "labels", "relation", "relation_energy", "meta"}
 _KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts")
 
 
@@ -253,6 +254,7 @@ def pack_samples(
     }
     extras: dict[str, dict[str, list]] = {kind: {} for kind in KINDS}
     extra_meta: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
+    metas: list[dict] = []
     rel_counts: list[int] = []
     rel_n: list[int] = []
     rel_energy: list[float] = []
@@ -272,6 +274,10 @@ def pack_samples(
             if key not in s:
                 raise ValueError(f"sample {sid!r} (index {i} in the shard) has no {key!r}")
         ids.append(str(s["id"]))
+        meta = s.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise TypeError(f"sample {sid!r}: meta must be a JSON-serialisable dict, found {type(meta).__name__}")
+        metas.append(meta)
         imgs = s.get("images") or []
         if isinstance(imgs, str):
             raise TypeError(f"sample {sid!r}: images must be a list of paths, found a string {imgs!r}")
@@ -427,6 +433,8 @@ def pack_samples(
         "images": images,
         "extras": extra_meta,
     }
+    if any(metas):  # per-sample JSON notes, e.g. the reference answers a teacher-generated sample replaced
+        attrs["meta"] = metas
     return arrays, attrs
 
 
@@ -605,6 +613,7 @@ class _ShardReader:
         self.rel_kind, _ = parse_relation_spec(self.relation)
         self.ids: list[str] = attrs["sample_ids"]
         self.images: list[list[str]] = attrs["images"]
+        self.meta: list[dict] | None = attrs.get("meta")
         self.extras: dict[str, dict[str, dict]] = attrs.get("extras", {})
         self._readers: dict[str, _ChunkReader] = {}
         self.off = {"tokens": self._full("tokens/offsets")}
@@ -638,6 +647,7 @@ class _ShardReader:
             "images": list(self.images[j]),
             "input_ids": self._get("tokens/input_ids", t0, t1),
             "labels": self._get("tokens/labels", t0, t1),
+            "meta": dict(self.meta[j]) if self.meta else {},
         }
         K = self.k
         for kind in KINDS:

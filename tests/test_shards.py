@@ -81,7 +81,11 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str)
     np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
     np.testing.assert_array_equal(got["labels"], want["labels"])
     assert got["input_ids"].dtype == np.int32 and got["labels"].dtype == np.int32
+    assert got["meta"] == want.get("meta", {})
     for kind in KINDS:
+        if f"{kind}_positions" not in want:  # a kind the sample did not cache reads back empty
+            assert got[f"{kind}_positions"].shape == (0,) and got[f"{kind}_ids"].shape == (0, k)
+            continue
         P = len(want[f"{kind}_positions"])
         np.testing.assert_array_equal(got[f"{kind}_positions"], want[f"{kind}_positions"])
         assert got[f"{kind}_ids"].shape == (P, k) and got[f"{kind}_ids"].dtype == np.int32
