@@ -37,6 +37,13 @@ class SaveDtype(str, Enum):
     float16 = "float16"
 
 
+def _quiet_transformers() -> None:
+    """No per-call weight-loading bars from transformers: kd-train shows its own progress."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def _fail(err: Exception) -> None:
     typer.echo(f"kd-train: error: {err}", err=True)
     raise typer.Exit(code=2)
@@ -110,6 +117,7 @@ def train_cmd(
     from student.model import CompatibilityError
     from student.train import TrainConfig, train
 
+    _quiet_transformers()
     try:
         opts = json.loads(storage_options) if storage_options else {}
         if not isinstance(opts, dict):
@@ -152,6 +160,7 @@ def init_student_cmd(
     """Compose a student: vision tower + fresh 2-layer GELU MLP projector + LLM, saved as a LLaVA."""
     from student.model import CompatibilityError, compose_student
 
+    _quiet_transformers()
     try:
         path = compose_student(vision, llm, out, vision_feature_layer=vision_feature_layer,
                                image_token=image_token, seed=seed, dtype=dtype.value)

@@ -303,5 +303,5 @@ def _cat_teacher(kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:
 def make_loader(dataset: StreamingKDDataset, num_workers: int = 0) -> DataLoader:
     """A DataLoader over already-collated micro-batches (order independent of ``num_workers``)."""
     return DataLoader(dataset, batch_size=None, num_workers=num_workers, collate_fn=_identity,
-                      worker_init_fn=_worker_init if num_workers else None,
+                      worker_init_fn=_worker_init if num_workers else None, pin_memory=torch.cuda.is_available(),
                       prefetch_factor=4 if num_workers else None, persistent_workers=False)

@@ -122,3 +122,19 @@ def test_sample_mode_cache_refuses_biased_divergences(student_dir, processor, tm
     with pytest.raises(ValueError, match="--divergence rkl.*only forward KL is unbiased"):
         _train("dft", student_dir, cache, tmp_path / "rkl", divergence="rkl")
     assert _train("dft", student_dir, cache, tmp_path / "fkl")["metrics"]["mdist_response"] > 0
+
+
+def test_cache_given_as_an_fsspec_url(student_dir, caches, tmp_path):
+    url = caches["chat"].resolve().as_uri()  # file:///...
+    result = _train("dft", student_dir, url, tmp_path / "url", num_workers=2)
+    assert result["step"] == 2 and result["metrics"]["rdist"] > 0
+
+
+def test_missing_tracker_package_is_reported_before_training(student_dir, caches, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        pytest.skip("tensorboard is installed here")
+    with pytest.raises(ValueError, match="--report-to tensorboard needs the tensorboard package"):
+        _train("dft", student_dir, caches["chat"], tmp_path / "tb", report_to="tensorboard")
+    assert not (tmp_path / "tb" / "metrics.jsonl").exists()
