@@ -10,6 +10,12 @@ The teacher is never imported or loaded here: everything the losses need comes f
   grad-accum 4 x batch 2, batch 8, and 2 ranks x batch 4 give the same gradient;
 * checkpoints ``OUT/checkpoints/step-N/`` (model, optimizer, scheduler, RNG via
   ``Accelerator.save_state``; data position and config as JSON; a ``COMPLETE`` marker written last).
+
+Distributed runs: ``accelerate launch`` (or torchrun). DDP is tested (2 CPU processes over gloo equal
+one process). FSDP and DeepSpeed go through the same code (loss computed inside the wrapped module's
+forward, full state dict gathered for the final save, DeepSpeed's engine stepped only at the
+accumulation boundary) but have not been run in this repository's tests: no GPU there. With FSDP
+and a partly frozen model use ``use_orig_params``; with DeepSpeed set clipping in its config.
 """
 
 from __future__ import annotations
@@ -183,6 +189,8 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, d
     result the global mean. Metrics (``loss``, ``ce``, ``mdist_response``, ``mdist_visual``,
     ``rdist``) are the same global means, computed in this forward pass, before the update.
     """
+    from accelerate.utils import DistributedType
+
     alpha, beta, gamma = weights
     device = accelerator.device
     world = accelerator.num_processes
@@ -194,6 +202,9 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, d
     totals = torch.zeros(4, dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
+        if accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed steps its engine inside backward at a sync boundary: only the last one.
+            accelerator.gradient_state._set_sync_gradients(last)
         # Gradients are synchronised once per step, on the last micro-batch's backward.
         with nullcontext() if last else accelerator.no_sync(model):
             sums = model(_to_device(mb, device))
@@ -361,6 +372,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
     optimizer = _optimizer(wrapper, cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(cfg.warmup_ratio * total_steps), total_steps)
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds_plugin is not None:  # no prepared DataLoader to read the micro-batch size from
+        ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     wrapper, optimizer = accelerator.prepare(wrapper, optimizer)
     accelerator.register_for_checkpointing(scheduler)
 
@@ -396,7 +410,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                                      if isinstance(v, (int, float, str, bool))})
 
     # --- the loop -----------------------------------------------------------------------------------
-    params = [p for p in wrapper.parameters() if p.requires_grad]
+    params = list(wrapper.parameters())  # all of them: FSDP clips through the wrapper only when they match
     weights = (cfg.alpha, cfg.beta, cfg.gamma)
     bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress), desc=f"kd-train {cfg.stage.value}",
                unit="step", dynamic_ncols=True)
@@ -423,7 +437,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             last = {"step": step, "epoch": epoch, "samples_seen": seen, "loss": m["loss"], "ce": m["ce"],
                     "mdist_response": m["mdist_response"], "mdist_visual": m["mdist_visual"],
                     "rdist": m["rdist"], "lr": lr,
-                    "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "grad_norm": None if grad_norm is None else float(grad_norm),  # None under DeepSpeed
                     "samples": n_samples, "samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9),
                     "positions": m["positions"]}
             if main:
