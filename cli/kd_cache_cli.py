@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from enum import Enum
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,7 +48,7 @@ def build(
     teacher: Annotated[str, typer.Option(help="Teacher model directory or hub id (image-text-to-text or causal LM).")],
     data: Annotated[str, typer.Option(help="LLaVA JSON/JSONL file, parquet file or a `datasets` save_to_disk dir.")],
     out: Annotated[str, typer.Option(help="Cache directory or fsspec URL (e.g. s3://bucket/cache).")],
-    image_folder: Annotated[Optional[str], typer.Option(help="Folder the records' image paths are relative to.")] = None,
+    image_folder: Annotated[str | None, typer.Option(help="Folder the records' image paths are relative to.")] = None,
     template: Annotated[Template, typer.Option(help="chat: the processor's chat template, loss on assistant turns; "
                                                "pretrain: image + caption, loss on the caption (DPT).")] = Template.chat,
     sparse: Annotated[Sparse, typer.Option(help="topk: k most likely ids + exact tail mass; sample: N draws "
@@ -62,8 +62,16 @@ def build(
     dtype: Annotated[DType, typer.Option(help="Teacher dtype; auto = bf16 on GPU, fp32 on CPU.")] = DType.auto,
     device: Annotated[str, typer.Option(help="auto (the accelerate process's device), cpu, cuda, cuda:1 ...")] = "auto",
     strict: Annotated[bool, typer.Option(help="Stop at the first bad record instead of skipping and listing it.")] = False,
-    limit: Annotated[Optional[int], typer.Option(help="Use only the first N records.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sample mode draws.")] = 0,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N records.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for sample mode draws and sampled generation.")] = 0,
+    positions: Annotated[str, typer.Option(help="Distilled positions, comma-separated subset of response, visual, "
+                                           "prompt (all other text; LLaVADI's all-token KD).")] = "response,visual",
+    hidden: Annotated[bool, typer.Option(help="Also store the teacher's final-layer hidden states (fp16) at the "
+                                         "distilled positions, for hidden-state alignment.")] = False,
+    generate: Annotated[bool, typer.Option(help="Let the teacher answer every user turn first and distil on its "
+                                           "own answers (references kept in each sample's meta).")] = False,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest teacher answer with --generate.")] = 128,
+    generate_temperature: Annotated[float, typer.Option(help="Sampling temperature with --generate; 0 = greedy.")] = 0.0,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
@@ -74,7 +82,9 @@ def build(
         cfg = BuildConfig(teacher=teacher, data=data, out=out, image_folder=image_folder, template=template.value,
                           sparse=sparse.value, top_k=top_k, samples=samples, relation=relation,
                           batch_size=batch_size, shard_size=shard_size, max_length=max_length, dtype=dtype.value,
-                          device=device, strict=strict, limit=limit, seed=seed, progress=progress)
+                          device=device, strict=strict, limit=limit, seed=seed, positions=positions, hidden=hidden,
+                          generate=generate, max_new_tokens=max_new_tokens,
+                          generate_temperature=generate_temperature, progress=progress)
         manifest = build_cache(cfg)
     except BadRecord as e:
         _fail(f"{e} (--strict stops at the first bad record; drop --strict to skip and list them)")
@@ -89,9 +99,9 @@ def build(
 @app.command("inspect-shard")
 def inspect_shard(
     cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")],
-    shard: Annotated[Optional[int], typer.Option(help="Only this shard (index).")] = None,
-    sample: Annotated[Optional[int], typer.Option(help="Only this sample (index within --shard, or global).")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer dir for decoding (default: the cache's teacher).")] = None,
+    shard: Annotated[int | None, typer.Option(help="Only this shard (index).")] = None,
+    sample: Annotated[int | None, typer.Option(help="Only this sample (index within --shard, or global).")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for decoding (default: the cache's teacher).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Show what a cache or one shard holds: sizes, compression, checksums, per-sample statistics."""

@@ -27,14 +27,23 @@ import fsspec
 import torch
 
 from kd_cache import fingerprint
-from kd_cache.data import TEMPLATES, BadRecord, Encoder, dataset_fingerprint, load_records, resolve_image_folder
+from kd_cache.data import (
+    TEMPLATES,
+    BadRecord,
+    Encoder,
+    dataset_fingerprint,
+    load_records,
+    parse_positions,
+    resolve_image_folder,
+)
 from kd_cache.relation import parse_relation_spec
 from kd_cache.shards import FORMAT_VERSION, CacheWriter
 from kd_cache.teacher import TeacherRunner, load_teacher, resolve_dtype
 
 # Settings that change what a cache contains: a rerun against the same --out must match them.
 CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "relation",
-                "shard_size", "max_length", "dtype", "limit", "seed")
+                "shard_size", "max_length", "dtype", "limit", "seed", "positions", "hidden", "generate",
+                "max_new_tokens", "generate_temperature")
 
 
 @dataclass
@@ -58,6 +67,11 @@ class BuildConfig:
     strict: bool = False
     limit: int | None = None
     seed: int = 0
+    positions: str = "response,visual"
+    hidden: bool = False
+    generate: bool = False
+    max_new_tokens: int = 128
+    generate_temperature: float = 0.0
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
 
@@ -74,6 +88,11 @@ class BuildConfig:
         if self.limit is not None and self.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         parse_relation_spec(self.relation)  # raises with the accepted forms
+        self.positions = ",".join(parse_positions(self.positions))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.generate_temperature < 0:
+            raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
         self.image_folder = resolve_image_folder(self.image_folder)
 
     def identity(self) -> dict:
@@ -125,13 +144,16 @@ class _Dist:
         self.state.wait_for_everyone()
 
 
-def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_q: Queue, skipped: list):
-    """Producer thread: tokenise + load images, put batches of ``Encoded`` (None = end) on the queue."""
+def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_q: Queue, skipped: list,
+                  prepare_only: bool = False):
+    """Producer thread: load images and tokenise (or only prepare, when the teacher will write the
+    answers first), put batches (None = end) on the queue."""
     batch = []
+    step = encoder.prepare if prepare_only else encoder.encode
     try:
         for rec in records:
             try:
-                batch.append(encoder.encode(rec))
+                batch.append(step(rec))
             except BadRecord as e:
                 if strict:
                     raise
@@ -145,6 +167,21 @@ def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_
         out_q.put(None)
     except BaseException as e:  # surfaced in the consumer
         out_q.put(e)
+
+
+def _teacher_answers(runner: TeacherRunner, encoder: Encoder, prepared: list, cfg: BuildConfig,
+                     skipped: list) -> list:
+    generated = runner.generate(encoder, prepared, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.generate_temperature)
+    encoded = []
+    for p in generated:
+        try:
+            encoded.append(encoder.encode_prepared(p))
+        except BadRecord as e:
+            if cfg.strict:
+                raise
+            skipped.append({"id": e.record_id, "reason": e.reason, "detail": e.detail, "stage": "after_generation"})
+    return encoded
 
 
 def build_cache(cfg: BuildConfig) -> dict:
@@ -185,7 +222,8 @@ def build_cache(cfg: BuildConfig) -> dict:
     image_tokens = fingerprint.image_tokens_per_image(teacher.processor) if teacher.multimodal else None
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, image_tokens)
     runner = TeacherRunner(teacher, sparse=cfg.sparse, top_k=cfg.top_k, samples=cfg.samples,
-                           relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed)
+                           relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed,
+                           positions=parse_positions(cfg.positions), hidden=cfg.hidden)
     k = min(cfg.top_k, runner.vocab) if cfg.sparse == "topk" else cfg.samples
 
     todo = sum(len(records[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in mine)
@@ -202,7 +240,8 @@ def build_cache(cfg: BuildConfig) -> dict:
             skipped: list[dict] = []
             q: Queue = Queue(maxsize=4)
             producer = threading.Thread(
-                target=_encode_ahead, args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped),
+                target=_encode_ahead,
+                args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped, cfg.generate),
                 daemon=True,
             )
             producer.start()
@@ -213,10 +252,14 @@ def build_cache(cfg: BuildConfig) -> dict:
                     break
                 if isinstance(item, BaseException):
                     raise item
-                samples.extend(runner.run(item))
-                bar.update(len(item))
+                n_in = len(item)
+                if cfg.generate:  # LLaVADI: the teacher answers, then is distilled on its own answers
+                    item = _teacher_answers(runner, encoder, item, cfg, skipped)
+                if item:
+                    samples.extend(runner.run(item))
+                bar.update(n_in)
             producer.join()
-            bar.update(len(skipped))
+            bar.update(sum(1 for x in skipped if x.get("stage") != "after_generation"))
             n_skipped += len(skipped)
             bar.set_postfix(skipped=n_skipped, shard=s)
             # The skip list goes next to the shard before its data: a complete shard always has one.
@@ -268,6 +311,11 @@ def _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, relation)
         "sparse": {"mode": cfg.sparse, "k": k, **({"samples": cfg.samples} if cfg.sparse == "sample" else {"top_k": k}),
                    "seed": cfg.seed},
         "relation": relation,
+        "positions": cfg.positions.split(","),
+        "hidden": {"stored": cfg.hidden, "size": int(teacher.model.get_output_embeddings().weight.shape[1]),
+                   "dtype": "float16"} if cfg.hidden else {"stored": False},
+        "generated": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.generate_temperature}
+        if cfg.generate else None,
         "dataset_fingerprint": dataset_fingerprint(cfg.data),
         "build_config": {key: v for key, v in asdict(cfg).items() if key != "storage_options"},
         "num_samples": sum(e["samples"] for e in entries),

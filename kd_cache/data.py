@@ -51,12 +51,20 @@ class Record:
 
 
 @dataclass
+class Prepared:
+    record: Record  # image tags normalised, empty turns dropped
+    pil_images: list[Any]
+    meta: dict = field(default_factory=dict)  # stored with the sample (e.g. replaced reference answers)
+
+
+@dataclass
 class Encoded:
     id: str
     input_ids: np.ndarray  # int32 [L]
     labels: np.ndarray  # int32 [L]
     images: list[str]  # paths as given in the data
     pil_images: list[Any]  # loaded RGB images, in placeholder order
+    meta: dict = field(default_factory=dict)
 
 
 def _as_record(row: dict, index: int) -> Record:
@@ -216,6 +224,10 @@ class Encoder:
 
     # -- encoding ----------------------------------------------------------------------------------
     def encode(self, record: Record) -> Encoded:
+        return self.encode_prepared(self.prepare(record))
+
+    def prepare(self, record: Record) -> Prepared:
+        """Validate a record, normalise its image tags and load its images (no tokenisation yet)."""
         rid = record.id
         conv = [t for t in record.conversations if str(t.get("value", "")).strip() or _role(t.get("from", "")) == "system"]
         if not any(_role(t.get("from", "")) == "assistant" for t in conv):
@@ -238,7 +250,12 @@ class Encoder:
         for rel in record.images:
             path = Path(rel) if Path(rel).is_absolute() or self.image_folder is None else self.image_folder / rel
             pil.append(_load_image(path, rid))
+        return Prepared(Record(rid, conv, list(record.images)), pil)
 
+    def encode_prepared(self, prepared: Prepared) -> Encoded:
+        """Tokenise a prepared record: input ids with expanded image tokens, and the label mask."""
+        rid, conv, pil = prepared.record.id, prepared.record.conversations, prepared.pil_images
+        record = prepared.record
         if self.template == "pretrain":
             text, spans = self._pretrain_text(conv)
             if not record.images:
@@ -270,7 +287,28 @@ class Encoder:
                 raise BadRecord(rid, IMAGE_TRUNCATED, f"--max-length {self.max_length} cuts through an image")
         if not (labels[1:] != IGNORE_INDEX).any():
             raise BadRecord(rid, NO_ASSISTANT_TOKENS, f"--max-length {self.max_length}")
-        return Encoded(rid, ids, labels, list(record.images), pil)
+        return Encoded(rid, ids, labels, list(record.images), pil, dict(prepared.meta))
+
+    def assistant_turns(self, prepared: Prepared) -> list[int]:
+        """Indices of the turns a teacher answers when it generates the training targets."""
+        conv = prepared.record.conversations
+        idx = [i for i, t in enumerate(conv) if _role(t.get("from", "")) == "assistant"]
+        return idx[-1:] if self.template == "pretrain" else idx
+
+    def prompt_ids(self, prepared: Prepared, turn: int) -> tuple[np.ndarray, list[Any]]:
+        """Token ids of everything before assistant turn ``turn`` plus the generation prompt, and the
+        images that prompt refers to (the ones whose tags occur in it)."""
+        conv = prepared.record.conversations[:turn]
+        if self.template == "pretrain":
+            text = (self.tokenizer.bos_token or "") + (self.placeholder if prepared.pil_images else "")
+            n_img = len(prepared.pil_images)
+        else:
+            structured = self.multimodal and getattr(self.processor, "chat_template", None) is not None
+            text = self._render(self._messages(conv, structured), True, structured)
+            n_img = sum(str(t.get("value", "")).count("<image>") for t in conv)
+        text, _ = self._expand_images(text, [], n_img)
+        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
+        return ids, prepared.pil_images[:n_img]
 
     def _expand_images(self, text: str, spans, n_images: int):
         if n_images == 0:
@@ -304,6 +342,27 @@ def visual_positions(input_ids: np.ndarray, image_token_id: int | None) -> np.nd
     if image_token_id is None:
         return np.zeros(0, dtype=np.int32)
     return np.nonzero(input_ids == image_token_id)[0].astype(np.int32)
+
+
+def prompt_positions(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int | None) -> np.ndarray:
+    """All other text positions: t < L - 1 that are neither response nor image-token positions."""
+    keep = np.ones(max(len(input_ids) - 1, 0), dtype=bool)
+    keep &= labels[1:] == IGNORE_INDEX
+    if image_token_id is not None:
+        keep &= input_ids[:-1] != image_token_id
+    return np.nonzero(keep)[0].astype(np.int32)
+
+
+POSITION_KINDS = ("response", "visual", "prompt")
+
+
+def parse_positions(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"response,visual"`` -> ("response", "visual"), validated, in canonical order."""
+    items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip()]
+    bad = [x for x in items if x not in POSITION_KINDS]
+    if bad or not items:
+        raise ValueError(f"--positions {spec!r}: expected a comma-separated subset of {', '.join(POSITION_KINDS)}")
+    return tuple(k for k in POSITION_KINDS if k in items)
 
 
 def resolve_image_folder(image_folder: str | None) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_cache.data import Encoded, response_positions, visual_positions
+from kd_cache.data import Encoded, Encoder, Prepared, prompt_positions, response_positions, visual_positions
 
 
 def pick_attn_implementation(device: torch.device) -> str:
@@ -51,7 +51,13 @@ class Teacher:
 
 def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> Teacher:
     """Load any image-text-to-text model, or any causal LM (text-only data), with its processor."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        AutoTokenizer,
+    )
 
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
@@ -90,13 +96,15 @@ class TeacherRunner:
     """Runs the teacher on batches of ``Encoded`` samples and returns one cache sample dict each."""
 
     def __init__(self, teacher: Teacher, *, sparse: str = "topk", top_k: int = 64, samples: int = 64,
-                 relation: str = "full", seed: int = 0, chunk_size: int = 1024):
+                 relation: str = "full", seed: int = 0, chunk_size: int = 1024,
+                 positions: tuple[str, ...] = ("response", "visual"), hidden: bool = False):
         if sparse not in ("topk", "sample"):
             raise ValueError(f"--sparse {sparse!r}: expected topk or sample")
         self.t = teacher
         self.sparse, self.top_k, self.samples, self.seed = sparse, top_k, samples, seed
         self.relation = relation
         self.chunk_size = chunk_size
+        self.positions, self.hidden = tuple(positions), hidden
         head = teacher.model.get_output_embeddings()
         self.head = head
         self.vocab = head.weight.shape[0]
@@ -196,20 +204,66 @@ class TeacherRunner:
         return rels
 
     def _sample(self, e: Encoded, h: torch.Tensor) -> dict:
-        resp = response_positions(e.labels)
         vis = visual_positions(e.input_ids, self.t.image_token_id)
-        out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids, "labels": e.labels,
-               "response_positions": resp, "visual_positions": vis}
-        for kind, pos in (("response", resp), ("visual", vis)):
-            out.update(self.distribution(h[torch.from_numpy(pos.astype(np.int64)).to(h.device)], e.id, kind))
+        where = {"response": lambda: response_positions(e.labels), "visual": lambda: vis,
+                 "prompt": lambda: prompt_positions(e.input_ids, e.labels, self.t.image_token_id)}
+        out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids, "labels": e.labels}
+        if e.meta:
+            out["meta"] = e.meta
+        for kind in self.positions:
+            pos = where[kind]()
+            hk = h[torch.from_numpy(pos.astype(np.int64)).to(h.device)]
+            out[f"{kind}_positions"] = pos
+            out.update(self.distribution(hk, e.id, kind))
+            if self.hidden:  # LLaVADI hidden-state alignment: final-layer states, fp16 on disk
+                out[f"{kind}_hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
         hv = h[torch.from_numpy(vis.astype(np.int64)).to(h.device)]
         out["relation"] = self._relations(hv, len(e.images))
         return out
 
-
-def dense_reference(teacher: Teacher, batch: list[Encoded]) -> list[torch.Tensor]:
-    """Full fp32 logits [L, V] per sample from the model's own forward pass (tests only)."""
-    runner_inputs = TeacherRunner(teacher, relation="none")._inputs(batch)
-    with torch.no_grad():
-        logits = teacher.model(**runner_inputs, use_cache=False).logits.float()
-    return [logits[i, : len(e.input_ids)] for i, e in enumerate(batch)]
+    @torch.no_grad()
+    def generate(self, encoder: Encoder, batch: list[Prepared], *, max_new_tokens: int = 128,
+                 temperature: float = 0.0) -> list[Prepared]:
+        """Replace every answer (assistant turn) with the teacher's own, turn by turn, batched over
+        samples with left padding; the reference answers go to ``meta["reference_answers"]``."""
+        tok = self.t.tokenizer
+        convs = [[dict(t) for t in p.record.conversations] for p in batch]
+        turns = [encoder.assistant_turns(p) for p in batch]
+        refs = [[convs[i][j]["value"] for j in turns[i]] for i in range(len(batch))]
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        for step in range(max(len(t) for t in turns)):
+            todo = [i for i in range(len(batch)) if step < len(turns[i])]
+            prompts, images = [], []
+            for i in todo:
+                cur = Prepared(type(batch[i].record)(batch[i].record.id, convs[i], batch[i].record.images),
+                               batch[i].pil_images)
+                ids, imgs = encoder.prompt_ids(cur, turns[i][step])
+                prompts.append(ids)
+                images.extend(imgs)
+            L = max(len(x) for x in prompts)
+            ids = torch.full((len(todo), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(todo), L), dtype=torch.long)
+            for r, x in enumerate(prompts):
+                ids[r, L - len(x):] = torch.from_numpy(x.astype(np.int64))
+                mask[r, L - len(x):] = 1
+            inputs = {"input_ids": ids.to(self.t.device), "attention_mask": mask.to(self.t.device)}
+            if images:
+                px = self.t.processor.image_processor(images=images, return_tensors="pt")
+                for k, v in px.items():
+                    if torch.is_tensor(v):
+                        inputs[k] = v.to(self.t.device, dtype=self.t.model.dtype) if v.is_floating_point() else v.to(self.t.device)
+            if temperature > 0:
+                torch.manual_seed(_sample_seed(self.seed, f"generate/{batch[todo[0]].record.id}/{step}") % (2**31))
+            gen = self.t.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                        temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
+                                        pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            for r, i in enumerate(todo):
+                text = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
+                if encoder.template == "pretrain":
+                    text = text.split("\n")[0].strip()
+                convs[i][turns[i][step]]["value"] = text
+        out = []
+        for i, p in enumerate(batch):
+            rec = type(p.record)(p.record.id, convs[i], p.record.images)
+            out.append(Prepared(rec, p.pil_images, meta={**p.meta, "reference_answers": refs[i]}))
+        return out

@@ -286,3 +286,60 @@ def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 1
     assert "00001" in res.output
+
+
+def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    manifest = _build(teacher_dir, chat_data, tmp_path / "c", top_k=4, positions="prompt,response,visual",
+                      hidden=True, limit=4)
+    assert manifest["positions"] == ["response", "visual", "prompt"] and manifest["hidden"]["size"] == 64
+    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(teacher_dir)
+    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
+    records = {r.id: r for r in load_records(str(chat_data[0]))}
+    for s in open_cache(str(tmp_path / "c")):
+        L = len(s["input_ids"])
+        covered = np.concatenate([s["response_positions"], s["visual_positions"], s["prompt_positions"]])
+        # Every position but the last is distilled exactly once.
+        np.testing.assert_array_equal(np.sort(covered[covered < L - 1]), np.arange(L - 1))
+        e = enc.encode(records[s["id"]])
+        inputs = {"input_ids": torch.from_numpy(e.input_ids.astype(np.int64))[None]}
+        if e.pil_images:
+            inputs["pixel_values"] = proc.image_processor(images=e.pil_images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            out = model(**inputs, output_hidden_states=True)
+        h = out.hidden_states[-1][0]
+        for kind in ("response", "visual", "prompt"):
+            pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
+            assert s[f"{kind}_hidden"].dtype == np.float16 and s[f"{kind}_hidden"].shape == (len(pos), 64)
+            np.testing.assert_allclose(s[f"{kind}_hidden"], h[pos].numpy(), rtol=2e-3, atol=2e-3)
+            ref = torch.log_softmax(out.logits[0, pos].float(), -1).topk(4).indices.numpy()
+            np.testing.assert_array_equal(s[f"{kind}_ids"], ref)
+
+
+def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    _build(teacher_dir, chat_data, tmp_path / "g", top_k=4, generate=True, max_new_tokens=6, limit=3, batch_size=2)
+    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    proc = AutoProcessor.from_pretrained(teacher_dir)
+    tok = proc.tokenizer
+    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
+    records = {r.id: r for r in load_records(str(chat_data[0]))}
+    for s in open_cache(str(tmp_path / "g")):
+        rec = records[s["id"]]
+        refs = [t["value"] for t in rec.conversations if t["from"] == "gpt"]
+        assert s["meta"]["reference_answers"] == refs
+        # Reproduce the first answer with a plain greedy generate on the unpadded prompt.
+        prepared = enc.prepare(rec)
+        ids, imgs = enc.prompt_ids(prepared, 1)
+        inputs = {"input_ids": torch.from_numpy(ids.astype(np.int64))[None]}
+        if imgs:
+            inputs["pixel_values"] = proc.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
+        gen = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        first = tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        labelled = tok.decode(s["input_ids"][s["labels"] != -100])
+        assert labelled.startswith(first + "<|im_end|>\n")
+        assert labelled.count("<|im_end|>") == len(refs)  # every turn answered by the teacher
