@@ -27,7 +27,7 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from itertools import islice
 from pathlib import Path
@@ -166,11 +166,6 @@ class TrainConfig:
                 d[k] = ",".join(v)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TrainConfig:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
 
 # ------------------------------------------------------------------------------------------- one step
 
@@ -271,7 +266,13 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (the run died past it)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a line cut short by the kill
     path.write_text("".join(line + "\n" for line in keep))
 
 
@@ -337,6 +338,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from student.stages import set_trainable
 
     out = Path(cfg.out)
+    if not cfg.resume and checkpoint_dirs(out):
+        raise ValueError(f"--out {out} already holds checkpoints of an earlier run ({checkpoint_dirs(out)[-1].name}): "
+                         "pass --resume to continue it, or choose another --out")
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
@@ -393,6 +397,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             accelerator.load_state(str(ckpt))
             state = json.loads((ckpt / STATE_NAME).read_text())
             step, epoch, seen = state["step"], state["epoch"], state["samples_seen"]
+            if main and state.get("world_size", world) != world:
+                print(f"kd-train: warning: {ckpt} was written by {state['world_size']} processes, this run has "
+                      f"{world}: the global batch changes, so later losses will differ from the original run "
+                      "(no sample is skipped or repeated)", file=sys.stderr)
             if main:
                 _truncate_metrics(metrics_path, step)
                 print(f"kd-train: resuming from {ckpt} (step {step}, epoch {epoch}, {seen} samples seen)",

@@ -64,7 +64,8 @@ def test_resume_mid_epoch_gives_identical_subsequent_losses(student_dir, cache, 
     lines = [{**m, "before_kill": True} for m in _metrics(killed)]
     assert len(lines) == 4
     (killed / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines)
-                                          + json.dumps({**reference[4], "loss": -1.0}) + "\n")
+                                          + json.dumps({**reference[4], "loss": -1.0}) + "\n"
+                                          + '{"step": 6, "lo')  # and one cut short by the kill
     # A checkpoint directory without its COMPLETE marker (killed while saving) is ignored.
     (killed / "checkpoints" / "step-6").mkdir()
 
@@ -101,3 +102,10 @@ def test_resume_refuses_changed_settings_and_starts_fresh_without_checkpoints(st
     before = _metrics(out)
     assert train(_cfg(student_dir, cache, out, epochs=1, save_every=1, resume=True))["step"] == 3
     assert _metrics(out) == before
+
+
+def test_fresh_run_refuses_an_out_dir_with_checkpoints(student_dir, cache, tmp_path):
+    out = tmp_path / "run"
+    train(_cfg(student_dir, cache, out, max_steps=2, save_every=1))
+    with pytest.raises(ValueError, match=r"already holds checkpoints of an earlier run \(step-2\).*--resume"):
+        train(_cfg(student_dir, cache, out, max_steps=2, save_every=1))
