@@ -158,12 +158,14 @@ class TrainConfig:
         return RECIPES[self.stage].distill
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready resolved settings; storage option values are redacted (they may be credentials)."""
         d = asdict(self)
         for k, v in d.items():
             if isinstance(v, Enum):
                 d[k] = v.value
             elif isinstance(v, tuple):
                 d[k] = ",".join(v)
+        d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
         return d
 
 
@@ -279,6 +281,15 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # -------------------------------------------------------------------------------------------- train
 
 
+def enable_activation_checkpointing(model) -> None:
+    """Recompute decoder activations in backward (non-reentrant: works with frozen embeddings)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
@@ -362,7 +373,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     set_trainable(model, cfg.train_modules)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False
     settings = LossSettings(distill=cfg.distill, divergence=cfg.divergence.value, mode=cfg.sparse_mode.value,
                             jsd_beta=cfg.jsd_beta, chunk_size=cfg.chunk_size)

@@ -18,7 +18,7 @@ from student.distill import DistillStudent, LossSettings
 from student.losses import rdist, relation_from_logits, sparse_divergence
 from student.model import load_student
 from student.stages import set_trainable
-from student.train import accumulate_gradients
+from student.train import accumulate_gradients, enable_activation_checkpointing
 
 WEIGHTS = (1.0, 0.5, 2.0)  # alpha, beta, gamma: distinct so a swapped term would show
 
@@ -131,3 +131,16 @@ def test_sft_ignores_the_teacher(student_dir, processor, tmp_path, accelerator):
         grads.append(_grads(model, accelerator, [ds.collate([cache[i] for i in range(4)])], False)[0])
     for name in grads[0]:
         assert torch.equal(grads[0][name], grads[1][name]), name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(student_dir, processor, cache_path, samples, accelerator):
+    ds = StreamingKDDataset(str(cache_path), processor, image_folder=None, batch_size=4)
+    micro = [ds.collate(samples[:4]), ds.collate(samples[4:])]
+    model, _ = load_student(student_dir)
+    set_trainable(model, ("projector", "llm"))
+    plain, _ = _grads(model, accelerator, micro, True)
+    enable_activation_checkpointing(model)
+    model.train()
+    assert model.model.language_model.gradient_checkpointing
+    recomputed, _ = _grads(model, accelerator, micro, True)
+    _assert_same(plain, recomputed, rtol=1e-5, atol=1e-7)
