@@ -10,10 +10,26 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from kd_cache import tiny
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
 from kd_cache.shards import CacheWriter
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Run the trainer tests' tiny models on one intra-op thread.
+
+    They gain nothing from more, and on a small shared CI machine a second spinning thread makes
+    them many times slower whenever another process holds a core. Import this into a test module to
+    apply it there (autouse); the previous setting is restored afterwards.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _sparse(logits: np.ndarray, k: int, mode: str, rng: np.random.Generator, draws: int = 16) -> dict:

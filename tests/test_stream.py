@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from student_fixtures import write_synthetic_cache
+from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
 from kd_cache.shards import open_cache
 from student.data import StreamingKDDataset, epoch_order, make_loader, rank_stream, steps_per_epoch

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from student_fixtures import write_synthetic_cache
+from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from student_fixtures import write_synthetic_cache
+from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
 from student.train import TrainConfig, train
 

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from student_fixtures import one_torch_thread  # noqa: F401
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
@@ -60,7 +61,7 @@ def test_dpt_through_the_cli_without_the_teacher(pipeline):
             assert not e.code, e.code
         assert "kd_cache.teacher" not in sys.modules, "the trainer imported the teacher pass"
     """)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from student_fixtures import write_synthetic_cache
+from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
 from kd_cache.shards import open_cache
 from student.data import StreamingKDDataset

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from student_fixtures import write_synthetic_cache
+from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
 import student.train as train_mod
 from student.train import TrainConfig, checkpoint_dirs, train
