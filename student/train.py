@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 from student.distill import COUNT_KEYS, SUM_KEYS, DistillStudent, LossSettings, batch_counts
-from student.stages import MODULES, RECIPES, Stage, parse_modules
+from student.stages import RECIPES, Stage, parse_modules
 
 CONFIG_NAME = "train_config.json"
 STATE_NAME = "trainer_state.json"
@@ -484,7 +484,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         processor.save_pretrained(out)
         _write_json(out / CONFIG_NAME, cfg.to_dict())
         _write_json(out / STATE_NAME, {"step": step, "epoch": epoch, "samples_seen": seen,
-                                       "world_size": world, "modules": list(MODULES)})
+                                       "world_size": world, "train_modules": list(cfg.train_modules)})
     accelerator.wait_for_everyone()
     if cfg.report_to is not ReportTo.none:
         accelerator.end_training()
