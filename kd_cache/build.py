@@ -302,8 +302,8 @@ def _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, relation)
             "multimodal": teacher.multimodal,
         },
         "tokenizer_hash": fingerprint.tokenizer_hash(teacher.tokenizer),
-        "vocab_size": int(teacher.model.get_output_embeddings().weight.shape[0]),
-        "tokenizer_size": len(teacher.tokenizer),
+        "vocab_size": len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
+        "teacher_head_rows": int(teacher.model.get_output_embeddings().weight.shape[0]),
         "image_token_id": teacher.image_token_id,
         "visual_tokens_per_image": image_tokens,
         "template": cfg.template,

@@ -107,12 +107,16 @@ class TeacherRunner:
         self.positions, self.hidden = tuple(positions), hidden
         head = teacher.model.get_output_embeddings()
         self.head = head
-        self.vocab = head.weight.shape[0]
+        # Output rows past the tokenizer are padding (embeddings padded to a multiple of 64/128) and
+        # never a real token: they are masked, so the cache is over the tokenizer's vocabulary only
+        # and a student with a differently padded head stays compatible.
+        self.vocab = min(head.weight.shape[0], len(teacher.tokenizer))
+        self.head_rows = head.weight.shape[0]
         self.base = getattr(teacher.model, teacher.model.base_model_prefix)
         # W^T W, fp32, once: relation matrices then cost O(N d^2) instead of O(N V d).
         self.gram = None
         if relation != "none" and teacher.multimodal and getattr(head, "bias", None) is None:
-            w = head.weight.float()
+            w = head.weight[: self.vocab].float()
             self.gram = w.T @ w
 
     def _inputs(self, batch: list[Encoded]) -> dict:
@@ -157,7 +161,7 @@ class TeacherRunner:
         tail_out = torch.zeros(P, dtype=torch.float32)
         cnt_out = torch.zeros((P, k), dtype=torch.long) if self.sparse == "sample" else None
         for a in range(0, P, self.chunk_size):
-            z = self.head(h[a : a + self.chunk_size]).float()
+            z = self.head(h[a : a + self.chunk_size]).float()[:, : self.vocab]
             logp = torch.log_softmax(z, dim=-1)
             if self.sparse == "topk":
                 lp, ids = logp.topk(k, dim=-1)
@@ -196,7 +200,7 @@ class TeacherRunner:
             if self.gram is not None:
                 r = hi @ self.gram @ hi.T
             else:
-                z = self.head(h_vis[i * n : (i + 1) * n]).float()
+                z = self.head(h_vis[i * n : (i + 1) * n]).float()[:, : self.vocab]
                 r = z @ z.T
             r = 0.5 * (r + r.T)
             r = r / r.norm().clamp_min(1e-30)

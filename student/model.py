@@ -244,7 +244,10 @@ def student_facts(model, processor) -> dict[str, Any]:
     """The values a cache must agree with, read from the student itself."""
     tok = processor.tokenizer
     return {
-        "vocab_size": int(model.config.text_config.vocab_size),
+        # The vocabulary is the tokenizer's: output rows beyond it are padding (checkpoints pad their
+        # embeddings to a multiple of 64 or 128), carry no token and are masked out of the teacher cache.
+        "vocab_size": len(tok),
+        "head_rows": int(model.get_output_embeddings().weight.shape[0]),
         "tokenizer_hash": tokenizer_hash(tok),
         "image_token_id": int(model.config.image_token_id),
         "visual_tokens_per_image": image_tokens_per_image(processor),
@@ -264,6 +267,9 @@ def check_compatibility(manifest: dict, model, processor, *, template: str | Non
     if manifest.get("vocab_size") != s["vocab_size"]:
         problems.append(f"cache vocab_size {manifest.get('vocab_size')} != student vocab_size {s['vocab_size']}: "
                         "logit distillation needs a shared tokenizer and output vocabulary")
+    if s["head_rows"] < s["vocab_size"]:
+        problems.append(f"student output layer has {s['head_rows']} rows for {s['vocab_size']} tokens: "
+                        "resize the token embeddings to the tokenizer")
     if manifest.get("tokenizer_hash") != s["tokenizer_hash"]:
         problems.append(f"cache tokenizer_hash {manifest.get('tokenizer_hash')} != student tokenizer_hash "
                         f"{s['tokenizer_hash']}: teacher and student token ids differ; logit distillation "

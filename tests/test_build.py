@@ -343,3 +343,36 @@ def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp
         labelled = tok.decode(s["input_ids"][s["labels"] != -100])
         assert labelled.startswith(first + "<|im_end|>\n")
         assert labelled.count("<|im_end|>") == len(refs)  # every turn answered by the teacher
+
+
+def test_padded_teacher_head_is_cut_to_the_tokenizer(teacher_dir, student_dir, chat_data, tmp_path):
+    """Checkpoints pad their output layer past the tokenizer; those rows carry no token and are masked,
+    so a student padded differently (here: not at all) stays compatible."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from student.model import check_compatibility, load_student
+
+    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir)
+    model.resize_token_embeddings(448)
+    with torch.no_grad():
+        model.lm_head.weight[400:] = 5.0 * model.lm_head.weight[:48]  # padding rows that would win a top-k
+    model.save_pretrained(tmp_path / "padded")
+    AutoProcessor.from_pretrained(teacher_dir).save_pretrained(tmp_path / "padded")
+    manifest = _build(tmp_path / "padded", chat_data, tmp_path / "c", top_k=8, limit=3)
+    assert manifest["vocab_size"] == 400 and manifest["teacher_head_rows"] == 448
+    dense = {}
+    proc = AutoProcessor.from_pretrained(teacher_dir)
+    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
+    for rec in load_records(str(chat_data[0]))[:3]:
+        e = enc.encode(rec)
+        px = proc.image_processor(images=e.pil_images, return_tensors="pt")["pixel_values"] if e.pil_images else None
+        with torch.no_grad():
+            dense[e.id] = model(input_ids=torch.from_numpy(e.input_ids.astype(np.int64))[None], pixel_values=px).logits[0]
+    for s in open_cache(str(tmp_path / "c")):
+        logp = torch.log_softmax(dense[s["id"]][:, :400].float(), -1)
+        pos = torch.from_numpy(s["response_positions"].astype(np.int64))
+        ref = logp[pos].topk(8)
+        np.testing.assert_array_equal(s["response_ids"], ref.indices.numpy())
+        np.testing.assert_allclose(s["response_logprobs"], ref.values.numpy(), atol=2e-3, rtol=2e-3)
+    student, sproc = load_student(student_dir)
+    check_compatibility(manifest, student, sproc, template="chat")
