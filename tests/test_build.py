@@ -192,11 +192,15 @@ def test_two_processes_equal_one(teacher_dir, tmp_path):
     args = ("--top-k", "8", "--shard-size", "3", "--batch-size", "2")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     subprocess.run(_cli_build(teacher_dir, data, tmp_path / "one", *args), check=True, env=env, capture_output=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+    # --multi_gpu is accelerate's multi-process launcher; without a GPU it runs the ranks on gloo.
+    # (--cpu would start a single process.)
+    build = [a for a in _cli_build(teacher_dir, data, tmp_path / "two", *args)[3:] if a != "--no-progress"]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-           "-m", "cli.kd_cache_cli", *_cli_build(teacher_dir, data, tmp_path / "two", *args)[3:]]
+           "-m", "cli.kd_cache_cli", *build]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert "teacher pass (rank 1)" in res.stderr and "teacher pass (rank 0)" in res.stderr  # really two ranks
     one, two = json.loads((tmp_path / "one/manifest.json").read_text()), json.loads((tmp_path / "two/manifest.json").read_text())
     assert one["shards"] == two["shards"] and one["num_samples"] == two["num_samples"] == 14
     _arrays_close(list(open_cache(str(tmp_path / "one"))), list(open_cache(str(tmp_path / "two"))), exact=True)
