@@ -134,7 +134,8 @@ class _Dist:
     def __init__(self, device: str):
         from accelerate import PartialState
 
-        cpu = device == "cpu"
+        # Without CUDA, accelerate only joins the launched process group when told to run on CPU.
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         self.state = PartialState(cpu=cpu)
         self.rank, self.world = self.state.process_index, self.state.num_processes
         self.main = self.state.is_main_process
