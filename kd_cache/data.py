@@ -24,6 +24,17 @@ from typing import Any
 import numpy as np
 
 IGNORE_INDEX = -100
+
+# Qwen-style ChatML that understands both plain-string and structured (processor) message content;
+# the built-in example's template, and the fallback for an LLM tokenizer without a chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 TEMPLATES = ("chat", "pretrain")
 
 # Reasons a record is skipped (the manifest counts them by these names).

@@ -17,18 +17,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from kd_cache.data import CHATML_TEMPLATE
+
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<|pad|>"]
 
-# Qwen-style ChatML template that understands both plain-string and structured (processor) content.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = CHATML_TEMPLATE
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -164,9 +158,13 @@ def build_llava(out_dir: str | Path, processor=None, sizes: TinySizes | None = N
     processor = processor if processor is not None else build_processor(image_size=s.image_size, patch_size=s.patch_size)
     tok = processor.tokenizer
     config = llava_config(len(tok), tok.convert_tokens_to_ids(IMAGE_TOKEN), tok.pad_token_id, s)
+    return _init_and_save(LlavaForConditionalGeneration, config, seed, out_dir, processor)
+
+
+def _init_and_save(cls, config, seed: int, out_dir, processor) -> Path:
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    # Larger-than-default logit scale so the tiny teacher's distributions are not almost uniform.
+    model = cls(config)
+    # Larger-than-default logit scale so the tiny models' distributions are not almost uniform.
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     out = Path(out_dir)
@@ -185,14 +183,7 @@ def build_causal_lm(out_dir: str | Path, tokenizer=None, seed: int = 0) -> Path:
         num_key_value_heads=2, intermediate_size=128, tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    out = Path(out_dir)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return _init_and_save(Qwen2ForCausalLM, config, seed, out_dir, tok)
 
 
 def draw_shapes(path: Path, shapes: list[tuple[str, str, str]], size: int = 64) -> None:

@@ -16,19 +16,13 @@ from typing import Any
 
 import torch
 
+from kd_cache.data import CHATML_TEMPLATE
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 # ChatML with structured-content support: used only when the LLM's tokenizer has no chat template.
-FALLBACK_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+FALLBACK_CHAT_TEMPLATE = CHATML_TEMPLATE
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
