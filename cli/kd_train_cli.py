@@ -17,7 +17,7 @@ from typing import Annotated
 import typer
 
 from student.stages import Stage
-from student.train import Divergence, KDMode, Precision, ReportTo
+from student.train import Divergence, HiddenLoss, KDMode, Precision, ReportTo
 
 app = typer.Typer(
     name="kd-train",
@@ -78,6 +78,31 @@ def train_cmd(
     alpha: Annotated[float, typer.Option(help="Weight of MDist on response positions.")] = 1.0,
     beta: Annotated[float, typer.Option(help="Weight of MDist on visual positions.")] = 1.0,
     gamma: Annotated[float, typer.Option(help="Weight of RDist (visual-token relation matrices).")] = 1.0,
+    positions: Annotated[str, typer.Option(help="Position kinds that get MDist (and --hidden-weight), comma-"
+                                                "separated subset of response,visual,prompt. response,visual is "
+                                                "LLaVA-KD; response,visual,prompt is LLaVADI's all-token "
+                                                "distillation (prompt = every other text position). The cache "
+                                                "must hold them (kd-cache build --positions).")] = "response,visual",
+    delta: Annotated[float, typer.Option(help="Weight of MDist on prompt positions (with --positions ...,prompt).")]
+    = 1.0,
+    hidden_weight: Annotated[float, typer.Option(help="LLaVADI hidden-state alignment weight (0: off). A fresh "
+                                                      "2-layer MLP (Linear-GELU-Linear) maps the student's final "
+                                                      "hidden states at the --positions positions to the teacher's "
+                                                      "width; it trains with the student and is saved as "
+                                                      "OUT/hidden_projector/, not inside the model. Needs a cache "
+                                                      "built with kd-cache build --hidden.")] = 0.0,
+    hidden_loss: Annotated[HiddenLoss, typer.Option(help="Hidden-state distance: mse (mean over features) or "
+                                                         "cosine (1 - cosine similarity).")] = HiddenLoss.mse,
+    affinity_weight: Annotated[float, typer.Option(help="LLaVADI affinity weight (0: off): MSE between the "
+                                                        "student's and teacher's cosine-similarity matrices of final "
+                                                        "hidden states, visual x response positions, per sample. "
+                                                        "Needs kd-cache build --hidden.")] = 0.0,
+    zscore: Annotated[bool, typer.Option(help="Z-score logit standardisation before MDist. The cache holds only "
+                                              "the teacher's top-k, so both sides are standardised over the k "
+                                              "stored ids (teacher log-probs = logits up to a shift) and compared "
+                                              "over those ids, without the tail bin: exact for a cache whose k "
+                                              "covers the vocabulary, an approximation restricted to the top-k "
+                                              "otherwise. Not for sampled caches.")] = False,
     divergence: Annotated[Divergence, typer.Option(help="MDist divergence: forward KL, reverse KL, JSD(beta), "
                                                         "total variation, skew KL. Sampled caches allow fkl "
                                                         "only.")] = Divergence.fkl,
@@ -126,7 +151,8 @@ def train_cmd(
             stage=stage, student=student, cache=cache, out=out, image_folder=image_folder, epochs=epochs,
             max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, alpha=alpha, beta=beta,
-            gamma=gamma, divergence=divergence, jsd_beta=jsd_beta, sparse_mode=sparse_mode, chunk_size=chunk_size,
+            gamma=gamma, positions=positions, delta=delta, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
+            affinity_weight=affinity_weight, zscore=zscore, divergence=divergence, jsd_beta=jsd_beta, sparse_mode=sparse_mode, chunk_size=chunk_size,
             num_workers=num_workers, shuffle=shuffle, block_shards=block_shards, save_every=save_every,
             resume=resume, report_to=report_to, train_modules=train_modules,
             gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,

@@ -20,6 +20,12 @@ after that prefix; nothing is replayed.
 Batches. Images are read from the image folder and processed with the student's image processor in
 the workers. Sequences are right-padded; per-sample positions become flat indices into the padded
 ``[B * T]`` hidden states; teacher arrays are concatenated over the batch with a batch index.
+
+Position kinds. ``response`` (CE and MDist), ``visual`` (MDist, RDist, affinity) and ``prompt`` (all
+other text, LLaVADI). Positions come from the cache for the kinds it holds (``manifest["positions"]``;
+response + visual for a cache without that key) and are derived from the tokens otherwise, with the
+same functions the teacher pass uses, so CE and RDist work whatever kinds were cached. Teacher
+arrays are only collated for requested kinds the cache holds.
 """
 
 from __future__ import annotations
@@ -36,10 +42,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kd_cache.data import prompt_positions
 from kd_cache.shards import open_cache
 
 IGNORE_INDEX = -100
-KINDS = ("response", "visual")
+KINDS = ("response", "visual", "prompt")
+DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD; also what a cache without manifest["positions"] holds
 
 
 @dataclass
@@ -102,11 +110,18 @@ class StreamingKDDataset(IterableDataset):
         processor: the student's processor (image processor + tokenizer for the pad id).
         image_folder: where the relative image paths of the cache resolve (None: the cache's own).
         with_teacher: include the teacher arrays (False for SFT: they are not even collated).
+        kinds: position kinds whose sparse teacher arrays are collated (those the cache holds).
+        hidden_kinds: position kinds whose stored teacher hidden states are collated as
+            ``{kind}_hidden`` (the cache must hold them: ``kd-cache build --hidden``).
+        affinity: also collate ``affinity_visual_rows``/``affinity_response_rows`` (adds response and
+            visual to ``hidden_kinds``).
     """
 
     def __init__(self, cache, processor, *, image_folder: str | None, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, block_shards: int = 4,
-                 with_teacher: bool = True, storage_options: dict | None = None):
+                 with_teacher: bool = True, storage_options: dict | None = None,
+                 kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS, hidden_kinds: tuple[str, ...] | list[str] = (),
+                 affinity: bool = False):
         super().__init__()
         self.cache = open_cache(cache, storage_options) if isinstance(cache, (str, Path)) else cache
         self.image_processor = getattr(processor, "image_processor", None)
@@ -120,6 +135,26 @@ class StreamingKDDataset(IterableDataset):
         m = self.cache.manifest
         self.image_token_id = m.get("image_token_id")
         self.tokens_per_image = m.get("visual_tokens_per_image")
+        unknown = sorted((set(kinds) | set(hidden_kinds)) - set(KINDS))
+        if unknown:
+            raise ValueError(f"unknown position kind(s) {unknown}: expected a subset of {', '.join(KINDS)}")
+        self.cached_kinds = tuple(m.get("positions") or DEFAULT_KINDS)
+        self.affinity = bool(affinity and with_teacher)
+        hidden_set = set(hidden_kinds) | ({"response", "visual"} if self.affinity else set())
+        self.teacher_kinds = tuple(k for k in KINDS if with_teacher and k in kinds and k in self.cached_kinds)
+        self.hidden_kinds = tuple(k for k in KINDS if with_teacher and k in hidden_set)
+        if self.hidden_kinds:
+            hidden = m.get("hidden") or {}
+            uncached = [k for k in self.hidden_kinds if k not in self.cached_kinds]
+            if not hidden.get("stored") or uncached:
+                what = "no teacher hidden states" if not hidden.get("stored") else \
+                    f"no teacher hidden states at {', '.join(uncached)} positions (cached: {', '.join(self.cached_kinds)})"
+                raise ValueError(f"cache {self.cache.url}: {what}; rebuild the "
+                                 f"cache with kd-cache build --hidden --positions {','.join(self.hidden_kinds)}")
+        self.hidden_size = (m.get("hidden") or {}).get("size")
+        # Index arrays: response (CE) and visual (relations) always, prompt when it is used.
+        used = set(kinds) | hidden_set
+        self.index_kinds = tuple(k for k in KINDS if k in DEFAULT_KINDS or k in used)
         self.state = DataState()
         self._stream = np.zeros(0, np.int64)
         self._readers: OrderedDict[int, Any] = OrderedDict()
@@ -194,22 +229,39 @@ class StreamingKDDataset(IterableDataset):
                                         "check --image-folder") from e
         return out
 
+    def _positions(self, s: dict, kind: str, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Positions of one kind: as cached, or derived from the tokens when the cache lacks the kind."""
+        if kind in self.cached_kinds:
+            return np.asarray(s[f"{kind}_positions"], dtype=np.int64)
+        if kind == "response":
+            return np.nonzero(labels[1:] != IGNORE_INDEX)[0].astype(np.int64)
+        if kind == "visual":
+            if self.image_token_id is None:
+                return np.zeros(0, np.int64)
+            return np.nonzero(ids == self.image_token_id)[0].astype(np.int64)
+        return prompt_positions(ids, labels, self.image_token_id).astype(np.int64)
+
     def collate(self, samples: list[dict]) -> dict:
         """Right-padded batch with flat position indices and concatenated teacher arrays.
 
         Keys: ``input_ids``/``attention_mask`` [B, T]; ``pixel_values`` [I, C, H, W] (images of the
         batch in sample order; absent when none); ``response_index`` [P] flat ``b * T + t`` indices of
         response positions with ``response_targets`` [P] (the labelled token t + 1); ``visual_index``
-        [Pv]; ``{kind}_batch`` [P] sample index; with the teacher: ``{kind}_ids`` [P, K] (-1 pad),
-        ``{kind}_logprobs`` [P, K], ``{kind}_tail`` [P], ``{kind}_counts`` [P, K] (sample mode);
+        [Pv]; ``prompt_index`` [Pp] when prompt positions are used; ``{kind}_batch`` [P] sample index;
+        with the teacher, for each of ``teacher_kinds``: ``{kind}_ids`` [P, K] (-1 pad),
+        ``{kind}_logprobs`` [P, K], ``{kind}_tail`` [P], ``{kind}_counts`` [P, K] (sample mode); for
+        each of ``hidden_kinds``: ``{kind}_hidden`` [P, D] float32 (teacher final-layer states);
         ``relation_index`` [R, N] flat indices of each image's visual positions and
-        ``relation_target`` [R, N, N]. Plus ``ids`` (sample ids) and ``n_samples``.
+        ``relation_target`` [R, N, N]; with ``affinity``: ``affinity_visual_rows`` [A, Nv] and
+        ``affinity_response_rows`` [A, Nr], rows into the batch's visual/response arrays (-1 pad) of
+        the A samples having both kinds. Plus ``ids`` (sample ids) and ``n_samples``.
         """
         B = len(samples)
         T = max(len(s["input_ids"]) for s in samples)
         input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
         attention = np.zeros((B, T), dtype=np.int64)
-        images, per_kind, rel_index, rel_target = [], {k: [] for k in KINDS}, [], []
+        images, rel_index, rel_target = [], [], []
+        per_kind: dict[str, list[dict]] = {k: [] for k in self.index_kinds}
         for b, s in enumerate(samples):
             ids = np.asarray(s["input_ids"], dtype=np.int64)
             labels = np.asarray(s["labels"], dtype=np.int64)
@@ -222,8 +274,8 @@ class StreamingKDDataset(IterableDataset):
                     raise ValueError(f"sample {s['id']!r}: {n_tok} image tokens for {n_img} image(s) of "
                                      f"{self.tokens_per_image} tokens each: the cache is inconsistent")
                 images.extend(self._load_images(s))
-            for kind in KINDS:
-                pos = np.asarray(s[f"{kind}_positions"], dtype=np.int64)
+            for kind in self.index_kinds:
+                pos = self._positions(s, kind, ids, labels)
                 entry = {"index": b * T + pos, "batch": np.full(len(pos), b, np.int64)}
                 if kind == "response":
                     targets = labels[pos + 1] if len(pos) else np.zeros(0, np.int64)
@@ -231,13 +283,20 @@ class StreamingKDDataset(IterableDataset):
                         raise ValueError(f"sample {s['id']!r}: a response position predicts an unlabelled "
                                          "token: the cache is inconsistent")
                     entry["targets"] = targets
-                if self.with_teacher:
+                if kind in self.teacher_kinds:
                     for f in ("ids", "logprobs", "tail", "counts"):
                         if f"{kind}_{f}" in s:
                             entry[f] = np.asarray(s[f"{kind}_{f}"])
+                if kind in self.hidden_kinds:
+                    h = s.get(f"{kind}_hidden")
+                    if h is None or np.asarray(h).shape[0] != len(pos):
+                        raise ValueError(f"sample {s['id']!r}: no teacher hidden states for its {len(pos)} {kind} "
+                                         "positions: rebuild the cache with kd-cache build --hidden")
+                    h = np.asarray(h, dtype=np.float32)
+                    entry["hidden"] = h if h.ndim == 2 else h.reshape(len(pos), self.hidden_size or 0)
                 per_kind[kind].append(entry)
             if self.with_teacher and s.get("relation"):
-                vis = np.asarray(s["visual_positions"], dtype=np.int64)
+                vis = per_kind["visual"][-1]["index"] - b * T
                 start = 0
                 for R in s["relation"]:
                     n = R.shape[0]
@@ -261,18 +320,41 @@ class StreamingKDDataset(IterableDataset):
             for k, v in px.items():
                 if torch.is_tensor(v):
                     out[k] = v
-        for kind in KINDS:
+        for kind in self.index_kinds:
             entries = per_kind[kind]
             out[f"{kind}_index"] = torch.from_numpy(np.concatenate([e["index"] for e in entries]))
             out[f"{kind}_batch"] = torch.from_numpy(np.concatenate([e["batch"] for e in entries]))
             if kind == "response":
                 out["response_targets"] = torch.from_numpy(np.concatenate([e["targets"] for e in entries]))
-            if self.with_teacher:
+            if kind in self.teacher_kinds:
                 out.update(_cat_teacher(kind, entries))
+            if kind in self.hidden_kinds:
+                width = self.hidden_size or max(e["hidden"].shape[1] for e in entries)
+                out[f"{kind}_hidden"] = torch.from_numpy(
+                    np.concatenate([e["hidden"].reshape(-1, width) for e in entries]))
         if self.with_teacher and rel_index:
             out["relation_index"] = torch.from_numpy(np.stack(rel_index))
             out["relation_target"] = torch.from_numpy(np.stack(rel_target))
+        if self.affinity:
+            out.update(_affinity_rows([len(e["index"]) for e in per_kind["visual"]],
+                                      [len(e["index"]) for e in per_kind["response"]]))
         return out
+
+
+def _affinity_rows(n_visual: list[int], n_response: list[int]) -> dict[str, torch.Tensor]:
+    """Per-sample row indices into the batch's concatenated visual/response arrays, padded with -1,
+    for the samples that have both kinds: ``affinity_visual_rows`` [A, Nv], ``affinity_response_rows`` [A, Nr]."""
+    v0 = np.concatenate([[0], np.cumsum(n_visual)])
+    r0 = np.concatenate([[0], np.cumsum(n_response)])
+    keep = [b for b in range(len(n_visual)) if n_visual[b] and n_response[b]]
+    Nv = max([n_visual[b] for b in keep], default=1)
+    Nr = max([n_response[b] for b in keep], default=1)
+    vrows = np.full((len(keep), Nv), -1, np.int64)
+    rrows = np.full((len(keep), Nr), -1, np.int64)
+    for a, b in enumerate(keep):
+        vrows[a, :n_visual[b]] = np.arange(v0[b], v0[b + 1])
+        rrows[a, :n_response[b]] = np.arange(r0[b], r0[b + 1])
+    return {"affinity_visual_rows": torch.from_numpy(vrows), "affinity_response_rows": torch.from_numpy(rrows)}
 
 
 def _cat_teacher(kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:

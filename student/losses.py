@@ -27,6 +27,13 @@ Conventions:
   bin that one side gives zero mass (e.g. a teacher tail stored as ``-inf`` because the stored ids
   cover the whole vocabulary) gives a finite loss and finite gradients instead of ``inf``/``NaN``.
   This only changes results for probabilities below ~1e-43.
+- Z-score (``zscore=True``, logit standardisation, LLaVADI's logit option) on a *sparse* teacher is
+  computed over the stored ids only: the teacher's stored log-probs and the student's logits at
+  those ids are each standardised over the row's k ids (z-scoring is shift invariant, so log-probs
+  stand in for the teacher's logits exactly), and the divergence compares the two softmaxes over
+  those k bins (no tail bin). That is exactly the dense z-score divergence when the ids cover the
+  vocabulary, and otherwise the z-score divergence of both models restricted to the teacher's
+  top-k vocabulary: the full-vocabulary mean and std of the teacher's logits are not in the cache.
 - Losses return per-position values, or sums and counts; turn them into means once, with the
   global count of valid positions (all micro-batches, all ranks), via ``normalise(sum, count)``.
   Empty inputs give 0, guarded with ``clamp_min(1)``, never with a Python branch on a tensor.
@@ -46,11 +53,15 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 __all__ = [
     "LOG_PROB_FLOOR",
     "Divergence",
+    "HiddenLoss",
     "SparseMode",
+    "affinity_loss",
+    "affinity_matrix",
     "ce_reference",
     "chunked_distill",
     "dense_divergence",
     "head_gram",
+    "hidden_alignment",
     "normalise",
     "rdist",
     "relation_from_hidden",
@@ -80,6 +91,13 @@ class SparseMode(str, Enum):
     TAIL = "tail"  # k stored ids + one "everything else" bin, for both sides
     RENORM = "renorm"  # both renormalised over the stored ids
     SAMPLE = "sample"  # random-sampling KD: needs counts, forward KL only
+
+
+class HiddenLoss(str, Enum):
+    """How projected student hidden states are compared with the teacher's (``hidden_alignment``)."""
+
+    MSE = "mse"  # mean over features of the squared difference
+    COSINE = "cosine"  # 1 - cosine similarity
 
 
 def _as_divergence(divergence: str | Divergence) -> Divergence:
@@ -171,6 +189,19 @@ def zscore_logits(logits: Tensor, eps: float = 1e-6) -> Tensor:
     return (z - mean) / std.clamp_min(eps)
 
 
+def _masked_zscore(x: Tensor, mask: Tensor, eps: float = 1e-6) -> Tensor:
+    """Standardise ``x`` [P, K] over the entries where ``mask`` [P, K] is True (population std).
+
+    Masked entries come out as 0; a row with one (or no) valid entry, or a constant row, gives
+    zeros. The variance is floored *before* the square root, so its gradient stays finite.
+    """
+    n = mask.sum(-1, keepdim=True).clamp_min(1).to(x.dtype)
+    mean = torch.where(mask, x, 0.0).sum(-1, keepdim=True) / n
+    dev = torch.where(mask, x - mean, 0.0)
+    var = dev.pow(2).sum(-1, keepdim=True) / n
+    return dev / var.clamp_min(eps * eps).sqrt()
+
+
 def _student_logits(logits: Tensor, temperature: float, zscore: bool) -> Tensor:
     z = _up(logits)
     if zscore:
@@ -223,8 +254,15 @@ def _sparse_from_logq(
     mode: SparseMode,
     jsd_beta: float,
     skew_alpha: float,
+    zscore: bool = False,
+    temperature: float = 1.0,
 ) -> Tensor:
-    """``sparse_divergence`` given the student's full log-softmax [P, V]; returns [P]."""
+    """``sparse_divergence`` given the student's full log-softmax [P, V]; returns [P].
+
+    With ``zscore`` the first argument may be the raw logits (only differences within a row are
+    used) and ``temperature`` divides both standardised sides; otherwise the caller has already
+    applied any temperature to ``log_q_all``.
+    """
     ids = teacher_ids.long()
     valid = ids >= 0  # [P, K]
     rows = valid.any(-1)  # [P]
@@ -232,7 +270,14 @@ def _sparse_from_logq(
     t_lp = torch.where(valid, _up(teacher_logprobs), 0.0).to(log_q_all.dtype)
     s_lp = log_q_all.gather(-1, safe_ids)  # [P, K]
 
-    if mode is SparseMode.SAMPLE:
+    if zscore:
+        # Standardise both sides over the stored ids (see the module docstring), compare over them.
+        z_t = _masked_zscore(t_lp.clamp_min(LOG_PROB_FLOOR), valid) / temperature
+        z_s = _masked_zscore(s_lp, valid) / temperature
+        log_p = _masked_log_softmax(z_t, valid)
+        log_q = _masked_log_softmax(z_s, valid)
+        per = _bin_divergence(log_p, log_q, valid, div, jsd_beta, skew_alpha)
+    elif mode is SparseMode.SAMPLE:
         # sum_i (c_i / N)(log p_i - log q_i): E[c_i / N] = p_i, so this is unbiased for KL(p || q).
         c = torch.where(valid, _up(counts), 0.0).to(log_q_all.dtype)
         n = c.sum(-1, keepdim=True).clamp_min(1)
@@ -268,6 +313,7 @@ def _check_sparse(
     counts: Tensor | None,
     div: Divergence,
     mode: SparseMode,
+    zscore: bool = False,
 ) -> SparseMode:
     if student_logits.ndim != 2:
         raise ValueError(f"student logits must be [P, V], found shape {tuple(student_logits.shape)}")
@@ -288,6 +334,12 @@ def _check_sparse(
                 "forward KL is unbiased in sample mode, since E[c_i/N] = p_i makes sum_i (c_i/N)(log p_i - "
                 "log q_i) an unbiased estimate of KL(p||q), while reverse KL, JSD, TVD and skew KL need p "
                 "on tokens that were never drawn. Use divergence='fkl', or build the cache with top-k ids."
+            )
+        if zscore:
+            raise ValueError(
+                "zscore cannot be used with sampled teacher ids (counts given): standardising needs the "
+                "teacher's log-probs on a fixed set of ids, and sampled ids are a random subset of varying "
+                "size. Build the cache with top-k ids (kd-cache build --sparse topk) to use zscore."
             )
         return SparseMode.SAMPLE
     if mode is SparseMode.TAIL:
@@ -332,17 +384,26 @@ def sparse_divergence(
             full-vocabulary probability, an unbiased estimate of forward KL(p || q). Any other
             divergence raises ``ValueError``.
         temperature: divides the *student* logits only; the teacher's distribution is used as
-            stored (apply a teacher temperature when building the cache).
-        zscore: standardise the student logits per row (``zscore_logits``) before the softmax; the
-            cached teacher distribution must then come from standardised logits too.
+            stored (apply a teacher temperature when building the cache). With ``zscore`` it
+            divides both standardised sides (as in ``dense_divergence``).
+        zscore: logit standardisation over the stored ids, for both sides: the teacher's stored
+            log-probs and the student's logits at those ids are each standardised over the row's
+            valid ids, and the divergence is taken between the two softmaxes over those ids (``mode``
+            and the tail are then unused). Equals ``dense_divergence(..., zscore=True)`` when the ids
+            cover the vocabulary; otherwise it is that divergence restricted to the stored ids (the
+            teacher's full-vocabulary mean and std are not stored). Not available with ``counts``.
 
     Returns:
         [P] float32 divergences; rows whose ids are all -1 give exactly 0.
     """
     div = _as_divergence(divergence)
-    mode = _check_sparse(student_logits, teacher_ids, teacher_logprobs, teacher_tail, counts, div, _as_mode(mode))
+    mode = _check_sparse(student_logits, teacher_ids, teacher_logprobs, teacher_tail, counts, div, _as_mode(mode),
+                         zscore)
     _check_options(jsd_beta, skew_alpha, temperature)
-    log_q_all = _student_logits(student_logits, temperature, zscore).log_softmax(-1)
+    if zscore:  # standardised over the stored ids inside: the raw logits are all it needs
+        return _sparse_from_logq(_up(student_logits), teacher_ids, teacher_logprobs, teacher_tail, counts, div,
+                                 mode, jsd_beta, skew_alpha, zscore=True, temperature=temperature)
+    log_q_all = _student_logits(student_logits, temperature, False).log_softmax(-1)
     return _sparse_from_logq(
         log_q_all, teacher_ids, teacher_logprobs, teacher_tail, counts, div, mode, jsd_beta, skew_alpha
     )
@@ -388,10 +449,12 @@ def _chunk_losses(
         ce = -torch.where(keep, picked, 0.0).sum()
     kd = zero
     if ids is not None:
-        log_q_kd = log_q
-        if temperature != 1.0 or zscore:
-            log_q_kd = _student_logits(z, temperature, zscore).log_softmax(-1)
-        kd = _sparse_from_logq(log_q_kd, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha).sum()
+        if zscore:  # standardised over the stored ids; log_q is the logits up to a per-row shift
+            kd = _sparse_from_logq(log_q, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha,
+                                   zscore=True, temperature=temperature).sum()
+        else:
+            log_q_kd = log_q if temperature == 1.0 else _student_logits(z, temperature, False).log_softmax(-1)
+            kd = _sparse_from_logq(log_q_kd, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha).sum()
     return ce, kd
 
 
@@ -457,7 +520,7 @@ def chunked_distill(
             raise ValueError(f"teacher dict is missing {missing}; expected keys ids, logprobs, tail, [counts]")
         ids, logprobs, tail, counts = teacher["ids"], teacher["logprobs"], teacher.get("tail"), teacher.get("counts")
         fake = hidden.new_empty((P, 0))  # only its shape is read
-        mode = _check_sparse(fake, ids, logprobs, tail, counts, div, mode)
+        mode = _check_sparse(fake, ids, logprobs, tail, counts, div, mode, zscore)
 
     # Zero sums that still reach both parameters, so backward() works on an empty batch.
     zero = (_up(hidden[:0]).sum() + _up(head_weight[:0]).sum()) * 0.0
@@ -547,3 +610,58 @@ def rdist(student_relation: Tensor, teacher_relation: Tensor, eps: float = 1e-12
     s = s / s.norm(dim=-1, keepdim=True).clamp_min(eps)
     t = t / t.norm(dim=-1, keepdim=True).clamp_min(eps)
     return 1.0 - (s * t).sum(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# LLaVADI: hidden-state alignment and affinity
+
+
+def hidden_alignment(student: Tensor, teacher: Tensor, loss: str | HiddenLoss = "mse", eps: float = 1e-8) -> Tensor:
+    """Per-position distance between projected student and teacher hidden states.
+
+    student: [P, d_t] (the student's final hidden states after the projector MLP), teacher: [P, d_t]
+    (stored teacher final-layer states, any float dtype). ``mse``: mean over the d_t features of the
+    squared difference; ``cosine``: ``1 - cos(student, teacher)`` (in [0, 2]; a zero vector counts as
+    orthogonal). Returns [P] in fp32 (fp64 stays fp64); P = 0 gives an empty tensor.
+    """
+    try:
+        loss = HiddenLoss(loss)
+    except ValueError:
+        raise ValueError(f"hidden loss {loss!r} not understood: expected 'mse' or 'cosine'") from None
+    if student.shape != teacher.shape or student.ndim != 2:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} hidden states must both "
+                         "be [P, d_t] (project the student to the teacher's width first)")
+    s = _up(student)
+    t = _up(teacher).to(s.dtype)
+    if loss is HiddenLoss.MSE:
+        return (s - t).pow(2).mean(-1)
+    return 1.0 - F.cosine_similarity(s, t, dim=-1, eps=eps)
+
+
+def affinity_matrix(rows: Tensor, cols: Tensor, row_mask: Tensor, col_mask: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine-similarity block of L2-normalised hidden states, per sample.
+
+    rows: [A, N, d] (e.g. visual positions), cols: [A, M, d] (e.g. response positions), masks
+    [A, N] / [A, M] bool (False = padding). Returns [A, N, M] fp32 ``<r_i/|r_i|, c_j/|c_j|>``, 0 where
+    either side is padding.
+    """
+    r = F.normalize(_up(rows), dim=-1, eps=eps)
+    c = F.normalize(_up(cols), dim=-1, eps=eps).to(r.dtype)
+    sim = r @ c.transpose(-1, -2)
+    return torch.where(row_mask[..., :, None] & col_mask[..., None, :], sim, 0.0)
+
+
+def affinity_loss(student_rows: Tensor, student_cols: Tensor, teacher_rows: Tensor, teacher_cols: Tensor,
+                  row_mask: Tensor, col_mask: Tensor) -> Tensor:
+    """LLaVADI affinity distillation: MSE between student and teacher similarity matrices.
+
+    student_rows [A, N, d_s], student_cols [A, M, d_s], teacher_rows [A, N, d_t], teacher_cols
+    [A, M, d_t] (the widths may differ: similarities are width free), masks [A, N] / [A, M]. Per sample
+    ``a``: the mean over its ``n_a x m_a`` valid entries of ``(S_s - S_t)^2`` with ``S = affinity_matrix``.
+    Returns [A] fp32; a sample with no valid entry gives 0.
+    """
+    s = affinity_matrix(student_rows, student_cols, row_mask, col_mask)
+    t = affinity_matrix(teacher_rows, teacher_cols, row_mask, col_mask).to(s.dtype)
+    mask = row_mask[..., :, None] & col_mask[..., None, :]
+    n = mask.sum((-1, -2)).clamp_min(1).to(s.dtype)
+    return torch.where(mask, (s - t).pow(2), 0.0).sum((-1, -2)) / n

@@ -11,6 +11,15 @@ The teacher is never imported or loaded here: everything the losses need comes f
 * checkpoints ``OUT/checkpoints/step-N/`` (model, optimizer, scheduler, RNG via
   ``Accelerator.save_state``; data position and config as JSON; a ``COMPLETE`` marker written last).
 
+Methods. The defaults are LLaVA-KD: MDist at response + visual positions, RDist, CE. LLaVADI's
+strategies are options on the same loop: ``--positions response,visual,prompt`` (all-token logit
+distillation, ``--delta`` weighs the prompt positions), ``--hidden-weight``/``--hidden-loss``
+(final hidden states through a 2-layer MLP to the teacher's width, compared with the cached teacher
+states; the MLP trains with the student, lives in its checkpoints and is saved beside the final model
+as ``OUT/hidden_projector/``), ``--affinity-weight`` (visual x response similarity matrices) and
+``--zscore`` (logit standardisation, see ``student.losses``). Every option is refused with a message
+when the cache lacks what it needs.
+
 Distributed runs: ``accelerate launch`` (or torchrun). DDP is tested (2 CPU processes over gloo equal
 one process). FSDP and DeepSpeed go through the same code (loss computed inside the wrapped module's
 forward, full state dict gathered for the final save, DeepSpeed's engine stepped only at the
@@ -35,7 +44,16 @@ from typing import Any
 
 import torch
 
-from student.distill import COUNT_KEYS, SUM_KEYS, DistillStudent, LossSettings, batch_counts
+from student.distill import (
+    COUNT_KEYS,
+    DEFAULT_KINDS,
+    PROJECTOR_DIR,
+    SUM_KEYS,
+    DistillStudent,
+    LossSettings,
+    LossWeights,
+    batch_counts,
+)
 from student.stages import RECIPES, Stage, parse_modules
 
 CONFIG_NAME = "train_config.json"
@@ -57,6 +75,11 @@ class KDMode(str, Enum):
     renorm = "renorm"
 
 
+class HiddenLoss(str, Enum):
+    mse = "mse"
+    cosine = "cosine"
+
+
 class ReportTo(str, Enum):
     none = "none"
     tensorboard = "tensorboard"
@@ -72,7 +95,8 @@ class Precision(str, Enum):
 # Settings that decide which samples a step sees and what its loss is: a resumed run must match them.
 RESUME_KEYS = ("stage", "cache", "batch_size", "grad_accum", "seed", "shuffle", "block_shards", "lr",
                "warmup_ratio", "weight_decay", "alpha", "beta", "gamma", "divergence", "jsd_beta",
-               "sparse_mode", "train_modules", "epochs", "max_steps")
+               "sparse_mode", "train_modules", "epochs", "max_steps", "positions", "delta", "hidden_weight",
+               "hidden_loss", "affinity_weight", "zscore")
 
 
 @dataclass
@@ -99,6 +123,12 @@ class TrainConfig:
     divergence: Divergence = Divergence.fkl
     jsd_beta: float = 0.5
     sparse_mode: KDMode = KDMode.tail
+    positions: str | tuple[str, ...] = ",".join(DEFAULT_KINDS)  # MDist (and hidden) position kinds
+    delta: float = 1.0  # MDist weight at prompt positions
+    hidden_weight: float = 0.0  # LLaVADI hidden-state alignment (0: off)
+    hidden_loss: HiddenLoss = HiddenLoss.mse
+    affinity_weight: float = 0.0  # LLaVADI affinity (0: off)
+    zscore: bool = False
     chunk_size: int = 1024
     num_workers: int = 0
     shuffle: bool = True
@@ -125,6 +155,7 @@ class TrainConfig:
         self.divergence = enum(self.divergence, Divergence, "--divergence")
         self.sparse_mode = enum(self.sparse_mode, KDMode, "--sparse-mode")
         self.report_to = enum(self.report_to, ReportTo, "--report-to")
+        self.hidden_loss = enum(self.hidden_loss, HiddenLoss, "--hidden-loss")
         self.mixed_precision = enum(self.mixed_precision, Precision, "--mixed-precision")
         for flag, value in (("--student", self.student), ("--cache", self.cache), ("--out", self.out)):
             if not value:
@@ -143,9 +174,18 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
         for flag, value in (("--weight-decay", self.weight_decay), ("--alpha", self.alpha), ("--beta", self.beta),
-                            ("--gamma", self.gamma), ("--max-grad-norm", self.max_grad_norm)):
+                            ("--gamma", self.gamma), ("--max-grad-norm", self.max_grad_norm), ("--delta", self.delta),
+                            ("--hidden-weight", self.hidden_weight), ("--affinity-weight", self.affinity_weight)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
+        from kd_cache.data import parse_positions  # raises naming --positions
+
+        self.positions = parse_positions(self.positions)
+        if not recipe.distill:
+            for flag, value in (("--hidden-weight", self.hidden_weight), ("--affinity-weight", self.affinity_weight)):
+                if value > 0:
+                    raise ValueError(f"{flag} {value}: the {self.stage.value} stage trains on CE only and ignores the "
+                                     "teacher; use it with --stage dpt or dft")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
         for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every)):
@@ -156,6 +196,17 @@ class TrainConfig:
     @property
     def distill(self) -> bool:
         return RECIPES[self.stage].distill
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(alpha=self.alpha, beta=self.beta, gamma=self.gamma, delta=self.delta,
+                           hidden=self.hidden_weight, affinity=self.affinity_weight)
+
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(distill=self.distill, divergence=self.divergence.value, mode=self.sparse_mode.value,
+                            jsd_beta=self.jsd_beta, chunk_size=self.chunk_size, kinds=tuple(self.positions),
+                            zscore=self.zscore, hidden_loss=self.hidden_loss.value if self.hidden_weight > 0 else None,
+                            affinity=self.affinity_weight > 0)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready resolved settings; storage option values are redacted (they may be credentials)."""
@@ -176,27 +227,36 @@ def _to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
 
 
-def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, distill: bool,
-                         weights: tuple[float, float, float]) -> dict[str, float]:
+def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, distill: bool | None = None,
+                         weights: LossWeights | Sequence[float] | None = None,
+                         settings: LossSettings | None = None) -> dict[str, float]:
     """Forward and backward over one optimizer step's micro-batches; returns the step's metrics.
 
-    Each loss is a sum over its valid positions divided by the step's *global* count of them (all
+    Each loss is a sum over its valid items divided by the step's *global* count of them (all
     micro-batches, all ranks), known from the data before the first backward. Data-parallel
     wrappers average gradients over ranks, so the loss is scaled by the world size to make the
     result the global mean. Metrics (``loss``, ``ce``, ``mdist_response``, ``mdist_visual``,
-    ``rdist``) are the same global means, computed in this forward pass, before the update.
+    ``mdist_prompt``, ``rdist``, ``hidden``, ``affinity``; None for a term that is off) are the same
+    global means, computed in this forward pass, before the update.
+
+    ``weights``: a ``LossWeights`` or a tuple in its field order (alpha, beta, gamma, delta, hidden,
+    affinity); ``settings`` defaults to the wrapped ``DistillStudent``'s, ``distill`` to its ``distill``.
     """
     from accelerate.utils import DistributedType
 
-    alpha, beta, gamma = weights
+    if settings is None:
+        settings = accelerator.unwrap_model(model).settings
+    if distill is None:
+        distill = settings.distill
+    w = weights if isinstance(weights, LossWeights) else LossWeights(*(weights or ()))
     device = accelerator.device
     world = accelerator.num_processes
-    local = sum(batch_counts(b, distill) for b in micro_batches)
+    local = sum(batch_counts(b, settings) for b in micro_batches)
     counts = accelerator.reduce(local.to(device), reduction="sum") if world > 1 else local.to(device)
     denom = counts.to(torch.float32).clamp_min(1)  # an empty count gives 0, not NaN
-    scale = torch.tensor([1.0, alpha, beta, gamma], device=device) / denom * world
+    scale = torch.tensor(w.vector(), device=device) / denom * world
 
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    totals = torch.zeros(len(SUM_KEYS), dtype=torch.float64, device=device)
     for i, mb in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         if accelerator.distributed_type == DistributedType.DEEPSPEED:
@@ -210,12 +270,21 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, d
         totals += parts.detach().double()
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-    means = (totals / counts.clamp_min(1)).tolist()
+    means = dict(zip(SUM_KEYS, (totals / counts.clamp_min(1)).tolist()))
     n = counts.tolist()
-    metrics = {"ce": means[0], "mdist_response": means[1], "mdist_visual": means[2], "rdist": means[3]}
-    metrics["loss"] = means[0] + alpha * means[1] + beta * means[2] + gamma * means[3]
-    if not distill:
-        metrics.update(mdist_response=None, mdist_visual=None, rdist=None)
+    active = {
+        "kd_response_sum": distill and "response" in settings.kinds,
+        "kd_visual_sum": distill and "visual" in settings.kinds,
+        "kd_prompt_sum": distill and "prompt" in settings.kinds,
+        "rdist_sum": distill,
+        "hidden_sum": distill and settings.hidden_loss is not None,
+        "affinity_sum": distill and settings.affinity,
+    }
+    names = {"ce_sum": "ce", "kd_response_sum": "mdist_response", "kd_visual_sum": "mdist_visual",
+             "kd_prompt_sum": "mdist_prompt", "rdist_sum": "rdist", "hidden_sum": "hidden", "affinity_sum": "affinity"}
+    metrics: dict[str, Any] = {"loss": sum(c * means[k] for c, k in zip(w.vector(), SUM_KEYS))}
+    for key, name in names.items():
+        metrics[name] = means[key] if active.get(key, True) else None
     metrics["positions"] = {k.removesuffix("_count"): int(v) for k, v in zip(COUNT_KEYS, n)}
     return metrics
 
@@ -254,11 +323,23 @@ def save_checkpoint(accelerator, out: Path, step: int, data_state: dict, cfg: Tr
     return ckpt
 
 
+def _field_defaults() -> dict[str, Any]:
+    from dataclasses import MISSING, fields
+
+    out = {}
+    for f in fields(TrainConfig):
+        if f.default is not MISSING:
+            out[f.name] = f.default.value if isinstance(f.default, Enum) else f.default
+    return out
+
+
 def _check_resume(saved: dict, cfg: TrainConfig, ckpt: Path) -> None:
     now = cfg.to_dict()
-    diffs = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    defaults = _field_defaults()  # a checkpoint from before a setting existed ran with its default
+    saved = {k: saved.get(k, defaults.get(k)) for k in RESUME_KEYS}
+    diffs = [k for k in RESUME_KEYS if saved[k] != now.get(k)]
     if diffs:
-        lines = [f"  --{k.replace('_', '-')}: checkpoint has {saved.get(k)!r}, this run asks for {now.get(k)!r}"
+        lines = [f"  --{k.replace('_', '-')}: checkpoint has {saved[k]!r}, this run asks for {now.get(k)!r}"
                  for k in diffs]
         raise ValueError(f"--resume: {ckpt} was written with different settings:\n" + "\n".join(lines)
                          + "\nResume with the original settings, or train into another --out.")
@@ -337,6 +418,50 @@ def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimize
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 
+def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """A ``DistillStudent`` state dict -> ``{"student": ..., "hidden_projector": ...}`` without the prefixes."""
+    parts: dict[str, dict[str, torch.Tensor]] = {"student": {}, "hidden_projector": {}}
+    for k, v in state_dict.items():
+        head, _, rest = k.partition(".")
+        if head not in parts:
+            raise ValueError(f"unexpected parameter {k!r} in the trained model's state dict")
+        parts[head][rest] = v
+    return parts
+
+
+def check_cache_options(cfg: TrainConfig, manifest: dict) -> int | None:
+    """Refuse the options the cache cannot serve; returns the teacher's hidden size when hidden states are used.
+
+    ``manifest["positions"]`` lists the cached position kinds (a cache without it holds response and
+    visual); ``manifest["hidden"]`` says whether teacher hidden states were stored (``--hidden``).
+    """
+    cached = list(manifest.get("positions") or DEFAULT_KINDS)
+    missing = [k for k in cfg.positions if k not in cached]
+    if missing:
+        want = ",".join(k for k in ("response", "visual", "prompt") if k in cached or k in missing)
+        raise ValueError(f"--positions {','.join(cfg.positions)}: the cache {cfg.cache} holds teacher distributions "
+                         f"at {','.join(cached)} positions only, not {','.join(missing)}; rebuild it with "
+                         f"`kd-cache build --positions {want}` or leave {','.join(missing)} out of --positions")
+    sparse = (manifest.get("sparse") or {}).get("mode", "topk")
+    if cfg.zscore and sparse == "sample":
+        raise ValueError("--zscore: the cache holds sampled teacher tokens (sparse mode 'sample'); standardising "
+                         "needs the teacher's log-probs on a fixed set of ids: rebuild with kd-cache build --sparse topk")
+    needs = [(f, v) for f, v in (("--hidden-weight", cfg.hidden_weight), ("--affinity-weight", cfg.affinity_weight))
+             if v > 0]
+    if not needs:
+        return None
+    hidden = manifest.get("hidden") or {}
+    flag, value = needs[0]
+    if not hidden.get("stored"):
+        raise ValueError(f"{flag} {value}: needs the teacher's final hidden states, but the cache {cfg.cache} was "
+                         "built without them: rebuild the cache with kd-cache build --hidden")
+    if cfg.affinity_weight > 0 and not {"response", "visual"} <= set(cached):
+        raise ValueError(f"--affinity-weight {cfg.affinity_weight}: needs the teacher's hidden states at response "
+                         f"and visual positions, the cache {cfg.cache} holds {','.join(cached)}: rebuild it with "
+                         "kd-cache build --hidden --positions response,visual")
+    return int(hidden["size"])
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one stage; returns ``{"step", "out", "metrics" (the last step's), "main_process"}``."""
     from accelerate.utils import set_seed
@@ -370,14 +495,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         cfg.image_folder = (manifest.get("build_config") or {}).get("image_folder")
     if len(cache) == 0:
         raise ValueError(f"--cache {cfg.cache}: the cache holds no samples")
+    teacher_hidden_size = check_cache_options(cfg, manifest) if cfg.distill else None
 
     set_trainable(model, cfg.train_modules)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
-    settings = LossSettings(distill=cfg.distill, divergence=cfg.divergence.value, mode=cfg.sparse_mode.value,
-                            jsd_beta=cfg.jsd_beta, chunk_size=cfg.chunk_size)
-    wrapper = DistillStudent(model, settings)
+    settings = cfg.loss_settings()
+    wrapper = DistillStudent(model, settings, teacher_hidden_size=teacher_hidden_size)  # seeded by set_seed above
     wrapper.train()
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -395,7 +520,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     dataset = StreamingKDDataset(cache, processor, image_folder=cfg.image_folder, batch_size=cfg.batch_size,
                                  seed=cfg.seed, rank=rank, world_size=world, shuffle=cfg.shuffle,
-                                 block_shards=cfg.block_shards, with_teacher=cfg.distill)
+                                 block_shards=cfg.block_shards, with_teacher=cfg.distill, kinds=settings.kinds,
+                                 hidden_kinds=settings.kinds if settings.hidden_loss else (),
+                                 affinity=settings.affinity)
 
     # --- resume -----------------------------------------------------------------------------------
     step, epoch, seen = 0, 0, 0
@@ -430,7 +557,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     # --- the loop -----------------------------------------------------------------------------------
     params = list(wrapper.parameters())  # all of them: FSDP clips through the wrapper only when they match
-    weights = (cfg.alpha, cfg.beta, cfg.gamma)
+    weights = cfg.weights
     bar = tqdm(total=total_steps, initial=step, disable=not (main and cfg.progress), desc=f"kd-train {cfg.stage.value}",
                unit="step", dynamic_ncols=True)
     last: dict[str, Any] = {}
@@ -444,7 +571,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             micro = list(islice(batches, cfg.grad_accum))  # a step never spans two epochs
             if not micro:
                 break
-            m = accumulate_gradients(accelerator, wrapper, micro, distill=cfg.distill, weights=weights)
+            m = accumulate_gradients(accelerator, wrapper, micro, distill=cfg.distill, weights=weights,
+                                     settings=settings)
             grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             lr = scheduler.get_last_lr()[0]  # the rate this update uses
             optimizer.step()
@@ -455,7 +583,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             n_samples = sum(b["n_samples"] for b in micro) * world
             last = {"step": step, "epoch": epoch, "samples_seen": seen, "loss": m["loss"], "ce": m["ce"],
                     "mdist_response": m["mdist_response"], "mdist_visual": m["mdist_visual"],
-                    "rdist": m["rdist"], "lr": lr,
+                    "mdist_prompt": m["mdist_prompt"], "rdist": m["rdist"], "hidden": m["hidden"],
+                    "affinity": m["affinity"], "lr": lr,
                     "grad_norm": None if grad_norm is None else float(grad_norm),  # None under DeepSpeed
                     "samples": n_samples, "samples_per_s": n_samples / max(time.perf_counter() - t0, 1e-9),
                     "positions": m["positions"]}
@@ -474,17 +603,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     bar.close()
 
     # --- final model: plain from_pretrained-loadable LLaVA + processor + resolved config -----------------
+    # The hidden projector (LLaVADI) goes beside it, in OUT/hidden_projector/, never into the LLaVA.
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(wrapper)
     if main:
-        student = accelerator.unwrap_model(wrapper).student
-        prefix = "student."
-        state_dict = {k.removeprefix(prefix): v for k, v in state_dict.items()}
-        student.save_pretrained(out, state_dict=state_dict)
+        unwrapped = accelerator.unwrap_model(wrapper)
+        parts = split_state_dict(state_dict)
+        unwrapped.student.save_pretrained(out, state_dict=parts["student"])
         processor.save_pretrained(out)
+        if unwrapped.hidden_projector is not None:
+            unwrapped.hidden_projector.save_pretrained(
+                out / PROJECTOR_DIR, state_dict=parts["hidden_projector"],
+                extra={"hidden_loss": cfg.hidden_loss.value, "hidden_weight": cfg.hidden_weight,
+                       "positions": list(cfg.positions), "step": step,
+                       "teacher": (manifest.get("teacher") or {}).get("path"), "cache": cfg.cache})
+        elif (out / PROJECTOR_DIR).exists():
+            shutil.rmtree(out / PROJECTOR_DIR)  # an earlier run's, not trained with this model
         _write_json(out / CONFIG_NAME, cfg.to_dict())
         _write_json(out / STATE_NAME, {"step": step, "epoch": epoch, "samples_seen": seen,
-                                       "world_size": world, "train_modules": list(cfg.train_modules)})
+                                       "world_size": world, "train_modules": list(cfg.train_modules),
+                                       "hidden_projector": PROJECTOR_DIR if unwrapped.hidden_projector is not None
+                                       else None})
     accelerator.wait_for_everyone()
     if cfg.report_to is not ReportTo.none:
         accelerator.end_training()
