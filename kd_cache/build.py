@@ -146,11 +146,17 @@ class _Dist:
 
 
 def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_q: Queue, skipped: list,
-                  prepare_only: bool = False):
+                  prepare_only: bool = False, prepare_inputs=None):
     """Producer thread: load images and tokenise (or only prepare, when the teacher will write the
-    answers first), put batches (None = end) on the queue."""
+    answers first), put batches (None = end) on the queue. With ``prepare_inputs`` (and not
+    ``prepare_only``) a batch goes out as ``(batch, prepare_inputs(batch))``: padding and image
+    processing then also overlap the teacher's forward."""
     batch = []
     step = encoder.prepare if prepare_only else encoder.encode
+
+    def put(b):
+        out_q.put((b, prepare_inputs(b)) if prepare_inputs is not None and not prepare_only else b)
+
     try:
         for rec in records:
             try:
@@ -161,10 +167,10 @@ def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_
                 skipped.append({"id": e.record_id, "reason": e.reason, "detail": e.detail})
                 continue
             if len(batch) == batch_size:
-                out_q.put(batch)
+                put(batch)
                 batch = []
         if batch:
-            out_q.put(batch)
+            put(batch)
         out_q.put(None)
     except BaseException as e:  # surfaced in the consumer
         out_q.put(e)
@@ -242,7 +248,8 @@ def build_cache(cfg: BuildConfig) -> dict:
             q: Queue = Queue(maxsize=4)
             producer = threading.Thread(
                 target=_encode_ahead,
-                args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped, cfg.generate),
+                args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped, cfg.generate,
+                      runner.prepare_inputs),
                 daemon=True,
             )
             producer.start()
@@ -253,11 +260,12 @@ def build_cache(cfg: BuildConfig) -> dict:
                     break
                 if isinstance(item, BaseException):
                     raise item
+                item, prepared = item if isinstance(item, tuple) else (item, None)
                 n_in = len(item)
                 if cfg.generate:  # LLaVADI: the teacher answers, then is distilled on its own answers
                     item = _teacher_answers(runner, encoder, item, cfg, skipped)
                 if item:
-                    samples.extend(runner.run(item))
+                    samples.extend(runner.run(item, prepared))
                 bar.update(n_in)
             producer.join()
             bar.update(sum(1 for x in skipped if x.get("stage") != "after_generation"))

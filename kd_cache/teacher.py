@@ -119,8 +119,12 @@ class TeacherRunner:
             w = head.weight[: self.vocab].float()
             self.gram = w.T @ w
 
-    def _inputs(self, batch: list[Encoded]) -> dict:
-        dev = self.t.device
+    def prepare_inputs(self, batch: list[Encoded]) -> dict:
+        """Padded ids, attention mask and processed images of a batch as CPU tensors.
+
+        The build calls this in its producer thread, so image processing overlaps the teacher's
+        forward instead of idling the device; on CUDA the tensors are pinned for an async copy.
+        """
         L = max(len(e.input_ids) for e in batch)
         pad = self.t.tokenizer.pad_token_id or 0
         ids = torch.full((len(batch), L), pad, dtype=torch.long)
@@ -128,25 +132,54 @@ class TeacherRunner:
         for i, e in enumerate(batch):
             ids[i, : len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
             mask[i, : len(e.input_ids)] = 1
-        inputs = {"input_ids": ids.to(dev), "attention_mask": mask.to(dev)}
+        inputs = {"input_ids": ids, "attention_mask": mask}
         images = [im for e in batch for im in e.pil_images]
         if images:
             px = self.t.processor.image_processor(images=images, return_tensors="pt")
-            for k, v in px.items():
-                if torch.is_tensor(v):
-                    inputs[k] = v.to(dev, dtype=self.t.model.dtype) if v.is_floating_point() else v.to(dev)
+            inputs.update({k: v for k, v in px.items() if torch.is_tensor(v)})
+        if self.t.device.type == "cuda":
+            inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return inputs
 
+    def _inputs(self, batch: list[Encoded], prepared: dict | None = None) -> dict:
+        inputs = prepared if prepared is not None else self.prepare_inputs(batch)
+        dev, dtype = self.t.device, self.t.model.dtype
+        return {k: v.to(dev, dtype=dtype, non_blocking=True) if v.is_floating_point() else v.to(dev, non_blocking=True)
+                for k, v in inputs.items()}
+
     @torch.no_grad()
-    def hidden_states(self, batch: list[Encoded]) -> torch.Tensor:
+    def hidden_states(self, batch: list[Encoded], prepared: dict | None = None) -> torch.Tensor:
         """Final hidden states [B, L, d] (padding on the right)."""
-        out = self.base(**self._inputs(batch), use_cache=False)
+        out = self.base(**self._inputs(batch, prepared), use_cache=False)
         return out.last_hidden_state
 
     @torch.no_grad()
-    def run(self, batch: list[Encoded]) -> list[dict]:
-        h = self.hidden_states(batch)
-        return [self._sample(e, h[i, : len(e.input_ids)]) for i, e in enumerate(batch)]
+    def run(self, batch: list[Encoded], prepared: dict | None = None) -> list[dict]:
+        """Cache sample dicts of a batch; ``prepared`` = ``prepare_inputs(batch)`` if already made."""
+        h = self.hidden_states(batch, prepared)
+        pre = self._batched_topk(batch, h) if self.sparse == "topk" else [None] * len(batch)
+        return [self._sample(e, h[i, : len(e.input_ids)], pre[i]) for i, e in enumerate(batch)]
+
+    def _positions(self, e: Encoded) -> dict[str, np.ndarray]:
+        where = {"response": lambda: response_positions(e.labels),
+                 "visual": lambda: visual_positions(e.input_ids, self.t.image_token_id),
+                 "prompt": lambda: prompt_positions(e.input_ids, e.labels, self.t.image_token_id)}
+        return {kind: where[kind]() for kind in dict.fromkeys((*self.positions, "visual"))}
+
+    def _batched_topk(self, batch: list[Encoded], h: torch.Tensor) -> list[dict]:
+        """Top-k distributions of a whole batch: per kind, one pass of the head over the distilled rows
+        of every sample (fewer, larger matmuls; one device-to-host copy per array, not per sample).
+        Top-k does not depend on the sample; sampled draws are seeded per sample and stay per sample."""
+        pos = [self._positions(e) for e in batch]
+        flat = h.reshape(-1, h.shape[-1])
+        out: list[dict] = [{"_positions": p} for p in pos]
+        for kind in self.positions:
+            rows = np.concatenate([i * h.shape[1] + p[kind].astype(np.int64) for i, p in enumerate(pos)])
+            dist = self.distribution(flat[torch.from_numpy(rows).to(h.device)], "", kind)
+            bounds = np.cumsum([0] + [len(p[kind]) for p in pos])
+            for i in range(len(batch)):
+                out[i].update({key: v[bounds[i] : bounds[i + 1]] for key, v in dist.items()})
+        return out
 
     def distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict:
         """Sparse teacher distribution at the rows of ``h`` [P, d]."""
@@ -156,10 +189,7 @@ class TeacherRunner:
             gen = torch.Generator(device=h.device)
             gen.manual_seed(_sample_seed(self.seed, f"{sample_id}/{kind}"))
         k = min(self.top_k, self.vocab) if self.sparse == "topk" else self.samples
-        ids_out = torch.full((P, k), -1, dtype=torch.long)
-        lp_out = torch.zeros((P, k), dtype=torch.float32)
-        tail_out = torch.zeros(P, dtype=torch.float32)
-        cnt_out = torch.zeros((P, k), dtype=torch.long) if self.sparse == "sample" else None
+        parts: dict[str, list[torch.Tensor]] = {"ids": [], "lp": [], "tail": [], "counts": []}
         for a in range(0, P, self.chunk_size):
             z = self.head(h[a : a + self.chunk_size]).float()[:, : self.vocab]
             logp = torch.log_softmax(z, dim=-1)
@@ -179,15 +209,20 @@ class TeacherRunner:
             # Padding (-1) is pointed at the row's first id, which is always a real one.
             fill = torch.where(ids >= 0, ids, ids[:, :1])
             masked = logp.scatter(1, fill, float("-inf"))
-            tail = torch.logsumexp(masked, dim=-1)
-            sl = slice(a, a + z.shape[0])
-            ids_out[sl], lp_out[sl], tail_out[sl] = ids.cpu(), lp.cpu(), tail.cpu()
+            parts["tail"].append(torch.logsumexp(masked, dim=-1))
+            parts["ids"].append(ids)
+            parts["lp"].append(lp)
             if counts is not None:
-                cnt_out[sl] = counts.cpu()
-        out = {f"{kind}_ids": ids_out.numpy().astype(np.int32), f"{kind}_logprobs": lp_out.numpy(),
-               f"{kind}_tail": tail_out.numpy()}
-        if cnt_out is not None:
-            out[f"{kind}_counts"] = cnt_out.numpy().astype(np.int32)
+                parts["counts"].append(counts)
+
+        def host(name: str, empty: torch.Tensor) -> np.ndarray:  # one device->host copy per array
+            return (torch.cat(parts[name]) if parts[name] else empty).cpu().numpy()
+
+        out = {f"{kind}_ids": host("ids", torch.full((0, k), -1, dtype=torch.long)).astype(np.int32),
+               f"{kind}_logprobs": host("lp", torch.zeros((0, k))).astype(np.float32, copy=False),
+               f"{kind}_tail": host("tail", torch.zeros(0)).astype(np.float32, copy=False)}
+        if self.sparse == "sample":
+            out[f"{kind}_counts"] = host("counts", torch.zeros((0, k), dtype=torch.long)).astype(np.int32)
         return out
 
     def _relations(self, h_vis: torch.Tensor, n_images: int) -> list[np.ndarray]:
@@ -207,18 +242,19 @@ class TeacherRunner:
             rels.append(r.cpu().numpy().astype(np.float32))
         return rels
 
-    def _sample(self, e: Encoded, h: torch.Tensor) -> dict:
-        vis = visual_positions(e.input_ids, self.t.image_token_id)
-        where = {"response": lambda: response_positions(e.labels), "visual": lambda: vis,
-                 "prompt": lambda: prompt_positions(e.input_ids, e.labels, self.t.image_token_id)}
+    def _sample(self, e: Encoded, h: torch.Tensor, pre: dict | None = None) -> dict:
+        """One cache sample; ``pre`` holds its distributions when they were computed batch-wide."""
+        where = pre.pop("_positions") if pre is not None else self._positions(e)
+        vis = where["visual"]
         out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids, "labels": e.labels}
         if e.meta:
             out["meta"] = e.meta
         for kind in self.positions:
-            pos = where[kind]()
+            pos = where[kind]
             hk = h[torch.from_numpy(pos.astype(np.int64)).to(h.device)]
             out[f"{kind}_positions"] = pos
-            out.update(self.distribution(hk, e.id, kind))
+            out.update({key: v for key, v in pre.items() if key.startswith(f"{kind}_")} if pre is not None
+                       else self.distribution(hk, e.id, kind))
             if self.hidden:  # LLaVADI hidden-state alignment: final-layer states, fp16 on disk
                 out[f"{kind}_hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
         hv = h[torch.from_numpy(vis.astype(np.int64)).to(h.device)]
