@@ -72,18 +72,18 @@ _KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts")
 
 
 def default_compressors(dtype: np.dtype) -> list:
-    """Codec choice for one array: Blosc zstd level 3, bitshuffle for floats, byte shuffle otherwise,
-    one Blosc block per chunk.
+    """Codec choice for one array: Blosc zstd level 3 with byte shuffle, one Blosc block per chunk.
 
-    Chosen by ``benchmarks/run_all.py`` on SmolLM2-135M distributions (see benchmarks/RESULTS.md):
-    one block per chunk (instead of Blosc's automatic ~256 KiB blocks) gives zstd the whole chunk as
-    its window: -2% bytes for top-64 and -7% for full relation matrices at the same speed. Level 5
-    saves <1% more at ~25% slower encoding, level 9 ~5% at 10x slower; lz4 is 14% larger. Bitshuffle
-    wins on the fp16 relation matrices (the bulk of a ``full`` cache), byte shuffle on integer ids.
-    Benchmarks swap this out through ``CacheWriter(compressors=...)``.
+    Chosen by ``benchmarks/run_all.py`` on SmolLM2-135M distributions and relation matrices (see
+    benchmarks/RESULTS.md). One block per chunk (instead of Blosc's automatic ~256 KiB blocks) gives
+    zstd the whole chunk as its window, and with it byte shuffle beats bitshuffle on every array:
+    top-64 -3%, full relation matrices -17% against the former bitshuffle-for-floats default, at the
+    same encode speed. Level 5 saves <1% more at ~25% slower encoding, level 9 ~5% at 10x slower;
+    lz4 is ~15% larger. ``dtype`` is kept in the signature for custom choices (benchmarks pass
+    their own through ``CacheWriter(compressors=...)``).
     """
-    shuffle = "bitshuffle" if np.dtype(dtype).kind == "f" else "shuffle"
-    return [BloscCodec(cname="zstd", clevel=3, shuffle=shuffle, blocksize=CHUNK_BYTES)]
+    del dtype  # one choice fits every dtype the format stores (measured)
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=CHUNK_BYTES)]
 
 
 def _chunks_for(shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> tuple[int, ...]:
