@@ -1,0 +1,215 @@
+"""Loader speed: ``StreamingKDDataset`` + ``make_loader`` at realistic shapes, samples/s per worker.
+
+The cache is written by ``CacheWriter`` (default codecs and chunking) with LLaVA-1.5/OneVision-like
+shapes: one 384x384 JPEG per sample (SigLIP patch 14: 729 visual tokens), ~600 text tokens of which
+~450 are the answer, top-64 at every response and visual position, and a ``full`` relation matrix
+(729 x 729). Teacher distributions are synthetic but shaped like real ones (descending log-probs,
+a heavy tail; ids drawn from a Zipf-like law so they compress as real ids do). The loader does
+what ``kd-train`` does: read and decode the shard arrays, decode the JPEG and run the student's
+image processor, collate and pad the batch (DFT: with the teacher arrays).
+
+Samples/s are counted in steady state (after the first batch has arrived, so worker start-up and
+shard opening are excluded), and divided by the number of workers.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.models import Profile, write_jpeg
+
+
+def _zipf_ids(rng: np.random.Generator, shape, vocab: int) -> np.ndarray:
+    """Distinct ids per row, drawn with probability ~ 1/rank (as frequent tokens dominate real top-k)."""
+    P, K = shape
+    out = np.empty((P, K), dtype=np.int32)
+    w = 1.0 / np.arange(1, vocab + 1)
+    w /= w.sum()
+    perm = rng.permutation(vocab)  # token frequency rank -> id
+    for r in range(P):
+        out[r] = perm[rng.choice(vocab, size=K, replace=False, p=w)]
+    return out
+
+
+def _topk(rng, P: int, K: int, vocab: int, id_pool: np.ndarray) -> dict:
+    z = rng.standard_normal((P, K)).astype(np.float32) * 2.0
+    z = -np.sort(-z, axis=1)
+    tail_mass = rng.uniform(0.02, 0.2, size=P).astype(np.float32)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p = p / p.sum(1, keepdims=True) * (1 - tail_mass)[:, None]
+    ids = id_pool[rng.integers(0, len(id_pool), size=P)]
+    return {"ids": ids, "logprobs": np.log(p).astype(np.float32), "tail": np.log(tail_mass)}
+
+
+def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0) -> tuple[Path, Path, dict]:
+    from kd_cache import tiny
+    from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+    from kd_cache.shards import CacheWriter
+
+    rng = np.random.default_rng(seed)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
+    n_vis = image_tokens_per_image(processor)
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True, exist_ok=True)
+    special = set(tok.all_special_ids)
+    normal = np.array([i for i in range(len(tok)) if i not in special])
+    # A pool of realistic top-64 id rows, reused across positions (drawing each row costs ~1 ms).
+    id_pool = _zipf_ids(rng, (256, 64), vocab)
+    samples = []
+    for i in range(profile.ld_samples):
+        name = f"ld-{i:05d}.jpg"
+        write_jpeg(img_dir / name, profile.ld_image_size, seed * 1000 + i)
+        n_prompt = profile.ld_text_tokens - profile.ld_response_tokens
+        prompt = rng.choice(normal, size=n_prompt)
+        answer = rng.choice(normal, size=profile.ld_response_tokens)
+        ids = np.concatenate([prompt[:4], np.full(n_vis, image_id), prompt[4:], answer]).astype(np.int32)
+        labels = np.full_like(ids, -100)
+        labels[-len(answer):] = answer
+        resp = np.nonzero(labels[1:] != -100)[0].astype(np.int32)
+        vis = np.nonzero(ids == image_id)[0].astype(np.int32)
+        s = {"id": f"ld-{i:05d}", "images": [name], "input_ids": ids, "labels": labels,
+             "response_positions": resp, "visual_positions": vis}
+        for kind, pos in (("response", resp), ("visual", vis)):
+            for f, v in _topk(rng, len(pos), 64, vocab, id_pool).items():
+                s[f"{kind}_{f}"] = v
+        # Relation of real-looking logits: a dominant shared direction plus a few smaller ones.
+        z = rng.standard_normal((n_vis, 16)).astype(np.float32) @ rng.standard_normal((16, 64)).astype(np.float32)
+        z += 8.0 * rng.standard_normal(64).astype(np.float32)
+        s["relation"] = [z @ z.T]
+        samples.append(s)
+    out = root / "cache"
+    shutil.rmtree(out, ignore_errors=True)
+    w = CacheWriter(str(out))
+    per_shard = profile.ld_shard_size or max(1, profile.ld_samples // 4)
+    entries = [w.write_shard(j, samples[a:a + per_shard], sparse_mode="topk", k=64, relation="full")
+               for j, a in enumerate(range(0, len(samples), per_shard))]
+    w.write_manifest({
+        "teacher": {"path": "synthetic", "model_type": "llava", "config_hash": "synthetic"},
+        "tokenizer_hash": tokenizer_hash(tok), "vocab_size": vocab, "image_token_id": image_id,
+        "visual_tokens_per_image": n_vis, "template": "chat", "max_length": 4096,
+        "sparse": {"mode": "topk", "k": 64}, "relation": "full",
+        "build_config": {"image_folder": str(img_dir), "data": "synthetic"},
+        "num_samples": len(samples), "shards": entries, "skipped": [],
+    })
+    shape = {"tokens": int(len(samples[0]["input_ids"])), "visual_tokens": int(n_vis),
+             "response_positions": int(len(samples[0]["response_positions"])),
+             "bytes_per_sample": sum(e["bytes"] for e in entries) / len(samples),
+             "shards": len(entries), "samples_per_shard": per_shard}
+    return out, img_dir, shape
+
+
+def _stamped_dataset_class():
+    from torch.utils.data import get_worker_info
+
+    from student.data import StreamingKDDataset
+
+    class CpuStamped(StreamingKDDataset):
+        """The real dataset; every batch also carries its worker's id and CPU clock when it was made."""
+
+        def __iter__(self):
+            info = get_worker_info()
+            for batch in super().__iter__():
+                batch["_worker"] = info.id if info is not None else -1
+                batch["_cpu"] = time.process_time()
+                yield batch
+
+    return CpuStamped
+
+
+def _epoch(ds, workers: int, epoch: int) -> dict:
+    """One epoch through ``make_loader``, in steady state (after each worker's first batch).
+
+    ``cpu_per_worker``: samples per CPU-second of a worker process, from the CPU clock each worker
+    stamps on its batches (first to last batch of the worker), i.e. the rate of a worker that has a
+    core to itself. ``wall_per_worker``: samples/s arriving in the main process after the first
+    batch, divided by the number of workers.
+    """
+    from student.data import make_loader
+
+    ds.set_position(epoch, 0)
+    t_start = time.perf_counter()
+    first = None
+    n_after_first = 0
+    per_worker: dict[int, list[tuple[float, int]]] = {}
+    for batch in make_loader(ds, workers):
+        per_worker.setdefault(batch["_worker"], []).append((batch["_cpu"], batch["n_samples"]))
+        if first is None:
+            first = time.perf_counter()
+            continue
+        n_after_first += batch["n_samples"]
+    end = time.perf_counter()
+    cpu = sum(v[-1][0] - v[0][0] for v in per_worker.values())
+    n_cpu = sum(sum(n for _, n in v[1:]) for v in per_worker.values())
+    return {"wall_per_worker": n_after_first / (end - first) / workers, "first_batch_s": first - t_start,
+            "cpu_per_worker": n_cpu / cpu if cpu > 0 else float("nan"), "worker_cpu_s": cpu,
+            "samples_timed": n_after_first}
+
+
+def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log=print) -> dict:
+    from benchmarks.models import VisionSize, processor_for
+    from student.data import StreamingKDDataset
+
+    Stamped = _stamped_dataset_class()  # noqa: N806
+    vision = VisionSize(hidden=0, layers=0, heads=0, intermediate=0, image_size=profile.ld_image_size,
+                        patch_size=profile.ld_patch)
+    processor = processor_for(vision)
+    t0 = time.perf_counter()
+    cache, img_dir, shape = write_cache(workdir / "ld", profile, processor, vocab)
+    log(f"  loader cache: {profile.ld_samples} samples of {shape['tokens']} tokens ({shape['visual_tokens']} visual, "
+        f"{shape['response_positions']} response positions), {shape['bytes_per_sample'] / 2**20:.2f} MiB/sample "
+        f"on disk ({time.perf_counter() - t0:.0f} s to write)")
+    results = {}
+    for workers in profile.ld_workers:
+        runs = []
+        for e in range(profile.ld_epochs):
+            ds = Stamped(str(cache), processor, image_folder=str(img_dir), batch_size=profile.ld_batch,
+                         seed=0, shuffle=True, with_teacher=True)
+            runs.append(_epoch(ds, workers, e))
+        results[workers] = {k: [r[k] for r in runs] for k in runs[0]}
+        log(f"  {workers} worker(s): {np.median(results[workers]['cpu_per_worker']):.1f} samples per worker "
+            f"CPU-second, {np.median(results[workers]['wall_per_worker']):.1f} samples/s per worker wall-clock "
+            f"(steady state; first batch after {np.median(results[workers]['first_batch_s']):.2f} s)")
+    # In-process breakdown of one sample's cost (no workers), in the epoch's own (shuffled) order:
+    # shard read + decode, image decode + processing, collation of the teacher arrays and relation.
+    ds = StreamingKDDataset(str(cache), processor, image_folder=str(img_dir), batch_size=1, shuffle=True)
+    t_read, t_img, t_coll = [], [], []
+    for i in ds.batch_indices(0).tolist() + [int(x) for x in ds._stream[1:min(32, profile.ld_samples)]]:
+        a = time.process_time()
+        s = ds._read(i)
+        b = time.process_time()
+        ds.image_processor(images=ds._load_images(s), return_tensors="pt")
+        c = time.process_time()
+        ds.collate([s])
+        d = time.process_time()
+        t_read.append(b - a)
+        t_img.append(c - b)
+        t_coll.append(d - c - (c - b))  # collate re-processes the image: subtract it
+    key_workers = profile.ld_workers[0]
+    basis = "cpu" if basis_cpu else "wall"
+    return {
+        "loader_samples_per_s_per_worker": float(np.median(results[key_workers][f"{basis}_per_worker"])),
+        "details": {"workers_reported": key_workers, "basis": basis,
+                    "definition": "cpu: samples per CPU-second of a worker process, first to last batch of each "
+                                  "worker (a worker with a core to itself); wall: samples/s reaching the main "
+                                  "process after the first batch, / workers", "per_workers": {str(k): v for k, v in results.items()},
+                    "batch_size": profile.ld_batch, "shape": shape, "image_size": profile.ld_image_size,
+                    "cpu_ms_per_sample_in_process": {"shard_read_and_decode": 1e3 * float(np.median(t_read)),
+                                                     "image_decode_and_process": 1e3 * float(np.median(t_img)),
+                                                     "collate_without_image": 1e3 * float(np.median(t_coll))},
+                    "torch_threads_in_workers": 1},
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover - manual run
+    import sys
+
+    from benchmarks.models import PROFILES
+
+    wd = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/ld-bench")
+    wd.mkdir(parents=True, exist_ok=True)
+    print(run(PROFILES[sys.argv[1] if len(sys.argv) > 1 else "quick"], wd, 32768))

@@ -1,0 +1,39 @@
+"""The benchmark runner's plumbing: ``run_all --smoke`` runs every benchmark on tiny models and writes
+one JSON object with the issue's keys. No timing is asserted here (speed is measured by the
+benchmarks themselves, never in tests)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_run_all_smoke_writes_every_key(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "benchmarks/run_all.py", "--smoke", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    sys.path.insert(0, str(REPO))
+    from benchmarks.run_all import GOALS, RESULT_KEYS
+
+    assert set(RESULT_KEYS) == set(GOALS)
+    for key in RESULT_KEYS:
+        assert isinstance(doc[key], float) and math.isfinite(doc[key]), (key, doc[key])
+    assert doc["errors"] == {}
+    for meta in ("goals", "machine", "date", "versions", "settings", "details"):
+        assert meta in doc
+    assert set(doc) - set(RESULT_KEYS) <= {"goals", "machine", "date", "versions", "settings", "details", "errors",
+                                           "wall_s", "group_wall_s"}
+    assert doc["settings"]["mode"] == "smoke"
+    # The table names every key.
+    for key in RESULT_KEYS:
+        assert key in proc.stdout
