@@ -33,7 +33,6 @@ import torch
 
 from benchmarks.common import Clock, median, reset_rss_peak, rss_hwm_bytes, rss_now_bytes, sync
 from benchmarks.models import (
-    PROFILES,
     Profile,
     build_model,
     build_with_teacher,
@@ -46,6 +45,7 @@ from benchmarks.models import (
 )
 
 MODES = ("sft", "dft", "online")
+DIAGNOSTIC_MODES = ("dft_response_mdist", "dft_no_visual_mdist")  # timed only, to split DFT's cost
 TOP_K = 64
 
 
@@ -114,10 +114,14 @@ class Steps:
             self.batches[mode] = list(islice(iter(ds), n))
         # Online: the DFT batches without the cached teacher arrays (the teacher recomputes them).
         self.batches["online"] = [{k: v for k, v in b.items() if not _is_teacher_key(k)} for b in self.batches["dft"]]
-        # Diagnostics: DFT without the visual-position MDist (its LM-head pass is most of DFT's extra cost).
-        self.batches["dft_no_visual"] = [{k: v for k, v in b.items() if not k.startswith("visual_")}
-                                         | {"visual_index": b["visual_index"]} for b in self.batches["dft"]]
-        self.wrappers["dft_no_visual"] = dft
+        # Diagnostics, to split DFT's extra cost: CE + MDist(response) only, then + RDist (which adds
+        # the W^T W Gram matrix of the student's head and its gradient on every micro-batch).
+        no_vis = [{k: v for k, v in b.items() if not k.startswith("visual_")} | {"visual_index": b["visual_index"]}
+                  for b in self.batches["dft"]]
+        self.batches["dft_response_mdist"] = [{k: v for k, v in b.items() if not k.startswith("relation_")}
+                                              for b in no_vis]
+        self.batches["dft_no_visual_mdist"] = no_vis
+        self.wrappers["dft_response_mdist"] = self.wrappers["dft_no_visual_mdist"] = dft
 
     @torch.no_grad()
     def online_teacher_arrays(self, batch: dict) -> dict:
@@ -165,7 +169,7 @@ def _is_teacher_key(k: str) -> bool:
 
 
 def _child(args) -> dict:
-    profile = PROFILES[args.profile]
+    profile = Profile.from_dict(json.loads(args.profile_json))
     device = torch.device(args.device)
     # Import everything a step uses before the baseline, so that the baseline holds the libraries.
     import accelerate  # noqa: F401
@@ -187,8 +191,9 @@ def _child(args) -> dict:
         metrics = {}
         for m in MODES:  # warm-up step of each mode
             st.step(m, 0)
-        timed = (*MODES, "dft_no_visual")
-        st.step("dft_no_visual", 0)
+        timed = (*MODES, *DIAGNOSTIC_MODES)
+        for m in DIAGNOSTIC_MODES:
+            st.step(m, 0)
         for r in range(profile.st_reps):
             for m in timed if r % 2 == 0 else timed[::-1]:
                 with clock(m):
@@ -216,8 +221,8 @@ def _child(args) -> dict:
 
 def _spawn(profile: Profile, device: torch.device, cache: str, task: str, mode: str | None = None) -> dict:
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "benchmarks.bench_student", "--profile", profile.name, "--device", device.type,
-           "--cache", cache, "--task", task] + (["--mode", mode] if mode else [])
+    cmd = [sys.executable, "-m", "benchmarks.bench_student", "--profile-json", json.dumps(profile.to_dict()),
+           "--device", device.type, "--cache", cache, "--task", task] + (["--mode", mode] if mode else [])
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -252,7 +257,9 @@ def run(profile: Profile, device: torch.device, workdir: Path, log=print) -> dic
         "details": {
             "clock": clock, "median_step_cost": {"sft": sft, "dft": dft, "online": onl},
             "wall_ratios": {"dft_over_sft": wall["dft"] / wall["sft"], "online_over_dft": wall["online"] / wall["dft"]},
-            "dft_without_visual_mdist_over_sft": median(costs["dft_no_visual"]) / sft,
+            "dft_parts_over_sft": {"ce+mdist_response": median(costs["dft_response_mdist"]) / sft,
+                                   "ce+mdist_response+rdist": median(costs["dft_no_visual_mdist"]) / sft,
+                                   "ce+mdist_response+rdist+mdist_visual (dft)": dft / sft},
             "teacher_params": prep["teacher_params"], "teacher_lm_params": prep["teacher_lm_params"],
             "student_params": t["student_params"], "student_lm_params": t["student_lm_params"],
             "teacher_over_student_lm_params": prep["teacher_lm_params"] / t["student_lm_params"],
@@ -265,7 +272,7 @@ def run(profile: Profile, device: torch.device, workdir: Path, log=print) -> dic
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="student step benchmark (child process)")
-    ap.add_argument("--profile", required=True, choices=sorted(PROFILES))
+    ap.add_argument("--profile-json", required=True, help="benchmarks.models.Profile.to_dict() as JSON")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cache", required=True)
     ap.add_argument("--task", required=True, choices=("time", "mem"))

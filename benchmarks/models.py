@@ -89,6 +89,16 @@ class Profile:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Profile:
+        d = dict(d)
+        d["vision"] = VisionSize(**d["vision"])
+        for key in ("teacher", "student", "online_teacher"):
+            if d.get(key) is not None:
+                d[key] = LMSize(**d[key])
+        d["ld_workers"] = tuple(d["ld_workers"])
+        return cls(**d)
+
 
 CPU_VISION = VisionSize(hidden=128, layers=2, heads=2, intermediate=256, image_size=64, patch_size=8)
 # ~111M parameters with a 32768-token vocabulary (untied head): the >= 100M / >= 32k teacher.
