@@ -1,0 +1,196 @@
+"""kd-eval through the real CLI: accuracy against answers computed independently (one unbatched
+``generate`` per question on a prompt built with the processor's own chat template), multiple-choice
+accuracy against a dense log-likelihood, and KL / top-1 agreement against a dense full-vocabulary
+computation (KL ~ 0 when the model *is* the teacher and k covers the vocabulary)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli.kd_eval_cli import app
+from kd_cache import open_cache, tiny
+from kd_cache.build import BuildConfig, build_cache
+from student.losses import dense_divergence
+
+MAX_NEW = 4
+
+
+def _eval(*args) -> dict:
+    res = CliRunner().invoke(app, [*map(str, args), "--json"])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.stdout)
+
+
+def _load(path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval(), \
+        AutoProcessor.from_pretrained(path)
+
+
+def _messages(turns):
+    """Structured chat messages for the processor's own chat template (independent of kd_cache.data)."""
+    msgs = []
+    for t in turns:
+        role = "user" if t["from"] == "human" else "assistant"
+        parts = []
+        for j, chunk in enumerate(t["value"].split("<image>")):
+            if j:
+                parts.append({"type": "image"})
+            if chunk:
+                parts.append({"type": "text", "text": chunk})
+        msgs.append({"role": role, "content": parts})
+    return msgs
+
+
+def _inputs(proc, turns, image, answer: str | None = None):
+    prompt = proc.apply_chat_template(_messages(turns), add_generation_prompt=True)
+    text = prompt if answer is None else prompt + answer + proc.tokenizer.eos_token
+    return proc(text=text, images=[image], return_tensors="pt"), prompt
+
+
+@pytest.fixture(scope="module")
+def qa(tmp_path_factory, teacher_dir):
+    """Single-question records; the reference answer is the model's own greedy answer on a known subset."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("qa")
+    (root / "images").mkdir()
+    model, proc = _load(teacher_dir)
+    tok = proc.tokenizer
+    questions = ["What colour is the shape?", "Where is the shape?", "How many shapes are there?"]
+    options = list(tiny.COLOURS)[:4]
+    records, expected_correct, expected_mc = [], 0, 0
+    for i in range(8):
+        name = f"q{i}.png"
+        tiny.draw_shapes(root / "images" / name, [(tiny.SHAPES[i % 3], list(tiny.COLOURS)[i % 6],
+                                                    tiny.POSITIONS[i % 5])])
+        image = Image.open(root / "images" / name).convert("RGB")
+        turns = [{"from": "human", "value": "<image>\n" + questions[i % 3]}]
+        enc, _ = _inputs(proc, turns, image)
+        with torch.no_grad():
+            gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        direct = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        assert direct, "the tiny model answered with nothing; pick another seed"
+        right = i % 3 != 2  # 2 of every 3 records carry the model's own answer, the rest a wrong one
+        answer = direct if right else direct + " nope"
+        expected_correct += right
+
+        # Multiple choice, dense: full forward over prompt + option + <|im_end|>, sum the option's log-probs.
+        scores = []
+        for opt in options:
+            full, prompt = _inputs(proc, turns, image, answer=opt)
+            n_prompt = proc(text=prompt, images=[image], return_tensors="pt")["input_ids"].shape[1]
+            with torch.no_grad():
+                logp = model(**full).logits[0].float().log_softmax(-1)
+            ids = full["input_ids"][0]
+            scores.append(float(sum(logp[t - 1, ids[t]] for t in range(n_prompt, len(ids)))))
+        best = int(np.argmax(scores))
+        mc_answer = options[best] if i % 2 == 0 else options[(best + 1) % len(options)]
+        expected_mc += i % 2 == 0
+        records.append({"id": f"q{i}", "image": name, "conversations": [*turns, {"from": "gpt", "value": answer}]})
+        records.append({"id": f"m{i}", "image": name, "options": options,
+                        "conversations": [*turns, {"from": "gpt", "value": mc_answer}]})
+    data = root / "qa.json"
+    data.write_text(json.dumps(records))
+    return data, root / "images", expected_correct, expected_mc
+
+
+def test_multiple_choice_matches_dense_likelihood(teacher_dir, qa):
+    data, images, _, expected_mc = qa
+    # Batch 3 over 16 questions: left padding over uneven prompt lengths, and a short last batch.
+    out = _eval("--model", teacher_dir, "--data", data, "--image-folder", images, "--batch-size", 3,
+                "--max-new-tokens", MAX_NEW)["qa"]
+    assert out["questions"] == 16 and out["records"] == 16 and out["skipped"] == []
+    assert out["mc_questions"] == 8
+    assert out["mc_accuracy"] == pytest.approx(expected_mc / 8)
+    assert _eval("--model", teacher_dir, "--data", data, "--image-folder", images, "--limit", 1,
+                 "--max-new-tokens", MAX_NEW)["qa"]["questions"] == 1
+
+
+def test_accuracy_on_generated_answers(teacher_dir, qa, tmp_path):
+    data, images, expected_correct, _ = qa
+    rows = [r for r in json.loads(data.read_text()) if r["id"].startswith("q")]
+    only_q = tmp_path / "q.jsonl"
+    only_q.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    preds = tmp_path / "preds.jsonl"
+    res = CliRunner().invoke(app, ["--model", str(teacher_dir), "--data", str(only_q), "--image-folder", str(images),
+                                   "--batch-size", "3", "--max-new-tokens", str(MAX_NEW), "--predictions", str(preds),
+                                   "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)["qa"]
+    assert out["correct"] == expected_correct
+    assert out["accuracy"] == pytest.approx(expected_correct / 8)
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert [p["correct"] for p in lines] == [i % 3 != 2 for i in range(8)]
+
+
+def test_multi_turn_records_count_every_answer(teacher_dir, chat_data):
+    data, images = chat_data  # 10 records, every 4th text-only; the rest ask two questions
+    out = _eval("--model", teacher_dir, "--data", data, "--image-folder", images, "--max-new-tokens", 2)["qa"]
+    assert out["questions"] == 2 * 8 + 2 and out["mc_accuracy"] is None
+    assert 0.0 <= out["accuracy"] <= 1.0
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory, teacher_dir, chat_data):
+    out = tmp_path_factory.mktemp("eval-cache") / "cache"
+    data, images = chat_data
+    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
+                            top_k=400, relation="none", device="cpu", progress=False, shard_size=4))
+    return out
+
+
+def _dense_metrics(teacher_dir, model_dir, cache_path):
+    """Mean forward KL and top-1 agreement from both models' full logits at the response positions."""
+    from PIL import Image
+
+    teacher, proc = _load(teacher_dir)
+    model, _ = _load(model_dir)
+    folder = open_cache(str(cache_path)).manifest["build_config"]["image_folder"]
+    kls, agree = [], []
+    for s in open_cache(str(cache_path)):
+        inputs = {"input_ids": torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))[None]}
+        if s["images"]:
+            ims = [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]]
+            inputs["pixel_values"] = proc.image_processor(images=ims, return_tensors="pt")["pixel_values"]
+        pos = torch.from_numpy(np.asarray(s["response_positions"], dtype=np.int64))
+        with torch.no_grad():
+            t = teacher(**inputs).logits[0, pos].float()
+            q = model(**inputs).logits[0, pos].float()
+        kls.append(dense_divergence(q, t, divergence="fkl"))
+        agree.append(q.argmax(-1) == t.argmax(-1))
+    return float(torch.cat(kls).mean()), float(torch.cat(agree).float().mean()), int(sum(len(k) for k in kls))
+
+
+def test_kl_is_zero_for_the_teacher_itself(teacher_dir, full_cache):
+    out = _eval("--model", teacher_dir, "--cache", full_cache, "--batch-size", 3)["cache"]
+    assert out["kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)
+    assert out["top1_agreement"] == 1.0
+    assert out["kl_visual"] == pytest.approx(0.0, abs=1e-4) and out["top1_visual"] == 1.0
+    assert out["positions"] > 0 and out["visual_positions"] > 0 and out["samples"] == 10
+
+
+def test_kl_and_top1_match_dense_reference(teacher_dir, student_dir, full_cache):
+    out = _eval("--model", student_dir, "--cache", full_cache, "--batch-size", 4)["cache"]
+    kl, top1, n = _dense_metrics(teacher_dir, student_dir, full_cache)
+    assert out["positions"] == n
+    assert kl > 0.1  # a different model: far from the teacher
+    assert out["kl_to_teacher"] == pytest.approx(kl, rel=1e-3)  # fp16 stored teacher log-probs
+    assert out["top1_agreement"] == pytest.approx(top1)
+
+
+def test_human_output_and_errors(teacher_dir, full_cache, tmp_path):
+    res = CliRunner().invoke(app, ["--model", str(teacher_dir), "--cache", str(full_cache)])
+    assert res.exit_code == 0, res.output
+    assert "kl_to_teacher" in res.stdout and "top1_agreement" in res.stdout
+    res = CliRunner().invoke(app, ["--model", str(teacher_dir)])
+    assert res.exit_code == 2 and "nothing to evaluate" in res.output
+    res = CliRunner().invoke(app, ["--model", str(tmp_path / "missing"), "--cache", str(full_cache)])
+    assert res.exit_code == 2 and "config.json" in res.output
