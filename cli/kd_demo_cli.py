@@ -33,12 +33,15 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed for the task, the models and the training order.")] = 0,
     quick: Annotated[bool, typer.Option(help="A much smaller run (well under 2 minutes) that exercises every "
                                              "step; its numbers mean nothing.")] = False,
+    method: Annotated[str, typer.Option(help="llavakd: baseline vs LLaVA-KD (DPT -> SFT -> DFT); llavadi: also a "
+                                             "third student with LLaVADI's combination (logits on all tokens + "
+                                             "hidden states), reported as 'llavadi'.")] = "llavakd",
 ) -> None:
     """Run the demo and print teacher / baseline / distilled metrics."""
     from student.demo import DemoConfig, run_demo
 
     try:
-        cfg = DemoConfig(out=out, seed=seed, quick=quick)
+        cfg = DemoConfig(out=out, seed=seed, quick=quick, method=method)
     except ValueError as e:
         typer.echo(f"kd-demo: error: {e}", err=True)
         raise typer.Exit(code=2) from None

@@ -27,14 +27,13 @@ matplotlib is installed) and prints a table.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +199,10 @@ class DemoConfig:
     # pre-training stage (PT and DPT alike) trains the LLM too; with the projector alone the caption CE
     # does not move from its initial value (measured: 5.87 after 200 steps).
     pretrain_modules: str = "projector,llm"
+    # llavakd: baseline vs LLaVA-KD. llavadi: also a third student with LLaVADI's combination (logits on
+    # all tokens + final hidden states through a 2-layer MLP, no RDist) from the same start.
+    method: str = "llavakd"
+    hidden_weight: float = 1.0
     # These models are tiny: one intra-op thread per process is as fast as two on an idle 2-core
     # machine and several times faster on a busy one (60 teacher steps: 8.5 s with 1 thread, 13-67 s with
     # 2, measured with other jobs running); the second core trains the other student (``parallel``).
@@ -207,6 +210,8 @@ class DemoConfig:
     parallel: bool = True
 
     def __post_init__(self):
+        if self.method not in ("llavakd", "llavadi"):
+            raise ValueError(f"--method {self.method!r}: expected llavakd or llavadi")
         if self.quick:
             for k, v in QUICK.items():
                 setattr(self, k, v)
@@ -410,6 +415,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
                                 top_k=cfg.top_k, **common_build))
         build_cache(BuildConfig(teacher=str(teacher), data=str(data["test"]), out=str(caches / "test"),
                                 top_k=len(tok), relation="none", **common_build))
+        if cfg.method == "llavadi":
+            build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(caches / "instruct-all"),
+                                    top_k=cfg.top_k, positions="response,visual,prompt", hidden=True,
+                                    **common_build))
 
     # 5. students -------------------------------------------------------------------------------------
     kd = dict(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
@@ -434,6 +443,18 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
             dict(stage="dft", student=str(runs / "distilled-sft"), cache=str(caches / "instruct"),
                  out=str(runs / "distilled-dft"), max_steps=cfg.dft_steps, **kd, **fine)],
     }
+    if cfg.method == "llavadi":
+        # Same schedule as the LLaVA-KD student; the DFT leg distils logits on every token and the final
+        # hidden states (LLaVADI's best combination) instead of response/visual logits + RDist.
+        llavadi = dict(alpha=cfg.alpha, beta=cfg.beta, gamma=0.0, delta=cfg.alpha,
+                       positions="response,visual,prompt", hidden_weight=cfg.hidden_weight, hidden_loss="mse")
+        arms["llavadi"] = [
+            dict(stage="dpt", student=str(student), cache=str(caches / "captions"), out=str(runs / "llavadi-dpt"),
+                 **kd, **pre),
+            dict(stage="sft", student=str(runs / "llavadi-dpt"), cache=str(caches / "instruct"),
+                 out=str(runs / "llavadi-sft"), max_steps=cfg.sft_steps, **fine),
+            dict(stage="dft", student=str(runs / "llavadi-sft"), cache=str(caches / "instruct-all"),
+                 out=str(runs / "llavadi-dft"), max_steps=cfg.dft_steps, **llavadi, **fine)]
     if cfg.parallel:
         # The two students are independent: train them side by side, one process (and core) each.
         import multiprocessing as mp
@@ -448,12 +469,16 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
             _train_arm(arms["baseline"], cfg.threads)
         with step("distilled: DPT -> SFT -> DFT"):
             _train_arm(arms["distilled"], cfg.threads)
+        if "llavadi" in arms:
+            with step("llavadi: DPT -> SFT -> DFT (all-token logits + hidden states)"):
+                _train_arm(arms["llavadi"], cfg.threads)
 
     # 6. evaluation ------------------------------------------------------------------------------------
     results: dict[str, Any] = {}
     with step("kd-eval: teacher, baseline, distilled on the held-out test set"):
         for name, path in (("teacher", teacher), ("baseline", runs / "baseline-sft2"),
-                           ("distilled", runs / "distilled-dft")):
+                           ("distilled", runs / "distilled-dft"),
+                           *((("llavadi", runs / "llavadi-dft"),) if cfg.method == "llavadi" else ())):
             model, proc = load_model(path, "cpu")
             qa = evaluate_qa(path, str(data["test"]), str(data["images"]), batch_size=32, max_new_tokens=6,
                              model=model, processor=proc)
@@ -474,7 +499,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     results["total_s"] = round(time.perf_counter() - t_start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log("")
-    log(format_table({k: results[k] for k in ("teacher", "baseline", "distilled")}, COLUMNS))
+    log(format_table({k: results[k] for k in ("teacher", "baseline", "distilled", "llavadi") if k in results},
+                     COLUMNS))
     log(f"\nteacher LLM / student LLM parameters: {ratio:.1f}x; {results['teacher']['questions']} test questions; "
         f"total {results['total_s']:.0f}s")
     log(f"results: {out / 'results.json'}" + (f"; curves: {out / 'curves.png'}" if plotted else

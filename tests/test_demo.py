@@ -53,3 +53,25 @@ def test_demo_config_rejects_nonsense(tmp_path):
         DemoConfig(out=str(tmp_path), n_train=0)
     res = CliRunner().invoke(app, ["--help"])
     assert res.exit_code == 0 and "--quick" in res.output
+
+
+@pytest.mark.slow
+def test_quick_demo_llavadi_arm(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, "-c", "from cli.kd_demo_cli import main; main()", "--out", str(out),
+                           "--quick", "--method", "llavadi"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert {"teacher", "baseline", "distilled", "llavadi"} <= set(results)
+    assert all(math.isfinite(results["llavadi"][k]) for k in ("accuracy", "kl_to_teacher", "top1_agreement"))
+    cfg = json.loads((out / "runs" / "llavadi-dft" / "train_config.json").read_text())
+    assert cfg["positions"] in ("response,visual,prompt", ["response", "visual", "prompt"]) and cfg["gamma"] == 0.0
+    assert (out / "runs" / "llavadi-dft" / "hidden_projector" / "model.safetensors").is_file()
+    metrics = [json.loads(x) for x in (out / "runs" / "llavadi-dft" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["hidden"] is not None and m["mdist_prompt"] is not None for m in metrics)
+    with pytest.raises(ValueError, match="--method"):
+        from student.demo import DemoConfig
+
+        DemoConfig(out=str(tmp_path), method="other")
