@@ -157,7 +157,7 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
     Stamped = _stamped_dataset_class()  # noqa: N806
     vision = VisionSize(hidden=0, layers=0, heads=0, intermediate=0, image_size=profile.ld_image_size,
                         patch_size=profile.ld_patch)
-    processor = processor_for(vision)
+    processor = processor_for(vision, vocab)
     t0 = time.perf_counter()
     cache, img_dir, shape = write_cache(workdir / "ld", profile, processor, vocab)
     log(f"  loader cache: {profile.ld_samples} samples of {shape['tokens']} tokens ({shape['visual_tokens']} visual, "

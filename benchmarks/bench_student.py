@@ -58,7 +58,7 @@ def prepare(profile: Profile, device: torch.device, workdir: Path, log=print) ->
     n = profile.st_batch * profile.st_batches
     data, img_dir = make_records(workdir / "st-data", n, profile.vision.image_size, profile.question_words,
                                  profile.answer_words, seed=2)
-    processor = processor_for(profile.vision)
+    processor = processor_for(profile.vision, profile.vocab)
     teacher = _teacher(profile, processor, device)
     stub = save_teacher_stub(workdir / "st-teacher", teacher, processor)
     out = workdir / "st-cache"
@@ -88,7 +88,7 @@ class Steps:
         from student.stages import RECIPES, Stage, set_trainable
 
         self.device = device
-        processor = processor_for(profile.vision)
+        processor = processor_for(profile.vision, profile.vocab)
         # fp32 master weights as kd-train keeps them; bf16 autocast on a GPU (accelerate "bf16").
         self.student = build_model(processor, profile.vocab, profile.student, profile.vision, device, torch.float32,
                                    seed=1)

@@ -81,7 +81,7 @@ def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: floa
     from kd_cache.teacher import TeacherRunner
 
     dtype = getattr(torch, profile.dtype)
-    processor = processor_for(profile.vision)
+    processor = processor_for(profile.vision, profile.vocab)
     model = build_model(processor, profile.vocab, profile.teacher, profile.vision, device, dtype, seed=0).eval()
     model.requires_grad_(False)
     teacher_dir = save_teacher_stub(workdir / "tp-teacher", model, processor)
@@ -113,6 +113,8 @@ def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: floa
                     model(**inp, use_cache=False)
 
     runner = TeacherRunner(teacher, sparse="topk", top_k=64, relation="full")
+    if runner.vocab != profile.vocab:  # the runner distils over the tokenizer's tokens only
+        raise RuntimeError(f"teacher pass would distil over {runner.vocab} tokens, not the {profile.vocab} asked for")
 
     def first_batch_diagnostics(r: int) -> None:
         with torch.no_grad():
@@ -165,6 +167,7 @@ def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: floa
     R = range(profile.tp_rounds)
     details = {
         "teacher_params": n_params(model), "teacher_lm_params": lm_params(model), "vocab": profile.vocab,
+        "distilled_vocab": runner.vocab, "tokenizer_size": len(processor.tokenizer),
         "samples": n, "batch_size": B, "shard_size": profile.tp_shard, "tokens_per_sample": tokens / n,
         "distilled_positions_per_sample": distilled / n, "visual_tokens_per_image": image_tokens,
         "basis": clock.basis, "round_ratios": ratios,

@@ -9,6 +9,7 @@ scales with V (LM head, log-softmax, top-k) is paid in full.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from dataclasses import asdict, dataclass, field
@@ -160,9 +161,20 @@ PROFILES: dict[str, Profile] = {
 # ------------------------------------------------------------------------------------------ models
 
 
-def processor_for(vision: VisionSize):
-    """The shared LlavaProcessor (tiny BPE tokenizer + SigLIP image processor at the vision geometry)."""
-    return tiny.build_processor(image_size=vision.image_size, patch_size=vision.patch_size)
+@functools.lru_cache(maxsize=4)
+def processor_for(vision: VisionSize, vocab: int | None = None):
+    """The shared LlavaProcessor (tiny BPE tokenizer + SigLIP image processor at the vision geometry).
+
+    With ``vocab``, the tokenizer is padded with never-used added tokens to exactly ``vocab`` tokens:
+    the teacher pass distils over the *tokenizer's* vocabulary (head rows past it are padding and
+    masked), so a 400-token tokenizer would make top-k, log-softmax and tail run over 400 columns
+    instead of V. (Cached: padding 32k tokens takes a few seconds.)
+    """
+    proc = tiny.build_processor(image_size=vision.image_size, patch_size=vision.patch_size)
+    tok = proc.tokenizer
+    if vocab is not None and len(tok) < vocab:
+        tok.add_tokens([f"<bench_unused_{i}>" for i in range(vocab - len(tok))])
+    return proc
 
 
 def llava_config(processor, vocab: int, lm: LMSize, vision: VisionSize):
