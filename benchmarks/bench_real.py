@@ -377,10 +377,13 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
 
     teacher = Teacher(model, tok, tok, None, False, device)
     dists, writes, back = {}, {}, {}
-    variants = {f"topk{k}": ("topk", k) for k in TOPK_VARIANTS} | {"sample64": ("sample", 64)}
+    # sample64 is the build's default scheme (systematic); the iid multinomial draws are kept for comparison.
+    variants = {f"topk{k}": ("topk", k, "systematic") for k in TOPK_VARIANTS} | {
+        "sample64": ("sample", 64, "systematic"), "sample64_multinomial": ("sample", 64, "multinomial")}
     rows = None
-    for name, (mode, k) in variants.items():
-        runner = TeacherRunner(teacher, sparse=mode, top_k=k, samples=k, relation="none", seed=0)
+    for name, (mode, k, scheme) in variants.items():
+        runner = TeacherRunner(teacher, sparse=mode, top_k=k, samples=k, sample_scheme=scheme, relation="none",
+                               seed=0)
         samples, rows = _dist_samples(runner, ids, hid["final"], profile.real_segment)
         dists[name] = samples
         out = workdir / f"real-{name}"
@@ -398,6 +401,7 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
         gv = {f"topk{k}": (_teacher_tensors(back[f"topk{k}"], device), "tail") for k in TOPK_VARIANTS}
         gv["topk64_renorm"] = (gv["topk64"][0], "renorm")
         gv["sample64"] = (_teacher_tensors(back["sample64"], device), "sample")
+        gv["sample64_multinomial"] = (_teacher_tensors(back["sample64_multinomial"], device), "sample")
         grads[f"layer{L_s}"] = {"student": f"teacher layer {L_s} of {L} through the final norm and head",
                                 **_kl_stats(head_w, h_t, h_s),
                                 "variants": _grad_cosines(head_w, h_t, h_s, gv, head_grad=True)}
@@ -434,8 +438,9 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
                                    + w["metadata_bytes"]) / n_pos, "zarr_json_bytes_per_shard": w["metadata_bytes"],
                                    "per_array": {a: b / n_pos for a, b in sorted(w["per_array"].items())}}
                                    for n, w in writes.items()},
-            "sample64_unique_ids_per_position": float(np.mean([(s["response_ids"] >= 0).sum(-1).mean()
-                                                               for s in dists["sample64"]])),
+            **{f"{n}_unique_ids_per_position": float(np.mean([(s["response_ids"] >= 0).sum(-1).mean()
+                                                              for s in dists[n]]))
+               for n in ("sample64", "sample64_multinomial")},
             "gradients": grads, "relation": rel["details"], "storage_grid": grid, "generated_text": generated,
             "seconds": time.perf_counter() - t0,
         },

@@ -31,6 +31,11 @@ class Sparse(str, Enum):
     sample = "sample"
 
 
+class SampleScheme(str, Enum):
+    systematic = "systematic"
+    multinomial = "multinomial"
+
+
 class DType(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -55,6 +60,10 @@ def build(
                                            "from the teacher (unbiased random-sampling KD).")] = Sparse.topk,
     top_k: Annotated[int, typer.Option(help="Ids kept per position in topk mode.")] = 64,
     samples: Annotated[int, typer.Option(help="Draws per position in sample mode.")] = 64,
+    sample_scheme: Annotated[SampleScheme, typer.Option(
+        help="How sample mode draws (both unbiased): systematic = one random offset, N evenly spaced points "
+             "through the CDF (much lower variance, fewer distinct ids); multinomial = N independent draws.")
+    ] = SampleScheme.systematic,
     relation: Annotated[str, typer.Option(help="Relation matrix encoding per image: full | lowrank:R | none.")] = "full",
     batch_size: Annotated[int, typer.Option(help="Samples per teacher forward (does not change the cache).")] = 8,
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of resumption and of parallelism).")] = 1024,
@@ -80,7 +89,8 @@ def build(
 
     try:
         cfg = BuildConfig(teacher=teacher, data=data, out=out, image_folder=image_folder, template=template.value,
-                          sparse=sparse.value, top_k=top_k, samples=samples, relation=relation,
+                          sparse=sparse.value, top_k=top_k, samples=samples, sample_scheme=sample_scheme.value,
+                          relation=relation,
                           batch_size=batch_size, shard_size=shard_size, max_length=max_length, dtype=dtype.value,
                           device=device, strict=strict, limit=limit, seed=seed, positions=positions, hidden=hidden,
                           generate=generate, max_new_tokens=max_new_tokens,

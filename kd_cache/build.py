@@ -38,10 +38,10 @@ from kd_cache.data import (
 )
 from kd_cache.relation import parse_relation_spec
 from kd_cache.shards import FORMAT_VERSION, CacheWriter
-from kd_cache.teacher import TeacherRunner, load_teacher, resolve_dtype
+from kd_cache.teacher import SAMPLE_SCHEMES, TeacherRunner, load_teacher, resolve_dtype
 
 # Settings that change what a cache contains: a rerun against the same --out must match them.
-CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "relation",
+CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "sample_scheme", "relation",
                 "shard_size", "max_length", "dtype", "limit", "seed", "positions", "hidden", "generate",
                 "max_new_tokens", "generate_temperature")
 
@@ -58,6 +58,7 @@ class BuildConfig:
     sparse: str = "topk"
     top_k: int = 64
     samples: int = 64
+    sample_scheme: str = "systematic"
     relation: str = "full"
     batch_size: int = 8
     shard_size: int = 1024
@@ -83,6 +84,8 @@ class BuildConfig:
         for name in ("top_k", "samples", "batch_size", "shard_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.sample_scheme not in SAMPLE_SCHEMES:
+            raise ValueError(f"--sample-scheme {self.sample_scheme!r}: expected one of {', '.join(SAMPLE_SCHEMES)}")
         if self.samples > 65535:
             raise ValueError(f"--samples {self.samples}: at most 65535 draws per position (counts are uint16)")
         if self.limit is not None and self.limit < 1:
@@ -96,7 +99,10 @@ class BuildConfig:
         self.image_folder = resolve_image_folder(self.image_folder)
 
     def identity(self) -> dict:
-        return {k: getattr(self, k) for k in CONTENT_KEYS}
+        out = {k: getattr(self, k) for k in CONTENT_KEYS}
+        if self.sparse != "sample":
+            out["sample_scheme"] = None  # no draws: the scheme does not change a top-k cache
+        return out
 
 
 def _fs(url: str, storage_options: dict):
@@ -118,6 +124,8 @@ def _write_json(fs, path: str, obj: dict) -> None:
 
 
 def _check_identity(previous: dict, current: dict, out: str) -> None:
+    if previous.get("sparse") == "sample" and "sample_scheme" not in previous:
+        previous = {**previous, "sample_scheme": "multinomial"}  # builds before the scheme option drew iid
     diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
     if diffs:
         lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"
@@ -229,6 +237,7 @@ def build_cache(cfg: BuildConfig) -> dict:
     image_tokens = fingerprint.image_tokens_per_image(teacher.processor) if teacher.multimodal else None
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, image_tokens)
     runner = TeacherRunner(teacher, sparse=cfg.sparse, top_k=cfg.top_k, samples=cfg.samples,
+                           sample_scheme=cfg.sample_scheme,
                            relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed,
                            positions=parse_positions(cfg.positions), hidden=cfg.hidden)
     k = min(cfg.top_k, runner.vocab) if cfg.sparse == "topk" else cfg.samples
@@ -317,7 +326,7 @@ def _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, relation)
         "visual_tokens_per_image": image_tokens,
         "template": cfg.template,
         "max_length": cfg.max_length,
-        "sparse": {"mode": cfg.sparse, "k": k, **({"samples": cfg.samples} if cfg.sparse == "sample" else {"top_k": k}),
+        "sparse": {"mode": cfg.sparse, "k": k, **({"samples": cfg.samples, "scheme": cfg.sample_scheme} if cfg.sparse == "sample" else {"top_k": k}),
                    "seed": cfg.seed},
         "relation": relation,
         "positions": cfg.positions.split(","),

@@ -93,7 +93,8 @@ def test_lowrank_relation_is_close(teacher_dir, chat_data, tmp_path):
             assert cos > 0.999 and energy > 0.999
 
 
-def test_sample_mode_is_unbiased(teacher_dir, chat_data):
+@pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
+def test_sample_mode_is_unbiased(teacher_dir, chat_data, scheme):
     teacher = load_teacher(str(teacher_dir), "cpu", torch.float32)
     enc = Encoder(teacher.processor, "chat", 2048, str(chat_data[1]), image_tokens_per_image(teacher.processor))
     e = enc.encode(load_records(str(chat_data[0]))[0])
@@ -101,7 +102,7 @@ def test_sample_mode_is_unbiased(teacher_dir, chat_data):
     p = torch.softmax(dense[torch.from_numpy(e.labels[1:] != -100).nonzero()[:, 0]], -1).numpy()
     N, trials = 16, 300
     est = np.zeros_like(p)
-    runner = TeacherRunner(teacher, sparse="sample", samples=N, relation="none")
+    runner = TeacherRunner(teacher, sparse="sample", samples=N, sample_scheme=scheme, relation="none")
     h = runner.hidden_states([e])[0, torch.from_numpy(e.labels[1:] != -100).nonzero()[:, 0]]
     for seed in range(trials):
         runner.seed = seed
@@ -113,6 +114,10 @@ def test_sample_mode_is_unbiased(teacher_dir, chat_data):
         mass = np.where(valid, p[np.arange(len(p))[:, None], np.maximum(ids, 0)], 0).sum(-1)
         np.testing.assert_allclose(np.exp(tail), 1 - mass, atol=1e-5)
         np.add.at(est, (np.nonzero(valid)[0], ids[valid]), counts[valid] / N)
+        if scheme == "systematic":  # every token is drawn floor(N p) or ceil(N p) times
+            dense_counts = np.zeros_like(p)
+            np.add.at(dense_counts, (np.nonzero(valid)[0], ids[valid]), counts[valid])
+            assert (dense_counts >= np.floor(N * p - 1e-6)).all() and (dense_counts <= np.ceil(N * p + 1e-6)).all()
     est /= trials
     draws = N * trials
     np.testing.assert_allclose(est.sum(-1), 1.0, atol=1e-6)
