@@ -175,6 +175,23 @@ def batch_counts(batch: dict, settings: LossSettings | bool) -> Tensor:
     return torch.tensor([counts[t] for t in TERMS], dtype=torch.float64)
 
 
+def _fuse_relation(batch: dict, relation_index: Tensor, visual_kd: bool, d: int) -> bool:
+    """Whether the student relations ``Z Z^T`` should come from the visual MDist pass's own logits.
+
+    Both ways are exact: ``Z Z^T`` from the [N, V] logits that the visual MDist computes anyway costs
+    ``4 N^2 V`` FLOPs per image (forward + backward), ``H (W^T W) H^T`` costs ``4 V d^2`` per
+    micro-batch for the Gram matrix and its gradient. The fused way is taken when it is cheaper
+    (``I N^2 < d^2``: small images or few of them per micro-batch) and the relations cover the visual
+    positions in order, image after image (as ``StreamingKDDataset.collate`` lays them out).
+    """
+    if not visual_kd or "visual_ids" not in batch:
+        return False
+    n_img, n = relation_index.shape
+    if n_img * n * n >= d * d or n_img * n != batch["visual_index"].shape[0]:
+        return False
+    return bool(torch.equal(relation_index.reshape(-1), batch["visual_index"]))
+
+
 class DistillStudent(nn.Module):
     """``forward(batch) -> {ce_sum, kd_response_sum, ..., affinity_sum}`` (fp32 scalars, ``SUM_KEYS``).
 
@@ -230,18 +247,23 @@ class DistillStudent(nn.Module):
                               teacher=_teacher(batch, "response") if "response" in kinds else None, **common)
         sums = {"ce_sum": res["ce_sum"], "kd_response_sum": res["kd_sum"]}
         zero = res["ce_sum"] * 0.0
+        relation = batch.get("relation_index") if s.distill else None
+        fused = relation is not None and _fuse_relation(batch, relation, "visual" in kinds, head.shape[1])
+        r_s = None
         for kind in ("visual", "prompt"):
             teacher = _teacher(batch, kind) if kind in kinds else None
             if teacher is not None:
-                sums[f"kd_{kind}_sum"] = chunked_distill(flat[batch[f"{kind}_index"]], head, teacher=teacher,
-                                                         **common)["kd_sum"]
+                got = chunked_distill(flat[batch[f"{kind}_index"]], head, teacher=teacher,
+                                      relation_size=relation.shape[1] if fused and kind == "visual" else 0, **common)
+                sums[f"kd_{kind}_sum"] = got["kd_sum"]
+                r_s = got.get("relation", r_s)
             else:
                 sums[f"kd_{kind}_sum"] = zero
-        if s.distill and "relation_index" in batch:
-            # R_s = H (W^T W) H^T per image, in fp32 (outside autocast): never the N x V logits.
+        if relation is not None:
             with torch.autocast(device_type=flat.device.type, enabled=False):
-                gram = head_gram(head)
-                r_s = relation_from_hidden(flat[batch["relation_index"]].float(), None, gram=gram)  # [I, N, N]
+                if r_s is None:
+                    # R_s = H (W^T W) H^T per image, in fp32 (outside autocast): never the N x V logits.
+                    r_s = relation_from_hidden(flat[relation].float(), None, gram=head_gram(head))  # [I, N, N]
                 sums["rdist_sum"] = rdist(r_s, batch["relation_target"]).sum()
         else:
             sums["rdist_sum"] = zero

@@ -435,11 +435,18 @@ def _chunk_losses(
     skew_alpha: float,
     temperature: float,
     zscore: bool,
-) -> tuple[Tensor, Tensor]:
-    """CE sum and KD sum (fp32 scalars) for one chunk of positions: hidden [c, d] -> logits [c, V]."""
+    relation_groups: int = 0,
+    relation_size: int = 0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """CE sum and KD sum (fp32 scalars) for one chunk of positions: hidden [c, d] -> logits [c, V].
+
+    The third output is ``Z Z^T`` [G, N, N] of the chunk's first ``G = relation_groups`` runs of
+    ``N = relation_size`` rows (fp32 logits; [0, N, N] when G = 0)."""
     dtype = torch.promote_types(hidden.dtype, head_weight.dtype)
     logits = hidden.to(dtype) @ head_weight.to(dtype).T  # [c, V] in the model's dtype
     z = _up(logits)
+    zg = z[: relation_groups * relation_size].reshape(relation_groups, relation_size, z.shape[-1])
+    relation = zg @ zg.transpose(-1, -2)
     log_q = z.log_softmax(-1)
     zero = z.new_zeros(())
     ce = zero
@@ -455,7 +462,7 @@ def _chunk_losses(
         else:
             log_q_kd = log_q if temperature == 1.0 else _student_logits(z, temperature, False).log_softmax(-1)
             kd = _sparse_from_logq(log_q_kd, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha).sum()
-    return ce, kd
+    return ce, kd, relation
 
 
 def chunked_distill(
@@ -472,6 +479,7 @@ def chunked_distill(
     zscore: bool = False,
     chunk_size: int = 1024,
     checkpoint: bool = True,
+    relation_size: int = 0,
 ) -> dict[str, Tensor]:
     """Cross-entropy and sparse KD from hidden states, chunked over positions.
 
@@ -492,12 +500,19 @@ def chunked_distill(
             (temperature and zscore apply to the KD term only, never to CE).
         chunk_size: positions per chunk.
         checkpoint: recompute each chunk's logits in backward (only when grad is enabled).
+        relation_size: ``N`` > 0 also returns ``relation`` [P / N, N, N], the relation matrices
+            ``Z Z^T`` of every run of ``N`` consecutive rows (one image's visual positions), from the
+            fp32 logits the chunk computes anyway; ``P`` must be a multiple of ``N``, and chunks then
+            hold whole images (at least one, so a chunk may exceed ``chunk_size``). Costs
+            ``4 N^2 V`` FLOPs per image (forward and backward) on top of the logits, against
+            ``4 V d^2`` per call for ``H (W^T W) H^T`` (``relation_from_hidden``).
 
     Returns:
         dict of fp32 scalars ``ce_sum``, ``ce_count`` (targets != -100), ``kd_sum``, ``kd_count``
-        (teacher rows with at least one id). Sums, not means: divide by the global counts with
-        ``normalise`` so that gradient accumulation and data parallelism equal one big batch.
-        Empty inputs give zero sums (still connected to the graph), never NaN.
+        (teacher rows with at least one id), plus ``relation`` with ``relation_size``. Sums, not
+        means: divide by the global counts with ``normalise`` so that gradient accumulation and
+        data parallelism equal one big batch. Empty inputs give zero sums (still connected to the
+        graph), never NaN.
     """
     if hidden.ndim != 2 or head_weight.ndim != 2 or hidden.shape[1] != head_weight.shape[1]:
         raise ValueError(
@@ -510,6 +525,10 @@ def chunked_distill(
     mode = _as_mode(mode)
     _check_options(jsd_beta, skew_alpha, temperature)
     P = hidden.shape[0]
+    if relation_size < 0 or (relation_size and P % relation_size):
+        raise ValueError(f"relation_size must be >= 0 and divide the {P} positions, got {relation_size}")
+    if relation_size:  # chunks of whole images
+        chunk_size = max(1, chunk_size // relation_size) * relation_size
     if targets is not None and targets.shape != (P,):
         raise ValueError(f"targets must be [P] = [{P}], found shape {tuple(targets.shape)}")
 
@@ -525,6 +544,7 @@ def chunked_distill(
     # Zero sums that still reach both parameters, so backward() works on an empty batch.
     zero = (_up(hidden[:0]).sum() + _up(head_weight[:0]).sum()) * 0.0
     ce_sum, kd_sum = zero, zero
+    relations = []
     fn = functools.partial(
         _chunk_losses, div=div, mode=mode, jsd_beta=jsd_beta, skew_alpha=skew_alpha,
         temperature=temperature, zscore=zscore,
@@ -541,17 +561,24 @@ def chunked_distill(
             None if tail is None else tail[sl],
             None if counts is None else counts[sl],
         )
+        rows = min(chunk_size, P - a)
+        part = functools.partial(fn, relation_groups=rows // relation_size if relation_size else 0,
+                                 relation_size=relation_size)
         if use_ckpt:
-            ce, kd = _checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=False)
+            ce, kd, rel = _checkpoint(part, *args, use_reentrant=False, preserve_rng_state=False)
         else:
-            ce, kd = fn(*args)
+            ce, kd, rel = part(*args)
         ce_sum = ce_sum + ce
         kd_sum = kd_sum + kd
+        relations.append(rel)
 
     count_dtype = zero.dtype
     ce_count = zero.new_zeros(()) if targets is None else (targets != IGNORE_INDEX).sum().to(count_dtype)
     kd_count = zero.new_zeros(()) if ids is None else teacher_row_mask(ids).sum().to(count_dtype)
-    return {"ce_sum": ce_sum, "ce_count": ce_count, "kd_sum": kd_sum, "kd_count": kd_count}
+    out = {"ce_sum": ce_sum, "ce_count": ce_count, "kd_sum": kd_sum, "kd_count": kd_count}
+    if relation_size:
+        out["relation"] = torch.cat(relations) if relations else zero.new_zeros((0, relation_size, relation_size))
+    return out
 
 
 def head_gram(head_weight: Tensor, chunk_size: int = 16384) -> Tensor:

@@ -388,6 +388,33 @@ def test_relation_from_hidden_equals_dense():
     torch.testing.assert_close(Wr.grad, Wd.grad)
 
 
+@pytest.mark.parametrize("chunk_size", [1, 4, 8, 100])  # smaller than an image, one, two, all images
+@pytest.mark.parametrize("checkpoint", [True, False])
+def test_chunked_distill_relations_equal_dense(chunk_size, checkpoint):
+    """``relation_size``: Z Z^T of each image from the chunk's own logits, values and gradients."""
+    g = _gen(31)
+    n_img, N, d = 3, 4, 5
+    H = torch.randn(n_img * N, d, generator=g, dtype=torch.float64)
+    W = torch.randn(V, d, generator=g, dtype=torch.float64)
+    z = (H @ W.T).detach()
+    ids, lp, tail = _topk(z + torch.randn(z.shape, generator=g, dtype=torch.float64), 3)
+    weight = torch.randn(n_img, N, N, generator=g, dtype=torch.float64)
+    grads = []
+    for fused in (True, False):
+        Hr, Wr = H.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        out = chunked_distill(Hr, Wr, teacher={"ids": ids, "logprobs": lp, "tail": tail}, chunk_size=chunk_size,
+                              checkpoint=checkpoint, relation_size=N if fused else 0)
+        R = out["relation"] if fused else relation_from_hidden(Hr.reshape(n_img, N, d), Wr)
+        if fused:
+            assert R.shape == (n_img, N, N)
+            torch.testing.assert_close(R, relation_from_logits((H @ W.T).reshape(n_img, N, V)))
+        (out["kd_sum"] + (R * weight).sum()).backward()
+        grads.append((Hr.grad, Wr.grad))
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(ValueError, match="divide"):
+        chunked_distill(H, W, relation_size=5)
+
+
 def test_rdist_is_one_minus_cosine_and_scale_invariant():
     g = _gen(31)
     Zs, Zt = torch.randn(5, V, generator=g), torch.randn(5, V, generator=g)

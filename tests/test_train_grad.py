@@ -86,14 +86,25 @@ def test_grad_accum_and_per_sample_equal_one_big_batch(student_dir, processor, c
     assert m_big["positions"] == m_accum["positions"] == m_single["positions"]
 
 
+@pytest.mark.parametrize("relation_path", ["fused", "gram"])
 def test_gradients_equal_the_dense_full_vocabulary_reference(student_dir, processor, cache_path, samples,
-                                                             accelerator):
-    """The chunked, gathered, globally normalised losses are the DESIGN.md quantities, computed densely."""
+                                                             accelerator, monkeypatch, relation_path):
+    """The chunked, gathered, globally normalised losses are the DESIGN.md quantities, computed densely.
+
+    Both ways to the student relations are checked: ``Z Z^T`` from the visual MDist chunk's logits
+    (what these small images take) and ``H (W^T W) H^T`` (forced here)."""
+    import student.distill as distill_mod
+
+    fuse = distill_mod._fuse_relation
+    taken = []
+    monkeypatch.setattr(distill_mod, "_fuse_relation", lambda *a: taken.append(fuse(*a)) or (
+        taken[-1] if relation_path == "fused" else False))
     ds = StreamingKDDataset(str(cache_path), processor, image_folder=None, batch_size=8)
     model, _ = load_student(student_dir)
     set_trainable(model, ("projector", "llm"))
     micro = [ds.collate(samples[i:i + 3]) for i in range(0, 8, 3)]  # uneven micro-batches: 3, 3, 2
     chunked, metrics = _grads(model, accelerator, micro, True)
+    assert taken and all(taken)  # the cost rule picks the fused way at these shapes
 
     for p in model.parameters():
         p.grad = None
