@@ -34,6 +34,7 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import posixpath
@@ -59,7 +60,9 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 COMPLETE_SUFFIX = ".complete.json"
 CHUNK_BYTES = 1 << 20  # raw bytes per chunk: big enough for zstd, small enough for cheap random access
-READER_CHUNKS_CACHED = 4  # decoded chunks kept per array by a shard reader
+READER_CACHE_BYTES = 64 << 20  # decoded chunks a reader keeps (all arrays and open shards together)
+
+_OPENINGS = itertools.count()  # shard openings in this process (chunk cache keys)
 
 INCOMPLETE_HINT = "cache incomplete: run kd-cache build again to finish it"
 
@@ -554,42 +557,77 @@ class CacheWriter:
 # reader
 
 
-class _ChunkReader:
-    """Row ranges of one zarr array, keeping the last few decoded chunks.
+class ChunkCache:
+    """Decoded chunks of any arrays and shards, least recently used out first, within ``max_bytes``.
 
-    Sequential reads decode every chunk exactly once; random reads within a shard cost at most the
-    chunks they touch.
+    One cache serves every array of a reader, and can serve several readers (a dataset that keeps
+    several shards open gives them one budget). Keys name the opened shard (each opening is new:
+    a reader never serves chunks of an earlier opening) and the array. The chunks that one read needs
+    are held by that read until it returns, whatever the budget.
     """
 
-    def __init__(self, arr, max_chunks: int = READER_CHUNKS_CACHED):
+    def __init__(self, max_bytes: int = READER_CACHE_BYTES):
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self._chunks: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._chunks)
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        a = self._chunks.get(key)
+        if a is not None:
+            self._chunks.move_to_end(key)
+        return a
+
+    def put(self, key: tuple, a: np.ndarray) -> None:
+        old = self._chunks.pop(key, None)
+        if old is not None:
+            self.nbytes -= old.nbytes
+        self._chunks[key] = a
+        self.nbytes += a.nbytes
+        while self.nbytes > self.max_bytes and len(self._chunks) > 1:
+            _, dropped = self._chunks.popitem(last=False)
+            self.nbytes -= dropped.nbytes
+
+    def clear(self) -> None:
+        self._chunks.clear()
+        self.nbytes = 0
+
+
+class _ChunkReader:
+    """Row ranges of one zarr array through a shared ``ChunkCache`` of decoded chunks.
+
+    Sequential reads decode every chunk exactly once; random reads cost the chunks they touch that
+    are not cached (each run of missing chunks is one zarr call).
+    """
+
+    def __init__(self, arr, key: tuple):
         self.arr = arr
+        self.key = key
         self.n = int(arr.shape[0])
         self.rows = int(arr.chunks[0])
-        self.max_chunks = max_chunks
-        self.cache: OrderedDict[int, np.ndarray] = OrderedDict()
 
-    def get(self, start: int, stop: int) -> np.ndarray:
+    def get(self, start: int, stop: int, cache: ChunkCache) -> np.ndarray:
         start, stop = int(start), int(stop)
         if stop <= start:
             return np.zeros((0, *self.arr.shape[1:]), dtype=self.arr.dtype)
         c0, c1 = start // self.rows, (stop - 1) // self.rows
-        missing = [c for c in range(c0, c1 + 1) if c not in self.cache]
+        pieces: list[np.ndarray | None] = [cache.get((self.key, c)) for c in range(c0, c1 + 1)]
         i = 0
-        while i < len(missing):  # read each run of missing chunks with one zarr call
+        while i < len(pieces):  # read each run of missing chunks with one zarr call
+            if pieces[i] is not None:
+                i += 1
+                continue
             j = i
-            while j + 1 < len(missing) and missing[j + 1] == missing[j] + 1:
+            while j + 1 < len(pieces) and pieces[j + 1] is None:
                 j += 1
-            lo, hi = missing[i] * self.rows, min((missing[j] + 1) * self.rows, self.n)
+            lo, hi = (c0 + i) * self.rows, min((c0 + j + 1) * self.rows, self.n)
             block = np.asarray(self.arr[lo:hi])
-            for c in range(missing[i], missing[j] + 1):
-                self.cache[c] = block[(c - missing[i]) * self.rows : (c + 1 - missing[i]) * self.rows]
+            for m in range(i, j + 1):
+                pieces[m] = block[(m - i) * self.rows : (m + 1 - i) * self.rows]
+                cache.put((self.key, c0 + m), pieces[m])
             i = j + 1
-        pieces = []
-        for c in range(c0, c1 + 1):
-            self.cache.move_to_end(c)
-            pieces.append(self.cache[c])
-        while len(self.cache) > max(self.max_chunks, c1 - c0 + 1):
-            self.cache.popitem(last=False)
         base = c0 * self.rows
         if len(pieces) == 1:
             return pieces[0][start - base : stop - base].copy()
@@ -597,10 +635,14 @@ class _ChunkReader:
 
 
 class _ShardReader:
-    """One open shard: attributes and offsets in memory, data arrays read through _ChunkReader."""
+    """One open shard: attributes and offsets in memory, data arrays read through _ChunkReader.
+
+    Decoded chunks live in the ``ChunkCache`` handed to ``sample`` (the reading ``KDCache``'s).
+    """
 
     def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
         self.path = path
+        self.token = next(_OPENINGS)  # names this opening in chunk cache keys
         self.display = _display(fs, path)
         if not fs.exists(posixpath.join(path, "zarr.json")):
             raise FileNotFoundError(f"shard {self.display} is missing: {INCOMPLETE_HINT}")
@@ -638,32 +680,32 @@ class _ShardReader:
     def _full(self, name: str) -> np.ndarray:
         return np.asarray(self.group[name][...])
 
-    def _get(self, name: str, start: int, stop: int) -> np.ndarray:
+    def _get(self, cache: ChunkCache, name: str, start: int, stop: int) -> np.ndarray:
         r = self._readers.get(name)
         if r is None:
-            r = self._readers[name] = _ChunkReader(self.group[name])
-        return r.get(start, stop)
+            r = self._readers[name] = _ChunkReader(self.group[name], (self.token, name))
+        return r.get(start, stop, cache)
 
-    def sample(self, j: int) -> dict:
+    def sample(self, j: int, cache: ChunkCache) -> dict:
         if not 0 <= j < self.n:
             raise IndexError(f"sample {j} out of range for shard {self.display} with {self.n} samples")
         t0, t1 = self.off["tokens"][j], self.off["tokens"][j + 1]
         out: dict[str, Any] = {
             "id": self.ids[j],
             "images": list(self.images[j]),
-            "input_ids": self._get("tokens/input_ids", t0, t1),
-            "labels": self._get("tokens/labels", t0, t1),
+            "input_ids": self._get(cache, "tokens/input_ids", t0, t1),
+            "labels": self._get(cache, "tokens/labels", t0, t1),
             "meta": dict(self.meta[j]) if self.meta else {},
         }
         K = self.k
         for kind in KINDS:
             p0, p1 = self.off[kind][j], self.off[kind][j + 1]
-            out[f"{kind}_positions"] = self._get(f"{kind}/positions", p0, p1)
+            out[f"{kind}_positions"] = self._get(cache, f"{kind}/positions", p0, p1)
             if self.mode == "topk":
-                out[f"{kind}_ids"] = self._get(f"{kind}/ids", p0, p1)
-                out[f"{kind}_logprobs"] = self._get(f"{kind}/logprobs", p0, p1)
+                out[f"{kind}_ids"] = self._get(cache, f"{kind}/ids", p0, p1)
+                out[f"{kind}_logprobs"] = self._get(cache, f"{kind}/logprobs", p0, p1)
             else:
-                n_ent = self._get(f"{kind}/n_entries", p0, p1).astype(np.int64)
+                n_ent = self._get(cache, f"{kind}/n_entries", p0, p1).astype(np.int64)
                 eo = self.off[f"{kind}/entries"]
                 e0, e1 = eo[j], eo[j + 1]
                 mask = np.arange(K)[None, :] < n_ent[:, None]
@@ -671,20 +713,20 @@ class _ShardReader:
                 ids = np.full((P, K), -1, dtype=np.int32)
                 lps = np.zeros((P, K), dtype=np.float16)
                 cnt = np.zeros((P, K), dtype=np.uint16)
-                ids[mask] = self._get(f"{kind}/ids", e0, e1)
-                lps[mask] = self._get(f"{kind}/logprobs", e0, e1)
-                cnt[mask] = self._get(f"{kind}/counts", e0, e1)
+                ids[mask] = self._get(cache, f"{kind}/ids", e0, e1)
+                lps[mask] = self._get(cache, f"{kind}/logprobs", e0, e1)
+                cnt[mask] = self._get(cache, f"{kind}/counts", e0, e1)
                 out[f"{kind}_ids"], out[f"{kind}_logprobs"], out[f"{kind}_counts"] = ids, lps, cnt
-            out[f"{kind}_tail"] = self._get(f"{kind}/tail", p0, p1)
+            out[f"{kind}_tail"] = self._get(cache, f"{kind}/tail", p0, p1)
             for name in self.extras.get(kind, {}):
-                out[f"{kind}_{name}"] = self._get(f"{kind}/extra/{name}", p0, p1)
+                out[f"{kind}_{name}"] = self._get(cache, f"{kind}/extra/{name}", p0, p1)
         rels, energies = [], []
         if self.rel_kind != "none":
             for m in range(int(self.off["relation"][j]), int(self.off["relation"][j + 1])):
                 enc = {}
                 for f in self.rel_fields:
                     fo = self.off[f"relation/{f}"]
-                    enc[f] = self._get(f"relation/{f}", fo[m], fo[m + 1])
+                    enc[f] = self._get(cache, f"relation/{f}", fo[m], fo[m + 1])
                 rels.append(decode_relation(enc, int(self.rel_n[m]), self.relation))
                 energies.append(float(self.rel_energy[m]))
         out["relation"] = rels
@@ -707,9 +749,13 @@ class KDCache:
 
     Picklable for DataLoader workers: the filesystem and open shard are dropped on pickling and
     reopened lazily (also after a fork).
+
+    ``chunk_cache`` holds the decoded chunks of recent reads (``READER_CACHE_BYTES`` by default). A
+    copy or a pickle starts with an empty one of the same size; assign one ``ChunkCache`` to several
+    copies to give them one budget (the streaming dataset does, for the shards it keeps open).
     """
 
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, *, cache_bytes: int = READER_CACHE_BYTES):
         self.url = str(url)
         self.storage_options = dict(storage_options or {})
         fs, root = _cache_paths(self.url, self.storage_options)
@@ -735,12 +781,14 @@ class KDCache:
         self._fs, self._root = fs, root
         self._pid = os.getpid()
         self._reader: tuple[int, _ShardReader] | None = None
+        self.chunk_cache = ChunkCache(cache_bytes)
 
     # pickling / forking -----------------------------------------------------------------------
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_fs"] = None
         state["_reader"] = None
+        state["chunk_cache"] = ChunkCache(self.chunk_cache.max_bytes)
         return state
 
     def __setstate__(self, state):
@@ -807,7 +855,7 @@ class KDCache:
         return reader
 
     def read_sample(self, shard_index: int, local_index: int) -> dict:
-        return self._open_shard(shard_index).sample(local_index)
+        return self._open_shard(shard_index).sample(local_index, self.chunk_cache)
 
     def __getitem__(self, i: int) -> dict:
         return self.read_sample(*self.locate(int(i)))
@@ -816,7 +864,7 @@ class KDCache:
         """All samples of one shard in order; each chunk of each array is decoded once."""
         reader = self._open_shard(shard_index)
         for j in range(reader.n):
-            yield reader.sample(j)
+            yield reader.sample(j, self.chunk_cache)
 
     def __iter__(self) -> Iterator[dict]:
         for s in range(len(self.shard_sizes)):

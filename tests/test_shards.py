@@ -405,3 +405,27 @@ def test_full_relation_decode_is_bit_identical_to_a_dense_reference(n):
     assert decode_relation({"upper": np.zeros(0, np.float16)}, 0, "full").shape == (0, 0)
     with pytest.raises(ValueError, match="needs 28 upper-triangle values"):
         decode_relation({"upper": np.zeros(27, np.float16)}, 7, "full")
+
+
+@pytest.mark.parametrize("cache_bytes", [1, 3000, 1 << 26])
+def test_chunk_cache_budget_never_changes_what_is_read(tmp_path, cache_bytes):
+    """Whatever the decoded-chunk budget (1 byte keeps only the chunks of the current read), random
+    access returns the written samples; the budget holds, also when two readers share one cache;
+    copies and pickles start with an empty cache of the same size."""
+    import copy
+
+    rng = np.random.default_rng(12)
+    samples = [make_sample(rng, i, "topk", 4) for i in range(13)]
+    build_cache(tmp_path / "c", samples, k=4, relation="full", per_shard=5, chunk_bytes=200)
+    cache = KDCache(str(tmp_path / "c"), cache_bytes=cache_bytes)
+    twin = copy.copy(cache)
+    assert twin.chunk_cache is not cache.chunk_cache and twin.chunk_cache.max_bytes == cache_bytes
+    twin.chunk_cache = cache.chunk_cache
+    for i in np.random.default_rng(3).permutation(13).tolist() + [4, 5, 4]:
+        reader = cache if i % 2 else twin
+        assert_sample_equal(reader[i], samples[i], "topk", 4, "full")
+        cc = cache.chunk_cache
+        assert cc.nbytes <= cc.max_bytes or len(cc) == 1
+    clone = pickle.loads(pickle.dumps(cache))
+    assert len(clone.chunk_cache) == 0 and clone.chunk_cache.max_bytes == cache_bytes
+    assert_sample_equal(clone[7], samples[7], "topk", 4, "full")
