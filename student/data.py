@@ -2,8 +2,13 @@
 
 Order. The sample order of an epoch is a pure function of ``(seed, epoch, shard sizes)``
 (``epoch_order``): the shards are permuted, taken ``block_shards`` at a time, and the samples of each
-block are permuted together. Reading stays shard-local (a worker keeps the block's shards open)
-while batches still mix samples of several shards.
+block are shuffled together. Reading stays shard-local (a worker keeps the block's shards open)
+while batches still mix samples of several shards. The shuffle is read-friendly: a block's shards
+are cut into windows of ``WINDOW`` consecutive samples, the windows are permuted, and the samples of
+``MIX_WINDOWS`` windows at a time are interleaved at random, each window read front to back. A batch
+thus draws from several random places of the block, and each compressed chunk is decoded about once
+by a worker instead of once per sample that touches it (the chunks of the windows being read stay in
+one decoded-chunk cache per worker).
 
 Split. Ranks take the epoch order strided (rank ``r`` gets positions ``r, r + W, r + 2W, ...``), so
 an optimizer step of ``W`` ranks x ``A`` micro-batches x ``B`` samples covers exactly the same
@@ -43,9 +48,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from kd_cache.data import prompt_positions
-from kd_cache.shards import open_cache
+from kd_cache.shards import CHUNK_BYTES, ChunkCache, open_cache
 
 IGNORE_INDEX = -100
+# Read locality of the shuffled order (see ``epoch_order``): windows of WINDOW consecutive samples of a
+# shard, MIX_WINDOWS of them interleaved. Chosen by benchmarks/bench_loader.py (see benchmarks/RESULTS.md).
+WINDOW = 32
+MIX_WINDOWS = 8
+# Decoded chunks a window being read keeps cached: about one chunk of each large array (tokens, top-k
+# ids and log-probs of two kinds, relation), at the writer's chunk size.
+CACHE_BYTES_PER_WINDOW = 8 * CHUNK_BYTES
 KINDS = ("response", "visual", "prompt")
 DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD; also what a cache without manifest["positions"] holds
 
@@ -62,20 +74,76 @@ class DataState:
 
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, *, shuffle: bool = True,
-                block_shards: int = 4) -> np.ndarray:
-    """Global sample indices of one epoch, in order (a pure function of the arguments)."""
+                block_shards: int = 4, window: int = WINDOW, mix: int = MIX_WINDOWS) -> np.ndarray:
+    """Global sample indices of one epoch, in order (a pure function of the arguments).
+
+    ``shuffle=False``: ``0 .. N-1``. Otherwise the shards are permuted and taken ``block_shards`` at
+    a time, and each block is consumed before the next starts. Within a block:
+
+    * ``window > 1`` (default): each shard is cut into windows of ``window`` consecutive samples
+      (the cuts move by a random offset per shard and epoch, so windows differ between epochs); the
+      block's windows are permuted and taken ``mix`` at a time; the samples of those ``mix`` windows
+      are interleaved at random, each window keeping its own front-to-back order. Consecutive
+      positions thus come from ``mix`` random places of the block, while every window is read front
+      to back, so a reader decodes each compressed chunk about once (in a uniformly random order
+      every sample decodes whole chunks of ~1 MiB for its own few rows).
+    * ``window <= 1``: the block's samples are permuted uniformly (no read locality; the order
+      this function gave before windows existed).
+
+    The windows and their order do not depend on ``mix`` (``window_plan``), only their interleaving.
+    ``window`` and ``mix`` are part of the order, like the seed: a run resumes with the ones it ran with.
+    """
     sizes = np.asarray(shard_sizes, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     if not shuffle:
         return np.arange(starts[-1], dtype=np.int64)
+    if window <= 1:
+        rng = np.random.default_rng([int(seed), int(epoch)])
+        shard_perm = rng.permutation(len(sizes))
+        parts = []
+        for b in range(0, len(shard_perm), max(1, block_shards)):
+            block = shard_perm[b:b + block_shards]
+            idx = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in block] or [np.zeros(0, np.int64)])
+            parts.append(rng.permutation(idx))
+        return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
+    deal = np.random.default_rng([int(seed), int(epoch), 1])  # its own stream: ``mix`` leaves the windows alone
+    parts = []
+    for w_start, w_len in window_plan(shard_sizes, seed, epoch, block_shards=block_shards, window=window):
+        for g in range(0, len(w_start), max(1, mix)):
+            first, lens = w_start[g:g + mix], w_len[g:g + mix]
+            # Window-major list of the group's samples (each window front to back) ...
+            flat = np.repeat(first - (np.cumsum(lens) - lens), lens) + np.arange(lens.sum())
+            # ... dealt to random slots: the k-th slot labelled w (in slot order) gets window w's k-th sample.
+            labels = deal.permutation(np.repeat(np.arange(len(lens)), lens))
+            group = np.empty_like(flat)
+            group[np.argsort(labels, kind="stable")] = flat
+            parts.append(group)
+    return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def window_plan(shard_sizes: list[int], seed: int, epoch: int, *, block_shards: int = 4,
+                window: int = WINDOW) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The windows of ``epoch_order`` (``window > 1``): per block, in reading order, the first global
+    sample index and the length of each window (consecutive samples of one shard)."""
+    if window < 2:
+        raise ValueError(f"window must be at least 2 samples for a window plan, found {window}")
+    sizes = np.asarray(shard_sizes, dtype=np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
     rng = np.random.default_rng([int(seed), int(epoch)])
     shard_perm = rng.permutation(len(sizes))
-    parts = []
+    plan = []
     for b in range(0, len(shard_perm), max(1, block_shards)):
-        block = shard_perm[b:b + block_shards]
-        idx = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in block] or [np.zeros(0, np.int64)])
-        parts.append(rng.permutation(idx))
-    return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
+        cuts = []
+        for s in shard_perm[b:b + block_shards]:
+            lo, hi = starts[s], starts[s + 1]
+            shift = int(rng.integers(window))  # the shard's first window holds `shift` samples (0: a full one)
+            cuts.append(np.unique(np.concatenate([[lo], np.arange(lo + shift, hi, window), [hi]])))
+        w_start = np.concatenate([c[:-1] for c in cuts] or [np.zeros(0, np.int64)])
+        w_len = np.concatenate([np.diff(c) for c in cuts] or [np.zeros(0, np.int64)])
+        keep = w_len > 0  # an empty shard has no window
+        perm = rng.permutation(int(keep.sum()))
+        plan.append((w_start[keep][perm], w_len[keep][perm]))
+    return plan
 
 
 def rank_stream(order: np.ndarray, samples_seen: int, rank: int, world_size: int) -> np.ndarray:
@@ -115,13 +183,16 @@ class StreamingKDDataset(IterableDataset):
             ``{kind}_hidden`` (the cache must hold them: ``kd-cache build --hidden``).
         affinity: also collate ``affinity_visual_rows``/``affinity_response_rows`` (adds response and
             visual to ``hidden_kinds``).
+        window, mix: read locality of the shuffled order (``epoch_order``); part of the order.
+        cache_bytes: decoded chunks kept by a worker (all open shards together); the default holds
+            the ``mix`` windows being read at once.
     """
 
     def __init__(self, cache, processor, *, image_folder: str | None, batch_size: int, seed: int = 0,
                  rank: int = 0, world_size: int = 1, shuffle: bool = True, block_shards: int = 4,
                  with_teacher: bool = True, storage_options: dict | None = None,
                  kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS, hidden_kinds: tuple[str, ...] | list[str] = (),
-                 affinity: bool = False):
+                 affinity: bool = False, window: int = WINDOW, mix: int = MIX_WINDOWS, cache_bytes: int | None = None):
         super().__init__()
         self.cache = open_cache(cache, storage_options) if isinstance(cache, (str, Path)) else cache
         self.image_processor = getattr(processor, "image_processor", None)
@@ -130,6 +201,8 @@ class StreamingKDDataset(IterableDataset):
         # Default: the folder the cache was built from (recorded in its manifest).
         self.image_folder = image_folder or (self.cache.manifest.get("build_config") or {}).get("image_folder")
         self.batch_size, self.seed, self.shuffle, self.block_shards = batch_size, seed, shuffle, block_shards
+        self.window, self.mix = int(window), int(mix)
+        self.cache_bytes = int(cache_bytes) if cache_bytes is not None else (max(1, self.mix) + 4) * CACHE_BYTES_PER_WINDOW
         self.rank, self.world_size = rank, world_size
         self.with_teacher = with_teacher
         m = self.cache.manifest
@@ -158,12 +231,13 @@ class StreamingKDDataset(IterableDataset):
         self.state = DataState()
         self._stream = np.zeros(0, np.int64)
         self._readers: OrderedDict[int, Any] = OrderedDict()
+        self._chunks: ChunkCache | None = None
         self.set_position(0, 0)
 
     # ------------------------------------------------------------------------------------ position
     def set_position(self, epoch: int, samples_seen: int = 0) -> None:
         order = epoch_order(self.cache.shard_sizes, self.seed, epoch, shuffle=self.shuffle,
-                            block_shards=self.block_shards)
+                            block_shards=self.block_shards, window=self.window, mix=self.mix)
         if not 0 <= samples_seen <= len(order):
             raise ValueError(f"data position {samples_seen} is outside epoch {epoch} of {len(order)} samples")
         self.state = DataState(epoch, samples_seen)
@@ -196,8 +270,12 @@ class StreamingKDDataset(IterableDataset):
         reader = self._readers.get(shard)
         if reader is None:
             # One reader per open shard (a KDCache keeps one shard open): a shuffle block touches
-            # ``block_shards`` shards in turn, and each keeps its decoded chunks.
+            # ``block_shards`` shards in turn. All share one chunk cache, sized for the windows
+            # read at once (see ``epoch_order``).
+            if self._chunks is None:
+                self._chunks = ChunkCache(self.cache_bytes)
             reader = self._readers[shard] = copy.copy(self.cache)
+            reader.chunk_cache = self._chunks
             while len(self._readers) > self.block_shards + 1:
                 self._readers.popitem(last=False)
         self._readers.move_to_end(shard)
@@ -206,6 +284,7 @@ class StreamingKDDataset(IterableDataset):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_readers"] = OrderedDict()
+        state["_chunks"] = None
         return state
 
     # ------------------------------------------------------------------------------------ collation

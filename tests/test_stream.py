@@ -8,7 +8,7 @@ import torch
 from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
 from kd_cache.shards import open_cache
-from student.data import StreamingKDDataset, epoch_order, make_loader, rank_stream, steps_per_epoch
+from student.data import StreamingKDDataset, epoch_order, make_loader, rank_stream, steps_per_epoch, window_plan
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,122 @@ def test_missing_image_names_the_sample_and_the_flag(mixed_cache, processor, tmp
     ds = StreamingKDDataset(str(mixed_cache), processor, image_folder=str(tmp_path), batch_size=2, shuffle=False)
     with pytest.raises(FileNotFoundError, match="syn-0-00000.*--image-folder"):
         next(iter(make_loader(ds)))
+
+
+def _max_open_shards(order: np.ndarray, sizes: list[int]) -> int:
+    """Most shards begun but not finished at any point of the order (what a reader keeps open)."""
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    shard = np.searchsorted(starts, order, side="right") - 1
+    left = dict(enumerate(sizes))
+    open_now, most = set(), 0
+    for s in shard.tolist():
+        open_now.add(s)
+        most = max(most, len(open_now))
+        left[s] -= 1
+        if left[s] == 0:
+            open_now.discard(s)
+    return most
+
+
+@pytest.mark.parametrize("window,mix", [(1, 8), (3, 1), (5, 3), (32, 8), (200, 2)])
+def test_windowed_order_is_pure_covers_every_sample_once_and_keeps_blocks(window, mix):
+    sizes = [10] * 11 + [7, 0, 23]
+    for epoch in range(3):
+        a = epoch_order(sizes, 5, epoch, window=window, mix=mix)
+        assert np.array_equal(a, epoch_order(sizes, 5, epoch, window=window, mix=mix))
+        assert np.array_equal(np.sort(a), np.arange(sum(sizes)))
+        assert _max_open_shards(epoch_order(sizes, 5, epoch, block_shards=2, window=window, mix=mix), sizes) <= 2
+    assert not np.array_equal(epoch_order(sizes, 5, 0, window=window, mix=mix),
+                              epoch_order(sizes, 5, 1, window=window, mix=mix))
+    assert epoch_order([], 0, 0, window=window, mix=mix).shape == (0,)
+
+
+def test_windows_are_short_runs_of_one_shard_read_front_to_back_and_move_between_epochs():
+    sizes = [10] * 11 + [7, 0, 23]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    cut_sets = []
+    for epoch in range(2):
+        plan = window_plan(sizes, 1, epoch, block_shards=3, window=4)
+        windows = [np.arange(a, a + n) for w_start, w_len in plan for a, n in zip(w_start, w_len)]
+        assert all(1 <= len(w) <= 4 for w in windows)
+        assert all(np.searchsorted(starts, w[0], "right") == np.searchsorted(starts, w[-1], "right") for w in windows)
+        assert np.array_equal(np.sort(np.concatenate(windows)), np.arange(sum(sizes)))
+        # Inside a shard the cuts are 4 apart (only a shard's first and last windows are shorter).
+        for s, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+            firsts = sorted(int(w[0]) for w in windows if lo <= w[0] < hi)
+            assert all(b - a == 4 for a, b in zip(firsts[1:], firsts[2:]))
+        cut_sets.append({int(w[0]) for w in windows})
+        # mix=1 reads the windows one after the other, each front to back
+        assert np.array_equal(epoch_order(sizes, 1, epoch, block_shards=3, window=4, mix=1), np.concatenate(windows))
+    assert cut_sets[0] != cut_sets[1]  # the cut points shift per epoch: windows differ between epochs
+
+
+@pytest.mark.parametrize("mix", [2, 3, 8])
+def test_mix_deals_the_planned_windows_in_groups_each_front_to_back(mix):
+    sizes = [37, 0, 50, 13, 21]
+    order = epoch_order(sizes, 9, 4, block_shards=2, window=6, mix=mix)
+    at = 0
+    for w_start, w_len in window_plan(sizes, 9, 4, block_shards=2, window=6):
+        for g in range(0, len(w_start), mix):
+            group = [np.arange(a, a + n) for a, n in zip(w_start[g:g + mix], w_len[g:g + mix])]
+            part = order[at:at + sum(len(w) for w in group)]
+            assert np.array_equal(np.sort(part), np.sort(np.concatenate(group)))
+            for w in group:
+                assert np.array_equal(part[np.isin(part, w)], w)
+            at += len(part)
+    assert at == sum(sizes)
+    assert not np.array_equal(order, epoch_order(sizes, 9, 4, block_shards=2, window=6, mix=1))
+
+
+def _write_text_cache(root, n: int, chunk_bytes: int) -> str:
+    """Text-only top-8 samples with tiny chunks (a few samples per chunk), in shards of 40."""
+    from kd_cache.shards import CacheWriter
+
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(n):
+        ids = rng.integers(5, 60, int(rng.integers(20, 40))).astype(np.int32)
+        labels = ids.copy()
+        labels[:6] = -100
+        pos = np.flatnonzero(labels[1:] != -100).astype(np.int32)
+        samples.append({"id": f"t{i:03d}", "input_ids": ids, "labels": labels, "response_positions": pos,
+                        "response_ids": rng.integers(0, 60, (len(pos), 8)),
+                        "response_logprobs": -rng.exponential(2.0, (len(pos), 8)),
+                        "response_tail": np.log(rng.uniform(0.01, 0.5, len(pos)))})
+    w = CacheWriter(str(root), chunk_bytes=chunk_bytes)
+    entries = [w.write_shard(j, samples[a:a + 40], sparse_mode="topk", k=8, relation="none")
+               for j, a in enumerate(range(0, n, 40))]
+    w.write_manifest({"shards": entries, "sparse": {"mode": "topk", "k": 8}, "relation": "none", "skipped": []})
+    return str(root)
+
+
+def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples(tmp_path, processor, monkeypatch):
+    from kd_cache.shards import ChunkCache, KDCache
+
+    url = _write_text_cache(tmp_path / "c", 160, chunk_bytes=1024)
+    decoded = []
+    put = ChunkCache.put
+    monkeypatch.setattr(ChunkCache, "put", lambda self, key, a: (decoded.append(key), put(self, key, a))[1])
+    plain = KDCache(url, cache_bytes=1)  # keeps nothing between reads: the plain per-sample path
+
+    def read_epoch(window):
+        # A budget of 8 chunks of 1 KiB per window read at once, as the default is for 1 MiB chunks.
+        ds = StreamingKDDataset(url, processor, image_folder=None, batch_size=4, seed=3, window=window, mix=4,
+                                cache_bytes=(4 + 4) * 8 * 1024)
+        ds.set_position(1)
+        decoded.clear()
+        got = [ds._read(int(i)) for i in ds._stream]
+        n_decoded = len(decoded)
+        for i, s in zip(ds._stream.tolist(), got):
+            want = plain[i]
+            assert s.keys() == want.keys() and s["id"] == want["id"]
+            for key, v in want.items():
+                if isinstance(v, np.ndarray):
+                    assert v.dtype == s[key].dtype and np.array_equal(v, s[key]), key
+        return n_decoded
+
+    n_chunks = sum(-(-a.shape[0] // a.chunks[0]) for s in range(4) for name, a in
+                   plain._open_shard(s).arrays() if a.shape[0] and not name.endswith("offsets"))
+    windowed = read_epoch(window=16)
+    uniform = read_epoch(window=1)
+    assert windowed <= 1.3 * n_chunks and uniform >= 2.5 * windowed
