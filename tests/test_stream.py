@@ -269,3 +269,12 @@ def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples
     windowed = read_epoch(window=16)
     uniform = read_epoch(window=1)
     assert windowed <= 1.3 * n_chunks and uniform >= 2.5 * windowed
+
+
+def test_loader_workers_keep_freed_memory_on_glibc():
+    import platform
+
+    from student.data import _keep_freed_memory
+
+    applied = _keep_freed_memory()  # what every loader worker runs at start (here: the test process)
+    assert applied == (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
