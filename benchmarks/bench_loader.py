@@ -9,11 +9,15 @@ what ``kd-train`` does: read and decode the shard arrays, decode the JPEG and ru
 image processor, collate and pad the batch (DFT: with the teacher arrays).
 
 Samples/s are counted in steady state (after the first batch has arrived, so worker start-up and
-shard opening are excluded), and divided by the number of workers.
+shard opening are excluded), and divided by the number of workers. The per-sample breakdown is
+measured inside a loader worker too (same allocator settings, same read order); what the rate
+leaves beyond it is mostly handing the batch to the main process (tensors copied into shared
+memory, ~4.8 MB per sample at these shapes).
 """
 
 from __future__ import annotations
 
+import resource
 import shutil
 import time
 from pathlib import Path
@@ -109,16 +113,41 @@ def _stamped_dataset_class():
     from student.data import StreamingKDDataset
 
     class CpuStamped(StreamingKDDataset):
-        """The real dataset; every batch also carries its worker's id and CPU clock when it was made."""
+        """The real dataset; every batch also carries its worker's id, CPU clock and page-fault count
+        when it was made."""
 
         def __iter__(self):
             info = get_worker_info()
             for batch in super().__iter__():
                 batch["_worker"] = info.id if info is not None else -1
                 batch["_cpu"] = time.process_time()
+                batch["_faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 yield batch
 
     return CpuStamped
+
+
+def _breakdown_dataset_class():
+    from student.data import StreamingKDDataset
+
+    class Breakdown(StreamingKDDataset):
+        """Yields, per batch of the worker's stream, the CPU seconds of each step instead of the batch."""
+
+        def __iter__(self):
+            for j in range(len(self)):
+                a = time.process_time()
+                samples = [self._read(int(i)) for i in self.batch_indices(j)]
+                b = time.process_time()
+                images = [im for s in samples for im in self._load_images(s)]
+                if images:
+                    self.image_processor(images=images, return_tensors="pt")
+                c = time.process_time()
+                self.collate(samples)
+                d = time.process_time()
+                # collate loads and processes the images again: subtract that
+                yield {"n": len(samples), "read": b - a, "image": c - b, "collate": (d - c) - (c - b)}
+
+    return Breakdown
 
 
 def _epoch(ds, workers: int, epoch: int) -> dict:
@@ -137,22 +166,23 @@ def _epoch(ds, workers: int, epoch: int) -> dict:
     n_after_first = 0
     per_worker: dict[int, list[tuple[float, int]]] = {}
     for batch in make_loader(ds, workers):
-        per_worker.setdefault(batch["_worker"], []).append((batch["_cpu"], batch["n_samples"]))
+        per_worker.setdefault(batch["_worker"], []).append((batch["_cpu"], batch["n_samples"], batch["_faults"]))
         if first is None:
             first = time.perf_counter()
             continue
         n_after_first += batch["n_samples"]
     end = time.perf_counter()
     cpu = sum(v[-1][0] - v[0][0] for v in per_worker.values())
-    n_cpu = sum(sum(n for _, n in v[1:]) for v in per_worker.values())
+    faults = sum(v[-1][2] - v[0][2] for v in per_worker.values())
+    n_cpu = sum(sum(n for _, n, _ in v[1:]) for v in per_worker.values())
     return {"wall_per_worker": n_after_first / (end - first) / workers, "first_batch_s": first - t_start,
             "cpu_per_worker": n_cpu / cpu if cpu > 0 else float("nan"), "worker_cpu_s": cpu,
-            "samples_timed": n_after_first}
+            "samples_timed": n_after_first, "page_faults_per_sample": faults / max(1, n_cpu)}
 
 
 def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log=print) -> dict:
     from benchmarks.models import VisionSize, processor_for
-    from student.data import StreamingKDDataset
+    from student.data import make_loader
 
     Stamped = _stamped_dataset_class()  # noqa: N806
     vision = VisionSize(hidden=0, layers=0, heads=0, intermediate=0, image_size=profile.ld_image_size,
@@ -174,21 +204,19 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
         log(f"  {workers} worker(s): {np.median(results[workers]['cpu_per_worker']):.1f} samples per worker "
             f"CPU-second, {np.median(results[workers]['wall_per_worker']):.1f} samples/s per worker wall-clock "
             f"(steady state; first batch after {np.median(results[workers]['first_batch_s']):.2f} s)")
-    # In-process breakdown of one sample's cost (no workers), in the epoch's own (shuffled) order:
-    # shard read + decode, image decode + processing, collation of the teacher arrays and relation.
-    ds = StreamingKDDataset(str(cache), processor, image_folder=str(img_dir), batch_size=1, shuffle=True)
-    t_read, t_img, t_coll = [], [], []
-    for i in ds.batch_indices(0).tolist() + [int(x) for x in ds._stream[1:min(32, profile.ld_samples)]]:
-        a = time.process_time()
-        s = ds._read(i)
-        b = time.process_time()
-        ds.image_processor(images=ds._load_images(s), return_tensors="pt")
-        c = time.process_time()
-        ds.collate([s])
-        d = time.process_time()
-        t_read.append(b - a)
-        t_img.append(c - b)
-        t_coll.append(d - c - (c - b))  # collate re-processes the image: subtract it
+    # Per-sample breakdown inside one loader worker, over a whole epoch in the dataset's own order:
+    # shard read + decode, image decode + processing, collation (teacher arrays, relation), and the
+    # hand-over to the main process.
+    Breakdown = _breakdown_dataset_class()  # noqa: N806
+    ds = Breakdown(str(cache), processor, image_folder=str(img_dir), batch_size=profile.ld_batch, seed=0,
+                   shuffle=True, with_teacher=True)
+    steps = list(make_loader(ds, 1))[1:]  # steady state: without the first batch (shard opening)
+    n_steps = max(1, sum(t["n"] for t in steps))
+    per_sample = {k: 1e3 * sum(t[k] for t in steps) / n_steps for k in ("read", "image", "collate")}
+    rate_1 = np.median(results[profile.ld_workers[0]]["cpu_per_worker"])
+    per_sample["rest"] = 1e3 / rate_1 - sum(per_sample.values())  # hand-over to the main process, loader
+    log("  per sample in a worker (CPU ms): " + ", ".join(f"{k} {v:.1f}" for k, v in per_sample.items()) +
+        f"; {np.median(results[profile.ld_workers[0]]['page_faults_per_sample']):.0f} page faults")
     key_workers = profile.ld_workers[0]
     basis = "cpu" if basis_cpu else "wall"
     return {
@@ -198,9 +226,13 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
                                   "worker (a worker with a core to itself); wall: samples/s reaching the main "
                                   "process after the first batch, / workers", "per_workers": {str(k): v for k, v in results.items()},
                     "batch_size": profile.ld_batch, "shape": shape, "image_size": profile.ld_image_size,
-                    "cpu_ms_per_sample_in_process": {"shard_read_and_decode": 1e3 * float(np.median(t_read)),
-                                                     "image_decode_and_process": 1e3 * float(np.median(t_img)),
-                                                     "collate_without_image": 1e3 * float(np.median(t_coll))},
+                    "cpu_ms_per_sample_in_worker": {"shard_read_and_decode": per_sample["read"],
+                                                    "image_decode_and_process": per_sample["image"],
+                                                    "collate_without_image": per_sample["collate"],
+                                                    "rest_handover_to_main_process": per_sample["rest"]},
+                    "image_processor": type(processor.image_processor).__name__,
+                    "order": {"window": ds.window, "mix": ds.mix, "block_shards": ds.block_shards,
+                              "worker_chunk_cache_bytes": ds.cache_bytes},
                     "torch_threads_in_workers": 1},
     }
 

@@ -191,7 +191,7 @@ def test_windows_are_short_runs_of_one_shard_read_front_to_back_and_move_between
         assert all(np.searchsorted(starts, w[0], "right") == np.searchsorted(starts, w[-1], "right") for w in windows)
         assert np.array_equal(np.sort(np.concatenate(windows)), np.arange(sum(sizes)))
         # Inside a shard the cuts are 4 apart (only a shard's first and last windows are shorter).
-        for s, (lo, hi) in enumerate(zip(starts[:-1], starts[1:])):
+        for lo, hi in zip(starts[:-1], starts[1:]):
             firsts = sorted(int(w[0]) for w in windows if lo <= w[0] < hi)
             assert all(b - a == 4 for a, b in zip(firsts[1:], firsts[2:]))
         cut_sets.append({int(w[0]) for w in windows})
