@@ -114,13 +114,14 @@ def _dist_samples(runner, ids: np.ndarray, h: torch.Tensor, segment: int) -> tup
 
 
 def _write(out: Path, samples: list[dict], *, sparse_mode: str, k: int, relation: str = "none",
-           compressors=None) -> dict:
+           compressors=None, sample_logprobs: bool = False) -> dict:
     """Write one shard + a minimal manifest; return byte counts (chunk files vs zarr.json documents)."""
     from kd_cache.shards import CacheWriter
 
     shutil.rmtree(out, ignore_errors=True)
     w = CacheWriter(str(out), compressors=compressors)
-    entry = w.write_shard(0, samples, sparse_mode=sparse_mode, k=k, relation=relation)
+    entry = w.write_shard(0, samples, sparse_mode=sparse_mode, k=k, relation=relation,
+                          sample_logprobs=sample_logprobs)
     w.write_manifest({"teacher": {"path": "bench"}, "vocab_size": None, "sparse": {"mode": sparse_mode, "k": k},
                       "relation": relation, "num_samples": len(samples), "shards": [entry], "skipped": []})
     shard = out / "shards" / "00000"
@@ -151,10 +152,12 @@ def _readback(out: Path) -> list[dict]:
 def _teacher_tensors(samples: list[dict], device) -> dict:
     cat = lambda key: np.concatenate([s[key] for s in samples])  # noqa: E731
     t = {"ids": torch.from_numpy(cat("response_ids").astype(np.int64)).to(device),
-         "logprobs": torch.from_numpy(cat("response_logprobs").astype(np.float32)).to(device),
          "tail": torch.from_numpy(cat("response_tail").astype(np.float32)).to(device)}
+    if "response_logprobs" in samples[0]:  # top-k; sample mode only when the cache kept them
+        t["logprobs"] = torch.from_numpy(cat("response_logprobs").astype(np.float32)).to(device)
     if "response_counts" in samples[0]:
         t["counts"] = torch.from_numpy(cat("response_counts").astype(np.int64)).to(device)
+        t["logp_mean"] = torch.from_numpy(cat("response_logp_mean").astype(np.float32)).to(device)
     return t
 
 
@@ -180,8 +183,9 @@ def _grad_cosines(head_w: torch.Tensor, h_teacher: torch.Tensor, h_student: torc
         for name, (t, mode) in variants.items():
             zs = zs0.detach().requires_grad_(True)
             sl = slice(a, a + chunk)
-            loss = sparse_divergence(zs, t["ids"][sl], t["logprobs"][sl], t["tail"][sl], divergence="fkl", mode=mode,
-                                     counts=t["counts"][sl] if "counts" in t else None).sum()
+            pick = {k: t[k][sl] if k in t else None for k in ("logprobs", "counts", "logp_mean")}
+            loss = sparse_divergence(zs, t["ids"][sl], pick["logprobs"], t["tail"][sl], divergence="fkl", mode=mode,
+                                     counts=pick["counts"], logp_mean=pick["logp_mean"]).sum()
             (g,) = torch.autograd.grad(loss, zs)
             acc[name]["dot"] += float((g.double() * g_d.double()).sum())
             acc[name]["nn"] += float((g.double() ** 2).sum())
@@ -390,6 +394,9 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
         writes[name] = _write(out, samples, sparse_mode=mode, k=k)
         back[name] = _readback(out)
         shutil.rmtree(out, ignore_errors=True)
+        if mode == "sample":  # the same draws with the optional per-entry log-probs kept (--sample-logprobs)
+            writes[f"{name}_with_logprobs"] = _write(out, samples, sparse_mode=mode, k=k, sample_logprobs=True)
+            shutil.rmtree(out, ignore_errors=True)
     n_pos = len(rows)
     bpp = {n: w["data_bytes"] / n_pos for n, w in writes.items()}
     log(f"  bytes/position over {n_pos} positions: " + ", ".join(f"{n} {b:.1f}" for n, b in bpp.items()))

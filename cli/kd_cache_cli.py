@@ -64,6 +64,10 @@ def build(
         help="How sample mode draws (both unbiased): systematic = one random offset, N evenly spaced points "
              "through the CDF (much lower variance, fewer distinct ids); multinomial = N independent draws.")
     ] = SampleScheme.systematic,
+    sample_logprobs: Annotated[bool, typer.Option(
+        help="Sample mode: also store each drawn id's log-prob (fp16). Off by default: the loss needs only "
+             "sum_i (c_i/N) log p_i per position, which is always stored (fp32); the per-id log-probs add "
+             "~40% to the cache.")] = False,
     relation: Annotated[str, typer.Option(help="Relation matrix encoding per image: full | lowrank:R | none.")] = "full",
     batch_size: Annotated[int, typer.Option(help="Samples per teacher forward (does not change the cache).")] = 8,
     shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of resumption and of parallelism).")] = 1024,
@@ -90,7 +94,7 @@ def build(
     try:
         cfg = BuildConfig(teacher=teacher, data=data, out=out, image_folder=image_folder, template=template.value,
                           sparse=sparse.value, top_k=top_k, samples=samples, sample_scheme=sample_scheme.value,
-                          relation=relation,
+                          sample_logprobs=sample_logprobs, relation=relation,
                           batch_size=batch_size, shard_size=shard_size, max_length=max_length, dtype=dtype.value,
                           device=device, strict=strict, limit=limit, seed=seed, positions=positions, hidden=hidden,
                           generate=generate, max_new_tokens=max_new_tokens,

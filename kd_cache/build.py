@@ -41,7 +41,8 @@ from kd_cache.shards import FORMAT_VERSION, CacheWriter
 from kd_cache.teacher import SAMPLE_SCHEMES, TeacherRunner, load_teacher, resolve_dtype
 
 # Settings that change what a cache contains: a rerun against the same --out must match them.
-CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "sample_scheme", "relation",
+CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "sample_scheme", "sample_logprobs",
+                "relation",
                 "shard_size", "max_length", "dtype", "limit", "seed", "positions", "hidden", "generate",
                 "max_new_tokens", "generate_temperature")
 
@@ -59,6 +60,9 @@ class BuildConfig:
     top_k: int = 64
     samples: int = 64
     sample_scheme: str = "systematic"
+    # Sample mode stores sum_i (c_i/N) log p_i per position (all the loss needs); True also keeps the
+    # per-entry log-probs (~40% more bytes), e.g. to analyse the teacher's distributions.
+    sample_logprobs: bool = False
     relation: str = "full"
     batch_size: int = 8
     shard_size: int = 1024
@@ -102,6 +106,7 @@ class BuildConfig:
         out = {k: getattr(self, k) for k in CONTENT_KEYS}
         if self.sparse != "sample":
             out["sample_scheme"] = None  # no draws: the scheme does not change a top-k cache
+            out["sample_logprobs"] = None
         return out
 
 
@@ -126,6 +131,10 @@ def _write_json(fs, path: str, obj: dict) -> None:
 def _check_identity(previous: dict, current: dict, out: str) -> None:
     if previous.get("sparse") == "sample" and "sample_scheme" not in previous:
         previous = {**previous, "sample_scheme": "multinomial"}  # builds before the scheme option drew iid
+    if previous.get("sparse") == "sample" and "sample_logprobs" not in previous:
+        previous = {**previous, "sample_logprobs": True}  # builds before format 2 kept every log-prob
+    if previous.get("sparse") != "sample" and "sample_logprobs" not in previous:
+        previous = {**previous, "sample_logprobs": None}
     diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
     if diffs:
         lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"
@@ -285,7 +294,7 @@ def build_cache(cfg: BuildConfig) -> dict:
             while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
                 pending.pop(0).result()
             pending.append(io.submit(writer.write_shard, s, samples, sparse_mode=cfg.sparse, k=k,
-                                     relation=runner.relation))
+                                     relation=runner.relation, sample_logprobs=cfg.sample_logprobs))
         for f in pending:
             f.result()
     finally:
@@ -326,7 +335,9 @@ def _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, relation)
         "visual_tokens_per_image": image_tokens,
         "template": cfg.template,
         "max_length": cfg.max_length,
-        "sparse": {"mode": cfg.sparse, "k": k, **({"samples": cfg.samples, "scheme": cfg.sample_scheme} if cfg.sparse == "sample" else {"top_k": k}),
+        "sparse": {"mode": cfg.sparse, "k": k,
+                   **({"samples": cfg.samples, "scheme": cfg.sample_scheme, "logprobs_stored": cfg.sample_logprobs}
+                      if cfg.sparse == "sample" else {"top_k": k}),
                    "seed": cfg.seed},
         "relation": relation,
         "positions": cfg.positions.split(","),

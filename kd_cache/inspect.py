@@ -27,27 +27,35 @@ def verify_cache(url: str, storage_options: dict | None = None) -> list[str]:
     return cache.verify()
 
 
-def kind_stats(ids: np.ndarray, logprobs: np.ndarray, tail: np.ndarray) -> dict[str, Any]:
+def kind_stats(ids: np.ndarray, logprobs: np.ndarray | None, tail: np.ndarray,
+               logp_mean: np.ndarray | None = None) -> dict[str, Any]:
     """Statistics of one kind's stored sparse distributions (P positions).
 
-    ``entropy_estimate``: mean over positions of ``-sum p log p`` over the stored ids plus the tail
-    bucket as one bin (nats). It is an estimate: the tail's own spread is not known.
+    ``entropy_estimate`` (nats, mean over positions): top-k: ``-sum p log p`` over the stored ids plus
+    the tail bucket as one bin (the tail's own spread is not known, so it is a lower estimate);
+    sample mode: ``-logp_mean`` = ``-sum_i (c_i/N) log p_i``, an unbiased estimate of the entropy.
     ``tail_mass_*``: mean and 90th percentile of ``exp(tail)``, the probability outside the stored ids.
+    ``ids_per_position``: mean number of stored ids per position (sample mode: distinct drawn ids).
     """
     P = int(tail.shape[0])
     if P == 0:
-        return {"positions": 0, "entropy_estimate": None, "tail_mass_mean": None, "tail_mass_p90": None}
-    lp = logprobs.astype(np.float64)
+        return {"positions": 0, "entropy_estimate": None, "tail_mass_mean": None, "tail_mass_p90": None,
+                "ids_per_position": None}
     valid = ids >= 0  # sample mode pads rows with id -1
-    p = np.where(valid, np.exp(lp), 0.0)
-    head = -np.sum(np.where(valid & (p > 0), p * lp, 0.0), axis=1)
     t = np.exp(tail.astype(np.float64))
-    tail_term = -np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0)
+    if logp_mean is not None:
+        entropy = -np.asarray(logp_mean, dtype=np.float64)
+    else:
+        lp = logprobs.astype(np.float64)
+        p = np.where(valid, np.exp(lp), 0.0)
+        head = -np.sum(np.where(valid & (p > 0), p * lp, 0.0), axis=1)
+        entropy = head - np.where(t > 0, t * np.log(np.where(t > 0, t, 1.0)), 0.0)
     return {
         "positions": P,
-        "entropy_estimate": float(np.mean(head + tail_term)),
+        "entropy_estimate": float(np.mean(entropy)),
         "tail_mass_mean": float(np.mean(t)),
         "tail_mass_p90": float(np.percentile(t, 90)),
+        "ids_per_position": float(valid.sum(axis=1).mean()),
     }
 
 
@@ -61,7 +69,8 @@ def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
         "labelled_tokens": int(np.sum(labels != IGNORE_INDEX)),
     }
     for kind in KINDS:
-        out[kind] = kind_stats(sample[f"{kind}_ids"], sample[f"{kind}_logprobs"], sample[f"{kind}_tail"])
+        out[kind] = kind_stats(sample[f"{kind}_ids"], sample.get(f"{kind}_logprobs"), sample[f"{kind}_tail"],
+                               sample.get(f"{kind}_logp_mean"))
     out["relation_energy"] = [float(e) for e in sample.get("relation_energy", [])]
     if tokenizer is not None:
         ids = np.asarray(sample["input_ids"])[labels != IGNORE_INDEX]

@@ -12,14 +12,16 @@ deletes its leftovers before writing it again. Every writer (process, rank) owns
 Inside a shard group (S samples; T tokens, P positions of one kind, I relation matrices in total)::
 
     attrs: format_version, n_samples, sparse_mode ("topk" | "sample"), k, relation (spec string),
-           sample_ids [S] (str), images [S][*] (str), extras {kind: {name: {dtype, shape}}},
+           sample_logprobs (bool, sample mode), sample_ids [S] (str), images [S][*] (str),
+           extras {kind: {name: {dtype, shape}}},
            meta [S] (optional per-sample JSON dicts; the reader returns {} when absent)
     tokens/offsets int64 [S+1]       tokens/input_ids int32 [T]      tokens/labels int32 [T]
     <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
       topk:    <kind>/ids int32 [P, K]        <kind>/logprobs float16 [P, K]
       sample:  <kind>/n_entries uint16 [P]    <kind>/entry_offsets int64 [S+1]
-               <kind>/ids int32 [E]  <kind>/logprobs float16 [E]  <kind>/counts uint16 [E]
+               <kind>/ids int32 [E]  <kind>/counts uint16 [E]  <kind>/logp_mean float32 [P]
                (only the real entries of each row, E = sum n_entries; padded back to K on read)
+               <kind>/logprobs float16 [E]   only with ``sample_logprobs`` (off by default)
       extras:  <kind>/extra/<name> [P, ...]   (any other ``<kind>_<name>`` array, dtype kept)
     relation/offsets int64 [S+1]     relation/n int32 [I]            relation/energy float32 [I]
       full:    relation/upper float16 flat,   relation/upper_offsets int64 [I+1]
@@ -27,7 +29,15 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
                relation/eigvecs float16 flat (N x r row-major), relation/eigvecs_offsets int64 [I+1]
     (no relation/ group when the spec is "none")
 
-``<kind>`` is ``response`` or ``visual``. Every array is Blosc/zstd compressed (see
+``logp_mean`` is ``sum_i (c_i / N) log p_i`` per position (N draws, c_i of them on id i), in fp32
+from the teacher's fp32 log-probs: it is the only thing the sampled forward-KL estimator
+``sum_i (c_i/N)(log p_i - log q_i)`` needs of the teacher's log-probs, so one number per position
+replaces ~20 fp16 log-probs (they cost ~40% of a sample-mode cache and are incompressible noise in
+their low bits). ``--sample-logprobs`` keeps the per-entry log-probs too (for analysis).
+Format version 1 (no ``logp_mean``, per-entry log-probs always) is still read: ``logp_mean`` is then
+computed from the stored log-probs.
+
+``<kind>`` is ``response``, ``visual`` or ``prompt``. Every array is Blosc/zstd compressed (see
 ``default_compressors``) in chunks of about ``CHUNK_BYTES`` raw bytes.
 """
 
@@ -52,7 +62,8 @@ from zarr.storage import FsspecStore, LocalStore
 
 from kd_cache.relation import decode_relation, encode_relation, parse_relation_spec, relation_energy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: sample mode always stored per-entry log-probs, no logp_mean
 KINDS = ("response", "visual", "prompt")  # prompt: other text positions (LLaVADI all-token KD)
 SPARSE_MODES = ("topk", "sample")
 IGNORE_INDEX = -100
@@ -67,7 +78,7 @@ _OPENINGS = itertools.count()  # shard openings in this process (chunk cache key
 INCOMPLETE_HINT = "cache incomplete: run kd-cache build again to finish it"
 
 _SAMPLE_KEYS = {"id", "images", "input_ids", "labels", "relation", "relation_energy", "meta"}
-_KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts")
+_KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts", "logp_mean")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -239,10 +250,24 @@ def _cat(parts: list[np.ndarray], dtype, tail_shape: tuple[int, ...] = ()) -> np
     return np.concatenate(parts, axis=0).astype(dtype, copy=False)
 
 
+def sample_logp_mean(logprobs: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``sum_i (c_i / N) log p_i`` per row (fp32 [P]) of sampled ids: ``logprobs``/``counts`` [P, K],
+    count 0 on padding. The teacher half of the sampled forward-KL estimator (the only way it uses
+    the teacher's log-probs); 0 for a row without draws."""
+    c = np.asarray(counts, dtype=np.float64)
+    lp = np.where(c > 0, np.asarray(logprobs, dtype=np.float64), 0.0)
+    n = c.sum(axis=-1)
+    return ((c * lp).sum(axis=-1) / np.maximum(n, 1.0)).astype(np.float32)
+
+
 def pack_samples(
-    samples: Sequence[dict], *, sparse_mode: str, k: int, relation: str
+    samples: Sequence[dict], *, sparse_mode: str, k: int, relation: str, sample_logprobs: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Turn per-sample dicts into the shard's flat arrays (by group path) and its attributes."""
+    """Turn per-sample dicts into the shard's flat arrays (by group path) and its attributes.
+
+    Sample mode stores ``<kind>_logp_mean`` [P] (given, or computed from ``<kind>_logprobs`` and
+    ``<kind>_counts``), and the per-entry log-probs only with ``sample_logprobs``.
+    """
     if sparse_mode not in SPARSE_MODES:
         raise ValueError(f"sparse mode {sparse_mode!r} not understood: expected one of {SPARSE_MODES}")
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -313,14 +338,10 @@ def pack_samples(
                     f"found values in [{pos.min()}, {pos.max()}]"
                 )
             tid = _as(s.get(f"{kind}_ids", np.zeros((0, k), np.int32)), np.int32, f"{kind}_ids", sid, 2, k)
-            lp = _as(
-                s.get(f"{kind}_logprobs", np.zeros((0, k), np.float32)),
-                np.float16,
-                f"{kind}_logprobs",
-                sid,
-                2,
-                k,
-            )
+            has_lp = f"{kind}_logprobs" in s
+            # fp32 as given (sample mode derives logp_mean from it); stored as fp16
+            lp = _as(s.get(f"{kind}_logprobs", np.zeros((0, k), np.float32)), np.float32, f"{kind}_logprobs", sid,
+                     2, k)
             tail = _as(s.get(f"{kind}_tail", np.zeros(0, np.float32)), np.float32, f"{kind}_tail", sid, 1)
             if sparse_mode == "topk":
                 expected = (P, k)
@@ -328,7 +349,20 @@ def pack_samples(
                     raise ValueError(f"sample {sid!r}: {kind}_counts given but the sparse mode is 'topk'")
             else:
                 expected = (P, tid.shape[1]) if tid.ndim == 2 and tid.shape[1] <= k else (P, k)
-            for name, a in ((f"{kind}_ids", tid), (f"{kind}_logprobs", lp)):
+            checked = [(f"{kind}_ids", tid)]
+            if sparse_mode == "topk" or has_lp:
+                checked.append((f"{kind}_logprobs", lp))
+            elif P and f"{kind}_logp_mean" not in s:
+                raise ValueError(
+                    f"sample {sid!r}: sample mode needs {kind}_logp_mean [P] or {kind}_logprobs [P, K] "
+                    f"(to derive it), found neither for its {P} {kind} positions"
+                )
+            if sample_logprobs and sparse_mode == "sample" and P and not has_lp:
+                raise ValueError(
+                    f"sample {sid!r}: sample_logprobs=True stores per-entry log-probs, but {kind}_logprobs "
+                    "is missing"
+                )
+            for name, a in checked:
                 if a.shape != expected:
                     raise ValueError(
                         f"sample {sid!r}: {name} must have shape {expected} ({P} positions x k={k} for "
@@ -340,7 +374,7 @@ def pack_samples(
             acc["tail"].append(tail)
             if sparse_mode == "topk":
                 acc["ids"].append(tid)
-                acc["logprobs"].append(lp)
+                acc["logprobs"].append(lp.astype(np.float16))
             else:
                 cnt = np.asarray(s.get(f"{kind}_counts", np.zeros((0, k), np.int64)))
                 if cnt.size == 0 and tid.size == 0:
@@ -357,8 +391,20 @@ def pack_samples(
                     )
                 acc["n_entries"].append(mask.sum(axis=1).astype(np.uint16))
                 acc["ids"].append(tid[mask])
-                acc["logprobs"].append(lp[mask])
                 acc["counts"].append(cnt[mask].astype(np.uint16))
+                if sample_logprobs:
+                    acc["logprobs"].append(lp[mask].astype(np.float16))
+                if f"{kind}_logp_mean" in s:
+                    lm = _as(s[f"{kind}_logp_mean"], np.float32, f"{kind}_logp_mean", sid, 1)
+                    if lm.shape != (P,):
+                        raise ValueError(
+                            f"sample {sid!r}: {kind}_logp_mean must have shape ({P},), found {lm.shape}"
+                        )
+                elif P:
+                    lm = sample_logp_mean(lp, np.where(mask, cnt, 0))
+                else:
+                    lm = np.zeros(0, np.float32)
+                acc["logp_mean"].append(lm)
             for name, a in _kind_extras(s, kind).items():
                 if a.ndim < 1 or a.shape[0] != P:
                     raise ValueError(
@@ -416,8 +462,10 @@ def pack_samples(
             arrays[f"{kind}/n_entries"] = _cat(acc["n_entries"], np.uint16)
             arrays[f"{kind}/entry_offsets"] = _offsets([int(n.sum()) for n in acc["n_entries"]])
             arrays[f"{kind}/ids"] = _cat(acc["ids"], np.int32)
-            arrays[f"{kind}/logprobs"] = _cat(acc["logprobs"], np.float16)
             arrays[f"{kind}/counts"] = _cat(acc["counts"], np.uint16)
+            arrays[f"{kind}/logp_mean"] = _cat(acc["logp_mean"], np.float32)
+            if sample_logprobs:
+                arrays[f"{kind}/logprobs"] = _cat(acc["logprobs"], np.float16)
         for name, parts in extras[kind].items():
             meta = extra_meta[kind][name]
             arrays[f"{kind}/extra/{name}"] = _cat(parts, np.dtype(meta["dtype"]), tuple(meta["shape"]))
@@ -438,6 +486,7 @@ def pack_samples(
         "sparse_mode": sparse_mode,
         "k": k,
         "relation": relation,
+        "sample_logprobs": bool(sample_logprobs) if sparse_mode == "sample" else True,
         "sample_ids": ids,
         "images": images,
         "extras": extra_meta,
@@ -507,7 +556,8 @@ class CacheWriter:
 
     # shards -----------------------------------------------------------------------------------
     def write_shard(
-        self, index: int, samples: list[dict], *, sparse_mode: str, k: int, relation: str
+        self, index: int, samples: list[dict], *, sparse_mode: str, k: int, relation: str,
+        sample_logprobs: bool = False,
     ) -> dict:
         """Write shard ``index`` from scratch; return its entry ``{name, samples, bytes, checksum}``.
 
@@ -516,7 +566,8 @@ class CacheWriter:
         that readers ignore and the next build rewrites.
         """
         name = self.shard_name(index)
-        arrays, attrs = pack_samples(samples, sparse_mode=sparse_mode, k=k, relation=relation)
+        arrays, attrs = pack_samples(samples, sparse_mode=sparse_mode, k=k, relation=relation,
+                                     sample_logprobs=sample_logprobs)
         path, record = self.shard_path(index), self.record_path(index)
         if self.fs.exists(record):
             self.fs.rm(record)
@@ -649,11 +700,14 @@ class _ShardReader:
         self.group = zarr.open_group(store=_zarr_store(fs, path, read_only=True), mode="r", zarr_format=3)
         attrs = dict(self.group.attrs)
         found = attrs.get("format_version")
-        if found != FORMAT_VERSION:
+        if found not in READABLE_VERSIONS:
             raise ValueError(
                 f"shard {self.display}: format version {found} found, expected {FORMAT_VERSION}: "
                 "rebuild the cache with this version of kd-cache"
             )
+        self.version = int(found)
+        # Version 1 sample shards always hold per-entry log-probs and no logp_mean.
+        self.sample_logprobs = bool(attrs.get("sample_logprobs", True))
         self.n = int(attrs["n_samples"])
         self.mode = attrs["sparse_mode"]
         self.k = int(attrs["k"])
@@ -711,12 +765,18 @@ class _ShardReader:
                 mask = np.arange(K)[None, :] < n_ent[:, None]
                 P = p1 - p0
                 ids = np.full((P, K), -1, dtype=np.int32)
-                lps = np.zeros((P, K), dtype=np.float16)
                 cnt = np.zeros((P, K), dtype=np.uint16)
                 ids[mask] = self._get(cache, f"{kind}/ids", e0, e1)
-                lps[mask] = self._get(cache, f"{kind}/logprobs", e0, e1)
                 cnt[mask] = self._get(cache, f"{kind}/counts", e0, e1)
-                out[f"{kind}_ids"], out[f"{kind}_logprobs"], out[f"{kind}_counts"] = ids, lps, cnt
+                out[f"{kind}_ids"], out[f"{kind}_counts"] = ids, cnt
+                if self.sample_logprobs:
+                    lps = np.zeros((P, K), dtype=np.float16)
+                    lps[mask] = self._get(cache, f"{kind}/logprobs", e0, e1)
+                    out[f"{kind}_logprobs"] = lps
+                if self.version >= 2:
+                    out[f"{kind}_logp_mean"] = self._get(cache, f"{kind}/logp_mean", p0, p1)
+                else:
+                    out[f"{kind}_logp_mean"] = sample_logp_mean(lps, cnt)
             out[f"{kind}_tail"] = self._get(cache, f"{kind}/tail", p0, p1)
             for name in self.extras.get(kind, {}):
                 out[f"{kind}_{name}"] = self._get(cache, f"{kind}/extra/{name}", p0, p1)
@@ -768,7 +828,7 @@ class KDCache:
         if not isinstance(manifest, dict):
             raise TypeError(f"{_display(fs, path)}: expected a JSON object, found {type(manifest).__name__}")
         found = manifest.get("format_version")
-        if found != FORMAT_VERSION:
+        if found not in READABLE_VERSIONS:
             raise ValueError(
                 f"{_display(fs, path)}: cache format version {found} found, expected {FORMAT_VERSION}: "
                 "rebuild the cache with this version of kd-cache, or read it with the version that wrote it"

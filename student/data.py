@@ -351,7 +351,8 @@ class StreamingKDDataset(IterableDataset):
         response positions with ``response_targets`` [P] (the labelled token t + 1); ``visual_index``
         [Pv]; ``prompt_index`` [Pp] when prompt positions are used; ``{kind}_batch`` [P] sample index;
         with the teacher, for each of ``teacher_kinds``: ``{kind}_ids`` [P, K] (-1 pad),
-        ``{kind}_logprobs`` [P, K], ``{kind}_tail`` [P], ``{kind}_counts`` [P, K] (sample mode); for
+        ``{kind}_logprobs`` [P, K] (top-k; sample mode only when the cache kept them), ``{kind}_tail``
+        [P], ``{kind}_counts`` [P, K] and ``{kind}_logp_mean`` [P] (sample mode); for
         each of ``hidden_kinds``: ``{kind}_hidden`` [P, D] float32 (teacher final-layer states);
         ``relation_index`` [R, N] flat indices of each image's visual positions and
         ``relation_target`` [R, N, N]; with ``affinity``: ``affinity_visual_rows`` [A, Nv] and
@@ -386,7 +387,7 @@ class StreamingKDDataset(IterableDataset):
                                          "token: the cache is inconsistent")
                     entry["targets"] = targets
                 if kind in self.teacher_kinds:
-                    for f in ("ids", "logprobs", "tail", "counts"):
+                    for f in ("ids", "logprobs", "tail", "counts", "logp_mean"):
                         if f"{kind}_{f}" in s:
                             entry[f] = np.asarray(s[f"{kind}_{f}"])
                 if kind in self.hidden_kinds:
@@ -474,13 +475,17 @@ def _cat_teacher(kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:
 
     out = {
         f"{kind}_ids": torch.from_numpy(np.concatenate([pad(e["ids"], -1, np.int64) for e in entries])),
-        f"{kind}_logprobs": torch.from_numpy(
-            np.concatenate([pad(e["logprobs"], 0.0, np.float32) for e in entries])),
         f"{kind}_tail": torch.from_numpy(
             np.concatenate([np.asarray(e["tail"], dtype=np.float32) for e in entries])),
     }
+    if all("logprobs" in e for e in entries):
+        out[f"{kind}_logprobs"] = torch.from_numpy(
+            np.concatenate([pad(e["logprobs"], 0.0, np.float32) for e in entries]))
     if all("counts" in e for e in entries):
         out[f"{kind}_counts"] = torch.from_numpy(np.concatenate([pad(e["counts"], 0, np.int64) for e in entries]))
+    if all("logp_mean" in e for e in entries):
+        out[f"{kind}_logp_mean"] = torch.from_numpy(
+            np.concatenate([np.asarray(e["logp_mean"], dtype=np.float32) for e in entries]))
     return out
 
 

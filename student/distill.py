@@ -134,9 +134,10 @@ class HiddenProjector(nn.Module):
 def _teacher(batch: dict[str, Tensor], kind: str) -> dict[str, Tensor] | None:
     if f"{kind}_ids" not in batch:
         return None
-    t = {"ids": batch[f"{kind}_ids"], "logprobs": batch[f"{kind}_logprobs"], "tail": batch[f"{kind}_tail"]}
-    if f"{kind}_counts" in batch:
-        t["counts"] = batch[f"{kind}_counts"]
+    t = {"ids": batch[f"{kind}_ids"], "tail": batch[f"{kind}_tail"]}
+    for name in ("logprobs", "counts", "logp_mean"):  # sample-mode caches: counts + logp_mean, logprobs optional
+        if f"{kind}_{name}" in batch:
+            t[name] = batch[f"{kind}_{name}"]
     return t
 
 

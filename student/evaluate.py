@@ -374,12 +374,15 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
                 sl = slice(a, a + chunk_size)
                 logits = (flat[index[sl]] @ head.T).float()
                 ids = batch[f"{kind}_ids"][sl].to(dev)
-                lps = batch[f"{kind}_logprobs"][sl].to(dev)
-                counts = batch.get(f"{kind}_counts")
+                got = {name: batch[f"{kind}_{name}"][sl].to(dev) for name in ("logprobs", "counts", "logp_mean")
+                       if f"{kind}_{name}" in batch}
+                lps = got.get("logprobs")
                 kl = sparse_divergence(logits, ids, lps, batch[f"{kind}_tail"][sl].to(dev), mode="tail",
-                                       counts=None if counts is None else counts[sl].to(dev))
+                                       counts=got.get("counts"), logp_mean=got.get("logp_mean"))
                 rows = teacher_row_mask(ids)
-                teacher_top = ids.gather(-1, lps.float().masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True))[:, 0]
+                # the teacher's most likely stored id (sample mode without log-probs: the most drawn one)
+                score = (lps if lps is not None else got["counts"]).float().masked_fill(ids < 0, -math.inf)
+                teacher_top = ids.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
                 agree = (logits.argmax(-1) == teacher_top) & rows
                 sums[kind]["kl"] += float(kl.sum())
                 sums[kind]["agree"] += float(agree.sum())

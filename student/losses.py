@@ -247,7 +247,7 @@ def dense_divergence(
 def _sparse_from_logq(
     log_q_all: Tensor,
     teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
+    teacher_logprobs: Tensor | None,
     teacher_tail: Tensor | None,
     counts: Tensor | None,
     div: Divergence,
@@ -256,19 +256,33 @@ def _sparse_from_logq(
     skew_alpha: float,
     zscore: bool = False,
     temperature: float = 1.0,
+    logp_mean: Tensor | None = None,
 ) -> Tensor:
     """``sparse_divergence`` given the student's full log-softmax [P, V]; returns [P].
 
     With ``zscore`` the first argument may be the raw logits (only differences within a row are
     used) and ``temperature`` divides both standardised sides; otherwise the caller has already
-    applied any temperature to ``log_q_all``.
+    applied any temperature to ``log_q_all``. In sample mode ``logp_mean`` [P] replaces the
+    teacher's per-entry log-probs (which may then be None).
     """
     ids = teacher_ids.long()
     valid = ids >= 0  # [P, K]
     rows = valid.any(-1)  # [P]
     safe_ids = ids.clamp_min(0)
-    t_lp = torch.where(valid, _up(teacher_logprobs), 0.0).to(log_q_all.dtype)
     s_lp = log_q_all.gather(-1, safe_ids)  # [P, K]
+    if mode is SparseMode.SAMPLE and not zscore:
+        # sum_i (c_i / N)(log p_i - log q_i): E[c_i / N] = p_i, so this is unbiased for KL(p || q).
+        # The teacher half, sum_i (c_i / N) log p_i, is one number per row (the cache's logp_mean).
+        c = torch.where(valid, _up(counts), 0.0).to(log_q_all.dtype)
+        w = c / c.sum(-1, keepdim=True).clamp_min(1)
+        student = torch.where(valid, w * s_lp.clamp_min(LOG_PROB_FLOOR), 0.0).sum(-1)
+        if logp_mean is not None:
+            teacher = _up(logp_mean).to(log_q_all.dtype)
+        else:
+            t_lp = _up(teacher_logprobs).to(log_q_all.dtype).clamp_min(LOG_PROB_FLOOR)
+            teacher = torch.where(valid, w * t_lp, 0.0).sum(-1)
+        return torch.where(rows, teacher - student, 0.0)
+    t_lp = torch.where(valid, _up(teacher_logprobs), 0.0).to(log_q_all.dtype)
 
     if zscore:
         # Standardise both sides over the stored ids (see the module docstring), compare over them.
@@ -277,12 +291,6 @@ def _sparse_from_logq(
         log_p = _masked_log_softmax(z_t, valid)
         log_q = _masked_log_softmax(z_s, valid)
         per = _bin_divergence(log_p, log_q, valid, div, jsd_beta, skew_alpha)
-    elif mode is SparseMode.SAMPLE:
-        # sum_i (c_i / N)(log p_i - log q_i): E[c_i / N] = p_i, so this is unbiased for KL(p || q).
-        c = torch.where(valid, _up(counts), 0.0).to(log_q_all.dtype)
-        n = c.sum(-1, keepdim=True).clamp_min(1)
-        terms = (c / n) * (t_lp.clamp_min(LOG_PROB_FLOOR) - s_lp.clamp_min(LOG_PROB_FLOOR))
-        per = torch.where(valid, terms, 0.0).sum(-1)
     elif mode is SparseMode.RENORM:
         log_p = _masked_log_softmax(t_lp, valid)
         log_q = _masked_log_softmax(s_lp, valid)
@@ -308,22 +316,35 @@ def _sparse_from_logq(
 def _check_sparse(
     student_logits: Tensor,
     teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
+    teacher_logprobs: Tensor | None,
     teacher_tail: Tensor | None,
     counts: Tensor | None,
     div: Divergence,
     mode: SparseMode,
     zscore: bool = False,
+    logp_mean: Tensor | None = None,
 ) -> SparseMode:
     if student_logits.ndim != 2:
         raise ValueError(f"student logits must be [P, V], found shape {tuple(student_logits.shape)}")
     P = student_logits.shape[0]
-    if teacher_ids.ndim != 2 or teacher_ids.shape[0] != P or teacher_logprobs.shape != teacher_ids.shape:
+    sampled = counts is not None or mode is SparseMode.SAMPLE
+    if teacher_ids.ndim != 2 or teacher_ids.shape[0] != P:
+        raise ValueError(f"teacher ids must be [P, K] with P = {P} (the student logits' rows), found shape "
+                         f"{tuple(teacher_ids.shape)}")
+    if teacher_logprobs is None:
+        if not (sampled and logp_mean is not None):
+            raise ValueError("teacher log-probs [P, K] are required, except for sampled ids (counts given) with "
+                             "their logp_mean [P]")
+    elif teacher_logprobs.shape != teacher_ids.shape:
         raise ValueError(
             f"teacher ids {tuple(teacher_ids.shape)} and log-probs {tuple(teacher_logprobs.shape)} must both "
             f"be [P, K] with P = {P} (the student logits' rows)"
         )
-    if counts is not None or mode is SparseMode.SAMPLE:
+    if logp_mean is not None and (not sampled or logp_mean.shape != (P,)):
+        raise ValueError(f"logp_mean (sum_i c_i/N log p_i per row) goes with sampled ids (counts given) and must be "
+                         f"[P] = [{P}], found shape {tuple(logp_mean.shape)}"
+                         + ("" if sampled else " without counts"))
+    if sampled:
         if counts is None:
             raise ValueError("sparse mode 'sample' needs the teacher's draw counts (counts=[P, K]); none given")
         if counts.shape != teacher_ids.shape:
@@ -353,7 +374,7 @@ def _check_sparse(
 def sparse_divergence(
     student_logits: Tensor,
     teacher_ids: Tensor,
-    teacher_logprobs: Tensor,
+    teacher_logprobs: Tensor | None,
     teacher_tail: Tensor | None,
     *,
     divergence: str | Divergence = "fkl",
@@ -361,6 +382,7 @@ def sparse_divergence(
     jsd_beta: float = 0.5,
     skew_alpha: float = 0.1,
     counts: Tensor | None = None,
+    logp_mean: Tensor | None = None,
     temperature: float = 1.0,
     zscore: bool = False,
 ) -> Tensor:
@@ -371,6 +393,7 @@ def sparse_divergence(
         teacher_ids: [P, K] integer ids, padded with -1 (padding is ignored, whatever the other
             tensors hold there); ids within a row are assumed distinct.
         teacher_logprobs: [P, K] teacher log-prob of each id, normalised over the full vocabulary.
+            May be None for sampled ids when ``logp_mean`` is given.
         teacher_tail: [P] log of the teacher mass outside the stored ids (may be -inf or very
             negative when the ids cover everything). Only read in ``mode="tail"``; may be None
             otherwise.
@@ -383,6 +406,8 @@ def sparse_divergence(
             counts.sum(-1)). Returns ``sum_i (c_i/N)(log p_i - log q_i)`` with q the student's
             full-vocabulary probability, an unbiased estimate of forward KL(p || q). Any other
             divergence raises ``ValueError``.
+        logp_mean: [P] ``sum_i (c_i/N) log p_i`` per row (what a sample-mode cache stores instead of
+            per-entry log-probs); when given it is used for the teacher half of the estimator.
         temperature: divides the *student* logits only; the teacher's distribution is used as
             stored (apply a teacher temperature when building the cache). With ``zscore`` it
             divides both standardised sides (as in ``dense_divergence``).
@@ -398,14 +423,15 @@ def sparse_divergence(
     """
     div = _as_divergence(divergence)
     mode = _check_sparse(student_logits, teacher_ids, teacher_logprobs, teacher_tail, counts, div, _as_mode(mode),
-                         zscore)
+                         zscore, logp_mean)
     _check_options(jsd_beta, skew_alpha, temperature)
     if zscore:  # standardised over the stored ids inside: the raw logits are all it needs
         return _sparse_from_logq(_up(student_logits), teacher_ids, teacher_logprobs, teacher_tail, counts, div,
                                  mode, jsd_beta, skew_alpha, zscore=True, temperature=temperature)
     log_q_all = _student_logits(student_logits, temperature, False).log_softmax(-1)
     return _sparse_from_logq(
-        log_q_all, teacher_ids, teacher_logprobs, teacher_tail, counts, div, mode, jsd_beta, skew_alpha
+        log_q_all, teacher_ids, teacher_logprobs, teacher_tail, counts, div, mode, jsd_beta, skew_alpha,
+        logp_mean=logp_mean,
     )
 
 
@@ -428,6 +454,7 @@ def _chunk_losses(
     logprobs: Tensor | None,
     tail: Tensor | None,
     counts: Tensor | None,
+    logp_mean: Tensor | None,
     *,
     div: Divergence,
     mode: SparseMode,
@@ -461,7 +488,8 @@ def _chunk_losses(
                                    zscore=True, temperature=temperature).sum()
         else:
             log_q_kd = log_q if temperature == 1.0 else _student_logits(z, temperature, False).log_softmax(-1)
-            kd = _sparse_from_logq(log_q_kd, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha).sum()
+            kd = _sparse_from_logq(log_q_kd, ids, logprobs, tail, counts, div, mode, jsd_beta, skew_alpha,
+                                   logp_mean=logp_mean).sum()
     return ce, kd, relation
 
 
@@ -494,8 +522,9 @@ def chunked_distill(
         head_weight: [V, d] LM head weight.
         targets: optional [P] next-token ids, -100 = ignore (no CE contribution).
         teacher: optional dict with ``ids`` [P, K] (-1 padded), ``logprobs`` [P, K], ``tail`` [P]
-            (needed in tail mode) and optional ``counts`` [P, K] (sample mode). Rows whose ids are
-            all -1 contribute nothing.
+            (needed in tail mode) and optional ``counts`` [P, K] (sample mode); with ``counts``,
+            ``logp_mean`` [P] may stand in for ``logprobs`` (see ``sparse_divergence``). Rows whose ids
+            are all -1 contribute nothing.
         divergence, mode, jsd_beta, skew_alpha, temperature, zscore: as in ``sparse_divergence``
             (temperature and zscore apply to the KD term only, never to CE).
         chunk_size: positions per chunk.
@@ -532,14 +561,17 @@ def chunked_distill(
     if targets is not None and targets.shape != (P,):
         raise ValueError(f"targets must be [P] = [{P}], found shape {tuple(targets.shape)}")
 
-    ids = logprobs = tail = counts = None
+    ids = logprobs = tail = counts = logp_mean = None
     if teacher is not None:
-        missing = [k for k in ("ids", "logprobs") if k not in teacher]
+        sampled_lean = "counts" in teacher and "logp_mean" in teacher
+        missing = [k for k in ("ids",) + (() if sampled_lean else ("logprobs",)) if k not in teacher]
         if missing:
-            raise ValueError(f"teacher dict is missing {missing}; expected keys ids, logprobs, tail, [counts]")
-        ids, logprobs, tail, counts = teacher["ids"], teacher["logprobs"], teacher.get("tail"), teacher.get("counts")
+            raise ValueError(f"teacher dict is missing {missing}; expected keys ids, logprobs, tail, or for sampled "
+                             "ids: ids, counts, logp_mean")
+        ids, logprobs, tail, counts = teacher["ids"], teacher.get("logprobs"), teacher.get("tail"), teacher.get("counts")
+        logp_mean = teacher.get("logp_mean")
         fake = hidden.new_empty((P, 0))  # only its shape is read
-        mode = _check_sparse(fake, ids, logprobs, tail, counts, div, mode, zscore)
+        mode = _check_sparse(fake, ids, logprobs, tail, counts, div, mode, zscore, logp_mean)
 
     # Zero sums that still reach both parameters, so backward() works on an empty batch.
     zero = (_up(hidden[:0]).sum() + _up(head_weight[:0]).sum()) * 0.0
@@ -560,6 +592,7 @@ def chunked_distill(
             None if logprobs is None else logprobs[sl],
             None if tail is None else tail[sl],
             None if counts is None else counts[sl],
+            None if logp_mean is None else logp_mean[sl],
         )
         rows = min(chunk_size, P - a)
         part = functools.partial(fn, relation_groups=rows // relation_size if relation_size else 0,

@@ -131,6 +131,37 @@ def test_sample_mode_is_unbiased(teacher_dir, chat_data, scheme):
     assert (np.abs(rare_est - rare_p) <= 5 * se + 1e-4).all()
 
 
+def test_sample_mode_cache_through_cli(teacher_dir, chat_data, tmp_path):
+    """kd-cache build --sparse sample (CLI): logp_mean per position equals sum_i (c_i/N) log p_i from the
+    teacher's own dense forward; the per-entry log-probs are stored only with --sample-logprobs."""
+    runner = CliRunner()
+    outs = {}
+    for flag in ([], ["--sample-logprobs"]):
+        out = tmp_path / ("with" if flag else "lean")
+        res = runner.invoke(app, ["build", "--teacher", str(teacher_dir), "--data", str(chat_data[0]), "--image-folder",
+                                  str(chat_data[1]), "--out", str(out), "--sparse", "sample", "--samples", "16",
+                                  "--device", "cpu", "--no-progress", "--limit", "5", *flag])
+        assert res.exit_code == 0, res.output
+        outs[bool(flag)] = out
+    lean, full = open_cache(str(outs[False])), open_cache(str(outs[True]))
+    assert lean.manifest["sparse"]["logprobs_stored"] is False and full.manifest["sparse"]["logprobs_stored"] is True
+    dense = _dense_logprobs(teacher_dir, chat_data)
+    for a, b in zip(lean, full):
+        logp = torch.log_softmax(dense[a["id"]], -1).double().numpy()
+        for kind in ("response", "visual"):
+            assert f"{kind}_logprobs" not in a and f"{kind}_logprobs" in b
+            np.testing.assert_array_equal(a[f"{kind}_ids"], b[f"{kind}_ids"])  # same seeded draws
+            np.testing.assert_array_equal(a[f"{kind}_logp_mean"], b[f"{kind}_logp_mean"])
+            ids, counts = a[f"{kind}_ids"], a[f"{kind}_counts"].astype(np.float64)
+            rows = logp[a[f"{kind}_positions"]]
+            ref = (np.where(ids >= 0, counts * np.take_along_axis(rows, np.maximum(ids, 0), 1), 0).sum(1)
+                   / np.maximum(counts.sum(1), 1))
+            np.testing.assert_allclose(a[f"{kind}_logp_mean"], ref, rtol=1e-5, atol=1e-5)
+    lean_bytes = sum(e["bytes"] for e in lean.manifest["shards"])
+    full_bytes = sum(e["bytes"] for e in full.manifest["shards"])
+    assert lean_bytes < full_bytes
+
+
 def _arrays_close(a, b, exact=False):
     assert len(a) == len(b)
     for x, y in zip(a, b):

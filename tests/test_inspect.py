@@ -166,20 +166,32 @@ def test_verify_cache_detects_corruption(cache_dir):
     assert "run kd-cache build again" in verify_cache(str(root))[0]
 
 
-def test_sample_mode_entropy_ignores_padding(tmp_path):
+@pytest.mark.parametrize("logprobs", [False, True])
+def test_sample_mode_entropy_ignores_padding(tmp_path, logprobs):
+    """Sample mode: the entropy estimate is -mean(sum_i c_i/N log p_i) over real (not -1) ids, with or
+    without the per-entry log-probs in the cache; ids_per_position counts the distinct drawn ids."""
     rng = np.random.default_rng(1)
     samples = [_sample(rng, i, n_img=1, mode="sample") for i in range(2)]
     w = CacheWriter(str(tmp_path / "c"))
-    e = w.write_shard(0, samples, sparse_mode="sample", k=K, relation="full")
+    e = w.write_shard(0, samples, sparse_mode="sample", k=K, relation="full", sample_logprobs=logprobs)
     w.write_manifest(
         {"shards": [e], "sparse": {"mode": "sample", "samples": K}, "relation": "full", "skipped": []}
     )
     info = inspect_cache(str(tmp_path / "c"))
     r = info["samples_listed"][0]
     s = samples[0]
-    st = kind_stats(s["response_ids"], s["response_logprobs"].astype(np.float16), s["response_tail"])
-    assert r["response"]["entropy_estimate"] == pytest.approx(st["entropy_estimate"], rel=1e-6)
+    real = s["response_ids"] >= 0
+    assert (~real).any(), "the fixture must pad some rows"
+    c = np.where(real, s["response_counts"], 0).astype(np.float64)
+    lp = np.where(real, s["response_logprobs"], 0.0).astype(np.float64)
+    want = -np.mean((c * lp).sum(1) / c.sum(1))
+    assert r["response"]["entropy_estimate"] == pytest.approx(want, rel=1e-6)
+    assert r["response"]["ids_per_position"] == pytest.approx(real.sum(1).mean())
     assert r["relation_energy"] == [1.0]
+    # the same through kind_stats on the in-memory sample
+    st = kind_stats(s["response_ids"], None, s["response_tail"],
+                    logp_mean=((c * lp).sum(1) / c.sum(1)).astype(np.float32))
+    assert st["entropy_estimate"] == pytest.approx(want, rel=1e-6)
 
 
 def test_report_over_all_shards_names_sample_keys(cache_dir):

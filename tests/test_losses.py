@@ -492,6 +492,44 @@ def test_chunked_equals_unchunked(checkpoint, div, mode, counts):
     assert out["kd_count"].item() == (teacher["ids"] >= 0).any(-1).sum().item()
 
 
+def test_sample_logp_mean_replaces_per_entry_logprobs():
+    """A sample-mode cache stores logp_mean = sum_i (c_i/N) log p_i instead of the per-entry log-probs:
+    same per-position values as the per-entry estimator, same gradients, direct and chunked, and a
+    dense hand-written reference: sum_i (c_i/N)(log p_i - log q_i) entry by entry."""
+    hidden, head, targets, teacher = _chunk_case(counts=True, seed=44)
+    ids, lp, counts = teacher["ids"], teacher["logprobs"], teacher["counts"]
+    real = ids >= 0
+    c = torch.where(real, counts, 0).double()
+    logp_mean = (c * torch.where(real, lp, 0.0)).sum(-1) / c.sum(-1).clamp_min(1)
+    logits = (hidden @ head.T).float().requires_grad_(True)
+    with_lp = sparse_divergence(logits, ids, lp.float(), None, counts=counts)
+    (g_lp,) = torch.autograd.grad(with_lp.sum(), logits)
+    lean = sparse_divergence(logits, ids, None, None, counts=counts, logp_mean=logp_mean.float())
+    (g_lean,) = torch.autograd.grad(lean.sum(), logits)
+    torch.testing.assert_close(lean, with_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g_lean, g_lp, rtol=1e-6, atol=1e-7)
+    log_q = logits.detach().double().log_softmax(-1)
+    for p in range(ids.shape[0]):
+        n = float(c[p].sum())
+        ref = sum(float(c[p, j]) / n * (float(lp[p, j]) - float(log_q[p, ids[p, j]]))
+                  for j in range(ids.shape[1]) if ids[p, j] >= 0)
+        assert float(lean[p]) == pytest.approx(ref, abs=1e-5)
+    assert (lean[~real.any(-1)] == 0).all()
+    # chunked_distill with a teacher dict that has no logprobs (uneven chunks, checkpointing on)
+    lean_teacher = {"ids": ids, "counts": counts, "logp_mean": logp_mean.float(), "tail": teacher["tail"]}
+    kw = {"targets": targets, "chunk_size": 5}
+    out_lean, gh_lean, gw_lean = _grads(hidden.float(), head.float(), teacher=lean_teacher, **kw)
+    out_lp, gh_lp, gw_lp = _grads(hidden.float(), head.float(), teacher={**teacher, "logprobs": lp.float()}, **kw)
+    torch.testing.assert_close(out_lean["kd_sum"], out_lp["kd_sum"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh_lean, gh_lp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gw_lean, gw_lp, rtol=1e-5, atol=1e-6)
+    # logp_mean without counts, or log-probs missing without logp_mean, are refused
+    with pytest.raises(ValueError, match="logp_mean"):
+        sparse_divergence(logits, ids, lp.float(), teacher["tail"], logp_mean=logp_mean.float())
+    with pytest.raises(ValueError, match="log-probs .* are required"):
+        sparse_divergence(logits, ids, None, None, counts=counts)
+
+
 def test_chunked_float64_gradcheck():
     hidden, head, targets, teacher = _chunk_case(P=7, d=3, k=3)
     h = hidden.requires_grad_(True)

@@ -62,20 +62,24 @@ def make_sample(rng: np.random.Generator, i: int, mode: str, k: int, n_images: i
 
 
 def build_cache(
-    url, samples, *, mode="topk", k=8, relation="full", per_shard=4, storage_options=None, **writer_kw
+    url, samples, *, mode="topk", k=8, relation="full", per_shard=4, storage_options=None, sample_logprobs=False,
+    **writer_kw,
 ) -> CacheWriter:
     w = CacheWriter(url, storage_options, **writer_kw)
     entries = []
     for idx, start in enumerate(range(0, len(samples), per_shard)):
         entries.append(
-            w.write_shard(idx, samples[start : start + per_shard], sparse_mode=mode, k=k, relation=relation)
+            w.write_shard(idx, samples[start : start + per_shard], sparse_mode=mode, k=k, relation=relation,
+                          sample_logprobs=sample_logprobs)
         )
     sparse = {"mode": mode, "k": k} if mode == "topk" else {"mode": mode, "samples": k}
     w.write_manifest({"shards": entries, "sparse": sparse, "relation": relation, "skipped": []})
     return w
 
 
-def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str) -> None:
+def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str, logprobs: bool = True,
+                        logp_mean_tol: float = 1e-6) -> None:
+    """``logprobs``: whether per-entry log-probs are expected back (always in top-k mode)."""
     assert got["id"] == want["id"]
     assert got["images"] == want["images"]
     np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
@@ -90,11 +94,25 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str)
         np.testing.assert_array_equal(got[f"{kind}_positions"], want[f"{kind}_positions"])
         assert got[f"{kind}_ids"].shape == (P, k) and got[f"{kind}_ids"].dtype == np.int32
         np.testing.assert_array_equal(got[f"{kind}_ids"], want[f"{kind}_ids"])
-        assert got[f"{kind}_logprobs"].dtype == np.float16
-        np.testing.assert_array_equal(got[f"{kind}_logprobs"], want[f"{kind}_logprobs"].astype(np.float16))
-        np.testing.assert_allclose(
-            got[f"{kind}_logprobs"].astype(np.float32), want[f"{kind}_logprobs"], rtol=1e-3, atol=1e-3
-        )
+        if mode == "topk" or logprobs:
+            assert got[f"{kind}_logprobs"].dtype == np.float16
+            np.testing.assert_array_equal(got[f"{kind}_logprobs"], want[f"{kind}_logprobs"].astype(np.float16))
+            np.testing.assert_allclose(
+                got[f"{kind}_logprobs"].astype(np.float32), want[f"{kind}_logprobs"], rtol=1e-3, atol=1e-3
+            )
+        else:
+            assert f"{kind}_logprobs" not in got
+        if mode == "sample":
+            # sum_i (c_i / N) log p_i per row, from the fp32 input (entry by entry, float64)
+            ref = np.zeros(P)
+            for p in range(P):
+                real = want[f"{kind}_ids"][p] >= 0
+                c = want[f"{kind}_counts"][p][real].astype(np.float64)
+                ref[p] = (c * want[f"{kind}_logprobs"][p][real]).sum() / c.sum()
+            assert got[f"{kind}_logp_mean"].dtype == np.float32 and got[f"{kind}_logp_mean"].shape == (P,)
+            np.testing.assert_allclose(got[f"{kind}_logp_mean"], ref, rtol=logp_mean_tol, atol=logp_mean_tol)
+        else:
+            assert f"{kind}_logp_mean" not in got
         assert got[f"{kind}_tail"].dtype == np.float32
         np.testing.assert_array_equal(got[f"{kind}_tail"], want[f"{kind}_tail"])
         if mode == "sample":
@@ -128,23 +146,80 @@ def memory_url():
 
 
 @pytest.mark.parametrize(
-    "mode,relation",
-    [("topk", "full"), ("topk", "lowrank:3"), ("topk", "none"), ("sample", "full"), ("sample", "lowrank:2")],
+    "mode,relation,logprobs",
+    [("topk", "full", True), ("topk", "lowrank:3", True), ("topk", "none", True), ("sample", "full", False),
+     ("sample", "lowrank:2", True)],
 )
-def test_round_trip(tmp_path, mode, relation):
+def test_round_trip(tmp_path, mode, relation, logprobs):
     rng = np.random.default_rng(0)
     k = 8
     samples = [make_sample(rng, i, mode, k) for i in range(11)]
     samples[0] = make_sample(rng, 0, mode, k, n_images=0)
     samples[1] = make_sample(rng, 1, mode, k, n_images=2)
     # small chunks so samples straddle chunk boundaries
-    build_cache(str(tmp_path / "c"), samples, mode=mode, k=k, relation=relation, per_shard=4, chunk_bytes=256)
+    build_cache(str(tmp_path / "c"), samples, mode=mode, k=k, relation=relation, per_shard=4, chunk_bytes=256,
+                sample_logprobs=logprobs)
     cache = open_cache(str(tmp_path / "c"))
     assert len(cache) == 11 and cache.shard_sizes == [4, 4, 3]
     got = list(cache)
     assert len(got) == 11
     for g, w in zip(got, samples):
-        assert_sample_equal(g, w, mode, k, relation)
+        assert_sample_equal(g, w, mode, k, relation, logprobs)
+
+
+def test_sample_mode_stores_logp_mean_instead_of_logprobs(tmp_path):
+    """By default a sample shard holds one fp32 logp_mean per position and no per-entry log-probs;
+    a given logp_mean is stored as is; neither given is refused with the array names."""
+    rng = np.random.default_rng(7)
+    samples = [make_sample(rng, i, "sample", 8, n_images=1) for i in range(6)]
+    lean = build_cache(tmp_path / "lean", samples, mode="sample", k=8, per_shard=6)
+    full = build_cache(tmp_path / "full", samples, mode="sample", k=8, per_shard=6, sample_logprobs=True)
+    lm = json.loads((tmp_path / "lean" / "shards" / "00000" / "response" / "logp_mean" / "zarr.json").read_text())
+    assert lm["data_type"] == "float32"
+    assert not (tmp_path / "lean" / "shards" / "00000" / "response" / "logprobs").exists()
+    assert (tmp_path / "full" / "shards" / "00000" / "response" / "logprobs").exists()
+    assert lean.read_manifest() and full.read_manifest()
+    a, b = list(open_cache(tmp_path / "lean")), list(open_cache(tmp_path / "full"))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["response_logp_mean"], y["response_logp_mean"])
+    given = dict(samples[0])
+    P = len(given["response_positions"])
+    given.pop("response_logprobs")
+    given["response_logp_mean"] = np.arange(P, dtype=np.float32) - 3.0
+    del given["visual_logprobs"]
+    given["visual_logp_mean"] = np.full(len(given["visual_positions"]), -1.5, np.float32)
+    build_cache(tmp_path / "given", [given], mode="sample", k=8)
+    got = open_cache(tmp_path / "given")[0]
+    np.testing.assert_array_equal(got["response_logp_mean"], given["response_logp_mean"])
+    neither = dict(given)
+    del neither["visual_logp_mean"]
+    with pytest.raises(ValueError, match="visual_logp_mean .* or visual_logprobs"):
+        build_cache(tmp_path / "bad", [neither], mode="sample", k=8)
+    with pytest.raises(ValueError, match="sample_logprobs=True stores per-entry log-probs"):
+        build_cache(tmp_path / "bad2", [given], mode="sample", k=8, sample_logprobs=True)
+
+
+def test_reads_format_version_1_sample_shards(tmp_path):
+    """Version 1 sample shards (per-entry log-probs, no logp_mean) still read: logp_mean is derived."""
+    rng = np.random.default_rng(8)
+    samples = [make_sample(rng, i, "sample", 8) for i in range(5)]
+    root = tmp_path / "c"
+    build_cache(root, samples, mode="sample", k=8, per_shard=5, sample_logprobs=True)
+    shard = root / "shards" / "00000"
+    meta = json.loads((shard / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 1
+    del meta["attributes"]["sample_logprobs"]
+    (shard / "zarr.json").write_text(json.dumps(meta))
+    for kind in KINDS:
+        import shutil
+
+        shutil.rmtree(shard / kind / "logp_mean")
+    m = json.loads((root / "manifest.json").read_text())
+    m["format_version"] = 1
+    (root / "manifest.json").write_text(json.dumps(m))
+    for g, w in zip(open_cache(root), samples):
+        # derived from the stored fp16 log-probs (11 significant bits): exact to ~1e-3 relative
+        assert_sample_equal(g, w, "sample", 8, "full", logprobs=True, logp_mean_tol=2e-3)
 
 
 def test_random_access_matches_iteration(tmp_path):
@@ -175,7 +250,7 @@ def test_url_stores(tmp_path, memory_url, scheme):
     assert w.is_complete(0) and w.is_complete(2) and not w.is_complete(3)
     cache = open_cache(url)
     for g, s in zip(cache, samples):
-        assert_sample_equal(g, s, "sample", 6, "full")
+        assert_sample_equal(g, s, "sample", 6, "full", logprobs=False)
     assert cache.verify() == []
     if scheme == "file":
         assert (tmp_path / "cache" / "shards" / "00000.complete.json").exists()
@@ -345,7 +420,7 @@ def test_pickle_and_reopen(tmp_path, memory_url):
         clone = pickle.loads(pickle.dumps(cache))
         assert isinstance(clone, KDCache) and len(clone) == 9
         for i in (8, 0, 5):
-            assert_sample_equal(clone[i], samples[i], "sample", 4, "full")
+            assert_sample_equal(clone[i], samples[i], "sample", 4, "full", logprobs=False)
 
 
 def test_array_stats(tmp_path):
