@@ -113,6 +113,9 @@ def train_cmd(
                                                      "k ids.")] = KDMode.tail,
     chunk_size: Annotated[int, typer.Option(help="Positions per chunk when applying the LM head (bounds the "
                                                  "[chunk, vocab] logits kept in memory).")] = 1024,
+    head_memory_mb: Annotated[int, typer.Option(help="Keep the LM-head logits of a micro-batch for backward when "
+                                                     "they fit in this many MiB (faster); above it, each chunk's "
+                                                     "logits are recomputed in backward. 0: always recompute.")] = 1024,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes (read shards, load and "
                                                   "process images, collate).")] = 0,
     shuffle: Annotated[bool, typer.Option(help="Shuffle the samples each epoch (a pure function of seed "
@@ -153,6 +156,7 @@ def train_cmd(
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, alpha=alpha, beta=beta,
             gamma=gamma, positions=positions, delta=delta, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
             affinity_weight=affinity_weight, zscore=zscore, divergence=divergence, jsd_beta=jsd_beta, sparse_mode=sparse_mode, chunk_size=chunk_size,
+            head_memory_mb=head_memory_mb,
             num_workers=num_workers, shuffle=shuffle, block_shards=block_shards, save_every=save_every,
             resume=resume, report_to=report_to, train_modules=train_modules,
             gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,

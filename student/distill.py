@@ -57,6 +57,10 @@ class LossSettings:
     mode: str = "tail"  # tail | renorm (sample-mode caches are detected from their counts)
     jsd_beta: float = 0.5
     chunk_size: int = 1024
+    # Logits of the LM-head chunks are kept for backward when all of a micro-batch's fit in this many
+    # MiB (estimated as LOGIT_BYTES_HELD per logit); above it each chunk is recomputed in backward
+    # (one more head matmul and softmax per chunk, memory bounded by one chunk). 0: always recompute.
+    head_memory_mb: int = 1024
     kinds: tuple[str, ...] = DEFAULT_KINDS  # positions that get MDist (and hidden alignment)
     zscore: bool = False  # logit standardisation over the stored ids (student.losses)
     hidden_loss: str | None = None  # "mse" | "cosine": hidden-state alignment on (needs a projector)
@@ -176,6 +180,18 @@ def batch_counts(batch: dict, settings: LossSettings | bool) -> Tensor:
     return torch.tensor([counts[t] for t in TERMS], dtype=torch.float64)
 
 
+# Bytes per logit that autograd holds for backward when chunks are not recomputed. Measured with
+# saved-tensor hooks on chunked_distill: 4.0 for CE alone (the fp32 log-softmax), 9.1 for CE + forward
+# KL in tail mode (plus the masked logits and the mask of the student's tail bin), 4.1 in sample mode.
+# 12 leaves room for the other divergences.
+LOGIT_BYTES_HELD = 12
+
+
+def keep_head_logits(n_positions: int, vocab: int, budget_mb: int) -> bool:
+    """Whether ``n_positions`` rows of [vocab] logits may stay in memory for backward (no recompute)."""
+    return n_positions * vocab * LOGIT_BYTES_HELD <= budget_mb * 2**20
+
+
 def _fuse_relation(batch: dict, relation_index: Tensor, visual_kd: bool, d: int) -> bool:
     """Whether the student relations ``Z Z^T`` should come from the visual MDist pass's own logits.
 
@@ -240,9 +256,13 @@ class DistillStudent(nn.Module):
         hidden = out.last_hidden_state  # [B, T, d]
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = self.student.get_output_embeddings().weight  # [V, d]
-        common = {"divergence": s.divergence, "mode": s.mode, "jsd_beta": s.jsd_beta, "chunk_size": s.chunk_size,
-                  "zscore": s.zscore}
         kinds = s.kinds if s.distill else ()
+        # Every position that goes through the head in this micro-batch: if their logits fit the budget,
+        # backward reuses them instead of recomputing each chunk (a quarter of the head's matmuls).
+        n_head = batch["response_index"].shape[0] + sum(
+            batch[f"{k}_index"].shape[0] for k in ("visual", "prompt") if k in kinds and f"{k}_ids" in batch)
+        common = {"divergence": s.divergence, "mode": s.mode, "jsd_beta": s.jsd_beta, "chunk_size": s.chunk_size,
+                  "zscore": s.zscore, "checkpoint": not keep_head_logits(n_head, head.shape[0], s.head_memory_mb)}
 
         res = chunked_distill(flat[batch["response_index"]], head, targets=batch["response_targets"],
                               teacher=_teacher(batch, "response") if "response" in kinds else None, **common)

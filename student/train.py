@@ -130,6 +130,7 @@ class TrainConfig:
     affinity_weight: float = 0.0  # LLaVADI affinity (0: off)
     zscore: bool = False
     chunk_size: int = 1024
+    head_memory_mb: int = 1024
     num_workers: int = 0
     shuffle: bool = True
     block_shards: int = 4
@@ -188,7 +189,8 @@ class TrainConfig:
                                      "teacher; use it with --stage dpt or dft")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
-        for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every)):
+        for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every),
+                            ("--head-memory-mb", self.head_memory_mb)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         self.train_modules = parse_modules(recipe.train_modules if self.train_modules is None else self.train_modules)
@@ -204,7 +206,8 @@ class TrainConfig:
 
     def loss_settings(self) -> LossSettings:
         return LossSettings(distill=self.distill, divergence=self.divergence.value, mode=self.sparse_mode.value,
-                            jsd_beta=self.jsd_beta, chunk_size=self.chunk_size, kinds=tuple(self.positions),
+                            jsd_beta=self.jsd_beta, chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb,
+                            kinds=tuple(self.positions),
                             zscore=self.zscore, hidden_loss=self.hidden_loss.value if self.hidden_weight > 0 else None,
                             affinity=self.affinity_weight > 0)
 

@@ -194,3 +194,19 @@ def test_human_output_and_errors(teacher_dir, full_cache, tmp_path):
     assert res.exit_code == 2 and "nothing to evaluate" in res.output
     res = CliRunner().invoke(app, ["--model", str(tmp_path / "missing"), "--cache", str(full_cache)])
     assert res.exit_code == 2 and "config.json" in res.output
+
+
+def test_kl_on_a_sample_mode_cache(teacher_dir, student_dir, chat_data, tmp_path):
+    """kd-eval --cache on a sample-mode cache (no per-entry log-probs, logp_mean only): the teacher's KL
+    to itself is 0, and the student's sampled estimate is close to its dense KL."""
+    data, images = chat_data
+    out = tmp_path / "sampled"
+    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
+                            sparse="sample", samples=512, relation="none", device="cpu", progress=False))
+    assert "response_logprobs" not in open_cache(str(out))[0]
+    own = _eval("--model", teacher_dir, "--cache", out)["cache"]
+    assert own["kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)
+    student = _eval("--model", student_dir, "--cache", out)["cache"]
+    kl, _, n = _dense_metrics(teacher_dir, student_dir, out)
+    assert student["positions"] == n and kl > 0.1
+    assert student["kl_to_teacher"] == pytest.approx(kl, rel=0.05)

@@ -155,3 +155,34 @@ def test_gradient_checkpointing_gives_the_same_gradients(student_dir, processor,
     assert model.model.language_model.gradient_checkpointing
     recomputed, _ = _grads(model, accelerator, micro, True)
     _assert_same(plain, recomputed, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_head_memory_budget_keeps_or_recomputes_logits_with_the_same_gradients(
+        student_dir, processor, cache_path, samples, accelerator, monkeypatch, distill):
+    """--head-memory-mb picks whether LM-head chunk logits are kept for backward or recomputed; both
+    give the same gradients, and the choice follows the micro-batch's head positions x vocabulary."""
+    import student.distill as distill_mod
+
+    ds = StreamingKDDataset(str(cache_path), processor, image_folder=None, batch_size=4)
+    micro = [ds.collate(samples[:4]), ds.collate(samples[4:])]
+    model, _ = load_student(student_dir)
+    set_trainable(model, ("projector", "llm"))
+    seen = []
+    real = distill_mod.chunked_distill
+
+    def spy(*args, **kw):
+        seen.append(kw["checkpoint"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(distill_mod, "chunked_distill", spy)
+    grads = {}
+    for budget in (0, 1024):
+        seen.clear()
+        grads[budget], _ = _grads(model, accelerator, micro, distill,
+                                  LossSettings(distill=distill, chunk_size=7, head_memory_mb=budget))
+        assert seen and all(c == (budget == 0) for c in seen), (budget, seen)
+    _assert_same(grads[0], grads[1024], rtol=1e-5, atol=1e-7)
+    V = model.get_output_embeddings().weight.shape[0]
+    assert distill_mod.keep_head_logits(1000, V, 1) == (1000 * V * distill_mod.LOGIT_BYTES_HELD <= 2**20)
+    assert not distill_mod.keep_head_logits(2**20, 151936, 1024)  # a real vocabulary recomputes big batches
