@@ -244,6 +244,17 @@ def dense_divergence(
     return _bin_divergence(log_p, log_q.to(log_p.dtype), mask, div, jsd_beta, skew_alpha)
 
 
+def _tail_fill(ids: Tensor, valid: Tensor) -> Tensor:
+    """Stored ids [P, K] with padding pointed at the row's largest id (a stored one whenever the row has
+    any), so a scatter over them marks exactly the stored ids."""
+    row_max = ids.max(-1, keepdim=True).values if ids.shape[-1] else ids
+    return torch.where(valid, ids, row_max).clamp_min(0)
+
+
+def _needs_tail(mode: SparseMode, zscore: bool) -> bool:
+    return mode is SparseMode.TAIL and not zscore
+
+
 def _sparse_from_logq(
     log_q_all: Tensor,
     teacher_ids: Tensor,
@@ -266,23 +277,50 @@ def _sparse_from_logq(
     teacher's per-entry log-probs (which may then be None).
     """
     ids = teacher_ids.long()
+    s_lp = log_q_all.gather(-1, ids.clamp_min(0))  # [P, K]
+    s_tail = None
+    if _needs_tail(mode, zscore):
+        # Student tail bin: log(1 - sum_K q) as a logsumexp over the ids *not* stored, which stays
+        # exact when sum_K q is close to 1 (log1p(-exp(.)) would not).
+        stored = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(-1, _tail_fill(ids, ids >= 0), True)
+        s_tail = log_q_all.masked_fill(stored, torch.finfo(log_q_all.dtype).min).logsumexp(-1)
+    return _sparse_from_bins(s_lp, s_tail, ids, teacher_logprobs, teacher_tail, counts, div, mode, jsd_beta,
+                             skew_alpha, zscore, temperature, logp_mean)
+
+
+def _sparse_from_bins(
+    s_lp: Tensor,
+    s_tail: Tensor | None,
+    ids: Tensor,
+    teacher_logprobs: Tensor | None,
+    teacher_tail: Tensor | None,
+    counts: Tensor | None,
+    div: Divergence,
+    mode: SparseMode,
+    jsd_beta: float,
+    skew_alpha: float,
+    zscore: bool,
+    temperature: float,
+    logp_mean: Tensor | None,
+) -> Tensor:
+    """The sparse divergence [P] from the student's log-probs at the stored ids ``s_lp`` [P, K] and, in
+    tail mode, its tail bin ``s_tail`` [P]: everything the sparse losses read of the student."""
     valid = ids >= 0  # [P, K]
     rows = valid.any(-1)  # [P]
-    safe_ids = ids.clamp_min(0)
-    s_lp = log_q_all.gather(-1, safe_ids)  # [P, K]
+    dtype = s_lp.dtype
     if mode is SparseMode.SAMPLE and not zscore:
         # sum_i (c_i / N)(log p_i - log q_i): E[c_i / N] = p_i, so this is unbiased for KL(p || q).
         # The teacher half, sum_i (c_i / N) log p_i, is one number per row (the cache's logp_mean).
-        c = torch.where(valid, _up(counts), 0.0).to(log_q_all.dtype)
+        c = torch.where(valid, _up(counts), 0.0).to(dtype)
         w = c / c.sum(-1, keepdim=True).clamp_min(1)
         student = torch.where(valid, w * s_lp.clamp_min(LOG_PROB_FLOOR), 0.0).sum(-1)
         if logp_mean is not None:
-            teacher = _up(logp_mean).to(log_q_all.dtype)
+            teacher = _up(logp_mean).to(dtype)
         else:
-            t_lp = _up(teacher_logprobs).to(log_q_all.dtype).clamp_min(LOG_PROB_FLOOR)
+            t_lp = _up(teacher_logprobs).to(dtype).clamp_min(LOG_PROB_FLOOR)
             teacher = torch.where(valid, w * t_lp, 0.0).sum(-1)
         return torch.where(rows, teacher - student, 0.0)
-    t_lp = torch.where(valid, _up(teacher_logprobs), 0.0).to(log_q_all.dtype)
+    t_lp = torch.where(valid, _up(teacher_logprobs), 0.0).to(dtype)
 
     if zscore:
         # Standardise both sides over the stored ids (see the module docstring), compare over them.
@@ -296,14 +334,7 @@ def _sparse_from_logq(
         log_q = _masked_log_softmax(s_lp, valid)
         per = _bin_divergence(log_p, log_q, valid, div, jsd_beta, skew_alpha)
     else:
-        # Student tail bin: log(1 - sum_K q) as a logsumexp over the ids *not* stored, which stays
-        # exact when sum_K q is close to 1 (log1p(-exp(.)) would not). Padding is pointed at the
-        # row's largest id, a stored one whenever the row has any, so scatter_ writes only True.
-        row_max = ids.max(-1, keepdim=True).values if ids.shape[-1] else ids
-        fill = torch.where(valid, ids, row_max).clamp_min(0)
-        stored = torch.zeros_like(log_q_all, dtype=torch.bool).scatter_(-1, fill, True)
-        s_tail = log_q_all.masked_fill(stored, torch.finfo(log_q_all.dtype).min).logsumexp(-1)
-        t_tail = torch.where(rows, _up(teacher_tail).to(log_q_all.dtype), 0.0)
+        t_tail = torch.where(rows, _up(teacher_tail).to(dtype), 0.0)
         mask = torch.cat([valid, torch.ones_like(rows)[:, None]], -1)  # [P, K + 1]
         log_p = torch.cat([t_lp, t_tail[:, None]], -1).clamp_min(LOG_PROB_FLOOR)
         log_q = torch.cat([s_lp, s_tail[:, None]], -1)
@@ -493,6 +524,115 @@ def _chunk_losses(
     return ce, kd, relation
 
 
+class _FusedHeadLoss(torch.autograd.Function):
+    """CE + sparse KD (+ relation ``Z Z^T``) of one chunk of positions, with the gradient of the
+    logits in closed form instead of autograd through every [c, V] op.
+
+    Everything the losses read of the student's logits ``z`` [c, V] is ``lse = logsumexp(z)``, the
+    log-probs at the targets and at the stored ids ``s_j = z_j - lse`` and, in tail mode, the tail
+    bin ``s_tail = logsumexp(z off the stored ids) - lse``. Given the gradients ``G_j`` and ``G_tail``
+    of the (any) divergence with respect to those few bins (autograd on [c, K + 1] tensors), the chain
+    rule through ``log_softmax`` gives, per row, with ``q = softmax(z)`` and ``a``/``b`` the upstream
+    gradients of the CE and KD sums::
+
+        dL/dz_m = q_m (a keep - b (sum_j G_j + G_tail)) + b G_tail exp(z_m - tail_lse) [m not stored]
+                  + b G_j [m = id_j] - a keep [m = target]
+
+    so backward is one exponential pass over [c, V] and a few scatters, then ``g W`` and ``g^T h``.
+    With autograd the same step costs a log-softmax, a masked copy and a logsumexp forward and their
+    backward passes (about twelve [c, V] passes against four). ``keep``: save the fp32 logits for
+    backward (4 bytes per logit); otherwise recompute them from ``hidden`` and the head (one more
+    matmul). Same values and gradients as the autograd path (tested), any dtype, under autocast.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, head_weight, targets, ids, logprobs, tail, counts, logp_mean, opts, groups, size, keep):
+        div, mode, jsd_beta, skew_alpha, zscore, temperature = opts
+        dtype = torch.promote_types(hidden.dtype, head_weight.dtype)
+        logits = hidden.to(dtype) @ head_weight.to(dtype).T  # [c, V] in the model's (or autocast's) dtype
+        ctx.mm_dtype = logits.dtype
+        z = _up(logits)
+        del logits
+        lse = z.logsumexp(-1)  # [c]
+        zero = z.new_zeros(())
+        ce, kd = zero, zero
+        t_safe = keep_t = fill = valid = G_k = G_tail = tail_lse = None
+        if targets is not None:
+            keep_t = targets != IGNORE_INDEX
+            t_safe = targets.long().clamp_min(0)
+            ce = -torch.where(keep_t, z.gather(-1, t_safe[:, None])[:, 0] - lse, 0.0).sum()
+        if ids is not None:
+            ids_l = ids.long()
+            valid = ids_l >= 0
+            fill = _tail_fill(ids_l, valid)
+            s_lp = z.gather(-1, ids_l.clamp_min(0)) - lse[:, None]  # [c, K]
+            s_tail = None
+            if _needs_tail(mode, zscore):
+                masked = z.scatter(-1, fill, torch.finfo(z.dtype).min)
+                tail_lse = masked.logsumexp(-1)
+                del masked
+                s_tail = tail_lse - lse
+            with torch.enable_grad():  # gradients of the divergence w.r.t. the K + 1 student bins only
+                leaves = [s_lp.detach().requires_grad_(True)]
+                if s_tail is not None:
+                    leaves.append(s_tail.detach().requires_grad_(True))
+                per = _sparse_from_bins(leaves[0], leaves[1] if s_tail is not None else None, ids_l, logprobs, tail,
+                                        counts, div, mode, jsd_beta, skew_alpha, zscore, temperature, logp_mean)
+                total = per.sum()
+                grads = torch.autograd.grad(total, leaves)
+            kd = total.detach()
+            G_k = grads[0]
+            G_tail = grads[1] if s_tail is not None else None
+            ctx.s_lp = s_lp
+        zg = z[: groups * size].reshape(groups, size, z.shape[-1])
+        relation = zg @ zg.transpose(-1, -2)
+        ctx.save_for_backward(hidden, head_weight, z if keep else None, lse, t_safe, keep_t, fill, valid, G_k, G_tail,
+                              tail_lse)
+        ctx.groups, ctx.size = groups, size
+        return ce, kd, relation
+
+    @staticmethod
+    def backward(ctx, grad_ce, grad_kd, grad_rel):
+        hidden, head_weight, z, lse, t_safe, keep_t, fill, valid, G_k, G_tail, tail_lse = ctx.saved_tensors
+        mm = ctx.mm_dtype
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            if z is None:  # recompute the logits exactly as forward did
+                z = _up(hidden.to(mm) @ head_weight.to(mm).T)
+            c = z.shape[0]
+            a = grad_ce.to(z.dtype) * (keep_t.to(z.dtype) if keep_t is not None else z.new_zeros(c))  # [c]
+            coef = a.clone()  # multiplies q_m everywhere
+            base = lse
+            if G_k is not None:
+                b = grad_kd.to(z.dtype)
+                sum_g = G_k.sum(-1) + (G_tail if G_tail is not None else 0.0)
+                coef = coef - b * sum_g
+                if G_tail is not None:
+                    # Dense part as exp(z - tail_lse) * (coef * Q_tail + b G_tail): no overflow, since
+                    # Q_tail = exp(tail_lse - lse) <= 1. Rows whose tail bin gets no gradient (clamped,
+                    # empty tail) keep the plain q * coef form.
+                    use = G_tail != 0
+                    base = torch.where(use, tail_lse, lse)
+                    coef = torch.where(use, coef * (tail_lse - lse).exp() + b * G_tail, coef)
+            g = (z - base[:, None]).exp_().mul_(coef[:, None])  # [c, V]
+            if G_k is not None:
+                # Stored ids: q_j (a keep - b sum G) + b G_j, written over the dense part. Padding slots
+                # point at the row's largest stored id (``_tail_fill``) and carry that id's own value, so
+                # every write to an index agrees (a row without ids writes its token 0's plain value).
+                vals = ctx.s_lp.exp() * (a - b * sum_g)[:, None] + b * G_k
+                vals = torch.where(valid, vals, vals.gather(-1, torch.where(valid, fill, -1).argmax(-1, keepdim=True)))
+                g.scatter_(-1, fill, vals)
+            if t_safe is not None:
+                g.scatter_add_(-1, t_safe[:, None], -a[:, None])
+            if ctx.groups and grad_rel is not None:
+                n = ctx.groups * ctx.size
+                zg = z[:n].reshape(ctx.groups, ctx.size, -1)
+                g[:n] += ((grad_rel + grad_rel.transpose(-1, -2)).to(z.dtype) @ zg).reshape(n, -1)
+            g = g.to(mm)
+            dh = (g @ head_weight.to(mm)).to(hidden.dtype) if ctx.needs_input_grad[0] else None
+            dw = (g.T @ hidden.to(mm)).to(head_weight.dtype) if ctx.needs_input_grad[1] else None
+        return dh, dw, None, None, None, None, None, None, None, None, None, None
+
+
 def chunked_distill(
     hidden: Tensor,
     head_weight: Tensor,
@@ -508,6 +648,7 @@ def chunked_distill(
     chunk_size: int = 1024,
     checkpoint: bool = True,
     relation_size: int = 0,
+    fused: bool = True,
 ) -> dict[str, Tensor]:
     """Cross-entropy and sparse KD from hidden states, chunked over positions.
 
@@ -529,6 +670,8 @@ def chunked_distill(
             (temperature and zscore apply to the KD term only, never to CE).
         chunk_size: positions per chunk.
         checkpoint: recompute each chunk's logits in backward (only when grad is enabled).
+        fused: compute the logits' gradient in closed form (``_FusedHeadLoss``: same values and
+            gradients, a third of the [chunk, V] passes); False: autograd through every op.
         relation_size: ``N`` > 0 also returns ``relation`` [P / N, N, N], the relation matrices
             ``Z Z^T`` of every run of ``N`` consecutive rows (one image's visual positions), from the
             fp32 logits the chunk computes anyway; ``P`` must be a multiple of ``N``, and chunks then
@@ -582,6 +725,11 @@ def chunked_distill(
         temperature=temperature, zscore=zscore,
     )
     use_ckpt = checkpoint and torch.is_grad_enabled()
+    # The closed-form gradient (_FusedHeadLoss) serves every divergence and mode; a temperature on the
+    # student's non-standardised logits (its own softmax) takes the autograd path.
+    fused = fused and torch.is_grad_enabled() and (zscore or temperature == 1.0) and (
+        hidden.requires_grad or head_weight.requires_grad)
+    opts = (div, mode, jsd_beta, skew_alpha, zscore, temperature)
     for a in range(0, P, chunk_size):
         sl = slice(a, a + chunk_size)
         args = (
@@ -595,9 +743,11 @@ def chunked_distill(
             None if logp_mean is None else logp_mean[sl],
         )
         rows = min(chunk_size, P - a)
-        part = functools.partial(fn, relation_groups=rows // relation_size if relation_size else 0,
-                                 relation_size=relation_size)
-        if use_ckpt:
+        groups = rows // relation_size if relation_size else 0
+        part = functools.partial(fn, relation_groups=groups, relation_size=relation_size)
+        if fused:
+            ce, kd, rel = _FusedHeadLoss.apply(*args, opts, groups, relation_size, not use_ckpt)
+        elif use_ckpt:
             ce, kd, rel = _checkpoint(part, *args, use_reentrant=False, preserve_rng_state=False)
         else:
             ce, kd, rel = part(*args)
