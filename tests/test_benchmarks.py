@@ -37,3 +37,19 @@ def test_run_all_smoke_writes_every_key(tmp_path):
     # The table names every key.
     for key in RESULT_KEYS:
         assert key in proc.stdout
+
+
+def test_demo_seeds_table_counts_wins():
+    sys.path.insert(0, str(REPO))
+    from benchmarks.demo_seeds import table
+
+    def res(t, b, d):
+        return {m: {"accuracy": a, "kl_to_teacher": kl, "top1_agreement": 0.9}
+                for m, (a, kl) in zip(("teacher", "baseline", "distilled"), (t, b, d))}
+
+    runs = [{"seed": 0, "wall_s": 60.0, "results": res((0.9, 0.0), (0.7, 0.2), (0.8, 0.1))},
+            {"seed": 1, "wall_s": 120.0, "results": res((0.9, 0.0), (0.8, 0.1), (0.7, 0.3))}]
+    text = table(runs)
+    assert "| 0 | 0.900 | 0.700 | 0.800 | 0.0000 | 0.2000 | 0.1000 |" in text
+    assert "| mean | 0.900 | 0.750 | 0.750 | 0.0000 | 0.1500 | 0.2000 |" in text
+    assert "accuracy for 1 of 2 seeds; lower KL to the teacher for 1 of 2" in text

@@ -1,6 +1,6 @@
 """kd-demo --quick through the real CLI in a fresh interpreter: every step runs, the three result
 entries have finite metrics, curves.png is written. Whether distillation wins is checked by the full
-demo (benchmarks/demo_seeds.md), not here: the quick run is far too small to mean anything."""
+demo (benchmarks/demo_seeds.py, results in benchmarks/RESULTS.md), not here: the quick run is far too small to mean anything."""
 
 from __future__ import annotations
 
