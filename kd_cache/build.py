@@ -131,10 +131,8 @@ def _write_json(fs, path: str, obj: dict) -> None:
 def _check_identity(previous: dict, current: dict, out: str) -> None:
     if previous.get("sparse") == "sample" and "sample_scheme" not in previous:
         previous = {**previous, "sample_scheme": "multinomial"}  # builds before the scheme option drew iid
-    if previous.get("sparse") == "sample" and "sample_logprobs" not in previous:
-        previous = {**previous, "sample_logprobs": True}  # builds before format 2 kept every log-prob
-    if previous.get("sparse") != "sample" and "sample_logprobs" not in previous:
-        previous = {**previous, "sample_logprobs": None}
+    if "sample_logprobs" not in previous:  # builds before format 2: sample mode kept every log-prob
+        previous = {**previous, "sample_logprobs": True if previous.get("sparse") == "sample" else None}
     diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
     if diffs:
         lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"

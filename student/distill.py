@@ -135,7 +135,10 @@ class HiddenProjector(nn.Module):
         return module
 
 
-def _teacher(batch: dict[str, Tensor], kind: str) -> dict[str, Tensor] | None:
+def teacher_arrays(batch: dict[str, Tensor], kind: str) -> dict[str, Tensor] | None:
+    """The cached teacher arrays of one position kind of a collated batch, keyed as ``chunked_distill``'s
+    ``teacher`` dict (``ids``, ``tail``, and ``logprobs`` / ``counts`` / ``logp_mean`` when present);
+    None when the batch has none for that kind."""
     if f"{kind}_ids" not in batch:
         return None
     t = {"ids": batch[f"{kind}_ids"], "tail": batch[f"{kind}_tail"]}
@@ -264,14 +267,14 @@ class DistillStudent(nn.Module):
                   "zscore": s.zscore, "checkpoint": not keep_head_logits(n_head, head.shape[0], s.head_memory_mb)}
 
         res = chunked_distill(flat[batch["response_index"]], head, targets=batch["response_targets"],
-                              teacher=_teacher(batch, "response") if "response" in kinds else None, **common)
+                              teacher=teacher_arrays(batch, "response") if "response" in kinds else None, **common)
         sums = {"ce_sum": res["ce_sum"], "kd_response_sum": res["kd_sum"]}
         zero = res["ce_sum"] * 0.0
         relation = batch.get("relation_index") if s.distill else None
         fused = relation is not None and _fuse_relation(batch, relation, "visual" in kinds, head.shape[1])
         r_s = None
         for kind in ("visual", "prompt"):
-            teacher = _teacher(batch, kind) if kind in kinds else None
+            teacher = teacher_arrays(batch, kind) if kind in kinds else None
             if teacher is not None:
                 got = chunked_distill(flat[batch[f"{kind}_index"]], head, teacher=teacher,
                                       relation_size=relation.shape[1] if fused and kind == "visual" else 0, **common)

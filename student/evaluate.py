@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from kd_cache.data import IGNORE_INDEX, BadRecord, Encoder, Record, load_records, resolve_image_folder
+from student.distill import teacher_arrays
 from student.losses import ce_reference, sparse_divergence, teacher_row_mask
 
 KINDS = ("response", "visual")
@@ -373,12 +374,10 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
             for a in range(0, len(index), chunk_size):  # never the logits of every position at once
                 sl = slice(a, a + chunk_size)
                 logits = (flat[index[sl]] @ head.T).float()
-                ids = batch[f"{kind}_ids"][sl].to(dev)
-                got = {name: batch[f"{kind}_{name}"][sl].to(dev) for name in ("logprobs", "counts", "logp_mean")
-                       if f"{kind}_{name}" in batch}
-                lps = got.get("logprobs")
-                kl = sparse_divergence(logits, ids, lps, batch[f"{kind}_tail"][sl].to(dev), mode="tail",
-                                       counts=got.get("counts"), logp_mean=got.get("logp_mean"))
+                got = {name: v[sl].to(dev) for name, v in teacher_arrays(batch, kind).items()}
+                ids, lps = got["ids"], got.get("logprobs")
+                kl = sparse_divergence(logits, ids, lps, got["tail"], mode="tail", counts=got.get("counts"),
+                                       logp_mean=got.get("logp_mean"))
                 rows = teacher_row_mask(ids)
                 # the teacher's most likely stored id (sample mode without log-probs: the most drawn one)
                 score = (lps if lps is not None else got["counts"]).float().masked_fill(ids < 0, -math.inf)

@@ -556,7 +556,7 @@ class _FusedHeadLoss(torch.autograd.Function):
         lse = z.logsumexp(-1)  # [c]
         zero = z.new_zeros(())
         ce, kd = zero, zero
-        t_safe = keep_t = fill = valid = G_k = G_tail = tail_lse = None
+        t_safe = keep_t = fill = valid = s_lp = G_k = G_tail = tail_lse = None
         if targets is not None:
             keep_t = targets != IGNORE_INDEX
             t_safe = targets.long().clamp_min(0)
@@ -583,17 +583,16 @@ class _FusedHeadLoss(torch.autograd.Function):
             kd = total.detach()
             G_k = grads[0]
             G_tail = grads[1] if s_tail is not None else None
-            ctx.s_lp = s_lp
         zg = z[: groups * size].reshape(groups, size, z.shape[-1])
         relation = zg @ zg.transpose(-1, -2)
-        ctx.save_for_backward(hidden, head_weight, z if keep else None, lse, t_safe, keep_t, fill, valid, G_k, G_tail,
-                              tail_lse)
+        ctx.save_for_backward(hidden, head_weight, z if keep else None, lse, t_safe, keep_t, fill, valid, s_lp, G_k,
+                              G_tail, tail_lse)
         ctx.groups, ctx.size = groups, size
         return ce, kd, relation
 
     @staticmethod
     def backward(ctx, grad_ce, grad_kd, grad_rel):
-        hidden, head_weight, z, lse, t_safe, keep_t, fill, valid, G_k, G_tail, tail_lse = ctx.saved_tensors
+        hidden, head_weight, z, lse, t_safe, keep_t, fill, valid, s_lp, G_k, G_tail, tail_lse = ctx.saved_tensors
         mm = ctx.mm_dtype
         with torch.autocast(device_type=hidden.device.type, enabled=False):
             if z is None:  # recompute the logits exactly as forward did
@@ -618,7 +617,7 @@ class _FusedHeadLoss(torch.autograd.Function):
                 # Stored ids: q_j (a keep - b sum G) + b G_j, written over the dense part. Padding slots
                 # point at the row's largest stored id (``_tail_fill``) and carry that id's own value, so
                 # every write to an index agrees (a row without ids writes its token 0's plain value).
-                vals = ctx.s_lp.exp() * (a - b * sum_g)[:, None] + b * G_k
+                vals = s_lp.exp() * (a - b * sum_g)[:, None] + b * G_k
                 vals = torch.where(valid, vals, vals.gather(-1, torch.where(valid, fill, -1).argmax(-1, keepdim=True)))
                 g.scatter_(-1, fill, vals)
             if t_safe is not None:
