@@ -1,0 +1,397 @@
+"""The contract between the teacher pass and the trainer: what one cached sample and a manifest hold.
+
+This module is the one place that defines
+
+* the label convention (``IGNORE_INDEX``) and the position kinds (``KINDS``), with how the positions
+  of each kind are derived from a sample's tokens;
+* ``CacheSample`` / ``KindArrays``: one sample as the teacher pass produces it and as
+  ``kd_cache.open_cache`` yields it (``to_dict`` / ``from_dict`` give the flat dict of numpy arrays
+  the reader API returns);
+* ``Manifest`` and its parts: the cache-level facts a trainer checks before step 1
+  (``to_json`` / ``from_json`` are the only code that knows its field names and defaults).
+
+The shard layout that stores these (arrays, offsets, codecs) is ``kd_cache.format``.
+
+A sample, as a flat dict (``CacheSample.to_dict``)::
+
+    id               str
+    images           list[str]       image paths as given in the data, in placeholder order
+    input_ids        int32 [L]       token ids exactly as the teacher saw them
+    labels           int32 [L]       labels[t] is the target of the logits at t - 1; IGNORE_INDEX = no loss
+    meta             dict            per-sample JSON notes ({} when none)
+    relation         list of float32 [N_i, N_i]   per image: R / ||R||_F of the teacher's visual logits
+    relation_energy  list of float   share of R's Frobenius energy the stored encoding keeps
+    <kind>_positions int32 [P]       distilled positions t (the logits at t predict token t + 1)
+    <kind>_tail      float32 [P]     log of the teacher's probability mass outside the stored ids
+      top-k:   <kind>_ids int32 [P, K], <kind>_logprobs float32 [P, K] (fp16 precision when read)
+      sample:  <kind>_ids int32 [P, K] (-1 pad), <kind>_counts uint16 [P, K] (0 pad),
+               <kind>_logp_mean float32 [P] = sum_i (c_i / N) log p_i,
+               <kind>_logprobs [P, K] only when the build kept them (--sample-logprobs)
+    <kind>_<name>    [P, ...]        extra per-position arrays, e.g. <kind>_hidden (teacher hidden states)
+
+with ``<kind>`` each of ``KINDS``: ``response`` (t whose next token is labelled), ``visual`` (t whose
+token is the image token: LLaVA-KD distils the output at the image-feature positions, unshifted) and
+``prompt`` (every other text position; LLaVADI's all-token distillation).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 2
+IGNORE_INDEX = -100
+
+KINDS = ("response", "visual", "prompt")
+DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
+# Per-kind fields with a meaning of their own; any other ``<kind>_<name>`` array is an extra.
+KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts", "logp_mean")
+SAMPLE_FIELDS = ("id", "images", "input_ids", "labels", "relation", "relation_energy", "meta")
+
+
+class SparseMode(str, Enum):
+    """How the teacher's next-token distribution at a position is stored."""
+
+    topk = "topk"  # the k most likely ids, their log-probs and the exact tail mass
+    sample = "sample"  # ids drawn from the distribution with their counts (random-sampling KD)
+
+
+class SampleScheme(str, Enum):
+    """How sample mode draws (both unbiased)."""
+
+    systematic = "systematic"
+    multinomial = "multinomial"
+
+
+class Template(str, Enum):
+    """How a record becomes text: the chat template, or LLaVA's caption template for pre-training."""
+
+    chat = "chat"
+    pretrain = "pretrain"
+
+
+def choice(enum: type[Enum], value: Any, flag: str) -> Enum:
+    """``value`` as a member of ``enum``, or a ValueError that names ``flag`` and the choices."""
+    try:
+        return enum(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        raise ValueError(f"{flag} {value!r}: expected one of {', '.join(m.value for m in enum)}") from None
+
+
+# ------------------------------------------------------------------------------------------ positions
+
+
+def parse_positions(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"response,visual"`` -> ("response", "visual"), validated, in canonical order."""
+    items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip()]
+    bad = [x for x in items if x not in KINDS]
+    if bad or not items:
+        raise ValueError(f"--positions {spec!r}: expected a comma-separated subset of {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k in items)
+
+
+def response_positions(labels: np.ndarray) -> np.ndarray:
+    """Positions t whose logits predict a labelled token t + 1 (int32 [P])."""
+    labels = np.asarray(labels)
+    return np.nonzero(labels[1:] != IGNORE_INDEX)[0].astype(np.int32)
+
+
+def visual_positions(input_ids: np.ndarray, image_token_id: int | None) -> np.ndarray:
+    """Positions holding the image token, i.e. filled with image features (int32 [P])."""
+    if image_token_id is None:
+        return np.zeros(0, dtype=np.int32)
+    return np.nonzero(np.asarray(input_ids) == image_token_id)[0].astype(np.int32)
+
+
+def prompt_positions(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int | None) -> np.ndarray:
+    """All other text positions: t < L - 1 that are neither response nor image-token positions."""
+    input_ids, labels = np.asarray(input_ids), np.asarray(labels)
+    keep = np.ones(max(len(input_ids) - 1, 0), dtype=bool)
+    keep &= labels[1:] == IGNORE_INDEX
+    if image_token_id is not None:
+        keep &= input_ids[:-1] != image_token_id
+    return np.nonzero(keep)[0].astype(np.int32)
+
+
+def derive_positions(kind: str, input_ids: np.ndarray, labels: np.ndarray, image_token_id: int | None) -> np.ndarray:
+    """The positions of one kind, from a sample's tokens (int32 [P])."""
+    if kind == "response":
+        return response_positions(labels)
+    if kind == "visual":
+        return visual_positions(input_ids, image_token_id)
+    if kind == "prompt":
+        return prompt_positions(input_ids, labels, image_token_id)
+    raise ValueError(f"unknown position kind {kind!r}: expected one of {', '.join(KINDS)}")
+
+
+# --------------------------------------------------------------------------------------------- sample
+
+
+@dataclass
+class KindArrays:
+    """The teacher's arrays at the positions of one kind (``P`` positions, ``K`` ids per position)."""
+
+    positions: np.ndarray  # int32 [P]
+    tail: np.ndarray  # float32 [P]
+    ids: np.ndarray  # int32 [P, K] (-1 pad in sample mode)
+    logprobs: np.ndarray | None = None  # [P, K]: top-k always; sample mode only when kept
+    counts: np.ndarray | None = None  # uint16 [P, K], sample mode
+    logp_mean: np.ndarray | None = None  # float32 [P], sample mode
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "hidden": [P, D]
+
+    def to_dict(self, kind: str) -> dict[str, np.ndarray]:
+        out = {f"{kind}_positions": self.positions}
+        for name in ("ids", "logprobs", "tail", "counts", "logp_mean"):
+            v = getattr(self, name)
+            if v is not None:
+                out[f"{kind}_{name}"] = v
+        out.update({f"{kind}_{name}": v for name, v in self.extras.items()})
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict, kind: str) -> KindArrays | None:
+        """The kind's arrays in a flat sample dict, or None when it holds none of them."""
+        prefix = kind + "_"
+        own = {key[len(prefix):]: v for key, v in d.items() if key.startswith(prefix)}
+        if not own:
+            return None
+        extras = {name: np.asarray(v) for name, v in own.items() if name not in KIND_FIELDS}
+        get = own.get
+        return cls(positions=np.asarray(get("positions", np.zeros(0, np.int32))),
+                   tail=np.asarray(get("tail", np.zeros(0, np.float32))),
+                   ids=np.asarray(get("ids", np.zeros((0, 0), np.int32))),
+                   logprobs=None if get("logprobs") is None else np.asarray(get("logprobs")),
+                   counts=None if get("counts") is None else np.asarray(get("counts")),
+                   logp_mean=None if get("logp_mean") is None else np.asarray(get("logp_mean")),
+                   extras=extras)
+
+
+@dataclass
+class CacheSample:
+    """One cached sample (see the module docstring for every array's meaning and shape)."""
+
+    id: str
+    input_ids: np.ndarray
+    labels: np.ndarray
+    images: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+    kinds: dict[str, KindArrays] = field(default_factory=dict)
+    relation: list[np.ndarray] = field(default_factory=list)
+    relation_energy: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "images": list(self.images), "input_ids": self.input_ids,
+                               "labels": self.labels, "meta": dict(self.meta)}
+        for kind in KINDS:
+            if kind in self.kinds:
+                out.update(self.kinds[kind].to_dict(kind))
+        out["relation"] = list(self.relation)
+        out["relation_energy"] = list(self.relation_energy)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CacheSample:
+        unknown = [key for key in d if key not in SAMPLE_FIELDS and not any(key.startswith(k + "_") for k in KINDS)]
+        sid = str(d.get("id", "?"))
+        if unknown:
+            raise ValueError(
+                f"sample {sid!r}: unknown keys {sorted(unknown)}; a sample holds {', '.join(SAMPLE_FIELDS)} "
+                f"and per-position arrays named <kind>_<name> with kind in {KINDS}"
+            )
+        for key in ("id", "input_ids", "labels"):
+            if key not in d:
+                raise ValueError(f"sample {sid!r} has no {key!r}")
+        meta = d.get("meta") or {}
+        if not isinstance(meta, dict):
+            raise TypeError(f"sample {sid!r}: meta must be a JSON-serialisable dict, found {type(meta).__name__}")
+        images = d.get("images") or []
+        if isinstance(images, str):
+            raise TypeError(f"sample {sid!r}: images must be a list of paths, found a string {images!r}")
+        kinds = {k: a for k in KINDS if (a := KindArrays.from_dict(d, k)) is not None}
+        return cls(id=str(d["id"]), input_ids=np.asarray(d["input_ids"]), labels=np.asarray(d["labels"]),
+                   images=[str(p) for p in images], meta=meta, kinds=kinds,
+                   relation=list(d.get("relation") or []), relation_energy=list(d.get("relation_energy") or []))
+
+
+# ------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass
+class TeacherInfo:
+    path: str
+    model_type: str
+    revision: str | None
+    config_hash: str
+    multimodal: bool
+
+
+@dataclass
+class SparseInfo:
+    """The stored distribution: ``k`` ids per position (top-k), or ``samples`` draws (sample mode)."""
+
+    mode: str
+    k: int
+    seed: int = 0
+    samples: int | None = None  # sample mode
+    scheme: str | None = None  # sample mode
+    logprobs_stored: bool | None = None  # sample mode: per-entry log-probs kept
+
+    def to_dict(self) -> dict[str, Any]:
+        extra = ({"samples": self.samples, "scheme": self.scheme, "logprobs_stored": self.logprobs_stored}
+                 if self.mode == SparseMode.sample.value else {"top_k": self.k})
+        return {"mode": self.mode, "k": self.k, **extra, "seed": self.seed}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SparseInfo:
+        return cls(mode=d["mode"], k=int(d["k"]), seed=int(d.get("seed", 0)), samples=d.get("samples"),
+                   scheme=d.get("scheme"), logprobs_stored=d.get("logprobs_stored"))
+
+
+@dataclass
+class HiddenInfo:
+    """Teacher final hidden states stored at the distilled positions (``--hidden``)."""
+
+    stored: bool = False
+    size: int | None = None
+    dtype: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"stored": True, "size": self.size, "dtype": self.dtype} if self.stored else {"stored": False}
+
+
+@dataclass
+class GeneratedInfo:
+    """The teacher wrote the answers it is distilled on (``--generate``)."""
+
+    max_new_tokens: int
+    temperature: float
+
+
+@dataclass
+class ShardEntry:
+    name: str
+    samples: int
+    bytes: int
+    checksum: str
+
+
+@dataclass
+class SkippedRecord:
+    id: str
+    reason: str
+
+
+@dataclass
+class Manifest:
+    """What ``manifest.json`` holds: the facts a trainer checks, the build's settings, the shards."""
+
+    teacher: TeacherInfo
+    tokenizer_hash: str
+    vocab_size: int  # distributions cover the tokenizer's tokens only
+    teacher_head_rows: int
+    image_token_id: int | None
+    visual_tokens_per_image: int | None
+    template: str
+    max_length: int
+    sparse: SparseInfo
+    relation: str
+    positions: tuple[str, ...]
+    hidden: HiddenInfo
+    generated: GeneratedInfo | None
+    dataset_fingerprint: str
+    build_config: dict[str, Any]
+    shards: list[ShardEntry]
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def num_samples(self) -> int:
+        return sum(e.samples for e in self.shards)
+
+    @property
+    def skipped_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(x.reason for x in self.skipped).items()))
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.bytes for e in self.shards)
+
+    @property
+    def image_folder(self) -> str | None:
+        return self.build_config.get("image_folder")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "teacher": asdict(self.teacher),
+            "tokenizer_hash": self.tokenizer_hash,
+            "vocab_size": self.vocab_size,
+            "teacher_head_rows": self.teacher_head_rows,
+            "image_token_id": self.image_token_id,
+            "visual_tokens_per_image": self.visual_tokens_per_image,
+            "template": self.template,
+            "max_length": self.max_length,
+            "sparse": self.sparse.to_dict(),
+            "relation": self.relation,
+            "positions": list(self.positions),
+            "hidden": self.hidden.to_dict(),
+            "generated": asdict(self.generated) if self.generated is not None else None,
+            "dataset_fingerprint": self.dataset_fingerprint,
+            "build_config": dict(self.build_config),
+            "num_samples": self.num_samples,
+            "shards": [asdict(e) for e in self.shards],
+            "skipped": [asdict(x) for x in self.skipped],
+            "skipped_counts": self.skipped_counts,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "manifest.json") -> Manifest:
+        """Parse a manifest; a missing field or an unknown format version raises naming ``where``."""
+        if not isinstance(d, dict):
+            raise TypeError(f"{where}: expected a JSON object, found {type(d).__name__}")
+        found = d.get("format_version")
+        if found != FORMAT_VERSION:
+            raise ValueError(
+                f"{where}: cache format version {found} found, expected {FORMAT_VERSION}: rebuild the cache "
+                "with this version of kd-cache, or read it with the version that wrote it"
+            )
+        try:
+            gen = d["generated"]
+            return cls(
+                teacher=TeacherInfo(**d["teacher"]),
+                tokenizer_hash=d["tokenizer_hash"],
+                vocab_size=int(d["vocab_size"]),
+                teacher_head_rows=int(d["teacher_head_rows"]),
+                image_token_id=d["image_token_id"],
+                visual_tokens_per_image=d["visual_tokens_per_image"],
+                template=d["template"],
+                max_length=int(d["max_length"]),
+                sparse=SparseInfo.from_dict(d["sparse"]),
+                relation=d["relation"],
+                positions=parse_positions(d["positions"]),
+                hidden=HiddenInfo(**d["hidden"]),
+                generated=GeneratedInfo(**gen) if gen is not None else None,
+                dataset_fingerprint=d["dataset_fingerprint"],
+                build_config=dict(d["build_config"]),
+                shards=[ShardEntry(**{f.name: e[f.name] for f in fields(ShardEntry)}) for e in d["shards"]],
+                skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in d.get("skipped", [])],
+                format_version=int(found),
+            )
+        except KeyError as e:
+            raise ValueError(f"{where}: the manifest has no {e.args[0]!r} field; rebuild the cache") from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest.json") -> Manifest:
+        try:
+            d = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where} is not valid JSON ({e})") from e
+        return cls.from_dict(d, where)
