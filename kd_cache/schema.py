@@ -75,6 +75,15 @@ class Template(str, Enum):
     pretrain = "pretrain"
 
 
+class DType(str, Enum):
+    """A model dtype by name (``--dtype`` of kd-cache build, kd-eval and kd-train init-student)."""
+
+    auto = "auto"  # bf16 on GPU, fp32 on CPU
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 def choice(enum: type[Enum], value: Any, flag: str) -> Enum:
     """``value`` as a member of ``enum``, or a ValueError that names ``flag`` and the choices."""
     try:
