@@ -3,21 +3,21 @@
     kd-train --stage dft --student DIR --cache PATH_OR_URL --out DIR [options]   (= kd-train train ...)
     kd-train init-student --vision PATH --llm PATH --out DIR
 
-A thin front end: each command builds the typed config of ``student.train`` / ``student.model`` and
-calls it; user errors are printed as one message (exit code 2), with no traceback.
+A thin front end: ``train``'s options are the fields of ``student.config.TrainConfig`` (``cli.options``);
+``init-student`` calls ``student.model.compose_student``. User errors are printed as one message (exit
+code 2), with no traceback.
 """
 
 from __future__ import annotations
 
-import json
 import sys
-from enum import Enum
 from typing import Annotated
 
 import typer
 
-from student.stages import Stage
-from student.train import Divergence, HiddenLoss, KDMode, Precision, ReportTo
+from cli.options import choices, config_command
+from kd_cache.schema import DType
+from student.config import TrainConfig
 
 app = typer.Typer(
     name="kd-train",
@@ -29,12 +29,7 @@ app = typer.Typer(
 )
 
 COMMANDS = ("train", "init-student")
-
-
-class SaveDtype(str, Enum):
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+SAVE_DTYPES = choices(d for d in DType if d is not DType.auto)  # a saved model has one dtype
 
 
 def _quiet_transformers() -> None:
@@ -50,123 +45,19 @@ def _fail(err: Exception) -> None:
 
 
 @app.command("train")
-def train_cmd(
-    stage: Annotated[Stage, typer.Option(help="dpt: projector only, caption cache, CE+MDist+RDist, lr 1e-3; "
-                                              "sft: projector+LLM, CE only (teacher arrays ignored), lr 2e-5; "
-                                              "dft: projector+LLM, CE+MDist+RDist, lr 2e-5.")],
-    student: Annotated[str, typer.Option(help="Saved LlavaForConditionalGeneration + processor to train "
-                                              "(kd-train init-student, or the OUT of an earlier stage).")],
-    cache: Annotated[str, typer.Option(help="Teacher cache: a directory or fsspec URL written by kd-cache build.")],
-    out: Annotated[str, typer.Option(help="Output directory: metrics.jsonl, checkpoints/step-N/, and the final "
-                                          "model + processor + train_config.json.")],
-    image_folder: Annotated[str | None, typer.Option(help="Where the cache's relative image paths resolve "
-                                                             "(default: the folder recorded in the cache).")] = None,
-    epochs: Annotated[int, typer.Option(help="Passes over the cache (ignored when --max-steps is given).")] = 1,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps (cycling "
-                                                          "epochs as needed); overrides --epochs.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Peak learning rate (default: 1e-3 for dpt, 2e-5 for "
-                                                     "sft/dft).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Samples per device per micro-batch.")] = 1,
-    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step; losses are normalised "
-                                                 "over the whole step, so 4 x 2 equals a batch of 8.")] = 1,
-    warmup_ratio: Annotated[float, typer.Option(help="Fraction of the steps spent in linear warmup before "
-                                                     "cosine decay.")] = 0.03,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay (not applied to biases and norm "
-                                                     "scales).")] = 0.0,
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient clipping norm (0 disables clipping).")] = 1.0,
-    seed: Annotated[int, typer.Option(help="Seed for the data order and initialisation.")] = 0,
-    alpha: Annotated[float, typer.Option(help="Weight of MDist on response positions.")] = 1.0,
-    beta: Annotated[float, typer.Option(help="Weight of MDist on visual positions.")] = 1.0,
-    gamma: Annotated[float, typer.Option(help="Weight of RDist (visual-token relation matrices).")] = 1.0,
-    positions: Annotated[str, typer.Option(help="Position kinds that get MDist (and --hidden-weight), comma-"
-                                                "separated subset of response,visual,prompt. response,visual is "
-                                                "LLaVA-KD; response,visual,prompt is LLaVADI's all-token "
-                                                "distillation (prompt = every other text position). The cache "
-                                                "must hold them (kd-cache build --positions).")] = "response,visual",
-    delta: Annotated[float, typer.Option(help="Weight of MDist on prompt positions (with --positions ...,prompt).")]
-    = 1.0,
-    hidden_weight: Annotated[float, typer.Option(help="LLaVADI hidden-state alignment weight (0: off). A fresh "
-                                                      "2-layer MLP (Linear-GELU-Linear) maps the student's final "
-                                                      "hidden states at the --positions positions to the teacher's "
-                                                      "width; it trains with the student and is saved as "
-                                                      "OUT/hidden_projector/, not inside the model. Needs a cache "
-                                                      "built with kd-cache build --hidden.")] = 0.0,
-    hidden_loss: Annotated[HiddenLoss, typer.Option(help="Hidden-state distance: mse (mean over features) or "
-                                                         "cosine (1 - cosine similarity).")] = HiddenLoss.mse,
-    affinity_weight: Annotated[float, typer.Option(help="LLaVADI affinity weight (0: off): MSE between the "
-                                                        "student's and teacher's cosine-similarity matrices of final "
-                                                        "hidden states, visual x response positions, per sample. "
-                                                        "Needs kd-cache build --hidden.")] = 0.0,
-    zscore: Annotated[bool, typer.Option(help="Z-score logit standardisation before MDist. The cache holds only "
-                                              "the teacher's top-k, so both sides are standardised over the k "
-                                              "stored ids (teacher log-probs = logits up to a shift) and compared "
-                                              "over those ids, without the tail bin: exact for a cache whose k "
-                                              "covers the vocabulary, an approximation restricted to the top-k "
-                                              "otherwise. Not for sampled caches.")] = False,
-    divergence: Annotated[Divergence, typer.Option(help="MDist divergence: forward KL, reverse KL, JSD(beta), "
-                                                        "total variation, skew KL. Sampled caches allow fkl "
-                                                        "only.")] = Divergence.fkl,
-    jsd_beta: Annotated[float, typer.Option(help="beta of --divergence jsd (0 = forward KL, 1 = reverse KL, "
-                                                 "0.5 = symmetric JSD).")] = 0.5,
-    sparse_mode: Annotated[KDMode, typer.Option(help="tail: compare the k teacher ids plus one 'everything "
-                                                     "else' bin; renorm: renormalise both sides over the "
-                                                     "k ids.")] = KDMode.tail,
-    chunk_size: Annotated[int, typer.Option(help="Positions per chunk when applying the LM head (bounds the "
-                                                 "[chunk, vocab] logits kept in memory).")] = 1024,
-    head_memory_mb: Annotated[int, typer.Option(help="Keep the LM-head logits of a micro-batch for backward when "
-                                                     "they fit in this many MiB (faster); above it, each chunk's "
-                                                     "logits are recomputed in backward. 0: always recompute.")] = 1024,
-    num_workers: Annotated[int, typer.Option(help="DataLoader worker processes (read shards, load and "
-                                                  "process images, collate).")] = 0,
-    shuffle: Annotated[bool, typer.Option(help="Shuffle the samples each epoch (a pure function of seed "
-                                               "and epoch).")] = True,
-    block_shards: Annotated[int, typer.Option(help="Shards shuffled together (more mixing, more shards "
-                                                   "open per worker).")] = 4,
-    save_every: Annotated[int, typer.Option(help="Save a checkpoint every N optimizer steps (0: only the "
-                                                 "final model).")] = 0,
-    resume: Annotated[bool, typer.Option(help="Continue from the newest complete checkpoint in "
-                                              "OUT/checkpoints (same next samples, same losses).")] = False,
-    report_to: Annotated[ReportTo, typer.Option(help="Experiment tracker (metrics.jsonl is always "
-                                                     "written).")] = ReportTo.none,
-    train_modules: Annotated[str | None, typer.Option(help="Override the trained parts, comma-separated "
-                                                              "subset of vision,projector,llm (default: the "
-                                                              "stage's).")] = None,
-    gradient_checkpointing: Annotated[bool, typer.Option(help="Recompute LLM activations in backward to "
-                                                              "save memory.")] = False,
-    mixed_precision: Annotated[Precision, typer.Option(help="auto: bf16 autocast on GPU, fp32 on CPU.")] =
-    Precision.auto,
-    any_template: Annotated[bool, typer.Option(help="Allow a cache whose template is not the stage's "
-                                                    "(pretrain for dpt, chat for sft/dft).")] = False,
-    storage_options: Annotated[str | None, typer.Option(help="JSON object of fsspec storage options for "
-                                                                "a remote --cache.")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-) -> None:
+@config_command(TrainConfig, on_error=_fail)
+def train_cmd(cfg: TrainConfig) -> None:
     """Train one stage (dpt, sft or dft) by streaming a teacher cache."""
     from student.model import CompatibilityError
-    from student.train import TrainConfig, train
+    from student.train import train
 
     _quiet_transformers()
     try:
-        opts = json.loads(storage_options) if storage_options else {}
-        if not isinstance(opts, dict):
-            raise TypeError(f"--storage-options must be a JSON object, got {storage_options!r}")
-        cfg = TrainConfig(
-            stage=stage, student=student, cache=cache, out=out, image_folder=image_folder, epochs=epochs,
-            max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
-            weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, alpha=alpha, beta=beta,
-            gamma=gamma, positions=positions, delta=delta, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
-            affinity_weight=affinity_weight, zscore=zscore, divergence=divergence, jsd_beta=jsd_beta, sparse_mode=sparse_mode, chunk_size=chunk_size,
-            head_memory_mb=head_memory_mb,
-            num_workers=num_workers, shuffle=shuffle, block_shards=block_shards, save_every=save_every,
-            resume=resume, report_to=report_to, train_modules=train_modules,
-            gradient_checkpointing=gradient_checkpointing, mixed_precision=mixed_precision,
-            any_template=any_template, storage_options=opts, progress=progress,
-        )
         result = train(cfg)
     except (ValueError, TypeError, FileNotFoundError, CompatibilityError) as e:
         _fail(e)
     if result["main_process"]:
-        typer.echo(f"kd-train: {stage.value} done after {result['step']} steps; model saved to {result['out']}",
+        typer.echo(f"kd-train: {cfg.stage.value} done after {result['step']} steps; model saved to {result['out']}",
                    err=True)
 
 
@@ -185,7 +76,7 @@ def init_student_cmd(
     image_token: Annotated[str, typer.Option(help="Image placeholder token (added to the tokenizer if "
                                                   "missing).")] = "<image>",
     seed: Annotated[int, typer.Option(help="Seed of the fresh projector's initialisation.")] = 0,
-    dtype: Annotated[SaveDtype, typer.Option(help="dtype of the saved weights.")] = SaveDtype.float32,
+    dtype: Annotated[SAVE_DTYPES, typer.Option(help="dtype of the saved weights.")] = SAVE_DTYPES.float32,
 ) -> None:
     """Compose a student: vision tower + fresh 2-layer GELU MLP projector + LLM, saved as a LLaVA."""
     from student.model import CompatibilityError, compose_student

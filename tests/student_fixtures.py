@@ -125,6 +125,8 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
         "max_length": 2048,
         "sparse": {"mode": sparse_mode, "k": k},
         "relation": relation,
+        "positions": ["response", "visual"],
+        "hidden": {"stored": False},
         "build_config": {"image_folder": str(img_dir), "data": "synthetic"},
         "num_samples": n,
         "shards": entries,

@@ -13,7 +13,8 @@ import pytest
 import torch
 from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
-from student.train import TrainConfig, train
+from student.config import TrainConfig
+from student.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
 from kd_cache.build import BuildConfig, build_cache
-from student.train import TrainConfig, train
+from student.config import TrainConfig
+from student.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 

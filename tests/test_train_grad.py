@@ -18,9 +18,10 @@ from student.distill import DistillStudent, LossSettings
 from student.losses import rdist, relation_from_logits, sparse_divergence
 from student.model import load_student
 from student.stages import set_trainable
+from student.terms import LossWeights
 from student.train import accumulate_gradients, enable_activation_checkpointing
 
-WEIGHTS = (1.0, 0.5, 2.0)  # alpha, beta, gamma: distinct so a swapped term would show
+WEIGHTS = LossWeights(alpha=1.0, beta=0.5, gamma=2.0)  # distinct so a swapped term would show
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +51,7 @@ def _grads(model, accelerator, micro_batches, distill, settings=None):
     for p in model.parameters():
         p.grad = None
     wrapper = DistillStudent(model, settings or LossSettings(distill=distill, chunk_size=7))
-    metrics = accumulate_gradients(accelerator, wrapper, micro_batches, distill=distill, weights=WEIGHTS)
+    metrics = accumulate_gradients(accelerator, wrapper, micro_batches, weights=WEIGHTS)
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, metrics
 
 
@@ -118,7 +119,7 @@ def test_gradients_equal_the_dense_full_vocabulary_reference(student_dir, proces
         kd[kind] = sparse_divergence(z[batch[f"{kind}_index"]], batch[f"{kind}_ids"], batch[f"{kind}_logprobs"],
                                      batch[f"{kind}_tail"]).mean()
     rel = rdist(relation_from_logits(z[batch["relation_index"]]), batch["relation_target"]).mean()
-    a, b, g = WEIGHTS
+    a, b, g = WEIGHTS.alpha, WEIGHTS.beta, WEIGHTS.gamma
     loss = ce + a * kd["response"] + b * kd["visual"] + g * rel
     loss.backward()
     dense = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -9,7 +9,9 @@ import torch
 from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
 import student.train as train_mod
-from student.train import TrainConfig, checkpoint_dirs, train
+from student.checkpoints import checkpoint_dirs
+from student.config import TrainConfig
+from student.train import train
 
 COMPARED = ("loss", "ce", "mdist_response", "mdist_visual", "rdist", "lr", "grad_norm", "samples_seen", "epoch")
 

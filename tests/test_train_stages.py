@@ -8,8 +8,10 @@ import pytest
 import torch
 from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
+from student.checkpoints import checkpoint_dirs
+from student.config import TrainConfig
 from student.stages import module_of
-from student.train import TrainConfig, checkpoint_dirs, train
+from student.train import train
 
 METRIC_KEYS = {"step", "loss", "ce", "mdist_response", "mdist_visual", "rdist", "lr", "samples_per_s"}
 

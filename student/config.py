@@ -1,0 +1,214 @@
+"""``TrainConfig``: every setting of a ``kd-train train`` run, written once.
+
+Each field carries its ``--flag`` help in ``metadata["help"]`` (``cli.options`` builds the command
+from it) and ``metadata["resume"]`` when a resumed run must match it (``RESUME_KEYS``).
+``__post_init__`` validates and resolves the values (against the stage's recipe) with messages that
+name the flag; ``to_dict`` is what ``OUT/train_config.json`` and every checkpoint hold.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+from kd_cache.schema import DEFAULT_KINDS, choice, parse_positions
+from student.distill import LossSettings
+from student.losses import Divergence, HiddenLoss
+from student.losses import SparseMode as TailMode
+from student.stages import RECIPES, Stage, parse_modules
+from student.terms import LossWeights
+
+
+class ReportTo(str, Enum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+
+
+class Precision(str, Enum):
+    auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
+    no = "no"
+    bf16 = "bf16"
+
+
+# How a sparse teacher distribution meets the student's: the k stored ids plus a tail bin, or
+# renormalised over them (sampled caches are recognised from their counts, not chosen here).
+TAIL_MODES = (TailMode.TAIL, TailMode.RENORM)
+
+
+def json_object(text: str) -> dict[str, Any]:
+    """``--storage-options``: a JSON object."""
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise TypeError(f"--storage-options must be a JSON object, got {text!r}")
+    return value
+
+
+def _setting(default: Any = MISSING, *, help: str, resume: bool = False, **meta: Any) -> Any:
+    """A field with its flag's help (``MISSING``: a required flag); ``resume``: a resumed run must match it."""
+    return field(default=default, metadata={"help": help, "resume": resume, **meta})
+
+
+@dataclass
+class TrainConfig:
+    """Resolved settings of one ``kd-train`` run."""
+
+    stage: Stage = _setting(resume=True, help=(
+        "dpt: projector only, caption cache, CE+MDist+RDist, lr 1e-3; sft: projector+LLM, CE only (teacher "
+        "arrays ignored), lr 2e-5; dft: projector+LLM, CE+MDist+RDist, lr 2e-5."))
+    student: str = _setting(help=(
+        "Saved LlavaForConditionalGeneration + processor to train (kd-train init-student, or the OUT of an "
+        "earlier stage)."))
+    cache: str = _setting(resume=True, help=(
+        "Teacher cache: a directory or fsspec URL written by kd-cache build."))
+    out: str = _setting(help=(
+        "Output directory: metrics.jsonl, checkpoints/step-N/, and the final model + processor + "
+        "train_config.json."))
+    image_folder: str | None = _setting(None, help=(
+        "Where the cache's relative image paths resolve (default: the folder recorded in the cache)."))
+    epochs: int = _setting(1, resume=True, help="Passes over the cache (ignored when --max-steps is given).")
+    max_steps: int | None = _setting(None, resume=True, help=(
+        "Stop after this many optimizer steps (cycling epochs as needed); overrides --epochs."))
+    lr: float | None = _setting(None, resume=True, help=(
+        "Peak learning rate (default: 1e-3 for dpt, 2e-5 for sft/dft)."))
+    batch_size: int = _setting(1, resume=True, help="Samples per device per micro-batch.")
+    grad_accum: int = _setting(1, resume=True, help=(
+        "Micro-batches per optimizer step; losses are normalised over the whole step, so 4 x 2 equals a batch "
+        "of 8."))
+    warmup_ratio: float = _setting(0.03, resume=True, help=(
+        "Fraction of the steps spent in linear warmup before cosine decay."))
+    weight_decay: float = _setting(0.0, resume=True, help=(
+        "AdamW weight decay (not applied to biases and norm scales)."))
+    max_grad_norm: float = _setting(1.0, help="Gradient clipping norm (0 disables clipping).")
+    seed: int = _setting(0, resume=True, help="Seed for the data order and initialisation.")
+    alpha: float = _setting(1.0, resume=True, help="Weight of MDist on response positions.")
+    beta: float = _setting(1.0, resume=True, help="Weight of MDist on visual positions.")
+    gamma: float = _setting(1.0, resume=True, help="Weight of RDist (visual-token relation matrices).")
+    positions: str | tuple[str, ...] = _setting(",".join(DEFAULT_KINDS), resume=True, type=str, help=(
+        "Position kinds that get MDist (and --hidden-weight), comma-separated subset of response,visual,prompt. "
+        "response,visual is LLaVA-KD; response,visual,prompt is LLaVADI's all-token distillation (prompt = every "
+        "other text position). The cache must hold them (kd-cache build --positions)."))
+    delta: float = _setting(1.0, resume=True, help="Weight of MDist on prompt positions (with --positions ...,prompt).")
+    hidden_weight: float = _setting(0.0, resume=True, help=(
+        "LLaVADI hidden-state alignment weight (0: off). A fresh 2-layer MLP (Linear-GELU-Linear) maps the "
+        "student's final hidden states at the --positions positions to the teacher's width; it trains with the "
+        "student and is saved as OUT/hidden_projector/, not inside the model. Needs a cache built with "
+        "kd-cache build --hidden."))
+    hidden_loss: HiddenLoss = _setting(HiddenLoss.MSE, resume=True, help=(
+        "Hidden-state distance: mse (mean over features) or cosine (1 - cosine similarity)."))
+    affinity_weight: float = _setting(0.0, resume=True, help=(
+        "LLaVADI affinity weight (0: off): MSE between the student's and teacher's cosine-similarity matrices "
+        "of final hidden states, visual x response positions, per sample. Needs kd-cache build --hidden."))
+    zscore: bool = _setting(False, resume=True, help=(
+        "Z-score logit standardisation before MDist. The cache holds only the teacher's top-k, so both sides "
+        "are standardised over the k stored ids (teacher log-probs = logits up to a shift) and compared over "
+        "those ids, without the tail bin: exact for a cache whose k covers the vocabulary, an approximation "
+        "restricted to the top-k otherwise. Not for sampled caches."))
+    divergence: Divergence = _setting(Divergence.FKL, resume=True, help=(
+        "MDist divergence: forward KL, reverse KL, JSD(beta), total variation, skew KL. Sampled caches allow "
+        "fkl only."))
+    jsd_beta: float = _setting(0.5, resume=True, help=(
+        "beta of --divergence jsd (0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD)."))
+    sparse_mode: TailMode = _setting(TailMode.TAIL, resume=True, choices=TAIL_MODES, help=(
+        "tail: compare the k teacher ids plus one 'everything else' bin; renorm: renormalise both sides over "
+        "the k ids."))
+    chunk_size: int = _setting(1024, help=(
+        "Positions per chunk when applying the LM head (bounds the [chunk, vocab] logits kept in memory)."))
+    head_memory_mb: int = _setting(1024, help=(
+        "Keep the LM-head logits of a micro-batch for backward when they fit in this many MiB (faster); above "
+        "it, each chunk's logits are recomputed in backward. 0: always recompute."))
+    num_workers: int = _setting(0, help="DataLoader worker processes (read shards, load and process images, collate).")
+    shuffle: bool = _setting(True, resume=True, help=(
+        "Shuffle the samples each epoch (a pure function of seed and epoch)."))
+    block_shards: int = _setting(4, resume=True, help="Shards shuffled together (more mixing, more shards open per worker).")
+    save_every: int = _setting(0, help="Save a checkpoint every N optimizer steps (0: only the final model).")
+    resume: bool = _setting(False, help=(
+        "Continue from the newest complete checkpoint in OUT/checkpoints (same next samples, same losses)."))
+    report_to: ReportTo = _setting(ReportTo.none, help="Experiment tracker (metrics.jsonl is always written).")
+    train_modules: str | tuple[str, ...] | None = _setting(None, resume=True, type=str | None, help=(
+        "Override the trained parts, comma-separated subset of vision,projector,llm (default: the stage's)."))
+    gradient_checkpointing: bool = _setting(False, help="Recompute LLM activations in backward to save memory.")
+    mixed_precision: Precision = _setting(Precision.auto, help="auto: bf16 autocast on GPU, fp32 on CPU.")
+    any_template: bool = _setting(False, help=(
+        "Allow a cache whose template is not the stage's (pretrain for dpt, chat for sft/dft)."))
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "JSON object of fsspec storage options for a remote --cache.", "parse": json_object})
+    progress: bool = _setting(True, help="Show a progress bar.")
+
+    def __post_init__(self):
+        self.stage = choice(Stage, self.stage, "--stage")
+        self.divergence = choice(Divergence, self.divergence, "--divergence")
+        self.sparse_mode = choice(TailMode, self.sparse_mode, "--sparse-mode")
+        if self.sparse_mode not in TAIL_MODES:
+            raise ValueError(f"--sparse-mode {self.sparse_mode.value!r}: expected one of "
+                             f"{', '.join(m.value for m in TAIL_MODES)}")
+        self.report_to = choice(ReportTo, self.report_to, "--report-to")
+        self.hidden_loss = choice(HiddenLoss, self.hidden_loss, "--hidden-loss")
+        self.mixed_precision = choice(Precision, self.mixed_precision, "--mixed-precision")
+        for flag, value in (("--student", self.student), ("--cache", self.cache), ("--out", self.out)):
+            if not value:
+                raise ValueError(f"{flag} is required")
+        positive = {"--epochs": self.epochs, "--batch-size": self.batch_size, "--grad-accum": self.grad_accum,
+                    "--chunk-size": self.chunk_size, "--block-shards": self.block_shards}
+        for flag, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{flag} must be an integer >= 1, got {value!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"--max-steps must be >= 1 (or left out to run --epochs), got {self.max_steps}")
+        recipe = RECIPES[self.stage]
+        self.lr = recipe.lr if self.lr is None else float(self.lr)
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"--warmup-ratio must lie in [0, 1), got {self.warmup_ratio}")
+        for flag, value in (("--weight-decay", self.weight_decay), ("--alpha", self.alpha), ("--beta", self.beta),
+                            ("--gamma", self.gamma), ("--max-grad-norm", self.max_grad_norm), ("--delta", self.delta),
+                            ("--hidden-weight", self.hidden_weight), ("--affinity-weight", self.affinity_weight)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        self.positions = parse_positions(self.positions)
+        if not recipe.distill:
+            for flag, value in (("--hidden-weight", self.hidden_weight), ("--affinity-weight", self.affinity_weight)):
+                if value > 0:
+                    raise ValueError(f"{flag} {value}: the {self.stage.value} stage trains on CE only and ignores the "
+                                     "teacher; use it with --stage dpt or dft")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
+        for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every),
+                            ("--head-memory-mb", self.head_memory_mb)):
+            if value < 0:
+                raise ValueError(f"{flag} must be >= 0, got {value}")
+        self.train_modules = parse_modules(recipe.train_modules if self.train_modules is None else self.train_modules)
+
+    @property
+    def distill(self) -> bool:
+        return RECIPES[self.stage].distill
+
+    @property
+    def weights(self) -> LossWeights:
+        return LossWeights(alpha=self.alpha, beta=self.beta, gamma=self.gamma, delta=self.delta,
+                           hidden=self.hidden_weight, affinity=self.affinity_weight)
+
+    def loss_settings(self) -> LossSettings:
+        return LossSettings(distill=self.distill, divergence=self.divergence.value, mode=self.sparse_mode.value,
+                            jsd_beta=self.jsd_beta, chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb,
+                            kinds=tuple(self.positions), zscore=self.zscore,
+                            hidden_loss=self.hidden_loss.value if self.hidden_weight > 0 else None,
+                            affinity=self.affinity_weight > 0)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready resolved settings; storage option values are redacted (they may be credentials)."""
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, Enum):
+                d[k] = v.value
+            elif isinstance(v, tuple):
+                d[k] = ",".join(v)
+        d["storage_options"] = {k: "<redacted>" for k in self.storage_options}
+        return d
+
+
+# Settings that decide which samples a step sees and what its loss is: a resumed run must match them.
+RESUME_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resume"))
