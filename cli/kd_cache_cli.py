@@ -1,14 +1,19 @@
-"""``kd-cache``: build a teacher cache, inspect it, verify it. Thin front end over ``kd_cache``."""
+"""``kd-cache``: build a teacher cache, inspect it, verify it. Thin front end over ``kd_cache``.
+
+``build``'s options are the fields of ``kd_cache.build_config.BuildConfig`` (``cli.options``).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import sys
-from enum import Enum
 from typing import Annotated
 
 import typer
+
+from cli.options import config_command
+from kd_cache.build_config import BuildConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -21,84 +26,19 @@ app = typer.Typer(
 )
 
 
-class Template(str, Enum):
-    chat = "chat"
-    pretrain = "pretrain"
-
-
-class Sparse(str, Enum):
-    topk = "topk"
-    sample = "sample"
-
-
-class SampleScheme(str, Enum):
-    systematic = "systematic"
-    multinomial = "multinomial"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-
-
-def _fail(msg: str, code: int = 2):
+def _fail(msg: str | Exception, code: int = 2):
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
 @app.command()
-def build(
-    teacher: Annotated[str, typer.Option(help="Teacher model directory or hub id (image-text-to-text or causal LM).")],
-    data: Annotated[str, typer.Option(help="LLaVA JSON/JSONL file, parquet file or a `datasets` save_to_disk dir.")],
-    out: Annotated[str, typer.Option(help="Cache directory or fsspec URL (e.g. s3://bucket/cache).")],
-    image_folder: Annotated[str | None, typer.Option(help="Folder the records' image paths are relative to.")] = None,
-    template: Annotated[Template, typer.Option(help="chat: the processor's chat template, loss on assistant turns; "
-                                               "pretrain: image + caption, loss on the caption (DPT).")] = Template.chat,
-    sparse: Annotated[Sparse, typer.Option(help="topk: k most likely ids + exact tail mass; sample: N draws "
-                                           "from the teacher (unbiased random-sampling KD).")] = Sparse.topk,
-    top_k: Annotated[int, typer.Option(help="Ids kept per position in topk mode.")] = 64,
-    samples: Annotated[int, typer.Option(help="Draws per position in sample mode.")] = 64,
-    sample_scheme: Annotated[SampleScheme, typer.Option(
-        help="How sample mode draws (both unbiased): systematic = one random offset, N evenly spaced points "
-             "through the CDF (much lower variance, fewer distinct ids); multinomial = N independent draws.")
-    ] = SampleScheme.systematic,
-    sample_logprobs: Annotated[bool, typer.Option(
-        help="Sample mode: also store each drawn id's log-prob (fp16). Off by default: the loss needs only "
-             "sum_i (c_i/N) log p_i per position, which is always stored (fp32); the per-id log-probs add "
-             "~40% to the cache.")] = False,
-    relation: Annotated[str, typer.Option(help="Relation matrix encoding per image: full | lowrank:R | none.")] = "full",
-    batch_size: Annotated[int, typer.Option(help="Samples per teacher forward (does not change the cache).")] = 8,
-    shard_size: Annotated[int, typer.Option(help="Samples per shard (the unit of resumption and of parallelism).")] = 1024,
-    max_length: Annotated[int, typer.Option(help="Truncate tokenised samples to this many tokens.")] = 2048,
-    dtype: Annotated[DType, typer.Option(help="Teacher dtype; auto = bf16 on GPU, fp32 on CPU.")] = DType.auto,
-    device: Annotated[str, typer.Option(help="auto (the accelerate process's device), cpu, cuda, cuda:1 ...")] = "auto",
-    strict: Annotated[bool, typer.Option(help="Stop at the first bad record instead of skipping and listing it.")] = False,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N records.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for sample mode draws and sampled generation.")] = 0,
-    positions: Annotated[str, typer.Option(help="Distilled positions, comma-separated subset of response, visual, "
-                                           "prompt (all other text; LLaVADI's all-token KD).")] = "response,visual",
-    hidden: Annotated[bool, typer.Option(help="Also store the teacher's final-layer hidden states (fp16) at the "
-                                         "distilled positions, for hidden-state alignment.")] = False,
-    generate: Annotated[bool, typer.Option(help="Let the teacher answer every user turn first and distil on its "
-                                           "own answers (references kept in each sample's meta).")] = False,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest teacher answer with --generate.")] = 128,
-    generate_temperature: Annotated[float, typer.Option(help="Sampling temperature with --generate; 0 = greedy.")] = 0.0,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
-):
+@config_command(BuildConfig, on_error=_fail)
+def build(cfg: BuildConfig):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
-    from kd_cache.build import BuildConfig, build_cache, summary
+    from kd_cache.build import build_cache, summary
     from kd_cache.data import BadRecord
 
     try:
-        cfg = BuildConfig(teacher=teacher, data=data, out=out, image_folder=image_folder, template=template.value,
-                          sparse=sparse.value, top_k=top_k, samples=samples, sample_scheme=sample_scheme.value,
-                          sample_logprobs=sample_logprobs, relation=relation,
-                          batch_size=batch_size, shard_size=shard_size, max_length=max_length, dtype=dtype.value,
-                          device=device, strict=strict, limit=limit, seed=seed, positions=positions, hidden=hidden,
-                          generate=generate, max_new_tokens=max_new_tokens,
-                          generate_temperature=generate_temperature, progress=progress)
         manifest = build_cache(cfg)
     except BadRecord as e:
         _fail(f"{e} (--strict stops at the first bad record; drop --strict to skip and list them)")

@@ -19,95 +19,23 @@ import sys
 import threading
 from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from queue import Queue
-from typing import Any
 
 import fsspec
 import torch
 
 from kd_cache import fingerprint
+from kd_cache.build_config import CONTENT_KEYS, BuildConfig
 from kd_cache.data import (
-    TEMPLATES,
     BadRecord,
     Encoder,
     dataset_fingerprint,
     load_records,
     parse_positions,
-    resolve_image_folder,
 )
-from kd_cache.relation import parse_relation_spec
 from kd_cache.shards import FORMAT_VERSION, CacheWriter
-from kd_cache.teacher import SAMPLE_SCHEMES, TeacherRunner, load_teacher, resolve_dtype
-
-# Settings that change what a cache contains: a rerun against the same --out must match them.
-CONTENT_KEYS = ("teacher", "data", "image_folder", "template", "sparse", "top_k", "samples", "sample_scheme", "sample_logprobs",
-                "relation",
-                "shard_size", "max_length", "dtype", "limit", "seed", "positions", "hidden", "generate",
-                "max_new_tokens", "generate_temperature")
-
-
-@dataclass
-class BuildConfig:
-    """Resolved settings of one ``kd-cache build`` run (written into the manifest)."""
-
-    teacher: str
-    data: str
-    out: str
-    image_folder: str | None = None
-    template: str = "chat"
-    sparse: str = "topk"
-    top_k: int = 64
-    samples: int = 64
-    sample_scheme: str = "systematic"
-    # Sample mode stores sum_i (c_i/N) log p_i per position (all the loss needs); True also keeps the
-    # per-entry log-probs (~40% more bytes), e.g. to analyse the teacher's distributions.
-    sample_logprobs: bool = False
-    relation: str = "full"
-    batch_size: int = 8
-    shard_size: int = 1024
-    max_length: int = 2048
-    dtype: str = "auto"
-    device: str = "auto"
-    strict: bool = False
-    limit: int | None = None
-    seed: int = 0
-    positions: str = "response,visual"
-    hidden: bool = False
-    generate: bool = False
-    max_new_tokens: int = 128
-    generate_temperature: float = 0.0
-    progress: bool = True
-    storage_options: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self):
-        if self.template not in TEMPLATES:
-            raise ValueError(f"--template {self.template!r}: expected one of {', '.join(TEMPLATES)}")
-        if self.sparse not in ("topk", "sample"):
-            raise ValueError(f"--sparse {self.sparse!r}: expected topk or sample")
-        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.sample_scheme not in SAMPLE_SCHEMES:
-            raise ValueError(f"--sample-scheme {self.sample_scheme!r}: expected one of {', '.join(SAMPLE_SCHEMES)}")
-        if self.samples > 65535:
-            raise ValueError(f"--samples {self.samples}: at most 65535 draws per position (counts are uint16)")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {self.limit}")
-        parse_relation_spec(self.relation)  # raises with the accepted forms
-        self.positions = ",".join(parse_positions(self.positions))
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.generate_temperature < 0:
-            raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
-        self.image_folder = resolve_image_folder(self.image_folder)
-
-    def identity(self) -> dict:
-        out = {k: getattr(self, k) for k in CONTENT_KEYS}
-        if self.sparse != "sample":
-            out["sample_scheme"] = None  # no draws: the scheme does not change a top-k cache
-            out["sample_logprobs"] = None
-        return out
+from kd_cache.teacher import TeacherRunner, load_teacher, resolve_dtype
 
 
 def _fs(url: str, storage_options: dict):

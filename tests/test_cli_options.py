@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import typing
+from dataclasses import MISSING, dataclass, field, fields
 from enum import Enum
 
 import pytest
@@ -135,3 +136,120 @@ def test_a_union_without_an_option_type_is_refused():
 
     with pytest.raises(TypeError, match=r"Bad.spec: .* metadata\['type'\]"):
         config_command(Bad, on_error=print)
+
+
+# ------------------------------------------------------------------ the commands generated from the configs
+
+# The options and choices of `kd-train train` and `kd-cache build` as the hand-written commands had them
+# before the config fields generated them: the generated commands keep them exactly.
+TRAIN_FLAGS = [
+    "--stage", "--student", "--cache", "--out", "--image-folder", "--epochs", "--max-steps", "--lr", "--batch-size",
+    "--grad-accum", "--warmup-ratio", "--weight-decay", "--max-grad-norm", "--seed", "--alpha", "--beta", "--gamma",
+    "--positions", "--delta", "--hidden-weight", "--hidden-loss", "--affinity-weight", "--zscore", "--no-zscore",
+    "--divergence", "--jsd-beta", "--sparse-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
+    "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--report-to", "--train-modules",
+    "--gradient-checkpointing", "--no-gradient-checkpointing", "--mixed-precision", "--any-template",
+    "--no-any-template", "--storage-options", "--progress", "--no-progress"]
+TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cosine"],
+                 "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl"], "--sparse-mode": ["tail", "renorm"],
+                 "--report-to": ["none", "tensorboard", "wandb"], "--mixed-precision": ["auto", "no", "bf16"]}
+BUILD_FLAGS = [
+    "--teacher", "--data", "--out", "--image-folder", "--template", "--sparse", "--top-k", "--samples",
+    "--sample-scheme", "--sample-logprobs", "--no-sample-logprobs", "--relation", "--batch-size", "--shard-size",
+    "--max-length", "--dtype", "--device", "--strict", "--no-strict", "--limit", "--seed", "--positions", "--hidden",
+    "--no-hidden", "--generate", "--no-generate", "--max-new-tokens", "--generate-temperature", "--progress",
+    "--no-progress"]
+BUILD_CHOICES = {"--template": ["chat", "pretrain"], "--sparse": ["topk", "sample"],
+                 "--sample-scheme": ["systematic", "multinomial"], "--dtype": ["auto", "float32", "bfloat16", "float16"]}
+
+
+def _train():
+    import student.train
+    from cli.kd_train_cli import app
+    from student.config import TrainConfig
+
+    values = {"stage": "dpt", "positions": "response", "train_modules": "llm", "storage_options": {"anon": True}}
+    return (app, "train", TrainConfig, (student.train, "train", {"main_process": False}), values, TRAIN_FLAGS,
+            TRAIN_CHOICES, ["--stage", "--student", "--cache", "--out"])
+
+
+def _build():
+    import kd_cache.build
+    from cli.kd_cache_cli import app
+    from kd_cache.build_config import BuildConfig
+
+    values = {"relation": "lowrank:4", "positions": "response", "device": "cpu"}
+    return (app, "build", BuildConfig, (kd_cache.build, "build_cache", None), values, BUILD_FLAGS, BUILD_CHOICES,
+            ["--teacher", "--data", "--out"])
+
+
+COMMANDS = {"kd-train train": _train, "kd-cache build": _build}
+
+
+def _command(app, name):
+    group = typer.main.get_command(app)
+    return group.commands[name]
+
+
+def _choices(param) -> list[str] | None:
+    ann = param.type_descriptor.annotation
+    base = next((a for a in typing.get_args(ann) if a is not type(None)), ann)
+    return [m.value for m in base] if isinstance(base, type) and issubclass(base, Enum) else None
+
+
+@pytest.mark.parametrize("which", COMMANDS)
+def test_generated_command_keeps_its_flags_and_takes_them_from_the_fields(which):
+    app, name, config_cls, _, _, flags, choices, required = COMMANDS[which]()
+    params = _command(app, name).params
+    flag_fields = [f for f in fields(config_cls) if "help" in f.metadata]
+    assert [p.name for p in params] == [f.name for f in flag_fields]
+    assert [o for p in params for o in (*p.opts, *p.secondary_opts)] == flags
+    assert {p.opts[0]: _choices(p) for p in params if _choices(p)} == choices
+    assert [p.opts[0] for p in params if p.required] == required
+    for p, f in zip(params, flag_fields):
+        assert p.help == f.metadata["help"]
+        if "parse" not in f.metadata and not p.required:
+            default = p.default.value if isinstance(p.default, Enum) else p.default
+            assert default == (f.default.value if isinstance(f.default, Enum) else f.default), f.name
+    assert CliRunner().invoke(app, [name, "--help"]).exit_code == 0
+
+
+def _other_value(param, f, values):
+    """A valid command-line value for ``f`` other than its default (None: a switch, flipped)."""
+    if f.name in values:
+        return values[f.name]
+    if param.secondary_opts:
+        return None
+    options = _choices(param)
+    if options:
+        default = f.default.value if isinstance(f.default, Enum) else f.default
+        return next(c for c in options if c != default)
+    if param.required or "str" in str(f.type):
+        return f.name + "-given"
+    return 0.25 if "float" in str(f.type) else 3
+
+
+@pytest.mark.parametrize("which", COMMANDS)
+def test_every_flag_reaches_the_config(which, monkeypatch):
+    app, name, config_cls, (module, attr, result), values, *_ = COMMANDS[which]()
+    seen = []
+    monkeypatch.setattr(module, attr, lambda cfg: seen.append(cfg) or result)
+    if which == "kd-cache build":
+        monkeypatch.setattr(module, "summary", lambda manifest: "")
+    args, expect = [name], {}
+    for param, f in zip(_command(app, name).params, [f for f in fields(config_cls) if "help" in f.metadata]):
+        value = _other_value(param, f, values)
+        if value is None:
+            args.append(param.secondary_opts[0] if f.default else param.opts[0])
+            expect[f.name] = not f.default
+        else:
+            args += [param.opts[0], json.dumps(value) if isinstance(value, dict) else str(value)]
+            expect[f.name] = value
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    [cfg] = seen
+    assert cfg == config_cls(**expect)
+    required = {f.name: expect[f.name] for f in fields(config_cls)
+                if f.default is MISSING and f.default_factory is MISSING}
+    defaults = config_cls(**required)
+    assert [k for k in expect if k not in required and getattr(cfg, k) == getattr(defaults, k)] == []
