@@ -12,10 +12,12 @@ from __future__ import annotations
 import json
 import os
 import sys
-from enum import Enum
-from typing import Annotated
+from dataclasses import dataclass, field
 
 import typer
+
+from cli.options import config_command
+from kd_cache.schema import DType
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -30,11 +32,33 @@ app = typer.Typer(
 )
 
 
-class DType(str, Enum):
-    auto = "auto"
-    float32 = "float32"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
+@dataclass
+class EvalConfig:
+    """The settings of one ``kd-eval`` run (each field's help is its flag's)."""
+
+    model: str = field(metadata={"help": "Saved LlavaForConditionalGeneration + processor (e.g. a kd-train OUT)."})
+    data: str | None = field(default=None, metadata={"help": (
+        "LLaVA-format QA data (JSON/JSONL, parquet or a datasets dir); every assistant turn is one question.")})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are relative to."})
+    cache: str | None = field(default=None, metadata={"help": (
+        "Teacher cache (directory or fsspec URL) for KL to the teacher and top-1 agreement.")})
+    cache_image_folder: str | None = field(default=None, metadata={"help": (
+        "Where the cache's images resolve (default: the folder recorded in the cache).")})
+    batch_size: int = field(default=16, metadata={"help": "Sequences per forward pass."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer."})
+    limit: int | None = field(default=None, metadata={"help": "Use only the first N records of --data."})
+    max_length: int = field(default=2048, metadata={"help": "Truncate prompts to this many tokens."})
+    device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu, cuda, cuda:1 ..."})
+    dtype: str = field(default=DType.auto.value, metadata={
+        "help": "Model dtype; auto = bf16 on GPU, fp32 on CPU.", "choices": DType})
+    predictions: str | None = field(default=None, metadata={"help": (
+        "Write one JSON line per question (answer, prediction, correct) to this file.")})
+    strict: bool = field(default=False, metadata={"help": "Stop at the first bad record instead of skipping it."})
+    as_json: bool = field(default=False, metadata={"help": "Print the results as one JSON object.", "flag": "--json"})
+
+    def __post_init__(self):
+        if self.data is None and self.cache is None:
+            raise ValueError("nothing to evaluate: pass --data (with --image-folder) and/or --cache")
 
 
 QA_COLUMNS = [("accuracy", ".4f"), ("correct", "d"), ("questions", "d"), ("mc_accuracy", ".4f"), ("mc_questions", "d")]
@@ -42,7 +66,7 @@ CACHE_COLUMNS = [("kl_to_teacher", ".6f"), ("top1_agreement", ".4f"), ("ce", ".4
                  ("kl_visual", ".6f"), ("top1_visual", ".4f"), ("visual_positions", "d")]
 
 
-def _fail(err: Exception) -> None:
+def _fail(err: Exception | str) -> None:
     typer.echo(f"kd-eval: error: {err}", err=True)
     raise typer.Exit(code=2)
 
@@ -56,67 +80,48 @@ def _lines(title: str, metrics: dict, columns) -> list[str]:
 
 
 @app.command()
-def evaluate(
-    model: Annotated[str, typer.Option(help="Saved LlavaForConditionalGeneration + processor (e.g. a kd-train OUT).")],
-    data: Annotated[str | None, typer.Option(help="LLaVA-format QA data (JSON/JSONL, parquet or a datasets "
-                                                  "dir); every assistant turn is one question.")] = None,
-    image_folder: Annotated[str | None, typer.Option(help="Folder the records' image paths are relative to.")]
-    = None,
-    cache: Annotated[str | None, typer.Option(help="Teacher cache (directory or fsspec URL) for KL to the "
-                                                   "teacher and top-1 agreement.")] = None,
-    cache_image_folder: Annotated[str | None, typer.Option(help="Where the cache's images resolve (default: "
-                                                                "the folder recorded in the cache).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest generated answer.")] = 32,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N records of --data.")] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate prompts to this many tokens.")] = 2048,
-    device: Annotated[str, typer.Option(help="auto (cuda if available), cpu, cuda, cuda:1 ...")] = "auto",
-    dtype: Annotated[DType, typer.Option(help="Model dtype; auto = bf16 on GPU, fp32 on CPU.")] = DType.auto,
-    predictions: Annotated[str | None, typer.Option(help="Write one JSON line per question (answer, "
-                                                         "prediction, correct) to this file.")] = None,
-    strict: Annotated[bool, typer.Option(help="Stop at the first bad record instead of skipping it.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
-) -> None:
+@config_command(EvalConfig, on_error=_fail)
+def evaluate(cfg: EvalConfig) -> None:
     """Evaluate a checkpoint on QA data (--data) and/or against a teacher cache (--cache)."""
     from kd_cache.data import BadRecord
     from student.evaluate import evaluate_cache, evaluate_qa, load_model
     from student.model import CompatibilityError
 
-    if data is None and cache is None:
-        _fail(ValueError("nothing to evaluate: pass --data (with --image-folder) and/or --cache"))
-    results: dict = {"model": model}
+    results: dict = {"model": cfg.model}
     try:
-        m, proc = load_model(model, device, dtype.value)
-        if data is not None:
-            qa = evaluate_qa(model, data, image_folder, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                             limit=limit, max_length=max_length, strict=strict, model=m, processor=proc)
-            if predictions:
-                with open(predictions, "w") as f:
+        m, proc = load_model(cfg.model, cfg.device, cfg.dtype)
+        if cfg.data is not None:
+            qa = evaluate_qa(cfg.model, cfg.data, cfg.image_folder, batch_size=cfg.batch_size,
+                             max_new_tokens=cfg.max_new_tokens, limit=cfg.limit, max_length=cfg.max_length,
+                             strict=cfg.strict, model=m, processor=proc)
+            if cfg.predictions:
+                with open(cfg.predictions, "w") as f:
                     f.writelines(json.dumps(p) + "\n" for p in qa["predictions"])
             results["qa"] = {k: v for k, v in qa.items() if k != "predictions"}
-        if cache is not None:
-            results["cache"] = evaluate_cache(model, cache, image_folder=cache_image_folder,
-                                              batch_size=batch_size, model=m, processor=proc)
+        if cfg.cache is not None:
+            results["cache"] = evaluate_cache(cfg.model, cfg.cache, image_folder=cfg.cache_image_folder,
+                                              batch_size=cfg.batch_size, model=m, processor=proc)
     except BadRecord as e:
         _fail(f"{e} (--strict stops at the first bad record; drop it to skip and count them)")
     except (ValueError, TypeError, FileNotFoundError, CompatibilityError) as e:
         _fail(e)
+    typer.echo(json.dumps(results, indent=2) if cfg.as_json else _report(cfg, results))
 
-    if as_json:
-        typer.echo(json.dumps(results, indent=2))
-        return
-    lines = [f"model: {model}"]
+
+def _report(cfg: EvalConfig, results: dict) -> str:
+    """The results as a table per part (QA, cache)."""
+    lines = [f"model: {cfg.model}"]
     if "qa" in results:
         qa = results["qa"]
-        lines += _lines(f"QA: {data} ({qa['records']} records)", qa, QA_COLUMNS)
+        lines += _lines(f"QA: {cfg.data} ({qa['records']} records)", qa, QA_COLUMNS)
         if qa["skipped"]:
             lines.append(f"  skipped {len(qa['skipped'])} records: "
                          + ", ".join(f"{s['id']} ({s['reason']})" for s in qa["skipped"][:5]))
     if "cache" in results:
         c = results["cache"]
-        lines += _lines(f"cache: {cache} ({c['samples']} samples, {c['sparse']['mode']} k={c['sparse']['k']})",
+        lines += _lines(f"cache: {cfg.cache} ({c['samples']} samples, {c['sparse']['mode']} k={c['sparse']['k']})",
                         c, CACHE_COLUMNS)
-    typer.echo("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
