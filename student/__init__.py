@@ -6,5 +6,8 @@
 - ``student.data``: the streaming, resumable ``IterableDataset`` over a teacher cache.
 - ``student.losses``: the loss functions (sparse divergences, chunked CE + KD, RDist).
 - ``student.distill``: the distillation forward pass (hidden states -> loss sums).
-- ``student.train``: ``TrainConfig`` and the training loop behind ``kd-train``.
+- ``student.config``: ``TrainConfig``, every setting of ``kd-train train`` with its flag's help.
+- ``student.cache_checks``: refusals of options the cache was not built for.
+- ``student.checkpoints``: checkpoints, resumption and the final model in ``OUT``.
+- ``student.train``: the training step and loop behind ``kd-train``.
 """
