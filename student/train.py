@@ -44,40 +44,16 @@ from typing import Any
 
 import torch
 
-from student.distill import (
-    COUNT_KEYS,
-    DEFAULT_KINDS,
-    PROJECTOR_DIR,
-    SUM_KEYS,
-    DistillStudent,
-    LossSettings,
-    LossWeights,
-    batch_counts,
-)
+from kd_cache.schema import DEFAULT_KINDS
+from student.distill import PROJECTOR_DIR, DistillStudent, LossSettings, batch_counts
+from student.losses import Divergence, HiddenLoss, TailMode
 from student.stages import RECIPES, Stage, parse_modules
+from student.terms import SUM_KEYS, TERM_NAMES, TERMS, LossWeights
 
 CONFIG_NAME = "train_config.json"
 STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.jsonl"
 COMPLETE_MARKER = "COMPLETE"
-
-
-class Divergence(str, Enum):
-    fkl = "fkl"
-    rkl = "rkl"
-    jsd = "jsd"
-    tvd = "tvd"
-    skl = "skl"
-
-
-class KDMode(str, Enum):
-    tail = "tail"
-    renorm = "renorm"
-
-
-class HiddenLoss(str, Enum):
-    mse = "mse"
-    cosine = "cosine"
 
 
 class ReportTo(str, Enum):
@@ -94,7 +70,7 @@ class Precision(str, Enum):
 
 # Settings that decide which samples a step sees and what its loss is: a resumed run must match them.
 RESUME_KEYS = ("stage", "cache", "batch_size", "grad_accum", "seed", "shuffle", "block_shards", "lr",
-               "warmup_ratio", "weight_decay", "alpha", "beta", "gamma", "divergence", "jsd_beta",
+               "warmup_ratio", "weight_decay", "alpha", "beta", "gamma", "divergence", "jsd_beta", "skew", "temperature",
                "sparse_mode", "train_modules", "epochs", "max_steps", "positions", "delta", "hidden_weight",
                "hidden_loss", "affinity_weight", "zscore")
 
@@ -122,7 +98,9 @@ class TrainConfig:
     gamma: float = 1.0
     divergence: Divergence = Divergence.fkl
     jsd_beta: float = 0.5
-    sparse_mode: KDMode = KDMode.tail
+    skew: float = 0.1  # skl / srkl mixing weight
+    temperature: float = 1.0  # divides the student's logits in MDist
+    sparse_mode: TailMode = TailMode.tail
     positions: str | tuple[str, ...] = ",".join(DEFAULT_KINDS)  # MDist (and hidden) position kinds
     delta: float = 1.0  # MDist weight at prompt positions
     hidden_weight: float = 0.0  # LLaVADI hidden-state alignment (0: off)
@@ -154,7 +132,7 @@ class TrainConfig:
 
         self.stage = enum(self.stage, Stage, "--stage")
         self.divergence = enum(self.divergence, Divergence, "--divergence")
-        self.sparse_mode = enum(self.sparse_mode, KDMode, "--sparse-mode")
+        self.sparse_mode = enum(self.sparse_mode, TailMode, "--sparse-mode")
         self.report_to = enum(self.report_to, ReportTo, "--report-to")
         self.hidden_loss = enum(self.hidden_loss, HiddenLoss, "--hidden-loss")
         self.mixed_precision = enum(self.mixed_precision, Precision, "--mixed-precision")
@@ -189,6 +167,11 @@ class TrainConfig:
                                      "teacher; use it with --stage dpt or dft")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
+        if not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"--skew must lie in [0, 1) (0 = plain KL; at 1 skl and srkl are identically 0), "
+                             f"got {self.skew}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every),
                             ("--head-memory-mb", self.head_memory_mb)):
             if value < 0:
@@ -205,10 +188,10 @@ class TrainConfig:
                            hidden=self.hidden_weight, affinity=self.affinity_weight)
 
     def loss_settings(self) -> LossSettings:
-        return LossSettings(distill=self.distill, divergence=self.divergence.value, mode=self.sparse_mode.value,
-                            jsd_beta=self.jsd_beta, chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb,
-                            kinds=tuple(self.positions),
-                            zscore=self.zscore, hidden_loss=self.hidden_loss.value if self.hidden_weight > 0 else None,
+        return LossSettings(distill=self.distill, divergence=self.divergence, mode=self.sparse_mode,
+                            jsd_beta=self.jsd_beta, skew=self.skew, temperature=self.temperature,
+                            chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb, kinds=tuple(self.positions),
+                            zscore=self.zscore, hidden_loss=self.hidden_loss if self.hidden_weight > 0 else None,
                             affinity=self.affinity_weight > 0)
 
     def to_dict(self) -> dict[str, Any]:
@@ -231,7 +214,7 @@ def _to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, distill: bool | None = None,
-                         weights: LossWeights | Sequence[float] | None = None,
+                         weights: LossWeights | None = None,
                          settings: LossSettings | None = None) -> dict[str, float]:
     """Forward and backward over one optimizer step's micro-batches; returns the step's metrics.
 
@@ -242,8 +225,7 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, d
     ``mdist_prompt``, ``rdist``, ``hidden``, ``affinity``; None for a term that is off) are the same
     global means, computed in this forward pass, before the update.
 
-    ``weights``: a ``LossWeights`` or a tuple in its field order (alpha, beta, gamma, delta, hidden,
-    affinity); ``settings`` defaults to the wrapped ``DistillStudent``'s, ``distill`` to its ``distill``.
+    ``weights`` defaults to ``LossWeights()``; ``settings`` defaults to the wrapped ``DistillStudent``'s, ``distill`` to its ``distill``.
     """
     from accelerate.utils import DistributedType
 
@@ -251,7 +233,7 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, d
         settings = accelerator.unwrap_model(model).settings
     if distill is None:
         distill = settings.distill
-    w = weights if isinstance(weights, LossWeights) else LossWeights(*(weights or ()))
+    w = weights or LossWeights()
     device = accelerator.device
     world = accelerator.num_processes
     local = sum(batch_counts(b, settings) for b in micro_batches)
@@ -273,22 +255,13 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, d
         totals += parts.detach().double()
     if world > 1:
         totals = accelerator.reduce(totals, reduction="sum")
-    means = dict(zip(SUM_KEYS, (totals / counts.clamp_min(1)).tolist()))
-    n = counts.tolist()
-    active = {
-        "kd_response_sum": distill and "response" in settings.kinds,
-        "kd_visual_sum": distill and "visual" in settings.kinds,
-        "kd_prompt_sum": distill and "prompt" in settings.kinds,
-        "rdist_sum": distill,
-        "hidden_sum": distill and settings.hidden_loss is not None,
-        "affinity_sum": distill and settings.affinity,
-    }
-    names = {"ce_sum": "ce", "kd_response_sum": "mdist_response", "kd_visual_sum": "mdist_visual",
-             "kd_prompt_sum": "mdist_prompt", "rdist_sum": "rdist", "hidden_sum": "hidden", "affinity_sum": "affinity"}
-    metrics: dict[str, Any] = {"loss": sum(c * means[k] for c, k in zip(w.vector(), SUM_KEYS))}
-    for key, name in names.items():
-        metrics[name] = means[key] if active.get(key, True) else None
-    metrics["positions"] = {k.removesuffix("_count"): int(v) for k, v in zip(COUNT_KEYS, n)}
+    means = (totals / counts.clamp_min(1)).tolist()
+    on = {"ce": True, "rdist": distill, "hidden": distill and settings.hidden_loss is not None,
+          "affinity": distill and settings.affinity}
+    metrics: dict[str, Any] = {"loss": sum(c * m for c, m in zip(w.vector(), means))}
+    for term, mean in zip(TERMS, means):
+        metrics[term.name] = mean if on.get(term.name, distill and term.kind in settings.kinds) else None
+    metrics["positions"] = dict(zip(TERM_NAMES, map(int, counts.tolist())))
     return metrics
 
 
