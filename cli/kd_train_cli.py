@@ -16,8 +16,9 @@ from typing import Annotated
 
 import typer
 
+from student.losses import Divergence, HiddenLoss, TailMode
 from student.stages import Stage
-from student.train import Divergence, HiddenLoss, KDMode, Precision, ReportTo
+from student.train import Precision, ReportTo
 
 app = typer.Typer(
     name="kd-train",
@@ -104,13 +105,19 @@ def train_cmd(
                                               "covers the vocabulary, an approximation restricted to the top-k "
                                               "otherwise. Not for sampled caches.")] = False,
     divergence: Annotated[Divergence, typer.Option(help="MDist divergence: forward KL, reverse KL, JSD(beta), "
-                                                        "total variation, skew KL. Sampled caches allow fkl "
-                                                        "only.")] = Divergence.fkl,
+                                                        "total variation, skew KL KL(p||a p+(1-a) q), skew reverse "
+                                                        "KL KL(q||a q+(1-a) p) (a = --skew). Sampled caches "
+                                                        "allow fkl only.")] = Divergence.fkl,
     jsd_beta: Annotated[float, typer.Option(help="beta of --divergence jsd (0 = forward KL, 1 = reverse KL, "
                                                  "0.5 = symmetric JSD).")] = 0.5,
-    sparse_mode: Annotated[KDMode, typer.Option(help="tail: compare the k teacher ids plus one 'everything "
+    skew: Annotated[float, typer.Option(help="Mixing weight a of --divergence skl/srkl, in [0, 1) (0 = forward / "
+                                             "reverse KL).")] = 0.1,
+    temperature: Annotated[float, typer.Option(help="Divides the student's logits in MDist (> 0; with --zscore "
+                                                    "both standardised sides); the teacher's distribution is "
+                                                    "used as cached, CE is never scaled.")] = 1.0,
+    sparse_mode: Annotated[TailMode, typer.Option(help="tail: compare the k teacher ids plus one 'everything "
                                                      "else' bin; renorm: renormalise both sides over the "
-                                                     "k ids.")] = KDMode.tail,
+                                                     "k ids.")] = TailMode.tail,
     chunk_size: Annotated[int, typer.Option(help="Positions per chunk when applying the LM head (bounds the "
                                                  "[chunk, vocab] logits kept in memory).")] = 1024,
     head_memory_mb: Annotated[int, typer.Option(help="Keep the LM-head logits of a micro-batch for backward when "
@@ -155,7 +162,8 @@ def train_cmd(
             max_steps=max_steps, lr=lr, batch_size=batch_size, grad_accum=grad_accum, warmup_ratio=warmup_ratio,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, seed=seed, alpha=alpha, beta=beta,
             gamma=gamma, positions=positions, delta=delta, hidden_weight=hidden_weight, hidden_loss=hidden_loss,
-            affinity_weight=affinity_weight, zscore=zscore, divergence=divergence, jsd_beta=jsd_beta, sparse_mode=sparse_mode, chunk_size=chunk_size,
+            affinity_weight=affinity_weight, zscore=zscore, divergence=divergence, jsd_beta=jsd_beta, skew=skew,
+            temperature=temperature, sparse_mode=sparse_mode, chunk_size=chunk_size,
             head_memory_mb=head_memory_mb,
             num_workers=num_workers, shuffle=shuffle, block_shards=block_shards, save_every=save_every,
             resume=resume, report_to=report_to, train_modules=train_modules,

@@ -9,7 +9,7 @@ from cli.kd_train_cli import _with_default_command, app, main
 
 ISSUE_FLAGS = ["--stage", "--student", "--cache", "--out", "--image-folder", "--epochs", "--max-steps", "--lr",
                "--batch-size", "--grad-accum", "--warmup-ratio", "--weight-decay", "--seed", "--alpha", "--beta",
-               "--gamma", "--divergence", "--jsd-beta", "--sparse-mode", "--num-workers", "--save-every", "--resume",
+               "--gamma", "--divergence", "--jsd-beta", "--skew", "--temperature", "--sparse-mode", "--num-workers", "--save-every", "--resume",
                "--report-to", "--train-modules"]
 
 
@@ -22,7 +22,7 @@ def test_help_lists_both_commands_and_every_flag():
     assert res.exit_code == 0
     for flag in ISSUE_FLAGS:
         assert flag in res.output, flag
-    for choices in ("dpt|sft|dft", "fkl|rkl|jsd|tvd|skl", "tail|renorm", "none|tensorboard|wandb"):
+    for choices in ("dpt|sft|dft", "fkl|rkl|jsd|tvd|skl|srkl", "tail|renorm", "none|tensorboard|wandb"):
         assert choices in res.output, choices
     res = runner.invoke(app, ["init-student", "--help"], env=wide)
     assert res.exit_code == 0 and all(f in res.output for f in ("--vision", "--llm", "--out"))
@@ -48,3 +48,26 @@ def test_bad_values_exit_2_with_the_flag_named(tmp_path, capsys):
     res = runner.invoke(app, ["train", "--stage", "dft", "--student", "s", "--cache", "c", "--out", str(tmp_path),
                               "--storage-options", "[1]"])
     assert res.exit_code == 2 and "--storage-options must be a JSON object" in res.output
+
+
+def test_skew_and_temperature_reach_the_losses(tmp_path, monkeypatch):
+    """--divergence srkl --skew A --temperature T end up in the divergence options of the step."""
+    import student.train as train_mod
+
+    seen = {}
+
+    def fake_train(cfg):
+        seen["options"] = cfg.loss_settings().options
+        return {"step": 0, "out": cfg.out, "main_process": True}
+
+    monkeypatch.setattr(train_mod, "train", fake_train)
+    res = CliRunner().invoke(app, ["train", "--stage", "dft", "--student", "s", "--cache", "c", "--out", str(tmp_path),
+                                   "--divergence", "srkl", "--skew", "0.3", "--temperature", "2"])
+    assert res.exit_code == 0, res.output
+    opts = seen["options"]
+    assert (opts.divergence.value, opts.skew, opts.temperature) == ("srkl", 0.3, 2.0)
+    for flag, value, message in (("--skew", "1", "--skew must lie in [0, 1)"),
+                                 ("--temperature", "0", "--temperature must be > 0")):
+        res = CliRunner().invoke(app, ["train", "--stage", "dft", "--student", "s", "--cache", "c", "--out",
+                                       str(tmp_path), flag, value])
+        assert res.exit_code == 2 and message in res.output, res.output
