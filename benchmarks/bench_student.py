@@ -151,8 +151,7 @@ class Steps:
         batch = self.batches[mode][i % len(self.batches[mode])]
         if mode == "online":
             batch = {**batch, **self.online_teacher_arrays(batch)}
-        m = accumulate_gradients(self.accelerator, self.wrappers[mode], [batch], distill=mode != "sft",
-                                 weights=(1.0, 1.0, 1.0))
+        m = accumulate_gradients(self.accelerator, self.wrappers[mode], [batch], distill=mode != "sft")
         self.accelerator.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
