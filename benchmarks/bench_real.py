@@ -407,8 +407,9 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
         h_s = hid[f"layer{L_s}"][torch.from_numpy(rows).to(device)]
         gv = {f"topk{k}": (_teacher_tensors(back[f"topk{k}"], device), "tail") for k in TOPK_VARIANTS}
         gv["topk64_renorm"] = (gv["topk64"][0], "renorm")
-        gv["sample64"] = (_teacher_tensors(back["sample64"], device), "sample")
-        gv["sample64_multinomial"] = (_teacher_tensors(back["sample64_multinomial"], device), "sample")
+        # sampled ids are recognised from their counts (the tail mode is not read for them)
+        gv["sample64"] = (_teacher_tensors(back["sample64"], device), "tail")
+        gv["sample64_multinomial"] = (_teacher_tensors(back["sample64_multinomial"], device), "tail")
         grads[f"layer{L_s}"] = {"student": f"teacher layer {L_s} of {L} through the final norm and head",
                                 **_kl_stats(head_w, h_t, h_s),
                                 "variants": _grad_cosines(head_w, h_t, h_s, gv, head_grad=True)}

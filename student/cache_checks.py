@@ -19,7 +19,7 @@ def check_cache_options(cfg: TrainConfig, manifest: dict) -> int | None:
     position kinds) and ``manifest["hidden"]`` (whether teacher hidden states were stored, ``--hidden``).
     """
     sparse = manifest["sparse"]["mode"]
-    if sparse == "sample" and cfg.divergence is not Divergence.FKL:
+    if sparse == "sample" and cfg.divergence is not Divergence.fkl:
         raise ValueError(f"--divergence {cfg.divergence.value}: the cache holds sampled teacher tokens "
                          "(sparse mode 'sample'), for which only forward KL is unbiased; use --divergence fkl")
     cached = list(manifest["positions"])

@@ -15,8 +15,7 @@ from typing import Any
 
 from kd_cache.schema import DEFAULT_KINDS, choice, parse_positions
 from student.distill import LossSettings
-from student.losses import Divergence, HiddenLoss
-from student.losses import SparseMode as TailMode
+from student.losses import Divergence, HiddenLoss, TailMode
 from student.stages import RECIPES, Stage, parse_modules
 from student.terms import LossWeights
 
@@ -31,11 +30,6 @@ class Precision(str, Enum):
     auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
     no = "no"
     bf16 = "bf16"
-
-
-# How a sparse teacher distribution meets the student's: the k stored ids plus a tail bin, or
-# renormalised over them (sampled caches are recognised from their counts, not chosen here).
-TAIL_MODES = (TailMode.TAIL, TailMode.RENORM)
 
 
 def json_object(text: str) -> dict[str, Any]:
@@ -96,7 +90,7 @@ class TrainConfig:
         "student's final hidden states at the --positions positions to the teacher's width; it trains with the "
         "student and is saved as OUT/hidden_projector/, not inside the model. Needs a cache built with "
         "kd-cache build --hidden."))
-    hidden_loss: HiddenLoss = _setting(HiddenLoss.MSE, resume=True, help=(
+    hidden_loss: HiddenLoss = _setting(HiddenLoss.mse, resume=True, help=(
         "Hidden-state distance: mse (mean over features) or cosine (1 - cosine similarity)."))
     affinity_weight: float = _setting(0.0, resume=True, help=(
         "LLaVADI affinity weight (0: off): MSE between the student's and teacher's cosine-similarity matrices "
@@ -106,12 +100,17 @@ class TrainConfig:
         "are standardised over the k stored ids (teacher log-probs = logits up to a shift) and compared over "
         "those ids, without the tail bin: exact for a cache whose k covers the vocabulary, an approximation "
         "restricted to the top-k otherwise. Not for sampled caches."))
-    divergence: Divergence = _setting(Divergence.FKL, resume=True, help=(
-        "MDist divergence: forward KL, reverse KL, JSD(beta), total variation, skew KL. Sampled caches allow "
-        "fkl only."))
+    divergence: Divergence = _setting(Divergence.fkl, resume=True, help=(
+        "MDist divergence: forward KL, reverse KL, JSD(beta), total variation, skew KL KL(p||a p+(1-a) q), skew "
+        "reverse KL KL(q||a q+(1-a) p) (a = --skew). Sampled caches allow fkl only."))
     jsd_beta: float = _setting(0.5, resume=True, help=(
         "beta of --divergence jsd (0 = forward KL, 1 = reverse KL, 0.5 = symmetric JSD)."))
-    sparse_mode: TailMode = _setting(TailMode.TAIL, resume=True, choices=TAIL_MODES, help=(
+    skew: float = _setting(0.1, resume=True, help=(
+        "Mixing weight a of --divergence skl/srkl, in [0, 1) (0 = forward / reverse KL)."))
+    temperature: float = _setting(1.0, resume=True, help=(
+        "Divides the student's logits in MDist (> 0; with --zscore both standardised sides); the teacher's "
+        "distribution is used as cached, CE is never scaled."))
+    sparse_mode: TailMode = _setting(TailMode.tail, resume=True, help=(
         "tail: compare the k teacher ids plus one 'everything else' bin; renorm: renormalise both sides over "
         "the k ids."))
     chunk_size: int = _setting(1024, help=(
@@ -141,9 +140,6 @@ class TrainConfig:
         self.stage = choice(Stage, self.stage, "--stage")
         self.divergence = choice(Divergence, self.divergence, "--divergence")
         self.sparse_mode = choice(TailMode, self.sparse_mode, "--sparse-mode")
-        if self.sparse_mode not in TAIL_MODES:
-            raise ValueError(f"--sparse-mode {self.sparse_mode.value!r}: expected one of "
-                             f"{', '.join(m.value for m in TAIL_MODES)}")
         self.report_to = choice(ReportTo, self.report_to, "--report-to")
         self.hidden_loss = choice(HiddenLoss, self.hidden_loss, "--hidden-loss")
         self.mixed_precision = choice(Precision, self.mixed_precision, "--mixed-precision")
@@ -176,6 +172,11 @@ class TrainConfig:
                                      "teacher; use it with --stage dpt or dft")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
+        if not 0.0 <= self.skew < 1.0:
+            raise ValueError(f"--skew must lie in [0, 1) (0 = plain KL; at 1 skl and srkl are identically 0), "
+                             f"got {self.skew}")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every),
                             ("--head-memory-mb", self.head_memory_mb)):
             if value < 0:
@@ -192,10 +193,11 @@ class TrainConfig:
                            hidden=self.hidden_weight, affinity=self.affinity_weight)
 
     def loss_settings(self) -> LossSettings:
-        return LossSettings(distill=self.distill, divergence=self.divergence.value, mode=self.sparse_mode.value,
-                            jsd_beta=self.jsd_beta, chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb,
+        return LossSettings(distill=self.distill, divergence=self.divergence, mode=self.sparse_mode,
+                            jsd_beta=self.jsd_beta, skew=self.skew, temperature=self.temperature,
+                            chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb,
                             kinds=tuple(self.positions), zscore=self.zscore,
-                            hidden_loss=self.hidden_loss.value if self.hidden_weight > 0 else None,
+                            hidden_loss=self.hidden_loss if self.hidden_weight > 0 else None,
                             affinity=self.affinity_weight > 0)
 
     def to_dict(self) -> dict[str, Any]:

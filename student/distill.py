@@ -7,11 +7,11 @@ module's weights inside its forward). It runs the LLaVA *base* model for the fin
 applies the LM head only at the positions that carry a loss, chunk by chunk (``chunked_distill``), so
 fp32 ``[batch, seq, vocab]`` logits never exist.
 
-Terms (each a *sum* over its valid items; ``accumulate_gradients`` divides by the step's global
-count of them, see ``SUM_KEYS``/``COUNT_KEYS``):
+The terms are those of ``student.terms.TERMS`` (each a *sum* over its valid items; the trainer
+divides by the step's global count of them):
 
 * ``ce``: cross-entropy on the response tokens;
-* ``kd_response``/``kd_visual``/``kd_prompt``: MDist at the position kinds listed in
+* ``mdist_response``/``mdist_visual``/``mdist_prompt``: MDist at the position kinds listed in
   ``LossSettings.kinds`` (LLaVA-KD: response + visual; LLaVADI: all three);
 * ``rdist``: relation distillation per image;
 * ``hidden``: LLaVADI hidden-state alignment, ``HiddenProjector(h_s)`` vs the teacher's stored
@@ -30,20 +30,22 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS
 from student.losses import (
+    Divergence,
+    DivergenceOptions,
+    HiddenLoss,
+    SparseTeacher,
+    TailMode,
     affinity_loss,
     chunked_distill,
     head_gram,
     hidden_alignment,
+    keep_head_logits,
     rdist,
     relation_from_hidden,
 )
-
-TERMS = ("ce", "kd_response", "kd_visual", "kd_prompt", "rdist", "hidden", "affinity")
-SUM_KEYS = tuple(f"{t}_sum" for t in TERMS)
-COUNT_KEYS = tuple(f"{t}_count" for t in TERMS)
-KINDS = ("response", "visual", "prompt")
-DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
+from student.terms import SUM_KEYS, TERMS, mdist_term
 
 PROJECTOR_DIR = "hidden_projector"
 PROJECTOR_WEIGHTS = "model.safetensors"
@@ -52,35 +54,38 @@ PROJECTOR_CONFIG = "config.json"
 
 @dataclass(frozen=True)
 class LossSettings:
+    """What a training step computes (validated on construction)."""
+
     distill: bool = True  # teacher terms on (False: CE only, the teacher arrays are ignored)
-    divergence: str = "fkl"
-    mode: str = "tail"  # tail | renorm (sample-mode caches are detected from their counts)
+    divergence: Divergence = Divergence.fkl
+    mode: TailMode = TailMode.tail  # top-k caches only (sample-mode caches are detected from their counts)
     jsd_beta: float = 0.5
+    skew: float = 0.1  # skl / srkl mixing weight
+    temperature: float = 1.0  # divides the student's logits in MDist
     chunk_size: int = 1024
     # Logits of the LM-head chunks are kept for backward when all of a micro-batch's fit in this many
-    # MiB (estimated as LOGIT_BYTES_HELD per logit); above it each chunk is recomputed in backward
-    # (one more head matmul and softmax per chunk, memory bounded by one chunk). 0: always recompute.
+    # MiB (``keep_head_logits``); above it each chunk is recomputed in backward (one more head matmul
+    # per chunk, memory bounded by one chunk). 0: always recompute.
     head_memory_mb: int = 1024
     kinds: tuple[str, ...] = DEFAULT_KINDS  # positions that get MDist (and hidden alignment)
     zscore: bool = False  # logit standardisation over the stored ids (student.losses)
-    hidden_loss: str | None = None  # "mse" | "cosine": hidden-state alignment on (needs a projector)
+    hidden_loss: HiddenLoss | None = None  # hidden-state alignment on (needs a projector)
     affinity: bool = False  # LLaVADI affinity between visual and response positions
 
+    def __post_init__(self):
+        options = self.options  # validates divergence, mode, jsd_beta, skew, temperature
+        object.__setattr__(self, "divergence", options.divergence)
+        object.__setattr__(self, "mode", options.mode)
+        if self.hidden_loss is not None:
+            object.__setattr__(self, "hidden_loss", HiddenLoss(self.hidden_loss))
+        unknown = [k for k in self.kinds if k not in KINDS]
+        if unknown:
+            raise ValueError(f"position kinds {unknown} not understood: expected a subset of {', '.join(KINDS)}")
 
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the terms after CE (field order kept so ``(alpha, beta, gamma)`` tuples still work)."""
-
-    alpha: float = 1.0  # MDist, response positions
-    beta: float = 1.0  # MDist, visual positions
-    gamma: float = 1.0  # RDist
-    delta: float = 1.0  # MDist, prompt positions
-    hidden: float = 0.0  # hidden-state alignment
-    affinity: float = 0.0  # affinity
-
-    def vector(self) -> list[float]:
-        """Weights in ``SUM_KEYS`` order (CE weighs 1)."""
-        return [1.0, self.alpha, self.beta, self.delta, self.gamma, self.hidden, self.affinity]
+    @property
+    def options(self) -> DivergenceOptions:
+        return DivergenceOptions(divergence=self.divergence, mode=self.mode, jsd_beta=self.jsd_beta, skew=self.skew,
+                                 temperature=self.temperature, zscore=self.zscore)
 
 
 class HiddenProjector(nn.Module):
@@ -135,21 +140,14 @@ class HiddenProjector(nn.Module):
         return module
 
 
-def teacher_arrays(batch: dict[str, Tensor], kind: str) -> dict[str, Tensor] | None:
-    """The cached teacher arrays of one position kind of a collated batch, keyed as ``chunked_distill``'s
-    ``teacher`` dict (``ids``, ``tail``, and ``logprobs`` / ``counts`` / ``logp_mean`` when present);
-    None when the batch has none for that kind."""
+def teacher_arrays(batch: dict[str, Tensor], kind: str) -> SparseTeacher | None:
+    """The cached teacher arrays of one position kind of a collated batch (``<kind>_ids``, ``_tail``,
+    and ``_logprobs`` / ``_counts`` / ``_logp_mean`` when the cache has them); None when the batch has
+    none for that kind."""
     if f"{kind}_ids" not in batch:
         return None
-    t = {"ids": batch[f"{kind}_ids"], "tail": batch[f"{kind}_tail"]}
-    for name in ("logprobs", "counts", "logp_mean"):  # sample-mode caches: counts + logp_mean, logprobs optional
-        if f"{kind}_{name}" in batch:
-            t[name] = batch[f"{kind}_{name}"]
-    return t
-
-
-def _settings(settings: LossSettings | bool) -> LossSettings:
-    return LossSettings(distill=settings) if isinstance(settings, bool) else settings
+    return SparseTeacher(batch[f"{kind}_ids"], batch.get(f"{kind}_logprobs"), batch[f"{kind}_tail"],
+                         batch.get(f"{kind}_counts"), batch.get(f"{kind}_logp_mean"))
 
 
 def _hidden_kinds(batch: dict, s: LossSettings) -> list[str]:
@@ -160,38 +158,27 @@ def _hidden_kinds(batch: dict, s: LossSettings) -> list[str]:
     return list(s.kinds)
 
 
-def batch_counts(batch: dict, settings: LossSettings | bool) -> Tensor:
-    """Valid items of a collated micro-batch, float64 [7] in ``COUNT_KEYS`` order.
+def batch_counts(batch: dict, settings: LossSettings) -> Tensor:
+    """Valid items of a collated micro-batch per term, float64 [len(TERMS)] in ``TERMS`` order.
 
     Known from the data alone (no forward pass), so the global counts of an optimizer step can be
-    all-reduced before its first backward. ``settings`` may be a bool (``distill``) for the defaults.
+    all-reduced before its first backward.
     """
-    s = _settings(settings)
-    counts = dict.fromkeys(TERMS, 0.0)
-    counts["ce"] = float((batch["response_targets"] != -100).sum())
+    s = settings
+    counts = dict.fromkeys((t.name for t in TERMS), 0.0)
+    counts["ce"] = float((batch["response_targets"] != IGNORE_INDEX).sum())
     if s.distill:
-        for kind in KINDS:
+        for kind in s.kinds:
             ids = batch.get(f"{kind}_ids")
-            if kind in s.kinds and ids is not None:
-                counts[f"kd_{kind}"] = float((ids >= 0).any(-1).sum())
+            if ids is not None:
+                counts[mdist_term(kind).name] = float((ids >= 0).any(-1).sum())
         if "relation_index" in batch:
             counts["rdist"] = float(batch["relation_index"].shape[0])
         if s.hidden_loss is not None:
             counts["hidden"] = float(sum(batch[f"{k}_hidden"].shape[0] for k in _hidden_kinds(batch, s)))
         if s.affinity:
             counts["affinity"] = float(batch["affinity_visual_rows"].shape[0])
-    return torch.tensor([counts[t] for t in TERMS], dtype=torch.float64)
-
-
-# Bytes per logit held for backward when chunks are not recomputed, measured with saved-tensor hooks
-# on chunked_distill: 4.0 (CE) and 4.1 (CE + forward KL, tail mode) with the closed-form gradient the
-# trainer uses (the fp32 logits); autograd through every op would hold 9.1.
-LOGIT_BYTES_HELD = 4
-
-
-def keep_head_logits(n_positions: int, vocab: int, budget_mb: int) -> bool:
-    """Whether ``n_positions`` rows of [vocab] logits may stay in memory for backward (no recompute)."""
-    return n_positions * vocab * LOGIT_BYTES_HELD <= budget_mb * 2**20
+    return torch.tensor(list(counts.values()), dtype=torch.float64)
 
 
 def _fuse_relation(batch: dict, relation_index: Tensor, visual_kd: bool, d: int) -> bool:
@@ -212,7 +199,7 @@ def _fuse_relation(batch: dict, relation_index: Tensor, visual_kd: bool, d: int)
 
 
 class DistillStudent(nn.Module):
-    """``forward(batch) -> {ce_sum, kd_response_sum, ..., affinity_sum}`` (fp32 scalars, ``SUM_KEYS``).
+    """``forward(batch) -> {term.sum_key: sum}`` for every term of ``TERMS``, in that order (fp32 scalars).
 
     ``teacher_hidden_size`` is needed when ``settings.hidden_loss`` is set: a fresh ``HiddenProjector``
     from the student's width to it is created (``self.hidden_projector``) and trains with the student.
@@ -258,48 +245,19 @@ class DistillStudent(nn.Module):
         hidden = out.last_hidden_state  # [B, T, d]
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = self.student.get_output_embeddings().weight  # [V, d]
-        kinds = s.kinds if s.distill else ()
-        # Every position that goes through the head in this micro-batch: if their logits fit the budget,
-        # backward reuses them instead of recomputing each chunk (a quarter of the head's matmuls).
-        n_head = batch["response_index"].shape[0] + sum(
-            batch[f"{k}_index"].shape[0] for k in ("visual", "prompt") if k in kinds and f"{k}_ids" in batch)
-        common = {"divergence": s.divergence, "mode": s.mode, "jsd_beta": s.jsd_beta, "chunk_size": s.chunk_size,
-                  "zscore": s.zscore, "checkpoint": not keep_head_logits(n_head, head.shape[0], s.head_memory_mb)}
-
-        res = chunked_distill(flat[batch["response_index"]], head, targets=batch["response_targets"],
-                              teacher=teacher_arrays(batch, "response") if "response" in kinds else None, **common)
-        sums = {"ce_sum": res["ce_sum"], "kd_response_sum": res["kd_sum"]}
-        zero = res["ce_sum"] * 0.0
+        # A zero that reaches the hidden states and the head, for the terms that are off.
+        zero = (flat[:0].float().sum() + head[:0].float().sum()) * 0.0
+        sums = dict.fromkeys(SUM_KEYS, zero)
         relation = batch.get("relation_index") if s.distill else None
-        fused = relation is not None and _fuse_relation(batch, relation, "visual" in kinds, head.shape[1])
-        r_s = None
-        for kind in ("visual", "prompt"):
-            teacher = teacher_arrays(batch, kind) if kind in kinds else None
-            if teacher is not None:
-                got = chunked_distill(flat[batch[f"{kind}_index"]], head, teacher=teacher,
-                                      relation_size=relation.shape[1] if fused and kind == "visual" else 0, **common)
-                sums[f"kd_{kind}_sum"] = got["kd_sum"]
-                r_s = got.get("relation", r_s)
-            else:
-                sums[f"kd_{kind}_sum"] = zero
+        r_s = self._head_terms(batch, flat, head, relation, sums)
         if relation is not None:
             with torch.autocast(device_type=flat.device.type, enabled=False):
                 if r_s is None:
                     # R_s = H (W^T W) H^T per image, in fp32 (outside autocast): never the N x V logits.
                     r_s = relation_from_hidden(flat[relation].float(), None, gram=head_gram(head))  # [I, N, N]
                 sums["rdist_sum"] = rdist(r_s, batch["relation_target"]).sum()
-        else:
-            sums["rdist_sum"] = zero
         if self.hidden_projector is not None:
-            hk = _hidden_kinds(batch, s)
-            h_s = torch.cat([flat[batch[f"{k}_index"]] for k in hk])
-            h_t = torch.cat([batch[f"{k}_hidden"] for k in hk])
-            # The projector runs even on zero positions, so it gets a (zero) gradient in every micro-batch.
-            projected = self.hidden_projector(h_s)
-            with torch.autocast(device_type=flat.device.type, enabled=False):
-                sums["hidden_sum"] = hidden_alignment(projected.float(), h_t, s.hidden_loss).sum()
-        else:
-            sums["hidden_sum"] = zero
+            sums["hidden_sum"] = self._hidden_term(batch, flat)
         if s.distill and s.affinity:
             vr, rr = batch["affinity_visual_rows"], batch["affinity_response_rows"]  # [A, Nv], [A, Nr]; -1 pad
             vi, ri = vr.clamp_min(0), rr.clamp_min(0)
@@ -307,8 +265,41 @@ class DistillStudent(nn.Module):
                 sums["affinity_sum"] = affinity_loss(
                     flat[batch["visual_index"]].float()[vi], flat[batch["response_index"]].float()[ri],
                     batch["visual_hidden"][vi], batch["response_hidden"][ri], vr >= 0, rr >= 0).sum()
-        else:
-            sums["affinity_sum"] = zero
         if pixel_values is None and self._needs_vision_dummy():
             sums["ce_sum"] = sums["ce_sum"] + self._dummy_image_term(flat)
         return sums
+
+    def _head_terms(self, batch: dict[str, Tensor], flat: Tensor, head: Tensor, relation: Tensor | None,
+                    sums: dict[str, Tensor]) -> Tensor | None:
+        """CE and the MDist terms into ``sums``; returns the student relations when the visual MDist
+        pass computed them (``_fuse_relation``), else None."""
+        s = self.settings
+        kinds = s.kinds if s.distill else ()
+        teachers = {k: teacher_arrays(batch, k) if k in kinds else None for k in KINDS}
+        # Every position that goes through the head in this micro-batch: if their logits fit the budget,
+        # backward reuses them instead of recomputing each chunk (a quarter of the head's matmuls).
+        n_head = sum(batch[f"{k}_index"].shape[0] for k in KINDS if k == "response" or teachers[k] is not None)
+        checkpoint = not keep_head_logits(n_head, head.shape[0], s.head_memory_mb)
+        fused = relation is not None and _fuse_relation(batch, relation, "visual" in kinds, head.shape[1])
+        r_s = None
+        for kind, teacher in teachers.items():
+            targets = batch["response_targets"] if kind == "response" else None  # CE on response positions
+            if teacher is None and targets is None:
+                continue
+            got = chunked_distill(flat[batch[f"{kind}_index"]], head, targets=targets, teacher=teacher,
+                                  options=s.options, chunk_size=s.chunk_size, checkpoint=checkpoint,
+                                  relation_size=relation.shape[1] if fused and kind == "visual" else 0)
+            if targets is not None:
+                sums["ce_sum"] = got.ce_sum
+            sums[mdist_term(kind).sum_key] = got.mdist_sum
+            r_s = got.relation if got.relation is not None else r_s
+        return r_s
+
+    def _hidden_term(self, batch: dict[str, Tensor], flat: Tensor) -> Tensor:
+        hk = _hidden_kinds(batch, self.settings)
+        h_s = torch.cat([flat[batch[f"{k}_index"]] for k in hk])
+        h_t = torch.cat([batch[f"{k}_hidden"] for k in hk])
+        # The projector runs even on zero positions, so it gets a (zero) gradient in every micro-batch.
+        projected = self.hidden_projector(h_s)
+        with torch.autocast(device_type=flat.device.type, enabled=False):
+            return hidden_alignment(projected.float(), h_t, self.settings.hidden_loss).sum()

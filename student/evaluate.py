@@ -374,13 +374,13 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
             for a in range(0, len(index), chunk_size):  # never the logits of every position at once
                 sl = slice(a, a + chunk_size)
                 logits = (flat[index[sl]] @ head.T).float()
-                got = {name: v[sl].to(dev) for name, v in teacher_arrays(batch, kind).items()}
-                ids, lps = got["ids"], got.get("logprobs")
-                kl = sparse_divergence(logits, ids, lps, got["tail"], mode="tail", counts=got.get("counts"),
-                                       logp_mean=got.get("logp_mean"))
+                got = teacher_arrays(batch, kind)[sl].to(dev)
+                ids, lps = got.ids, got.logprobs
+                kl = sparse_divergence(logits, ids, lps, got.tail, mode="tail", counts=got.counts,
+                                       logp_mean=got.logp_mean)
                 rows = teacher_row_mask(ids)
                 # the teacher's most likely stored id (sample mode without log-probs: the most drawn one)
-                score = (lps if lps is not None else got["counts"]).float().masked_fill(ids < 0, -math.inf)
+                score = (lps if lps is not None else got.counts).float().masked_fill(ids < 0, -math.inf)
                 teacher_top = ids.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
                 agree = (logits.argmax(-1) == teacher_top) & rows
                 sums[kind]["kl"] += float(kl.sum())

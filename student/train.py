@@ -44,7 +44,6 @@ from typing import Any
 
 import torch
 
-from student import distill
 from student.cache_checks import check_cache_options
 from student.checkpoints import (
     CONFIG_NAME,
@@ -59,11 +58,7 @@ from student.checkpoints import (
 from student.config import ReportTo, TrainConfig
 from student.distill import DistillStudent, LossSettings, batch_counts
 from student.stages import RECIPES
-from student.terms import SUM_KEYS, TERM_NAMES, TERMS, LossTerm, LossWeights
-
-# The keys DistillStudent.forward returns today, in TERMS order (its kd_<kind>_sum are the
-# mdist_<kind> terms).
-_FORWARD_KEYS = dict(zip(SUM_KEYS, distill.SUM_KEYS))
+from student.terms import TERM_NAMES, TERMS, LossTerm, LossWeights
 
 # ------------------------------------------------------------------------------------------- one step
 
@@ -121,7 +116,7 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, w
         # Gradients are synchronised once per step, on the last micro-batch's backward.
         with nullcontext() if last else accelerator.no_sync(model):
             sums = model(_to_device(mb, device))
-            parts = torch.stack([sums[_FORWARD_KEYS[t.sum_key]].float() for t in TERMS])
+            parts = torch.stack([sums[t.sum_key].float() for t in TERMS])
             accelerator.backward((parts * scale).sum())
         totals += parts.detach().double()
     if world > 1:

@@ -141,17 +141,18 @@ def test_a_union_without_an_option_type_is_refused():
 # ------------------------------------------------------------------ the commands generated from the configs
 
 # The options and choices of `kd-train train` and `kd-cache build` as the hand-written commands had them
-# before the config fields generated them: the generated commands keep them exactly.
+# before the config fields generated them (plus --skew, --temperature and srkl, added since): the generated
+# commands keep them exactly.
 TRAIN_FLAGS = [
     "--stage", "--student", "--cache", "--out", "--image-folder", "--epochs", "--max-steps", "--lr", "--batch-size",
     "--grad-accum", "--warmup-ratio", "--weight-decay", "--max-grad-norm", "--seed", "--alpha", "--beta", "--gamma",
     "--positions", "--delta", "--hidden-weight", "--hidden-loss", "--affinity-weight", "--zscore", "--no-zscore",
-    "--divergence", "--jsd-beta", "--sparse-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
+    "--divergence", "--jsd-beta", "--skew", "--temperature", "--sparse-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
     "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--report-to", "--train-modules",
     "--gradient-checkpointing", "--no-gradient-checkpointing", "--mixed-precision", "--any-template",
     "--no-any-template", "--storage-options", "--progress", "--no-progress"]
 TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cosine"],
-                 "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl"], "--sparse-mode": ["tail", "renorm"],
+                 "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"], "--sparse-mode": ["tail", "renorm"],
                  "--report-to": ["none", "tensorboard", "wandb"], "--mixed-precision": ["auto", "no", "bf16"]}
 BUILD_FLAGS = [
     "--teacher", "--data", "--out", "--image-folder", "--template", "--sparse", "--top-k", "--samples",

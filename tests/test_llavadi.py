@@ -39,7 +39,7 @@ from student.losses import (
 )
 from student.model import load_student
 from student.stages import set_trainable
-from student.terms import LossWeights
+from student.terms import TERM_NAMES, LossWeights
 from student.train import accumulate_gradients, train
 
 ALL = ("response", "visual", "prompt")
@@ -174,17 +174,17 @@ def test_zscore_over_the_stored_ids(divergence):
 
 def test_chunked_zscore_equals_the_direct_sparse_divergence():
     """The trainer's path (LM head applied chunk by chunk, uneven chunks) gives the same z-score KD and CE."""
-    from student.losses import chunked_distill
+    from student.losses import DivergenceOptions, SparseTeacher, chunked_distill
 
     g = torch.Generator().manual_seed(2)
     h, w = torch.randn(11, 8, generator=g), torch.randn(30, 8, generator=g)
     ids, lp, tail = _topk(torch.randn(11, 30, generator=g) * 3, 5)
     ids[3, 2:] = -1  # a short row
     out = chunked_distill(h, w, targets=torch.randint(0, 30, (11,), generator=g),
-                          teacher={"ids": ids, "logprobs": lp, "tail": tail}, zscore=True, divergence="jsd",
-                          chunk_size=4)
+                          teacher=SparseTeacher(ids, lp, tail),
+                          options=DivergenceOptions(zscore=True, divergence="jsd"), chunk_size=4)
     ref = sparse_divergence(h @ w.T, ids, lp, tail, zscore=True, divergence="jsd")
-    torch.testing.assert_close(out["kd_sum"], ref.sum())
+    torch.testing.assert_close(out.mdist_sum, ref.sum())
 
 
 def test_zscore_edge_rows_and_sampled_caches():
@@ -213,8 +213,7 @@ def test_losses_equal_hand_computed_references(student_dir, processor, caches, s
         batch = ds.collate(batch_samples)
         with torch.no_grad():
             sums = wrapper(batch)
-        counts = dict(zip(("ce", "kd_response", "kd_visual", "kd_prompt", "rdist", "hidden", "affinity"),
-                          batch_counts(batch, settings).tolist()))
+        counts = dict(zip(TERM_NAMES, batch_counts(batch, settings).tolist()))
 
         hid_sum, hid_n, aff_sum, aff_n, prompt_sum, prompt_n = 0.0, 0, 0.0, 0, 0.0, 0
         head = wrapper.student.get_output_embeddings().weight
@@ -246,10 +245,10 @@ def test_losses_equal_hand_computed_references(student_dir, processor, caches, s
                     t_aff = sim(torch.from_numpy(s["visual_hidden"].astype(np.float32)),
                                 torch.from_numpy(s["response_hidden"].astype(np.float32)))
                     aff_sum, aff_n = aff_sum + ((s_aff - t_aff) ** 2).mean().item(), aff_n + 1
-        assert counts["hidden"] == hid_n and counts["affinity"] == aff_n == 3 and counts["kd_prompt"] == prompt_n
+        assert counts["hidden"] == hid_n and counts["affinity"] == aff_n == 3 and counts["mdist_prompt"] == prompt_n
         assert sums["hidden_sum"].item() / hid_n == pytest.approx(hid_sum / hid_n, rel=1e-4)
         assert sums["affinity_sum"].item() / aff_n == pytest.approx(aff_sum / aff_n, rel=1e-4)
-        assert sums["kd_prompt_sum"].item() / prompt_n == pytest.approx(prompt_sum / prompt_n, rel=1e-4)
+        assert sums["mdist_prompt_sum"].item() / prompt_n == pytest.approx(prompt_sum / prompt_n, rel=1e-4)
 
 
 def test_prompt_positions_count_only_when_requested(student_dir, processor, caches, samples):
@@ -259,7 +258,7 @@ def test_prompt_positions_count_only_when_requested(student_dir, processor, cach
     assert "prompt_ids" not in batch and "prompt_index" not in batch and "visual_hidden" not in batch
     wrapper = _wrapper(student_dir, llava_kd)
     with torch.no_grad():
-        assert wrapper(batch)["kd_prompt_sum"].item() == 0.0
+        assert wrapper(batch)["mdist_prompt_sum"].item() == 0.0
     assert batch_counts(batch, llava_kd)[3] == 0
     # A collated prompt array is still ignored unless the settings ask for prompt positions.
     full_batch = _dataset(caches["full"], processor, LossSettings(kinds=ALL)).collate(samples[:4])
@@ -267,8 +266,8 @@ def test_prompt_positions_count_only_when_requested(student_dir, processor, cach
         base = wrapper(full_batch)
         wrapper.settings = LossSettings(kinds=ALL)
         with_prompt = wrapper(full_batch)
-    assert base["kd_prompt_sum"].item() == 0.0 and with_prompt["kd_prompt_sum"].item() > 0
-    for key in ("ce_sum", "kd_response_sum", "kd_visual_sum", "rdist_sum"):
+    assert base["mdist_prompt_sum"].item() == 0.0 and with_prompt["mdist_prompt_sum"].item() > 0
+    for key in ("ce_sum", "mdist_response_sum", "mdist_visual_sum", "rdist_sum"):
         assert base[key].item() == with_prompt[key].item()
 
 
@@ -287,7 +286,7 @@ def test_a_response_only_cache_still_gives_ce_and_rdist(student_dir, processor, 
     np.testing.assert_array_equal(batch["visual_index"].numpy(), expected)
     with torch.no_grad():
         sums = _wrapper(student_dir, settings)(batch)
-    assert sums["kd_response_sum"] > 0 and 0 < sums["rdist_sum"] <= 4 and sums["kd_visual_sum"] == 0
+    assert sums["mdist_response_sum"] > 0 and 0 < sums["rdist_sum"] <= 4 and sums["mdist_visual_sum"] == 0
     counts = batch_counts(batch, settings)
     assert counts[2] == 0 and counts[4] == n_images  # no visual MDist; one relation matrix per image
 

@@ -1,4 +1,6 @@
-"""Property, golden-value and dense-reference tests for student.losses (CPU, tiny vocabularies)."""
+"""Property, golden-value and dense-reference tests of the divergences and RDist (CPU, tiny vocabularies).
+
+The chunked LM head is tested in test_head.py."""
 
 from __future__ import annotations
 
@@ -12,11 +14,11 @@ from hypothesis import strategies as st
 
 from student.losses import (
     LOG_PROB_FLOOR,
-    ce_reference,
+    DivergenceOptions,
+    SparseTeacher,
     chunked_distill,
     dense_divergence,
     head_gram,
-    normalise,
     rdist,
     relation_from_hidden,
     relation_from_logits,
@@ -24,7 +26,7 @@ from student.losses import (
     zscore_logits,
 )
 
-DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl"]
+DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 V = 11
 
 
@@ -36,7 +38,7 @@ def _logits(P: int, vocab: int = V, seed: int = 0, scale: float = 2.0) -> torch.
     return torch.randn(P, vocab, generator=_gen(seed), dtype=torch.float64).float() * scale
 
 
-def _ref_div(p: torch.Tensor, q: torch.Tensor, name: str, beta: float = 0.5, alpha: float = 0.1) -> torch.Tensor:
+def _ref_div(p: torch.Tensor, q: torch.Tensor, name: str, beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
     """Independent float64 reference on probability vectors [P, B] (written from the definitions)."""
     p, q = p.double(), q.double()
 
@@ -53,7 +55,9 @@ def _ref_div(p: torch.Tensor, q: torch.Tensor, name: str, beta: float = 0.5, alp
     if name == "tvd":
         return 0.5 * (p - q).abs().sum(-1)
     if name == "skl":
-        return kl(p, alpha * p + (1 - alpha) * q)
+        return kl(p, skew * p + (1 - skew) * q)
+    if name == "srkl":
+        return kl(q, skew * q + (1 - skew) * p)
     raise AssertionError(name)
 
 
@@ -99,8 +103,15 @@ def test_forward_kl_matches_torch_kl_div_and_jsd_endpoints():
     near1 = dense_divergence(s64, t64, divergence="jsd", jsd_beta=1 - eps) / eps
     torch.testing.assert_close(near0.float(), fkl_torch, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(near1.float(), rkl_torch, rtol=1e-3, atol=1e-5)
-    # Skew KL with alpha = 0 is forward KL too.
-    torch.testing.assert_close(dense_divergence(s, t, divergence="skl", skew_alpha=0.0), fkl_torch)
+    # Skew KL with skew 0 is forward KL, skew reverse KL with skew 0 is reverse KL.
+    torch.testing.assert_close(dense_divergence(s, t, divergence="skl", skew=0.0), fkl_torch)
+    torch.testing.assert_close(dense_divergence(s, t, divergence="srkl", skew=0.0), rkl_torch)
+    ids, lp, tail = _topk(t, V)
+    torch.testing.assert_close(sparse_divergence(s, ids, lp, tail, divergence="srkl", skew=0.0), rkl_torch,
+                               rtol=1e-5, atol=1e-6)
+    # Away from 0 they differ from the plain KLs, and from each other.
+    skl, srkl = (dense_divergence(s, t, divergence=d, skew=0.3) for d in ("skl", "srkl"))
+    assert not torch.allclose(skl, fkl_torch) and not torch.allclose(srkl, rkl_torch)
 
 
 def test_jsd_half_is_symmetric_and_tvd_bounded():
@@ -138,7 +149,14 @@ def test_golden_values_by_hand():
     assert dense_divergence(s, t, divergence="tvd").item() == pytest.approx(0.25, abs=1e-6)
     # m = 0.1 p + 0.9 q = (0.275, 0.475, 0.25): SKL = 1/2 ln(0.5/0.275) + 1/4 ln(0.25/0.475).
     skl = 0.5 * math.log(0.5 / 0.275) + 0.25 * math.log(0.25 / 0.475)
-    assert dense_divergence(s, t, divergence="skl", skew_alpha=0.1).item() == pytest.approx(skl, abs=1e-6)
+    assert dense_divergence(s, t, divergence="skl", skew=0.1).item() == pytest.approx(skl, abs=1e-6)
+    # An asymmetric pair tells the two skews apart: p = (1/2, 1/2), q = (1/4, 3/4), skew 1/2.
+    # SKL = KL(p || (3/8, 5/8)) = 1/2 ln(4/3) + 1/2 ln(4/5); SRKL = KL(q || (3/8, 5/8)) = 1/4 ln(2/3) + 3/4 ln(6/5).
+    p2, q2 = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.25, 0.75]]).log()
+    assert dense_divergence(q2, p2, divergence="skl", skew=0.5).item() == pytest.approx(
+        0.5 * math.log(4 / 3) + 0.5 * math.log(4 / 5), abs=1e-6)
+    assert dense_divergence(q2, p2, divergence="srkl", skew=0.5).item() == pytest.approx(
+        0.25 * math.log(2 / 3) + 0.75 * math.log(6 / 5), abs=1e-6)
     # Tail mode with one stored id: bins p = (1/2, 1/2), q = (1/4, 3/4).
     ids = torch.tensor([[0, -1]])
     lp = torch.tensor([[math.log(0.5), float("nan")]])  # padding content must be ignored
@@ -160,18 +178,20 @@ def test_golden_values_by_hand():
     div=st.sampled_from(DIVERGENCES),
     mode=st.sampled_from(["tail", "renorm"]),
     beta=st.floats(0.0, 1.0),
+    skew=st.floats(0.0, 0.99),
 )
-def test_property_nonnegative_and_zero_when_identical(seed, scale, k, div, mode, beta):
+def test_property_nonnegative_and_zero_when_identical(seed, scale, k, div, mode, beta, skew):
     s, t = _logits(4, seed=seed, scale=scale), _logits(4, seed=seed + 1, scale=scale)
-    dense = dense_divergence(s, t, divergence=div, jsd_beta=beta)
+    opts = {"divergence": div, "jsd_beta": beta, "skew": skew}
+    dense = dense_divergence(s, t, **opts)
     assert torch.isfinite(dense).all() and (dense >= -1e-6).all()
     ids, lp, tail = _topk(t, k)
-    sparse = sparse_divergence(s, ids, lp, tail, divergence=div, mode=mode, jsd_beta=beta)
+    sparse = sparse_divergence(s, ids, lp, tail, mode=mode, **opts)
     assert torch.isfinite(sparse).all() and (sparse >= -1e-6).all()
     ids, lp, tail = _topk(s, k)
-    same = sparse_divergence(s, ids, lp, tail, divergence=div, mode=mode, jsd_beta=beta)
+    same = sparse_divergence(s, ids, lp, tail, mode=mode, **opts)
     assert same.abs().max() < 1e-5
-    assert dense_divergence(s, s, divergence=div, jsd_beta=beta).abs().max() < 1e-6
+    assert dense_divergence(s, s, **opts).abs().max() < 1e-6
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +208,9 @@ def test_all_masked_gives_zero_with_finite_grads(div, mode, P):
     ids = torch.full((P, 4), -1, dtype=torch.long)
     lp = torch.full((P, 4), float("nan"))
     tail = torch.full((P,), float("-inf"))
-    counts = torch.zeros((P, 4), dtype=torch.long) if mode == "sample" else None
-    out = sparse_divergence(z, ids, lp, tail, divergence=div, mode=mode, counts=counts)
+    sampled = mode == "sample"  # sampled ids are recognised from their counts
+    counts = torch.zeros((P, 4), dtype=torch.long) if sampled else None
+    out = sparse_divergence(z, ids, lp, tail, divergence=div, mode="tail" if sampled else mode, counts=counts)
     assert out.shape == (P,)
     assert torch.equal(out, torch.zeros(P))
     out.sum().backward()
@@ -236,13 +257,13 @@ def test_sparse_full_cover_equals_dense(div):
     s, t = _logits(6, seed=10), _logits(6, seed=11)
     ids, lp, tail = _topk(t, V)  # K = V: the tail is -inf (empty)
     assert torch.isinf(tail).all() or (tail < -15).all()
-    dense = dense_divergence(s, t, divergence=div, jsd_beta=0.3, skew_alpha=0.2)
+    dense = dense_divergence(s, t, divergence=div, jsd_beta=0.3, skew=0.2)
     for mode in ["tail", "renorm"]:
-        sparse = sparse_divergence(s, ids, lp, tail, divergence=div, mode=mode, jsd_beta=0.3, skew_alpha=0.2)
+        sparse = sparse_divergence(s, ids, lp, tail, divergence=div, mode=mode, jsd_beta=0.3, skew=0.2)
         torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
     # Permuted ids change nothing.
     perm = torch.randperm(V, generator=_gen(1))
-    sparse = sparse_divergence(s, ids[:, perm], lp[:, perm], tail, divergence=div, jsd_beta=0.3, skew_alpha=0.2)
+    sparse = sparse_divergence(s, ids[:, perm], lp[:, perm], tail, divergence=div, jsd_beta=0.3, skew=0.2)
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
 
 
@@ -267,16 +288,16 @@ def test_tail_mode_equals_coarsened_dense(div, k):
     pk, qk = p.gather(-1, ids), q.gather(-1, ids)
     p_bins = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
     q_bins = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
-    ref = _ref_div(p_bins, q_bins, div, beta=0.3, alpha=0.2).float()
-    out = sparse_divergence(s, ids, lp, tail, divergence=div, mode="tail", jsd_beta=0.3, skew_alpha=0.2)
+    ref = _ref_div(p_bins, q_bins, div, beta=0.3, skew=0.2).float()
+    out = sparse_divergence(s, ids, lp, tail, divergence=div, mode="tail", jsd_beta=0.3, skew=0.2)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("div", DIVERGENCES)
 def test_dense_matches_float64_reference(div):
     s, t = _logits(5, seed=16), _logits(5, seed=17)
-    ref = _ref_div(t.double().softmax(-1), s.double().softmax(-1), div, beta=0.7, alpha=0.3).float()
-    out = dense_divergence(s, t, divergence=div, jsd_beta=0.7, skew_alpha=0.3)
+    ref = _ref_div(t.double().softmax(-1), s.double().softmax(-1), div, beta=0.7, skew=0.3).float()
+    out = dense_divergence(s, t, divergence=div, jsd_beta=0.7, skew=0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -291,9 +312,14 @@ def test_tail_mode_with_teacher_tail_minus_inf_is_finite():
         assert torch.isfinite(out).all()
         (g,) = torch.autograd.grad(out.sum(), s)
         assert torch.isfinite(g).all()
+    # Reverse KL punishes the student's mass off the ids, which the teacher excludes, at the floored
+    # log p = LOG_PROB_FLOOR: sum_j q_j (log q_j - log 1/2) + q_tail (log q_tail - LOG_PROB_FLOOR).
     rkl = sparse_divergence(s, ids, lp, tail, divergence="rkl")
-    assert (rkl > 1.0).all()  # reverse KL punishes student mass the teacher excludes (floored log p)
-    assert LOG_PROB_FLOOR == -100.0
+    log_q = s.detach().double().log_softmax(-1)
+    q_ids = log_q.gather(-1, ids).exp()
+    q_tail = 1 - q_ids.sum(-1)
+    ref = (q_ids * (q_ids.log() - math.log(0.5))).sum(-1) + q_tail * (q_tail.log() - LOG_PROB_FLOOR)
+    torch.testing.assert_close(rkl.double(), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_sampled_forward_kl_is_unbiased():
@@ -316,7 +342,7 @@ def test_sampled_forward_kl_is_unbiased():
     torch.testing.assert_close(one, log_p[:, 3] - q_logits.log_softmax(-1)[:, 3])
 
 
-@pytest.mark.parametrize("div", ["rkl", "jsd", "tvd", "skl"])
+@pytest.mark.parametrize("div", ["rkl", "jsd", "tvd", "skl", "srkl"])
 def test_sample_mode_refuses_biased_divergences(div):
     z = _logits(2)
     ids = torch.tensor([[0, 1], [2, -1]])
@@ -324,10 +350,8 @@ def test_sample_mode_refuses_biased_divergences(div):
     with pytest.raises(ValueError, match="only forward KL is unbiased"):
         sparse_divergence(z, ids, torch.zeros(2, 2), None, divergence=div, counts=counts)
     with pytest.raises(ValueError, match="only forward KL is unbiased"):
-        chunked_distill(
-            torch.randn(2, 4), torch.randn(V, 4), divergence=div,
-            teacher={"ids": ids, "logprobs": torch.zeros(2, 2), "counts": counts},
-        )
+        chunked_distill(torch.randn(2, 4), torch.randn(V, 4), options=DivergenceOptions(divergence=div),
+                        teacher=SparseTeacher(ids, torch.zeros(2, 2), counts=counts))
 
 
 def test_bad_options_raise_clear_errors():
@@ -335,14 +359,16 @@ def test_bad_options_raise_clear_errors():
     ids, lp, tail = _topk(z, 3)
     with pytest.raises(ValueError, match="divergence 'kl' not understood"):
         sparse_divergence(z, ids, lp, tail, divergence="kl")
-    with pytest.raises(ValueError, match="sparse mode"):
-        sparse_divergence(z, ids, lp, tail, mode="topk")
+    with pytest.raises(ValueError, match="tail mode 'sample' not understood.*recognised from their counts"):
+        sparse_divergence(z, ids, lp, tail, mode="sample")
     with pytest.raises(ValueError, match="jsd_beta"):
         dense_divergence(z, z, divergence="jsd", jsd_beta=1.5)
-    with pytest.raises(ValueError, match="needs teacher_tail"):
+    with pytest.raises(ValueError, match=r"skew must lie in \[0, 1\)"):
+        dense_divergence(z, z, divergence="srkl", skew=1.0)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sparse_divergence(z, ids, lp, tail, temperature=0.0)
+    with pytest.raises(ValueError, match="tail mode needs the teacher's tail"):
         sparse_divergence(z, ids, lp, None, mode="tail")
-    with pytest.raises(ValueError, match="needs the teacher's draw counts"):
-        sparse_divergence(z, ids, lp, tail, mode="sample")
     with pytest.raises(ValueError, match=r"\[P, K\]"):
         sparse_divergence(z, ids[:1], lp[:1], tail)
 
@@ -402,13 +428,13 @@ def test_chunked_distill_relations_equal_dense(chunk_size, checkpoint):
     grads = []
     for fused in (True, False):
         Hr, Wr = H.clone().requires_grad_(True), W.clone().requires_grad_(True)
-        out = chunked_distill(Hr, Wr, teacher={"ids": ids, "logprobs": lp, "tail": tail}, chunk_size=chunk_size,
+        out = chunked_distill(Hr, Wr, teacher=SparseTeacher(ids, lp, tail), chunk_size=chunk_size,
                               checkpoint=checkpoint, relation_size=N if fused else 0)
-        R = out["relation"] if fused else relation_from_hidden(Hr.reshape(n_img, N, d), Wr)
+        R = out.relation if fused else relation_from_hidden(Hr.reshape(n_img, N, d), Wr)
         if fused:
             assert R.shape == (n_img, N, N)
             torch.testing.assert_close(R, relation_from_logits((H @ W.T).reshape(n_img, N, V)))
-        (out["kd_sum"] + (R * weight).sum()).backward()
+        (out.mdist_sum + (R * weight).sum()).backward()
         grads.append((Hr.grad, Wr.grad))
     torch.testing.assert_close(grads[0], grads[1])
     with pytest.raises(ValueError, match="divide"):
@@ -432,278 +458,3 @@ def test_rdist_is_one_minus_cosine_and_scale_invariant():
     d = rdist(zero, Rt)
     d.backward()
     assert d.item() == pytest.approx(1.0) and torch.isfinite(zero.grad).all()
-
-
-# ---------------------------------------------------------------------------------------------
-# Chunked CE + KD from hidden states
-# ---------------------------------------------------------------------------------------------
-
-
-def _chunk_case(P: int = 23, d: int = 8, k: int = 4, counts: bool = False, seed: int = 40):
-    g = _gen(seed)
-    hidden = torch.randn(P, d, generator=g, dtype=torch.float64)
-    head = torch.randn(V, d, generator=g, dtype=torch.float64) * 0.5
-    targets = torch.randint(0, V, (P,), generator=g)
-    targets[torch.rand(P, generator=g) < 0.3] = -100
-    t_logits = torch.randn(P, V, generator=g, dtype=torch.float64) * 2
-    ids, lp, tail = _topk(t_logits, k)
-    ids[torch.rand(P, generator=g) < 0.25] = -1  # fully padded rows
-    ids[:, -1][torch.rand(P, generator=g) < 0.5] = -1  # partially padded rows
-    teacher = {"ids": ids, "logprobs": lp, "tail": tail}
-    if counts:
-        teacher["counts"] = torch.randint(1, 5, (P, k), generator=g)
-    return hidden, head, targets, teacher
-
-
-def _grads(hidden, head, **kw):
-    h = hidden.clone().requires_grad_(True)
-    w = head.clone().requires_grad_(True)
-    out = chunked_distill(h, w, **kw)
-    loss = normalise(out["ce_sum"], out["ce_count"]) + 0.7 * normalise(out["kd_sum"], out["kd_count"])
-    loss.backward()
-    return out, h.grad, w.grad
-
-
-@pytest.mark.parametrize("checkpoint", [True, False])
-@pytest.mark.parametrize(
-    "div,mode,counts", [("fkl", "tail", False), ("jsd", "tail", False), ("rkl", "renorm", False), ("fkl", "tail", True)]
-)
-def test_chunked_equals_unchunked(checkpoint, div, mode, counts):
-    hidden, head, targets, teacher = _chunk_case(counts=counts)
-    P, chunk = hidden.shape[0], 5
-    assert P % chunk != 0  # uneven last chunk on purpose
-    kw = {"targets": targets, "teacher": teacher, "divergence": div, "mode": mode, "jsd_beta": 0.3}
-    ref, gh_ref, gw_ref = _grads(hidden.float(), head.float(), chunk_size=P, checkpoint=False, **kw)
-    out, gh, gw = _grads(hidden.float(), head.float(), chunk_size=chunk, checkpoint=checkpoint, **kw)
-    for key in ("ce_sum", "ce_count", "kd_sum", "kd_count"):
-        torch.testing.assert_close(out[key], ref[key], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gh, gh_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-5, atol=1e-6)
-    # The sums are the plain references on the full logits.
-    logits = hidden.float() @ head.float().T
-    ce, n = ce_reference(logits, targets)
-    kd = sparse_divergence(
-        logits, teacher["ids"], teacher["logprobs"], teacher["tail"], divergence=div, mode=mode,
-        jsd_beta=0.3, counts=teacher.get("counts"),
-    )
-    torch.testing.assert_close(out["ce_sum"], ce, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out["ce_count"], n)
-    torch.testing.assert_close(out["kd_sum"], kd.sum(), rtol=1e-5, atol=1e-5)
-    assert out["kd_count"].item() == (teacher["ids"] >= 0).any(-1).sum().item()
-
-
-def test_sample_logp_mean_replaces_per_entry_logprobs():
-    """A sample-mode cache stores logp_mean = sum_i (c_i/N) log p_i instead of the per-entry log-probs:
-    same per-position values as the per-entry estimator, same gradients, direct and chunked, and a
-    dense hand-written reference: sum_i (c_i/N)(log p_i - log q_i) entry by entry."""
-    hidden, head, targets, teacher = _chunk_case(counts=True, seed=44)
-    ids, lp, counts = teacher["ids"], teacher["logprobs"], teacher["counts"]
-    real = ids >= 0
-    c = torch.where(real, counts, 0).double()
-    logp_mean = (c * torch.where(real, lp, 0.0)).sum(-1) / c.sum(-1).clamp_min(1)
-    logits = (hidden @ head.T).float().requires_grad_(True)
-    with_lp = sparse_divergence(logits, ids, lp.float(), None, counts=counts)
-    (g_lp,) = torch.autograd.grad(with_lp.sum(), logits)
-    lean = sparse_divergence(logits, ids, None, None, counts=counts, logp_mean=logp_mean.float())
-    (g_lean,) = torch.autograd.grad(lean.sum(), logits)
-    torch.testing.assert_close(lean, with_lp, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(g_lean, g_lp, rtol=1e-6, atol=1e-7)
-    log_q = logits.detach().double().log_softmax(-1)
-    for p in range(ids.shape[0]):
-        n = float(c[p].sum())
-        ref = sum(float(c[p, j]) / n * (float(lp[p, j]) - float(log_q[p, ids[p, j]]))
-                  for j in range(ids.shape[1]) if ids[p, j] >= 0)
-        assert float(lean[p]) == pytest.approx(ref, abs=1e-5)
-    assert (lean[~real.any(-1)] == 0).all()
-    # chunked_distill with a teacher dict that has no logprobs (uneven chunks, checkpointing on)
-    lean_teacher = {"ids": ids, "counts": counts, "logp_mean": logp_mean.float(), "tail": teacher["tail"]}
-    kw = {"targets": targets, "chunk_size": 5}
-    out_lean, gh_lean, gw_lean = _grads(hidden.float(), head.float(), teacher=lean_teacher, **kw)
-    out_lp, gh_lp, gw_lp = _grads(hidden.float(), head.float(), teacher={**teacher, "logprobs": lp.float()}, **kw)
-    torch.testing.assert_close(out_lean["kd_sum"], out_lp["kd_sum"], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gh_lean, gh_lp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(gw_lean, gw_lp, rtol=1e-5, atol=1e-6)
-    # logp_mean without counts, or log-probs missing without logp_mean, are refused
-    with pytest.raises(ValueError, match="logp_mean"):
-        sparse_divergence(logits, ids, lp.float(), teacher["tail"], logp_mean=logp_mean.float())
-    with pytest.raises(ValueError, match="log-probs .* are required"):
-        sparse_divergence(logits, ids, None, None, counts=counts)
-
-
-def _fused_case(P, V, d, K, dtype, seed, pad=True, full_cover=False):
-    g = _gen(seed)
-    hidden = torch.randn(P, d, generator=g, dtype=dtype)
-    head = torch.randn(V, d, generator=g, dtype=dtype) * 0.5
-    targets = torch.randint(0, V, (P,), generator=g)
-    targets[torch.rand(P, generator=g) < 0.3] = -100
-    t_logits = torch.randn(P, V, generator=g, dtype=dtype) * 2
-    lp, ids = t_logits.log_softmax(-1).topk(V if full_cover else K, dim=-1)
-    tail = (torch.full((P,), -math.inf, dtype=dtype) if full_cover
-            else torch.log1p(-lp.exp().sum(-1).clamp(max=1 - 1e-7)))
-    if pad:
-        ids[torch.rand(P, generator=g) < 0.25] = -1  # fully padded rows
-        ids[:, -1][torch.rand(P, generator=g) < 0.5] = -1  # partially padded rows
-    counts = torch.randint(1, 5, ids.shape, generator=g)
-    return hidden, head, targets, {"ids": ids, "logprobs": lp, "tail": tail}, counts
-
-
-def _fused_vs_autograd(hidden, head, autocast=False, **kw):
-    out = {}
-    for fused in (False, True):
-        h, w = hidden.clone().requires_grad_(True), head.clone().requires_grad_(True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            res = chunked_distill(h, w, fused=fused, **kw)
-        loss = normalise(res["ce_sum"], res["ce_count"]) + 0.7 * normalise(res["kd_sum"], res["kd_count"])
-        if "relation" in res:  # a relation loss whose gradient is of the same size as the others
-            loss = loss + 0.3 * rdist(res["relation"], torch.eye(res["relation"].shape[-1]).expand_as(
-                res["relation"]).to(res["relation"].dtype)).sum()
-        loss.backward()
-        out[fused] = (res, h.grad, w.grad)
-    return out
-
-
-@pytest.mark.parametrize("checkpoint", [True, False])
-@pytest.mark.parametrize("case", [
-    {"divergence": "fkl", "mode": "tail"}, {"divergence": "rkl", "mode": "tail"},
-    {"divergence": "jsd", "mode": "tail", "jsd_beta": 0.3}, {"divergence": "tvd", "mode": "tail"},
-    {"divergence": "skl", "mode": "tail"}, {"divergence": "fkl", "mode": "renorm"},
-    {"divergence": "jsd", "mode": "renorm"}, {"divergence": "fkl", "mode": "tail", "zscore": True},
-    {"divergence": "fkl", "mode": "tail", "zscore": True, "temperature": 2.0},
-    {"sample": True}, {"sample": True, "lean": True}, {"no_teacher": True}, {"relation": 3},
-    {"full_cover": True},
-])
-def test_fused_head_gradient_equals_autograd(case, checkpoint):
-    """The closed-form logit gradient (chunked_distill fused=True, the default) gives the values and
-    gradients of autograd through every op, for every divergence and mode, sampled ids with and
-    without per-entry log-probs, relations, padded rows, an empty tail, uneven chunks, in float64."""
-    case = dict(case)
-    sample, lean, no_teacher = case.pop("sample", False), case.pop("lean", False), case.pop("no_teacher", False)
-    relation, full_cover = case.pop("relation", 0), case.pop("full_cover", False)
-    P = 24 if relation else 23
-    hidden, head, targets, teacher, counts = _fused_case(P, 40, 8, 6, torch.float64, 50, full_cover=full_cover)
-    if sample:
-        teacher["counts"] = counts
-        if lean:
-            c = torch.where(teacher["ids"] >= 0, counts, 0).double()
-            teacher["logp_mean"] = (c * teacher.pop("logprobs")).sum(-1) / c.sum(-1).clamp_min(1)
-    kw = {"targets": targets, "teacher": None if no_teacher else teacher, "chunk_size": 5, "checkpoint": checkpoint,
-          "relation_size": relation, **case}
-    out = _fused_vs_autograd(hidden, head, **kw)
-    (ref, gh_ref, gw_ref), (got, gh, gw) = out[False], out[True]
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(gh, gh_ref, rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-9, atol=1e-12)
-    assert gh.abs().max() > 1e-3 and gw.abs().max() > 1e-3
-
-
-def test_fused_head_gradient_in_float32_and_bf16_autocast():
-    hidden, head, targets, teacher, _ = _fused_case(37, 64, 16, 8, torch.float32, 51)
-    for autocast, tol in ((False, 1e-5), (True, 2e-2)):
-        out = _fused_vs_autograd(hidden, head, autocast=autocast, targets=targets, teacher=teacher, chunk_size=9)
-        (ref, gh_ref, gw_ref), (got, gh, gw) = out[False], out[True]
-        assert gh.dtype == gh_ref.dtype == torch.float32 and gw.dtype == torch.float32
-        torch.testing.assert_close(got["kd_sum"], ref["kd_sum"], rtol=tol, atol=tol)
-        torch.testing.assert_close(gh, gh_ref, rtol=tol, atol=tol * gh_ref.abs().max().item())
-        torch.testing.assert_close(gw, gw_ref, rtol=tol, atol=tol * gw_ref.abs().max().item())
-
-
-def test_fused_head_gradcheck():
-    hidden, head, targets, teacher, _ = _fused_case(11, 13, 4, 3, torch.float64, 52)
-
-    def f(h, w):
-        res = chunked_distill(h, w, targets=targets, teacher=teacher, chunk_size=4, relation_size=0)
-        return res["ce_sum"] + 0.5 * res["kd_sum"]
-
-    assert torch.autograd.gradcheck(f, (hidden.requires_grad_(True), head.requires_grad_(True)))
-
-
-def test_chunked_float64_gradcheck():
-    hidden, head, targets, teacher = _chunk_case(P=7, d=3, k=3)
-    h = hidden.requires_grad_(True)
-    w = head.requires_grad_(True)
-
-    def f(h, w):
-        out = chunked_distill(h, w, targets=targets, teacher=teacher, divergence="jsd", chunk_size=3)
-        return out["ce_sum"] + out["kd_sum"]
-
-    assert torch.autograd.gradcheck(f, (h, w))
-
-
-def test_checkpoint_does_not_keep_chunk_logits():
-    hidden, head, targets, teacher = _chunk_case(P=12, d=8)
-    h = hidden.float().requires_grad_(True)
-    w = head.float().requires_grad_(True)
-    chunk = 4
-
-    def saved_shapes(checkpoint):
-        shapes = []
-
-        def pack(x):
-            shapes.append(tuple(x.shape))
-            return x
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            out = chunked_distill(h, w, targets=targets, teacher=teacher, chunk_size=chunk, checkpoint=checkpoint)
-        (out["ce_sum"] + out["kd_sum"]).backward()
-        return shapes
-
-    assert (chunk, V) in saved_shapes(False)
-    assert (chunk, V) not in saved_shapes(True)
-
-
-def test_chunked_empty_inputs_give_zero_not_nan():
-    head = torch.randn(V, 8, requires_grad=True)
-    hidden = torch.randn(0, 8, requires_grad=True)
-    teacher = {"ids": torch.full((0, 4), -1), "logprobs": torch.zeros(0, 4), "tail": torch.zeros(0)}
-    out = chunked_distill(hidden, head, targets=torch.zeros(0, dtype=torch.long), teacher=teacher)
-    loss = normalise(out["ce_sum"], out["ce_count"]) + normalise(out["kd_sum"], out["kd_count"])
-    assert loss.item() == 0.0
-    loss.backward()
-    assert torch.equal(head.grad, torch.zeros_like(head))
-    # All positions ignored / all teacher rows padded.
-    hidden = torch.randn(5, 8, requires_grad=True)
-    teacher = {"ids": torch.full((5, 4), -1), "logprobs": torch.full((5, 4), float("nan")), "tail": torch.zeros(5)}
-    out = chunked_distill(hidden, head, targets=torch.full((5,), -100), teacher=teacher, chunk_size=2)
-    assert out["ce_count"].item() == 0 and out["kd_count"].item() == 0
-    loss = normalise(out["ce_sum"], out["ce_count"]) + normalise(out["kd_sum"], out["kd_count"])
-    assert loss.item() == 0.0
-    loss.backward()
-    assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.grad).all()
-    # No targets and no teacher: zero sums and counts.
-    out = chunked_distill(hidden, head)
-    assert all(v.item() == 0 for v in out.values())
-
-
-def test_split_batches_with_global_count_match_one_call():
-    """Gradient accumulation: sums over micro-batches / global count == one big batch (gradients)."""
-    hidden, head, targets, teacher = _chunk_case(P=23, counts=False, seed=41)
-    hidden, head = hidden.float(), head.float()
-    kw = {"divergence": "fkl", "chunk_size": 4}
-    _, gh_ref, gw_ref = _grads(hidden, head, targets=targets, teacher=teacher, **kw)
-
-    h = hidden.clone().requires_grad_(True)
-    w = head.clone().requires_grad_(True)
-    halves = [slice(0, 9), slice(9, 23)]
-    parts = [
-        chunked_distill(h[sl], w, targets=targets[sl], teacher={k: v[sl] for k, v in teacher.items()}, **kw)
-        for sl in halves
-    ]
-    ce_n = sum(p["ce_count"] for p in parts)
-    kd_n = sum(p["kd_count"] for p in parts)
-    for p in parts:  # one backward per micro-batch, as in gradient accumulation
-        (normalise(p["ce_sum"], ce_n) + 0.7 * normalise(p["kd_sum"], kd_n)).backward()
-    torch.testing.assert_close(h.grad, gh_ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(w.grad, gw_ref, rtol=1e-5, atol=1e-6)
-
-    # The per-micro-batch mean (the common slip) gives a different gradient on uneven halves.
-    w2 = head.clone().requires_grad_(True)
-    for sl in halves:
-        o = chunked_distill(hidden[sl], w2, targets=targets[sl], teacher={k: v[sl] for k, v in teacher.items()}, **kw)
-        (normalise(o["ce_sum"], o["ce_count"]) + 0.7 * normalise(o["kd_sum"], o["kd_count"])).backward()
-    assert not torch.allclose(w2.grad / 2, gw_ref, rtol=1e-3, atol=1e-5)
-
-
-def test_normalise_guards_empty_count():
-    assert normalise(torch.tensor(0.0), torch.tensor(0.0)).item() == 0.0
-    assert normalise(torch.tensor(6.0), torch.tensor(3.0)).item() == 2.0

@@ -16,6 +16,7 @@ from kd_cache.shards import open_cache
 from student.data import StreamingKDDataset
 from student.distill import DistillStudent, LossSettings
 from student.losses import rdist, relation_from_logits, sparse_divergence
+from student.losses.head import LOGIT_BYTES_HELD, keep_head_logits
 from student.model import load_student
 from student.stages import set_trainable
 from student.terms import LossWeights
@@ -119,8 +120,7 @@ def test_gradients_equal_the_dense_full_vocabulary_reference(student_dir, proces
         kd[kind] = sparse_divergence(z[batch[f"{kind}_index"]], batch[f"{kind}_ids"], batch[f"{kind}_logprobs"],
                                      batch[f"{kind}_tail"]).mean()
     rel = rdist(relation_from_logits(z[batch["relation_index"]]), batch["relation_target"]).mean()
-    a, b, g = WEIGHTS.alpha, WEIGHTS.beta, WEIGHTS.gamma
-    loss = ce + a * kd["response"] + b * kd["visual"] + g * rel
+    loss = ce + WEIGHTS.alpha * kd["response"] + WEIGHTS.beta * kd["visual"] + WEIGHTS.gamma * rel
     loss.backward()
     dense = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -185,5 +185,5 @@ def test_head_memory_budget_keeps_or_recomputes_logits_with_the_same_gradients(
         assert seen and all(c == (budget == 0) for c in seen), (budget, seen)
     _assert_same(grads[0], grads[1024], rtol=1e-5, atol=1e-7)
     V = model.get_output_embeddings().weight.shape[0]
-    assert distill_mod.keep_head_logits(1000, V, 1) == (1000 * V * distill_mod.LOGIT_BYTES_HELD <= 2**20)
-    assert not distill_mod.keep_head_logits(2**20, 151936, 1024)  # a real vocabulary recomputes big batches
+    assert keep_head_logits(1000, V, 1) == (1000 * V * LOGIT_BYTES_HELD <= 2**20)
+    assert not keep_head_logits(2**20, 151936, 1024)  # a real vocabulary recomputes big batches

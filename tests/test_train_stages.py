@@ -110,7 +110,9 @@ def test_config_validation_names_the_flag(student_dir, caches, tmp_path):
     for kw, flag in [({"lr": 0}, "--lr"), ({"batch_size": 0}, "--batch-size"), ({"grad_accum": 0}, "--grad-accum"),
                      ({"warmup_ratio": 1.5}, "--warmup-ratio"), ({"divergence": "kl"}, "--divergence"),
                      ({"train_modules": "vision,decoder"}, "--train-modules"), ({"stage": "pt"}, "--stage"),
-                     ({"jsd_beta": 2.0}, "--jsd-beta"), ({"max_steps": 0}, "--max-steps")]:
+                     ({"jsd_beta": 2.0}, "--jsd-beta"), ({"max_steps": 0}, "--max-steps"),
+                     ({"skew": 1.0}, r"--skew must lie in \[0, 1\)"), ({"skew": -0.1}, "--skew"),
+                     ({"temperature": 0.0}, "--temperature must be > 0")]:
         with pytest.raises(ValueError, match=flag):
             TrainConfig(**{**base, **kw})
     with pytest.raises(ValueError, match="cache template 'chat' != stage template 'pretrain'"):
@@ -121,8 +123,9 @@ def test_config_validation_names_the_flag(student_dir, caches, tmp_path):
 
 def test_sample_mode_cache_refuses_biased_divergences(student_dir, processor, tmp_path):
     cache = write_synthetic_cache(tmp_path / "c", processor, n=4, shard_size=4, sparse_mode="sample")
-    with pytest.raises(ValueError, match="--divergence rkl.*only forward KL is unbiased"):
-        _train("dft", student_dir, cache, tmp_path / "rkl", divergence="rkl")
+    for div in ("rkl", "srkl"):
+        with pytest.raises(ValueError, match=f"--divergence {div}.*only forward KL is unbiased"):
+            _train("dft", student_dir, cache, tmp_path / div, divergence=div)
     assert _train("dft", student_dir, cache, tmp_path / "fkl")["metrics"]["mdist_response"] > 0
 
 
