@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
-from kd_cache import tiny  # noqa: E402
+from kd_demo import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

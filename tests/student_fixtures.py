@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from kd_cache import tiny
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
 from kd_cache.shards import CacheWriter
+from kd_demo import tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

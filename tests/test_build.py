@@ -17,11 +17,12 @@ import torch
 from typer.testing import CliRunner
 
 from cli.kd_cache_cli import app
-from kd_cache import open_cache, tiny
+from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
 from kd_cache.data import Encoder, load_records
 from kd_cache.fingerprint import image_tokens_per_image
 from kd_cache.teacher import TeacherRunner, load_teacher
+from kd_demo import tiny
 
 ARRAYS = ("input_ids", "labels", "response_positions", "visual_positions", "response_ids", "response_logprobs",
           "response_tail", "visual_ids", "visual_logprobs", "visual_tail")

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 
-from kd_cache import tiny
 from kd_cache.data import (
     BadRecord,
     Encoder,
@@ -18,6 +17,7 @@ from kd_cache.data import (
     visual_positions,
 )
 from kd_cache.fingerprint import image_tokens_per_image
+from kd_demo import tiny
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from cli.kd_eval_cli import app
-from kd_cache import open_cache, tiny
+from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
+from kd_demo import tiny
 from student.losses import dense_divergence
 
 MAX_NEW = 4

@@ -11,7 +11,7 @@ from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F4
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
-from kd_cache import tiny
+from kd_cache.data import CHATML_TEMPLATE
 from kd_cache.fingerprint import image_tokens_per_image
 from kd_cache.shards import open_cache
 from student.model import (
@@ -35,7 +35,7 @@ def _tokenizer_without_image_token():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["a red circle on the left", "what colour is the shape"] * 10, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = tiny.CHAT_TEMPLATE
+    fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
@@ -78,7 +78,7 @@ def test_compose_from_vision_model_and_llm(parts, tmp_path):
     assert model.config.text_config.vocab_size == n + 1 == len(proc.tokenizer)
     assert image_tokens_per_image(proc) == 16 == model.config.image_seq_length
     assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
-    assert proc.chat_template == tiny.CHAT_TEMPLATE
+    assert proc.chat_template == CHATML_TEMPLATE
 
     src_v = SiglipVisionModel.from_pretrained(vision_dir)
     for (key, a), (_, b) in zip(src_v.state_dict().items(), model.model.vision_tower.state_dict().items(),

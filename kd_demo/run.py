@@ -44,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kd_cache import tiny
+from kd_demo import tiny
 
 # ------------------------------------------------------------------------------------------- the task
 
