@@ -38,7 +38,8 @@ def demo(
                                              "hidden states), reported as 'llavadi'.")] = "llavakd",
 ) -> None:
     """Run the demo and print teacher / baseline / distilled metrics."""
-    from kd_demo.run import DemoConfig, run_demo
+    from kd_demo.config import DemoConfig
+    from kd_demo.run import run_demo
 
     try:
         cfg = DemoConfig(out=out, seed=seed, quick=quick, method=method)

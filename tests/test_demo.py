@@ -47,7 +47,7 @@ def test_demo_config_rejects_nonsense(tmp_path):
     from typer.testing import CliRunner
 
     from cli.kd_demo_cli import app
-    from kd_demo.run import DemoConfig
+    from kd_demo.config import DemoConfig
 
     with pytest.raises(ValueError, match="--n-train"):
         DemoConfig(out=str(tmp_path), n_train=0)
@@ -72,6 +72,6 @@ def test_quick_demo_llavadi_arm(tmp_path):
     metrics = [json.loads(x) for x in (out / "runs" / "llavadi-dft" / "metrics.jsonl").read_text().splitlines()]
     assert all(m["hidden"] is not None and m["mdist_prompt"] is not None for m in metrics)
     with pytest.raises(ValueError, match="--method"):
-        from kd_demo.run import DemoConfig
+        from kd_demo.config import DemoConfig
 
         DemoConfig(out=str(tmp_path), method="other")
