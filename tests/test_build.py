@@ -316,7 +316,12 @@ def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
     res = runner.invoke(app, ["inspect-shard", str(out), "--shard", "1", "--sample", "0", "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
-    assert json.dumps(info).count("yellow") + json.dumps(info).count("the ") > 0  # decoded response text
+    # The response text is decoded with the teacher's tokenizer (named by the manifest): every answer
+    # of the source record, each closed by the chat template's end of turn.
+    (row,) = info["samples_listed"]
+    record = next(r for r in json.loads(chat_data[0].read_text()) if r["id"] == row["id"])
+    answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    assert row["response_text"] == "".join(f"{a}<|im_end|>\n" for a in answers)
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 0 and "OK" in res.output
     # Corrupt one chunk file: verify must fail and name the shard.

@@ -113,7 +113,23 @@ def test_compose_reuses_the_vision_tower_of_a_llava_checkpoint(teacher_dir, caus
     assert model.config.text_config.vocab_size == 400  # the tokenizer already had <image>: no resize
     assert not torch.equal(model.model.multi_modal_projector.linear_1.weight,
                            teacher.model.multi_modal_projector.linear_1.weight)
-    assert model.config._attn_implementation == attn_implementation() == "sdpa"  # no GPU here
+    assert model.config._attn_implementation == attn_implementation()
+
+
+@pytest.mark.parametrize("gpu,flash_importable,expected", [
+    (True, True, "flash_attention_2"),
+    (True, False, "sdpa"),
+    (False, True, "sdpa"),
+    (False, False, "sdpa"),
+])
+def test_attention_follows_what_is_available(monkeypatch, gpu, flash_importable, expected):
+    import sys
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    # A module set to None in sys.modules makes ``import flash_attn`` raise ImportError.
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn") if flash_importable else None)
+    assert attn_implementation() == expected
 
 
 def test_compatibility_mismatches_name_both_values(tmp_path, processor, student_dir):
