@@ -77,13 +77,7 @@ def draw_scene(path: Path, scene: Scene, size: int = 32) -> None:
     fx, fy = ANCHORS[scene.place]
     cx, cy, r = fx * size + scene.dx, fy * size + scene.dy, scene.radius
     fill = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(scene.hue / 360.0, 0.85, 0.9))
-    box = [cx - r, cy - r, cx + r, cy + r]
-    if scene.shape == "circle":
-        d.ellipse(box, fill=fill)
-    elif scene.shape == "square":
-        d.rectangle(box, fill=fill)
-    else:
-        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    tiny.draw_shape(d, scene.shape, cx, cy, r, fill)
     img.save(path)
 
 

@@ -184,6 +184,17 @@ def build_causal_lm(out_dir: str | Path, tokenizer=None, seed: int = 0) -> Path:
     return _init_and_save(Qwen2ForCausalLM, config, seed, out_dir, tok)
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
+    """A circle, square or triangle of half-size ``r`` centred at (``cx``, ``cy``)."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def draw_shapes(path: Path, shapes: list[tuple[str, str, str]], size: int = 64) -> None:
     """Draw ``(shape, colour, position)`` triples on a white canvas with Pillow."""
     img = Image.new("RGB", (size, size), "white")
@@ -195,15 +206,7 @@ def draw_shapes(path: Path, shapes: list[tuple[str, str, str]], size: int = 64) 
         "center": (size // 2, size // 2),
     }
     for shape, colour, pos in shapes:
-        cx, cy = centres[pos]
-        box = [cx - r, cy - r, cx + r, cy + r]
-        fill = COLOURS[colour]
-        if shape == "circle":
-            d.ellipse(box, fill=fill)
-        elif shape == "square":
-            d.rectangle(box, fill=fill)
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw_shape(d, shape, *centres[pos], r, COLOURS[colour])
     img.save(path)
 
 

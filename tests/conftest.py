@@ -47,3 +47,11 @@ def chat_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def caption_data(tmp_path_factory):
     return tiny.make_llava_dataset(tmp_path_factory.mktemp("caption"), n=8, seed=1, caption=True, fmt="jsonl")
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    """An ``accelerate.Accelerator`` on CPU, for tests that run the trainer's step by hand."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)

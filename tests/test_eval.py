@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from student_fixtures import load_llava, model_inputs
 from typer.testing import CliRunner
 
 from cli.kd_eval_cli import app
@@ -25,13 +26,6 @@ def _eval(*args) -> dict:
     res = CliRunner().invoke(app, [*map(str, args), "--json"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
-
-
-def _load(path):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval(), \
-        AutoProcessor.from_pretrained(path)
 
 
 def _messages(turns):
@@ -74,7 +68,7 @@ def qa(tmp_path_factory, teacher_dir):
 
     root = tmp_path_factory.mktemp("qa")
     (root / "images").mkdir()
-    model, proc = _load(teacher_dir)
+    model, proc = load_llava(teacher_dir)
     questions = ["What colour is the shape?", "Where is the shape?", "How many shapes are there?"]
     options = list(tiny.COLOURS)[:4]
     records, expected_correct, expected_mc = [], 0, 0
@@ -146,7 +140,7 @@ def multi_turn(tmp_path_factory, teacher_dir):
 
     root = tmp_path_factory.mktemp("multi-turn")
     (root / "images").mkdir()
-    model, proc = _load(teacher_dir)
+    model, proc = load_llava(teacher_dir)
     records, expected = [], []
     for i in range(8):
         record, image = {"id": f"t{i}"}, None
@@ -196,15 +190,12 @@ def _dense_metrics(teacher_dir, model_dir, cache_path):
     """Mean forward KL and top-1 agreement from both models' full logits at the response positions."""
     from PIL import Image
 
-    teacher, proc = _load(teacher_dir)
-    model, _ = _load(model_dir)
+    teacher, proc = load_llava(teacher_dir)
+    model, _ = load_llava(model_dir)
     folder = open_cache(str(cache_path)).manifest["build_config"]["image_folder"]
     kls, agree = [], []
     for s in open_cache(str(cache_path)):
-        inputs = {"input_ids": torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))[None]}
-        if s["images"]:
-            ims = [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]]
-            inputs["pixel_values"] = proc.image_processor(images=ims, return_tensors="pt")["pixel_values"]
+        inputs = model_inputs(proc, s["input_ids"], [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]])
         pos = torch.from_numpy(np.asarray(s["response_positions"], dtype=np.int64))
         with torch.no_grad():
             t = teacher(**inputs).logits[0, pos].float()
