@@ -50,9 +50,9 @@ def _topk(rng, P: int, K: int, vocab: int, id_pool: np.ndarray) -> dict:
 
 
 def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0) -> tuple[Path, Path, dict]:
-    from kd_cache import tiny
     from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
     from kd_cache.shards import CacheWriter
+    from kd_demo import tiny
 
     rng = np.random.default_rng(seed)
     tok = processor.tokenizer

@@ -48,7 +48,7 @@ def _tiny_random_lm(device):
     """Smoke-test stand-in (no package needed): a random Qwen2 LM with a 2048-token vocabulary."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from kd_cache import tiny
+    from kd_demo import tiny
 
     tok = tiny.build_tokenizer()
     cfg = Qwen2Config(vocab_size=2048, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,

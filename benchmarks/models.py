@@ -2,7 +2,7 @@
 
 Teacher and student are real ``LlavaForConditionalGeneration`` models (SigLIP vision tower + Qwen2
 language model), built from configs with random weights: timing and memory do not depend on the
-weights. They share the small tokenizer trained by ``kd_cache.tiny`` while their output vocabulary
+weights. They share the small tokenizer trained by ``kd_demo.tiny`` while their output vocabulary
 is ``vocab`` (>= 32k): token ids only need to be below the vocabulary size, and every cost that
 scales with V (LM head, log-softmax, top-k) is paid in full.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from kd_cache import tiny
+from kd_demo import tiny
 
 
 @dataclass(frozen=True)
@@ -210,7 +210,7 @@ def build_model(processor, vocab: int, lm: LMSize, vision: VisionSize, device: t
     torch.manual_seed(seed)
     with torch.device(device):  # initialised in place, in ``dtype`` (a 4B model never exists in fp32)
         model = LlavaForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn_impl(device))
-    with torch.no_grad():  # peakier distributions than the default init (as in kd_cache.tiny)
+    with torch.no_grad():  # peakier distributions than the default init (as in kd_demo.tiny)
         model.lm_head.weight.mul_(logit_scale)
     return model
 

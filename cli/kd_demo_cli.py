@@ -4,7 +4,7 @@
 
 Draws the task, trains a teacher, caches it with kd-cache build, trains a baseline (PT -> SFT) and a
 distilled student (DPT -> SFT -> DFT) from the same start, evaluates all three, prints a table and
-writes DIR/results.json and DIR/curves.png. A thin front end over ``student.demo.run_demo``.
+writes DIR/results.json and DIR/curves.png. A thin front end over ``kd_demo.run.run_demo``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ def demo(
                                              "hidden states), reported as 'llavadi'.")] = "llavakd",
 ) -> None:
     """Run the demo and print teacher / baseline / distilled metrics."""
-    from student.demo import DemoConfig, run_demo
+    from kd_demo.config import DemoConfig
+    from kd_demo.run import run_demo
 
     try:
         cfg = DemoConfig(out=out, seed=seed, quick=quick, method=method)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", message=".*torchvision.*")
 
-from kd_cache import tiny  # noqa: E402
+from kd_demo import tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -47,3 +47,11 @@ def chat_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def caption_data(tmp_path_factory):
     return tiny.make_llava_dataset(tmp_path_factory.mktemp("caption"), n=8, seed=1, caption=True, fmt="jsonl")
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    """An ``accelerate.Accelerator`` on CPU, for tests that run the trainer's step by hand."""
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)

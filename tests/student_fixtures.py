@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from kd_cache import tiny
+from kd_cache import open_cache
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
 from kd_cache.shards import CacheWriter
+from kd_demo import tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -30,6 +31,49 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class Killed(Exception):
+    """Raised where a killed process would stop (see ``kill_after_checkpoint``)."""
+
+
+def kill_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make ``train`` raise ``Killed`` right after it saves the checkpoint of ``step``, as a process killed
+    at that moment would stop; ``monkeypatch.undo()`` restores the real saving."""
+    import student.train as train_mod
+
+    real_save = train_mod.save_checkpoint
+
+    def save_then_die(accelerator, out, at_step, data_state, cfg):
+        path = real_save(accelerator, out, at_step, data_state, cfg)
+        if at_step == step:
+            raise Killed
+        return path
+
+    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+
+
+def read_all(cache_path) -> list[dict]:
+    """Every sample of a cache, in order."""
+    cache = open_cache(str(cache_path))
+    return [cache[i] for i in range(len(cache))]
+
+
+def load_llava(path):
+    """``(model, processor)`` with plain transformers, the model in fp32 and eval mode: the reference side
+    of a test, independent of the code under test."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval(), \
+        AutoProcessor.from_pretrained(path)
+
+
+def model_inputs(processor, input_ids, images) -> dict[str, torch.Tensor]:
+    """One unpadded sequence as model inputs: ``input_ids`` [1, L], plus ``pixel_values`` when it has images."""
+    inputs = {"input_ids": torch.from_numpy(np.asarray(input_ids, dtype=np.int64))[None]}
+    if images:
+        inputs["pixel_values"] = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+    return inputs
 
 
 def _sparse(logits: np.ndarray, k: int, mode: str, rng: np.random.Generator, draws: int = 16) -> dict:

@@ -14,14 +14,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from student_fixtures import load_llava, model_inputs
 from typer.testing import CliRunner
 
 from cli.kd_cache_cli import app
-from kd_cache import open_cache, tiny
+from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
 from kd_cache.data import Encoder, load_records
 from kd_cache.fingerprint import image_tokens_per_image
 from kd_cache.teacher import TeacherRunner, load_teacher
+from kd_demo import tiny
 
 ARRAYS = ("input_ids", "labels", "response_positions", "visual_positions", "response_ids", "response_logprobs",
           "response_tail", "visual_ids", "visual_logprobs", "visual_tail")
@@ -36,19 +38,13 @@ def _build(teacher_dir, data, out, **kw):
 
 def _dense_logprobs(teacher_dir, data, template="chat"):
     """Per-sample fp32 log-softmax [L, V] from the teacher's own full forward pass (no cache code)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(teacher_dir)
+    model, proc = load_llava(teacher_dir)
     enc = Encoder(proc, template, 2048, str(data[1]), image_tokens_per_image(proc))
     out = {}
     for rec in load_records(str(data[0])):
         e = enc.encode(rec)
-        inputs = {"input_ids": torch.from_numpy(e.input_ids.astype(np.int64))[None]}
-        if e.pil_images:
-            inputs["pixel_values"] = proc.image_processor(images=e.pil_images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            logits = model(**inputs).logits[0].float()
+            logits = model(**model_inputs(proc, e.input_ids, e.pil_images)).logits[0].float()
         out[e.id] = logits
     return out
 
@@ -315,7 +311,12 @@ def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
     res = runner.invoke(app, ["inspect-shard", str(out), "--shard", "1", "--sample", "0", "--json"])
     assert res.exit_code == 0, res.output
     info = json.loads(res.output)
-    assert json.dumps(info).count("yellow") + json.dumps(info).count("the ") > 0  # decoded response text
+    # The response text is decoded with the teacher's tokenizer (named by the manifest): every answer
+    # of the source record, each closed by the chat template's end of turn.
+    (row,) = info["samples_listed"]
+    record = next(r for r in json.loads(chat_data[0].read_text()) if r["id"] == row["id"])
+    answers = [t["value"] for t in record["conversations"] if t["from"] == "gpt"]
+    assert row["response_text"] == "".join(f"{a}<|im_end|>\n" for a in answers)
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 0 and "OK" in res.output
     # Corrupt one chunk file: verify must fail and name the shard.
@@ -329,13 +330,10 @@ def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
 
 
 def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     manifest = _build(teacher_dir, chat_data, tmp_path / "c", top_k=4, positions="prompt,response,visual",
                       hidden=True, limit=4)
     assert manifest["positions"] == ["response", "visual", "prompt"] and manifest["hidden"]["size"] == 64
-    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(teacher_dir)
+    model, proc = load_llava(teacher_dir)
     enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
     records = {r.id: r for r in load_records(str(chat_data[0]))}
     for s in open_cache(str(tmp_path / "c")):
@@ -344,11 +342,8 @@ def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
         # Every position but the last is distilled exactly once.
         np.testing.assert_array_equal(np.sort(covered[covered < L - 1]), np.arange(L - 1))
         e = enc.encode(records[s["id"]])
-        inputs = {"input_ids": torch.from_numpy(e.input_ids.astype(np.int64))[None]}
-        if e.pil_images:
-            inputs["pixel_values"] = proc.image_processor(images=e.pil_images, return_tensors="pt")["pixel_values"]
         with torch.no_grad():
-            out = model(**inputs, output_hidden_states=True)
+            out = model(**model_inputs(proc, e.input_ids, e.pil_images), output_hidden_states=True)
         h = out.hidden_states[-1][0]
         for kind in ("response", "visual", "prompt"):
             pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
@@ -359,11 +354,8 @@ def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
 
 
 def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp_path):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
     _build(teacher_dir, chat_data, tmp_path / "g", top_k=4, generate=True, max_new_tokens=6, limit=3, batch_size=2)
-    model = LlavaForConditionalGeneration.from_pretrained(teacher_dir, dtype=torch.float32).eval()
-    proc = AutoProcessor.from_pretrained(teacher_dir)
+    model, proc = load_llava(teacher_dir)
     tok = proc.tokenizer
     enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
     records = {r.id: r for r in load_records(str(chat_data[0]))}
@@ -374,10 +366,7 @@ def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp
         # Reproduce the first answer with a plain greedy generate on the unpadded prompt.
         prepared = enc.prepare(rec)
         ids, imgs = enc.prompt_ids(prepared, 1)
-        inputs = {"input_ids": torch.from_numpy(ids.astype(np.int64))[None]}
-        if imgs:
-            inputs["pixel_values"] = proc.image_processor(images=imgs, return_tensors="pt")["pixel_values"]
-        gen = model.generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+        gen = model.generate(**model_inputs(proc, ids, imgs), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
         first = tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
         labelled = tok.decode(s["input_ids"][s["labels"] != -100])
@@ -405,9 +394,8 @@ def test_padded_teacher_head_is_cut_to_the_tokenizer(teacher_dir, student_dir, c
     enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
     for rec in load_records(str(chat_data[0]))[:3]:
         e = enc.encode(rec)
-        px = proc.image_processor(images=e.pil_images, return_tensors="pt")["pixel_values"] if e.pil_images else None
         with torch.no_grad():
-            dense[e.id] = model(input_ids=torch.from_numpy(e.input_ids.astype(np.int64))[None], pixel_values=px).logits[0]
+            dense[e.id] = model(**model_inputs(proc, e.input_ids, e.pil_images)).logits[0]
     for s in open_cache(str(tmp_path / "c")):
         logp = torch.log_softmax(dense[s["id"]][:, :400].float(), -1)
         pos = torch.from_numpy(s["response_positions"].astype(np.int64))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from kd_cache import tiny
 from kd_cache.data import (
     BadRecord,
     Encoder,
@@ -104,11 +105,35 @@ def test_loaders_json_jsonl_datasets_parquet(tmp_path, chat_data):
     for src in (jsonl, tmp_path / "ds", tmp_path / "d.parquet"):
         got = load_records(str(src))
         assert [(r.id, r.images, r.conversations) for r in got] == [(r.id, r.images, r.conversations) for r in ref]
-    assert dataset_fingerprint(str(jsonl)) != dataset_fingerprint(str(chat_data[0]))
-    assert dataset_fingerprint(str(tmp_path / "ds")) == dataset_fingerprint(str(tmp_path / "ds"))
     with pytest.raises(ValueError, match="expected .json"):
         (tmp_path / "x.csv").write_text("a")
         load_records(str(tmp_path / "x.csv"))
+
+
+def _flip_one_byte(path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_dataset_fingerprint_follows_the_bytes_not_the_place(tmp_path, chat_data):
+    import datasets
+
+    # A data file: a copy in another folder keeps the fingerprint, one changed byte changes it.
+    original = dataset_fingerprint(str(chat_data[0]))
+    (tmp_path / "elsewhere").mkdir()
+    copy = Path(shutil.copy(chat_data[0], tmp_path / "elsewhere"))
+    assert dataset_fingerprint(str(copy)) == original
+    _flip_one_byte(copy)
+    assert dataset_fingerprint(str(copy)) != original
+
+    # A dataset directory: the same for a byte in any of its files.
+    datasets.Dataset.from_list(json.loads(chat_data[0].read_text())).save_to_disk(str(tmp_path / "ds"))
+    original = dataset_fingerprint(str(tmp_path / "ds"))
+    moved = Path(shutil.copytree(tmp_path / "ds", tmp_path / "elsewhere" / "ds-copy"))
+    assert dataset_fingerprint(str(moved)) == original
+    _flip_one_byte(max(moved.rglob("*.arrow")))
+    assert dataset_fingerprint(str(moved)) != original
 
 
 def test_causal_tokenizer_text_only(processor):
@@ -124,4 +149,3 @@ def test_tiny_dataset_images_exist(chat_data):
     for r in load_records(str(chat_data[0])):
         for im in r.images:
             assert (chat_data[1] / im).is_file()
-    assert tiny.IMAGE_TOKEN == "<image>"

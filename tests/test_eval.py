@@ -10,11 +10,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from student_fixtures import load_llava, model_inputs
 from typer.testing import CliRunner
 
 from cli.kd_eval_cli import app
-from kd_cache import open_cache, tiny
+from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
+from kd_demo import tiny
 from student.losses import dense_divergence
 
 MAX_NEW = 4
@@ -24,13 +26,6 @@ def _eval(*args) -> dict:
     res = CliRunner().invoke(app, [*map(str, args), "--json"])
     assert res.exit_code == 0, res.output
     return json.loads(res.stdout)
-
-
-def _load(path):
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-    return LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval(), \
-        AutoProcessor.from_pretrained(path)
 
 
 def _messages(turns):
@@ -51,7 +46,19 @@ def _messages(turns):
 def _inputs(proc, turns, image, answer: str | None = None):
     prompt = proc.apply_chat_template(_messages(turns), add_generation_prompt=True)
     text = prompt if answer is None else prompt + answer + proc.tokenizer.eos_token
-    return proc(text=text, images=[image], return_tensors="pt"), prompt
+    return proc(text=text, images=None if image is None else [image], return_tensors="pt"), prompt
+
+
+def _greedy_answer(model, proc, turns, image) -> str:
+    """The model's greedy answer after ``turns`` (one unbatched ``generate``), decoded like kd-eval."""
+    enc, _ = _inputs(proc, turns, image)
+    tok = proc.tokenizer
+    with torch.no_grad():
+        gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+    answer = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert answer, "the tiny model answered with nothing; pick another seed"
+    return answer
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +68,7 @@ def qa(tmp_path_factory, teacher_dir):
 
     root = tmp_path_factory.mktemp("qa")
     (root / "images").mkdir()
-    model, proc = _load(teacher_dir)
-    tok = proc.tokenizer
+    model, proc = load_llava(teacher_dir)
     questions = ["What colour is the shape?", "Where is the shape?", "How many shapes are there?"]
     options = list(tiny.COLOURS)[:4]
     records, expected_correct, expected_mc = [], 0, 0
@@ -72,12 +78,7 @@ def qa(tmp_path_factory, teacher_dir):
                                                     tiny.POSITIONS[i % 5])])
         image = Image.open(root / "images" / name).convert("RGB")
         turns = [{"from": "human", "value": "<image>\n" + questions[i % 3]}]
-        enc, _ = _inputs(proc, turns, image)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-        direct = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-        assert direct, "the tiny model answered with nothing; pick another seed"
+        direct = _greedy_answer(model, proc, turns, image)
         right = i % 3 != 2  # 2 of every 3 records carry the model's own answer, the rest a wrong one
         answer = direct if right else direct + " nope"
         expected_correct += right
@@ -131,11 +132,49 @@ def test_accuracy_on_generated_answers(teacher_dir, qa, tmp_path):
     assert [p["correct"] for p in lines] == [i % 3 != 2 for i in range(8)]
 
 
-def test_multi_turn_records_count_every_answer(teacher_dir, chat_data):
-    data, images = chat_data  # 10 records, every 4th text-only; the rest ask two questions
-    out = _eval("--model", teacher_dir, "--data", data, "--image-folder", images, "--max-new-tokens", 2)["qa"]
-    assert out["questions"] == 2 * 8 + 2 and out["mc_accuracy"] is None
-    assert 0.0 <= out["accuracy"] <= 1.0
+@pytest.fixture(scope="module")
+def multi_turn(tmp_path_factory, teacher_dir):
+    """Two-question conversations (every 4th record text-only with one question) whose reference answer
+    for a known subset of turns is the model's own greedy answer given the earlier turns and references."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("multi-turn")
+    (root / "images").mkdir()
+    model, proc = load_llava(teacher_dir)
+    records, expected = [], []
+    for i in range(8):
+        record, image = {"id": f"t{i}"}, None
+        if i % 4 == 3:
+            questions = ["Is red a colour?"]
+        else:
+            record["image"] = f"t{i}.png"
+            tiny.draw_shapes(root / "images" / record["image"], [(tiny.SHAPES[i % 3], list(tiny.COLOURS)[i % 6],
+                                                                   tiny.POSITIONS[i % 5])])
+            image = Image.open(root / "images" / record["image"]).convert("RGB")
+            questions = ["<image>\nWhat colour is the shape?", "Where is the shape?"]
+        turns = []
+        for question in questions:
+            turns.append({"from": "human", "value": question})
+            direct = _greedy_answer(model, proc, turns, image)
+            right = len(expected) % 3 != 2
+            turns.append({"from": "gpt", "value": direct if right else direct + " nope"})
+            expected.append(right)
+        records.append({**record, "conversations": turns})
+    data = root / "multi.json"
+    data.write_text(json.dumps(records))
+    return data, root / "images", expected
+
+
+def test_multi_turn_records_count_every_answer(teacher_dir, multi_turn, tmp_path):
+    data, images, expected = multi_turn  # 6 records with two questions, 2 text-only with one
+    preds = tmp_path / "preds.jsonl"
+    out = _eval("--model", teacher_dir, "--data", data, "--image-folder", images, "--batch-size", 3,
+                "--max-new-tokens", MAX_NEW, "--predictions", preds)["qa"]
+    assert out["questions"] == len(expected) == 2 * 6 + 2 and out["mc_accuracy"] is None
+    assert out["correct"] == sum(expected) and out["accuracy"] == pytest.approx(sum(expected) / len(expected))
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert [(p["id"], p["turn"]) for p in lines] == [(f"t{i}", t) for i in range(8) for t in range(1 if i % 4 == 3 else 2)]
+    assert [p["correct"] for p in lines] == expected
 
 
 @pytest.fixture(scope="module")
@@ -151,15 +190,12 @@ def _dense_metrics(teacher_dir, model_dir, cache_path):
     """Mean forward KL and top-1 agreement from both models' full logits at the response positions."""
     from PIL import Image
 
-    teacher, proc = _load(teacher_dir)
-    model, _ = _load(model_dir)
+    teacher, proc = load_llava(teacher_dir)
+    model, _ = load_llava(model_dir)
     folder = open_cache(str(cache_path)).manifest["build_config"]["image_folder"]
     kls, agree = [], []
     for s in open_cache(str(cache_path)):
-        inputs = {"input_ids": torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))[None]}
-        if s["images"]:
-            ims = [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]]
-            inputs["pixel_values"] = proc.image_processor(images=ims, return_tensors="pt")["pixel_values"]
+        inputs = model_inputs(proc, s["input_ids"], [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]])
         pos = torch.from_numpy(np.asarray(s["response_positions"], dtype=np.int64))
         with torch.no_grad():
             t = teacher(**inputs).logits[0, pos].float()

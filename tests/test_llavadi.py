@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from student_fixtures import one_torch_thread  # noqa: F401
+from student_fixtures import Killed, kill_after_checkpoint, one_torch_thread, read_all  # noqa: F401
 from typer.testing import CliRunner
 
-import student.train as train_mod
 from cli.kd_train_cli import app
 from kd_cache.build import BuildConfig, build_cache
 from kd_cache.shards import open_cache
@@ -61,18 +60,10 @@ def caches(tmp_path_factory, teacher_dir, chat_data):
 
 @pytest.fixture(scope="module")
 def samples(caches):
-    cache = open_cache(str(caches["full"]))
-    out = [cache[i] for i in range(len(cache))]
+    out = read_all(caches["full"])
     assert {bool(s["images"]) for s in out} == {True, False}
     assert all(len(s["prompt_positions"]) and s["prompt_hidden"].shape[1] == 64 for s in out)
     return out
-
-
-@pytest.fixture(scope="module")
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
 
 
 def _dataset(path, processor, settings: LossSettings, batch_size=4):
@@ -335,10 +326,6 @@ def _cfg(student_dir, cache, out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-class Killed(Exception):
-    pass
-
-
 def test_projector_saved_beside_the_model_and_restored_on_resume(student_dir, caches, tmp_path, monkeypatch):
     from safetensors.torch import load_file
     from transformers import LlavaForConditionalGeneration
@@ -362,16 +349,8 @@ def test_projector_saved_beside_the_model_and_restored_on_resume(student_dir, ca
     assert json.loads((full / "trainer_state.json").read_text())["hidden_projector"] == PROJECTOR_DIR
 
     # Killed after the step-2 checkpoint; the resumed run must continue with the *trained* MLP.
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(accelerator, out, step, data_state, cfg):
-        path = real_save(accelerator, out, step, data_state, cfg)
-        if step == 2:
-            raise Killed
-        return path
-
     killed = tmp_path / "killed"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    kill_after_checkpoint(monkeypatch, 2)
     with pytest.raises(Killed):
         train(_cfg(student_dir, caches["full"], killed))
     monkeypatch.undo()

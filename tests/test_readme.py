@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from kd_cache import tiny
+from kd_demo import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -132,8 +132,9 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str,
         if relation == "full":
             assert energy == 1.0
             np.testing.assert_allclose(R_got, normalise(R_in), rtol=2e-3, atol=1e-4)
-        else:
-            assert 0.0 < energy <= 1.0
+        else:  # the share of R's squared eigenvalues the r largest in magnitude keep
+            w2 = np.sort(np.linalg.eigvalsh(R_in.astype(np.float64)) ** 2)[::-1]
+            assert energy == pytest.approx(w2[: int(relation.split(":")[1])].sum() / w2.sum(), rel=1e-5)
 
 
 @pytest.fixture

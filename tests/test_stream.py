@@ -271,12 +271,41 @@ def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples
     assert windowed <= 1.3 * n_chunks and uniform >= 2.5 * windowed
 
 
+# Frees a 24 MB block (below the kept mmap threshold of 32 MB) and prints how many MB the process's
+# resident memory shrank by: after ``_keep_freed_memory()`` when argv[1] is "keep", else with glibc's
+# defaults in a bare interpreter.
+_FREE_24MB = """
+import ctypes, os, sys
+applied = False
+if sys.argv[1] == "keep":
+    from student.data import _keep_freed_memory
+    applied = _keep_freed_memory()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+rss = lambda: int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+block = libc.malloc(24 << 20)
+ctypes.memset(block, 1, 24 << 20)
+before = rss()
+libc.free(block)
+print(applied, (before - rss()) >> 20)
+"""
+
+
 def test_loader_workers_keep_freed_memory_on_glibc():
     import platform
     import subprocess
     import sys
 
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("the allocator settings are glibc's")
+
     # What every loader worker runs at start, in a process of its own (it changes the allocator).
-    out = subprocess.run([sys.executable, "-c", "from student.data import _keep_freed_memory as k; print(k())"],
-                         capture_output=True, text=True, check=True).stdout.strip()
-    assert out == str(platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+    def shrink(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", _FREE_24MB, mode], capture_output=True, text=True, check=True)
+        applied, mb = out.stdout.split()
+        return applied, int(mb)
+
+    applied, mb = shrink("plain")
+    assert applied == "False" and mb >= 23  # glibc's defaults give the block back to the kernel
+    applied, mb = shrink("keep")
+    assert applied == "True" and mb <= 1  # a worker keeps it for the next sample

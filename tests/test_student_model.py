@@ -11,7 +11,7 @@ from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F4
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
-from kd_cache import tiny
+from kd_cache.data import CHATML_TEMPLATE
 from kd_cache.fingerprint import image_tokens_per_image
 from kd_cache.shards import open_cache
 from student.model import (
@@ -35,7 +35,7 @@ def _tokenizer_without_image_token():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["a red circle on the left", "what colour is the shape"] * 10, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = tiny.CHAT_TEMPLATE
+    fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
@@ -78,7 +78,7 @@ def test_compose_from_vision_model_and_llm(parts, tmp_path):
     assert model.config.text_config.vocab_size == n + 1 == len(proc.tokenizer)
     assert image_tokens_per_image(proc) == 16 == model.config.image_seq_length
     assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
-    assert proc.chat_template == tiny.CHAT_TEMPLATE
+    assert proc.chat_template == CHATML_TEMPLATE
 
     src_v = SiglipVisionModel.from_pretrained(vision_dir)
     for (key, a), (_, b) in zip(src_v.state_dict().items(), model.model.vision_tower.state_dict().items(),
@@ -113,7 +113,23 @@ def test_compose_reuses_the_vision_tower_of_a_llava_checkpoint(teacher_dir, caus
     assert model.config.text_config.vocab_size == 400  # the tokenizer already had <image>: no resize
     assert not torch.equal(model.model.multi_modal_projector.linear_1.weight,
                            teacher.model.multi_modal_projector.linear_1.weight)
-    assert model.config._attn_implementation == attn_implementation() == "sdpa"  # no GPU here
+    assert model.config._attn_implementation == attn_implementation()
+
+
+@pytest.mark.parametrize("gpu,flash_importable,expected", [
+    (True, True, "flash_attention_2"),
+    (True, False, "sdpa"),
+    (False, True, "sdpa"),
+    (False, False, "sdpa"),
+])
+def test_attention_follows_what_is_available(monkeypatch, gpu, flash_importable, expected):
+    import sys
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+    # A module set to None in sys.modules makes ``import flash_attn`` raise ImportError.
+    monkeypatch.setitem(sys.modules, "flash_attn", types.ModuleType("flash_attn") if flash_importable else None)
+    assert attn_implementation() == expected
 
 
 def test_compatibility_mismatches_name_both_values(tmp_path, processor, student_dir):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
+from student_fixtures import one_torch_thread, read_all, write_synthetic_cache  # noqa: F401
 
 from kd_cache.shards import open_cache
 from student.data import StreamingKDDataset
@@ -33,16 +33,8 @@ def cache_path(tmp_path_factory, processor):
 
 
 @pytest.fixture(scope="module")
-def accelerator():
-    from accelerate import Accelerator
-
-    return Accelerator(cpu=True)
-
-
-@pytest.fixture(scope="module")
 def samples(cache_path):
-    cache = open_cache(str(cache_path))
-    out = [cache[i] for i in range(len(cache))]
+    out = read_all(cache_path)
     assert len({len(s["input_ids"]) for s in out}) > 3  # really different lengths
     assert {bool(s["images"]) for s in out} == {True, False}
     return out

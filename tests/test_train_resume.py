@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
+from student_fixtures import Killed, kill_after_checkpoint, one_torch_thread, write_synthetic_cache  # noqa: F401
 
-import student.train as train_mod
 from student.checkpoints import checkpoint_dirs
 from student.config import TrainConfig
 from student.train import train
@@ -33,10 +32,6 @@ def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-class Killed(Exception):
-    pass
-
-
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_gives_identical_subsequent_losses(student_dir, cache, tmp_path, monkeypatch, capsys,
                                                             num_workers):
@@ -46,16 +41,8 @@ def test_resume_mid_epoch_gives_identical_subsequent_losses(student_dir, cache, 
     assert len(reference) == 9 and [m["epoch"] for m in reference] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
 
     # Kill the run right after the step-4 checkpoint (mid-epoch 1) ...
-    real_save = train_mod.save_checkpoint
-
-    def save_then_die(accelerator, out, step, data_state, cfg):
-        path = real_save(accelerator, out, step, data_state, cfg)
-        if step == 4:
-            raise Killed
-        return path
-
     killed = tmp_path / "killed"
-    monkeypatch.setattr(train_mod, "save_checkpoint", save_then_die)
+    kill_after_checkpoint(monkeypatch, 4)
     with pytest.raises(Killed):
         train(_cfg(student_dir, cache, killed, num_workers=num_workers))
     monkeypatch.undo()

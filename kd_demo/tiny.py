@@ -22,8 +22,6 @@ from kd_cache.data import CHATML_TEMPLATE
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<|pad|>"]
 
-CHAT_TEMPLATE = CHATML_TEMPLATE
-
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 180, 60),
@@ -75,7 +73,7 @@ def build_tokenizer(vocab_size: int = 400):
         unk_token=None,
         additional_special_tokens=["<|endoftext|>", "<|im_start|>", IMAGE_TOKEN],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
@@ -95,7 +93,7 @@ def build_processor(tokenizer=None, image_size: int = 32, patch_size: int = 8):
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHATML_TEMPLATE,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=0,
     )
@@ -186,6 +184,17 @@ def build_causal_lm(out_dir: str | Path, tokenizer=None, seed: int = 0) -> Path:
     return _init_and_save(Qwen2ForCausalLM, config, seed, out_dir, tok)
 
 
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill: tuple[int, ...]) -> None:
+    """A circle, square or triangle of half-size ``r`` centred at (``cx``, ``cy``)."""
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+
+
 def draw_shapes(path: Path, shapes: list[tuple[str, str, str]], size: int = 64) -> None:
     """Draw ``(shape, colour, position)`` triples on a white canvas with Pillow."""
     img = Image.new("RGB", (size, size), "white")
@@ -197,15 +206,7 @@ def draw_shapes(path: Path, shapes: list[tuple[str, str, str]], size: int = 64) 
         "center": (size // 2, size // 2),
     }
     for shape, colour, pos in shapes:
-        cx, cy = centres[pos]
-        box = [cx - r, cy - r, cx + r, cy + r]
-        fill = COLOURS[colour]
-        if shape == "circle":
-            d.ellipse(box, fill=fill)
-        elif shape == "square":
-            d.rectangle(box, fill=fill)
-        else:
-            d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        draw_shape(d, shape, *centres[pos], r, COLOURS[colour])
     img.save(path)
 
 
