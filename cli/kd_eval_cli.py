@@ -78,7 +78,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as one JSON object.")] = False,
 ) -> None:
     """Evaluate a checkpoint on QA data (--data) and/or against a teacher cache (--cache)."""
-    from kd_cache.data import BadRecord
+    from kd_cache.records import BadRecord
     from student.evaluate import evaluate_cache, evaluate_qa, load_model
     from student.model import CompatibilityError
 

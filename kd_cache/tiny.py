@@ -17,12 +17,10 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from kd_cache.data import CHATML_TEMPLATE
+from kd_cache.encoding import CHATML_TEMPLATE
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<|pad|>"]
-
-CHAT_TEMPLATE = CHATML_TEMPLATE
 
 COLOURS = {
     "red": (220, 40, 40),
@@ -75,7 +73,7 @@ def build_tokenizer(vocab_size: int = 400):
         unk_token=None,
         additional_special_tokens=["<|endoftext|>", "<|im_start|>", IMAGE_TOKEN],
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
@@ -95,7 +93,7 @@ def build_processor(tokenizer=None, image_size: int = 32, patch_size: int = 8):
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="full",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=CHATML_TEMPLATE,
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=0,
     )
