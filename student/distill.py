@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS
 from student.losses import (
     affinity_loss,
     chunked_distill,
@@ -42,8 +43,6 @@ from student.losses import (
 TERMS = ("ce", "kd_response", "kd_visual", "kd_prompt", "rdist", "hidden", "affinity")
 SUM_KEYS = tuple(f"{t}_sum" for t in TERMS)
 COUNT_KEYS = tuple(f"{t}_count" for t in TERMS)
-KINDS = ("response", "visual", "prompt")
-DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
 
 PROJECTOR_DIR = "hidden_projector"
 PROJECTOR_WEIGHTS = "model.safetensors"
@@ -168,7 +167,7 @@ def batch_counts(batch: dict, settings: LossSettings | bool) -> Tensor:
     """
     s = _settings(settings)
     counts = dict.fromkeys(TERMS, 0.0)
-    counts["ce"] = float((batch["response_targets"] != -100).sum())
+    counts["ce"] = float((batch["response_targets"] != IGNORE_INDEX).sum())
     if s.distill:
         for kind in KINDS:
             ids = batch.get(f"{kind}_ids")

@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from kd_cache.schema import Manifest
 from student.distill import (
     COUNT_KEYS,
     DEFAULT_KINDS,
@@ -179,7 +180,7 @@ class TrainConfig:
                             ("--hidden-weight", self.hidden_weight), ("--affinity-weight", self.affinity_weight)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
-        from kd_cache.data import parse_positions  # raises naming --positions
+        from kd_cache.schema import parse_positions  # raises naming --positions
 
         self.positions = parse_positions(self.positions)
         if not recipe.distill:
@@ -306,9 +307,9 @@ def checkpoint_dirs(out: str | Path) -> list[Path]:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    from kd_cache.storage import atomic_write
+
+    atomic_write(None, str(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_checkpoint(accelerator, out: Path, step: int, data_state: dict, cfg: TrainConfig) -> Path:
@@ -432,37 +433,35 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
     return parts
 
 
-def check_cache_options(cfg: TrainConfig, manifest: dict) -> int | None:
+def check_cache_options(cfg: TrainConfig, manifest: Manifest) -> int | None:
     """Refuse the options the cache cannot serve; returns the teacher's hidden size when hidden states are used.
 
-    ``manifest["positions"]`` lists the cached position kinds (a cache without it holds response and
-    visual); ``manifest["hidden"]`` says whether teacher hidden states were stored (``--hidden``).
+    ``manifest.positions`` lists the cached position kinds; ``manifest.hidden`` says whether teacher
+    hidden states were stored (``--hidden``).
     """
-    cached = list(manifest.get("positions") or DEFAULT_KINDS)
+    cached = list(manifest.positions)
     missing = [k for k in cfg.positions if k not in cached]
     if missing:
         want = ",".join(k for k in ("response", "visual", "prompt") if k in cached or k in missing)
         raise ValueError(f"--positions {','.join(cfg.positions)}: the cache {cfg.cache} holds teacher distributions "
                          f"at {','.join(cached)} positions only, not {','.join(missing)}; rebuild it with "
                          f"`kd-cache build --positions {want}` or leave {','.join(missing)} out of --positions")
-    sparse = (manifest.get("sparse") or {}).get("mode", "topk")
-    if cfg.zscore and sparse == "sample":
+    if cfg.zscore and manifest.sparse.mode == "sample":
         raise ValueError("--zscore: the cache holds sampled teacher tokens (sparse mode 'sample'); standardising "
                          "needs the teacher's log-probs on a fixed set of ids: rebuild with kd-cache build --sparse topk")
     needs = [(f, v) for f, v in (("--hidden-weight", cfg.hidden_weight), ("--affinity-weight", cfg.affinity_weight))
              if v > 0]
     if not needs:
         return None
-    hidden = manifest.get("hidden") or {}
     flag, value = needs[0]
-    if not hidden.get("stored"):
+    if not manifest.hidden.stored:
         raise ValueError(f"{flag} {value}: needs the teacher's final hidden states, but the cache {cfg.cache} was "
                          "built without them: rebuild the cache with kd-cache build --hidden")
     if cfg.affinity_weight > 0 and not {"response", "visual"} <= set(cached):
         raise ValueError(f"--affinity-weight {cfg.affinity_weight}: needs the teacher's hidden states at response "
                          f"and visual positions, the cache {cfg.cache} holds {','.join(cached)}: rebuild it with "
                          "kd-cache build --hidden --positions response,visual")
-    return int(hidden["size"])
+    return int(manifest.hidden.size)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -471,10 +470,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
-    from kd_cache.shards import open_cache
-    from student.data import StreamingKDDataset, make_loader, steps_per_epoch
+    from kd_cache.reader import open_cache
     from student.model import check_compatibility, load_student
     from student.stages import set_trainable
+    from student.stream import StreamingKDDataset, make_loader, steps_per_epoch
 
     out = Path(cfg.out)
     if not cfg.resume and checkpoint_dirs(out):
@@ -490,12 +489,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model, processor = load_student(cfg.student)
     recipe = RECIPES[cfg.stage]
     check_compatibility(manifest, model, processor, template=None if cfg.any_template else recipe.template)
-    sparse = (manifest.get("sparse") or {}).get("mode", "topk")
-    if cfg.distill and sparse == "sample" and cfg.divergence is not Divergence.fkl:
+    if cfg.distill and manifest.sparse.mode == "sample" and cfg.divergence is not Divergence.fkl:
         raise ValueError(f"--divergence {cfg.divergence.value}: the cache holds sampled teacher tokens "
                          "(sparse mode 'sample'), for which only forward KL is unbiased; use --divergence fkl")
     if cfg.image_folder is None:
-        cfg.image_folder = (manifest.get("build_config") or {}).get("image_folder")
+        cfg.image_folder = manifest.image_folder
     if len(cache) == 0:
         raise ValueError(f"--cache {cfg.cache}: the cache holds no samples")
     teacher_hidden_size = check_cache_options(cfg, manifest) if cfg.distill else None
@@ -619,7 +617,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 out / PROJECTOR_DIR, state_dict=parts["hidden_projector"],
                 extra={"hidden_loss": cfg.hidden_loss.value, "hidden_weight": cfg.hidden_weight,
                        "positions": list(cfg.positions), "step": step,
-                       "teacher": (manifest.get("teacher") or {}).get("path"), "cache": cfg.cache})
+                       "teacher": manifest.teacher.path, "cache": cfg.cache})
         elif (out / PROJECTOR_DIR).exists():
             shutil.rmtree(out / PROJECTOR_DIR)  # an earlier run's, not trained with this model
         _write_json(out / CONFIG_NAME, cfg.to_dict())

@@ -34,7 +34,7 @@ def _load(path):
 
 
 def _messages(turns):
-    """Structured chat messages for the processor's own chat template (independent of kd_cache.data)."""
+    """Structured chat messages for the processor's own chat template (independent of kd_cache.encoding)."""
     msgs = []
     for t in turns:
         role = "user" if t["from"] == "human" else "assistant"
@@ -153,7 +153,7 @@ def _dense_metrics(teacher_dir, model_dir, cache_path):
 
     teacher, proc = _load(teacher_dir)
     model, _ = _load(model_dir)
-    folder = open_cache(str(cache_path)).manifest["build_config"]["image_folder"]
+    folder = open_cache(str(cache_path)).manifest.image_folder
     kls, agree = [], []
     for s in open_cache(str(cache_path)):
         inputs = {"input_ids": torch.from_numpy(np.asarray(s["input_ids"], dtype=np.int64))[None]}

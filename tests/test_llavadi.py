@@ -18,9 +18,8 @@ from typer.testing import CliRunner
 
 import student.train as train_mod
 from cli.kd_train_cli import app
+from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
-from kd_cache.shards import open_cache
-from student.data import StreamingKDDataset
 from student.distill import (
     PROJECTOR_DIR,
     DistillStudent,
@@ -37,6 +36,7 @@ from student.losses import (
 )
 from student.model import load_student
 from student.stages import set_trainable
+from student.stream import StreamingKDDataset
 from student.train import TrainConfig, accumulate_gradients, check_cache_options, checkpoint_dirs, train
 
 ALL = ("response", "visual", "prompt")
@@ -273,13 +273,13 @@ def test_a_response_only_cache_still_gives_ce_and_rdist(student_dir, processor, 
     """Visual positions that were not cached are derived from the image tokens, so RDist still lines up."""
     cache = open_cache(str(caches["resp"]))
     samples = [cache[i] for i in range(len(cache))]
-    assert cache.manifest["positions"] == ["response"] and all(len(s["visual_positions"]) == 0 for s in samples)
+    assert cache.manifest.positions == ("response",) and all(len(s["visual_positions"]) == 0 for s in samples)
     settings = LossSettings(kinds=("response",))
     batch = _dataset(caches["resp"], processor, settings, batch_size=3).collate(samples)
     n_images = sum(len(s["images"]) for s in samples)
     assert n_images == 3 and "visual_ids" not in batch and batch["relation_index"].shape[0] == n_images
     T = batch["input_ids"].shape[1]
-    image_id = cache.manifest["image_token_id"]
+    image_id = cache.manifest.image_token_id
     expected = np.concatenate([b * T + np.nonzero(s["input_ids"] == image_id)[0] for b, s in enumerate(samples)])
     np.testing.assert_array_equal(batch["visual_index"].numpy(), expected)
     with torch.no_grad():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,16 +11,11 @@ from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F4
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
-from kd_cache import tiny
+from kd_cache import open_cache
+from kd_cache.encoding import CHATML_TEMPLATE
 from kd_cache.fingerprint import image_tokens_per_image
-from kd_cache.shards import open_cache
-from student.model import (
-    CompatibilityError,
-    attn_implementation,
-    check_compatibility,
-    compose_student,
-    load_student,
-)
+from kd_cache.runtime import attn_implementation
+from student.model import CompatibilityError, check_compatibility, compose_student, load_student
 
 
 def _tokenizer_without_image_token():
@@ -35,7 +30,7 @@ def _tokenizer_without_image_token():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(["a red circle on the left", "what colour is the shape"] * 10, trainer=trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.chat_template = tiny.CHAT_TEMPLATE
+    fast.chat_template = CHATML_TEMPLATE
     return fast
 
 
@@ -78,7 +73,7 @@ def test_compose_from_vision_model_and_llm(parts, tmp_path):
     assert model.config.text_config.vocab_size == n + 1 == len(proc.tokenizer)
     assert image_tokens_per_image(proc) == 16 == model.config.image_seq_length
     assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
-    assert proc.chat_template == tiny.CHAT_TEMPLATE
+    assert proc.chat_template == CHATML_TEMPLATE
 
     src_v = SiglipVisionModel.from_pretrained(vision_dir)
     for (key, a), (_, b) in zip(src_v.state_dict().items(), model.model.vision_tower.state_dict().items(),
@@ -130,8 +125,7 @@ def test_compatibility_mismatches_name_both_values(tmp_path, processor, student_
         "max_length": (10 ** 6, "cache max_length 1000000 > student max_position_embeddings"),
     }
     for key, (value, message) in cases.items():
-        manifest = copy.deepcopy(cache.manifest)
-        manifest[key] = value
+        manifest = dataclasses.replace(cache.manifest, **{key: value})
         with pytest.raises(CompatibilityError) as err:
             check_compatibility(manifest, model, proc, template="chat")
         assert message in str(err.value), (key, str(err.value))

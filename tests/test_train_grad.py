@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
-from kd_cache.shards import open_cache
-from student.data import StreamingKDDataset
+from kd_cache import open_cache
 from student.distill import DistillStudent, LossSettings
 from student.losses import rdist, relation_from_logits, sparse_divergence
 from student.model import load_student
 from student.stages import set_trainable
+from student.stream import StreamingKDDataset
 from student.train import accumulate_gradients, enable_activation_checkpointing
 
 WEIGHTS = (1.0, 0.5, 2.0)  # alpha, beta, gamma: distinct so a swapped term would show
