@@ -303,7 +303,7 @@ def test_fsspec_url_stores(teacher_dir, chat_data, tmp_path):
     local = _build(teacher_dir, chat_data, tmp_path / "local", top_k=4, limit=4)
     mem = _build(teacher_dir, chat_data, "memory://kd-test-cache", top_k=4, limit=4)
     url = _build(teacher_dir, chat_data, (tmp_path / "viaurl").as_uri(), top_k=4, limit=4)
-    assert local["shards"] == mem["shards"] == url["shards"]
+    assert local.shards == mem.shards == url.shards
     _arrays_close(list(open_cache(str(tmp_path / "local"))), list(open_cache("memory://kd-test-cache")), exact=True)
 
 

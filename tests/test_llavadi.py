@@ -7,6 +7,7 @@ so padding, flat indexing, row bookkeeping and global normalisation are all chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,6 +21,7 @@ import student.train as train_mod
 from cli.kd_train_cli import app
 from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
+from kd_cache.schema import HiddenInfo, SparseInfo
 from student.distill import (
     PROJECTOR_DIR,
     DistillStudent,
@@ -397,16 +399,20 @@ def test_refusals_name_the_flag_and_the_fix(student_dir, caches, tmp_path):
                                          r"with `kd-cache build --positions response,visual,prompt`"):
         train(_cfg(student_dir, plain, tmp_path / "c", hidden_weight=0.0, affinity_weight=0.0))
     assert not (tmp_path / "a").exists()  # refused before anything was written
-    # A manifest from before the positions key means response,visual; sampled caches refuse --zscore.
+    # Sampled caches refuse --zscore.
+    manifest = open_cache(plain).manifest
     cfg = _cfg(student_dir, plain, tmp_path / "d", positions="visual", hidden_weight=0.0, affinity_weight=0.0,
                zscore=True)
-    assert check_cache_options(cfg, {"sparse": {"mode": "topk"}}) is None
+    assert check_cache_options(cfg, manifest) is None
+    sampled = dataclasses.replace(manifest, sparse=SparseInfo(mode="sample", k=8, samples=8, scheme="systematic",
+                                                              logprobs_stored=False))
     with pytest.raises(ValueError, match=r"--zscore: the cache holds sampled teacher tokens"):
-        check_cache_options(cfg, {"sparse": {"mode": "sample"}})
+        check_cache_options(cfg, sampled)
     cfg = _cfg(student_dir, plain, tmp_path / "e", positions="response", hidden_weight=0.0)
     with pytest.raises(ValueError, match=r"--affinity-weight 2.0: needs the teacher's hidden states at response "
                                          r"and visual positions"):
-        check_cache_options(cfg, {"positions": ["response"], "hidden": {"stored": True, "size": 64}})
+        check_cache_options(cfg, dataclasses.replace(manifest, positions=("response",),
+                                                     hidden=HiddenInfo(stored=True, size=64, dtype="float16")))
     # Config-level checks.
     with pytest.raises(ValueError, match=r"--hidden-weight 1.0: the sft stage trains on CE only"):
         _cfg(student_dir, plain, tmp_path / "f", stage="sft")
