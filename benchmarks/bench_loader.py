@@ -51,7 +51,8 @@ def _topk(rng, P: int, K: int, vocab: int, id_pool: np.ndarray) -> dict:
 
 def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0) -> tuple[Path, Path, dict]:
     from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
-    from kd_cache.shards import CacheWriter
+    from kd_cache.schema import DEFAULT_KINDS, HiddenInfo, Manifest, SparseInfo, TeacherInfo
+    from kd_cache.writer import CacheWriter
     from kd_demo import tiny
 
     rng = np.random.default_rng(seed)
@@ -92,17 +93,17 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
     per_shard = profile.ld_shard_size or max(1, profile.ld_samples // 4)
     entries = [w.write_shard(j, samples[a:a + per_shard], sparse_mode="topk", k=64, relation="full")
                for j, a in enumerate(range(0, len(samples), per_shard))]
-    w.write_manifest({
-        "teacher": {"path": "synthetic", "model_type": "llava", "config_hash": "synthetic"},
-        "tokenizer_hash": tokenizer_hash(tok), "vocab_size": vocab, "image_token_id": image_id,
-        "visual_tokens_per_image": n_vis, "template": "chat", "max_length": 4096,
-        "sparse": {"mode": "topk", "k": 64}, "relation": "full",
-        "build_config": {"image_folder": str(img_dir), "data": "synthetic"},
-        "num_samples": len(samples), "shards": entries, "skipped": [],
-    })
+    w.write_manifest(Manifest(
+        teacher=TeacherInfo(path="synthetic", model_type="llava", revision=None, config_hash="synthetic",
+                            multimodal=True),
+        tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab, teacher_head_rows=vocab, image_token_id=image_id,
+        visual_tokens_per_image=n_vis, template="chat", max_length=4096, sparse=SparseInfo(mode="topk", k=64),
+        relation="full", positions=DEFAULT_KINDS, hidden=HiddenInfo(), generated=None,
+        dataset_fingerprint="synthetic", build_config={"image_folder": str(img_dir), "data": "synthetic"},
+        shards=entries))
     shape = {"tokens": int(len(samples[0]["input_ids"])), "visual_tokens": int(n_vis),
              "response_positions": int(len(samples[0]["response_positions"])),
-             "bytes_per_sample": sum(e["bytes"] for e in entries) / len(samples),
+             "bytes_per_sample": sum(e.bytes for e in entries) / len(samples),
              "shards": len(entries), "samples_per_shard": per_shard}
     return out, img_dir, shape
 
@@ -110,7 +111,7 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
 def _stamped_dataset_class():
     from torch.utils.data import get_worker_info
 
-    from student.data import StreamingKDDataset
+    from student.stream import StreamingKDDataset
 
     class CpuStamped(StreamingKDDataset):
         """The real dataset; every batch also carries its worker's id, CPU clock and page-fault count
@@ -128,7 +129,7 @@ def _stamped_dataset_class():
 
 
 def _breakdown_dataset_class():
-    from student.data import StreamingKDDataset
+    from student.stream import StreamingKDDataset
 
     class Breakdown(StreamingKDDataset):
         """Yields, per batch of the worker's stream, the CPU seconds of each step instead of the batch."""
@@ -158,7 +159,7 @@ def _epoch(ds, workers: int, epoch: int) -> dict:
     core to itself. ``wall_per_worker``: samples/s arriving in the main process after the first
     batch, divided by the number of workers.
     """
-    from student.data import make_loader
+    from student.stream import make_loader
 
     ds.set_position(epoch, 0)
     t_start = time.perf_counter()
@@ -182,7 +183,7 @@ def _epoch(ds, workers: int, epoch: int) -> dict:
 
 def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log=print) -> dict:
     from benchmarks.models import VisionSize, processor_for
-    from student.data import make_loader
+    from student.stream import make_loader
 
     Stamped = _stamped_dataset_class()  # noqa: N806
     vision = VisionSize(hidden=0, layers=0, heads=0, intermediate=0, image_size=profile.ld_image_size,

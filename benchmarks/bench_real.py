@@ -3,7 +3,7 @@
 Positions come from real English text (standard-library docstrings and package READMEs of the
 installed Python, see ``common.real_text``), run through the teacher in segments. Everything the
 cache holds is produced by the project's own code: ``kd_cache.teacher.TeacherRunner.distribution``
-(top-k + exact tail, or sampled ids + counts), ``kd_cache.shards.CacheWriter`` (packing, codecs,
+(top-k + exact tail, or sampled ids + counts), ``kd_cache.writer.CacheWriter`` (packing, codecs,
 chunking) and ``open_cache`` to read it back, and the losses are ``student.losses``'s.
 
 * ``bytes_per_position_*``: bytes of the shard's chunk files (every array, token ids included;
@@ -21,7 +21,7 @@ chunking) and ``open_cache`` to read it back, and the losses are ``student.losse
   positions), and the same figures for a much weaker student (the middle layer).
 * storage grid: every array of the top-64, sample-64 and relation shards compressed with candidate
   codecs in the writer's chunking: bytes and encode/decode speed, which is how the defaults in
-  ``kd_cache.shards.default_compressors`` were chosen.
+  ``kd_cache.format.default_compressors`` were chosen.
 """
 
 from __future__ import annotations
@@ -116,14 +116,19 @@ def _dist_samples(runner, ids: np.ndarray, h: torch.Tensor, segment: int) -> tup
 def _write(out: Path, samples: list[dict], *, sparse_mode: str, k: int, relation: str = "none",
            compressors=None, sample_logprobs: bool = False) -> dict:
     """Write one shard + a minimal manifest; return byte counts (chunk files vs zarr.json documents)."""
-    from kd_cache.shards import CacheWriter
+    from kd_cache.schema import DEFAULT_KINDS, HiddenInfo, Manifest, SparseInfo, TeacherInfo
+    from kd_cache.writer import CacheWriter
 
     shutil.rmtree(out, ignore_errors=True)
     w = CacheWriter(str(out), compressors=compressors)
     entry = w.write_shard(0, samples, sparse_mode=sparse_mode, k=k, relation=relation,
                           sample_logprobs=sample_logprobs)
-    w.write_manifest({"teacher": {"path": "bench"}, "vocab_size": None, "sparse": {"mode": sparse_mode, "k": k},
-                      "relation": relation, "num_samples": len(samples), "shards": [entry], "skipped": []})
+    w.write_manifest(Manifest(
+        teacher=TeacherInfo(path="bench", model_type="", revision=None, config_hash="", multimodal=False),
+        tokenizer_hash="", vocab_size=0, teacher_head_rows=0, image_token_id=None, visual_tokens_per_image=None,
+        template="chat", max_length=0, sparse=SparseInfo(mode=sparse_mode, k=k), relation=relation,
+        positions=DEFAULT_KINDS, hidden=HiddenInfo(), generated=None, dataset_fingerprint="", build_config={},
+        shards=[entry]))
     shard = out / "shards" / "00000"
     per_array: dict[str, int] = {}
     data = meta = 0
@@ -137,7 +142,7 @@ def _write(out: Path, samples: list[dict], *, sparse_mode: str, k: int, relation
             parts = os.path.relpath(root, shard).split(os.sep)  # <array path>/c/<chunk coords>
             name = "/".join(parts[:parts.index("c")] if "c" in parts else parts)
             per_array[name] = per_array.get(name, 0) + size
-    return {"data_bytes": data, "metadata_bytes": meta, "per_array": per_array, "entry_bytes": entry["bytes"]}
+    return {"data_bytes": data, "metadata_bytes": meta, "per_array": per_array, "entry_bytes": entry.bytes}
 
 
 def _readback(out: Path) -> list[dict]:
@@ -252,7 +257,7 @@ def _relations(head_w: torch.Tensor, h: torch.Tensor, n: int, windows: int, work
 def _candidates() -> dict:
     from zarr.codecs import BloscCodec, ZstdCodec
 
-    from kd_cache.shards import CHUNK_BYTES, default_compressors
+    from kd_cache.format import CHUNK_BYTES, default_compressors
 
     def blosc(cname, level, shuffle_int, shuffle_float, blocksize=0):
         def f(dtype):
@@ -262,7 +267,7 @@ def _candidates() -> dict:
 
     # name -> (compressors(dtype), chunk bytes). "s/b" = byte shuffle for integers, bitshuffle for floats.
     one = CHUNK_BYTES  # a Blosc block as large as the chunk: one block per chunk
-    c = {"default (kd_cache.shards)": (default_compressors, CHUNK_BYTES)}
+    c = {"default (kd_cache.format)": (default_compressors, CHUNK_BYTES)}
     # Blosc's automatic block size (~256 KiB blocks inside a 1 MiB chunk); the former default was
     # "blosc-zstd3 s/b, auto blocks".
     for lvl in (1, 3, 5, 9):
@@ -288,7 +293,7 @@ def _encode_arrays(arrays: dict[str, np.ndarray], compressors, chunk_bytes: int)
     import zarr
     from zarr.storage import MemoryStore
 
-    from kd_cache.shards import _chunks_for
+    from kd_cache.format import chunks_for
 
     total = raw = 0
     te = td = 0.0
@@ -296,7 +301,7 @@ def _encode_arrays(arrays: dict[str, np.ndarray], compressors, chunk_bytes: int)
         if a.size == 0:
             continue
         store = MemoryStore()
-        arr = zarr.create_array(store, shape=a.shape, dtype=a.dtype, chunks=_chunks_for(a.shape, a.dtype, chunk_bytes),
+        arr = zarr.create_array(store, shape=a.shape, dtype=a.dtype, chunks=chunks_for(a.shape, a.dtype, chunk_bytes),
                                 compressors=compressors(a.dtype))
         t0 = time.perf_counter()
         arr[...] = a
@@ -329,7 +334,7 @@ def _what_if(arrays: dict[str, np.ndarray], vocab: int) -> dict[str, dict[str, n
 
 
 def storage_grid(topk_samples, sample_samples, rel_mats, vocab: int, n_pos: int) -> dict:
-    from kd_cache.shards import pack_samples
+    from kd_cache.format import pack_samples
 
     sets = {
         "topk64": (pack_samples(topk_samples, sparse_mode="topk", k=64, relation="none")[0], n_pos, "per position"),
@@ -348,7 +353,7 @@ def storage_grid(topk_samples, sample_samples, rel_mats, vocab: int, n_pos: int)
             b, te, td, raw = _encode_arrays(arrays, comp, chunk_bytes)
             row[sname] = {"bytes": b / n, "unit": unit, "encode_MBps": raw / te / 1e6, "decode_MBps": raw / td / 1e6}
         rows.append(row)
-    from kd_cache.shards import CHUNK_BYTES, default_compressors
+    from kd_cache.format import CHUNK_BYTES, default_compressors
 
     what_if = []
     for name, arrays in _what_if(sets["topk64"][0], vocab).items():

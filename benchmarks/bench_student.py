@@ -83,9 +83,9 @@ class Steps:
     def __init__(self, profile: Profile, device: torch.device, cache: str, modes: tuple[str, ...]):
         from accelerate import Accelerator
 
-        from student.data import StreamingKDDataset
         from student.distill import DistillStudent, LossSettings
         from student.stages import RECIPES, Stage, set_trainable
+        from student.stream import StreamingKDDataset
 
         self.device = device
         processor = processor_for(profile.vision, profile.vocab)
@@ -179,8 +179,8 @@ def _child(args) -> dict:
     import zarr  # noqa: F401
     from transformers import LlavaForConditionalGeneration  # noqa: F401
 
-    import student.data  # noqa: F401
     import student.distill  # noqa: F401
+    import student.stream  # noqa: F401
     import student.train  # noqa: F401
 
     if device.type == "cuda":

@@ -76,8 +76,9 @@ def forward_flops(model, inputs: dict) -> int:
 
 def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: float | None = None,
         log=print) -> dict:
-    from kd_cache.data import Encoder, load_records
+    from kd_cache.encoding import Encoder
     from kd_cache.fingerprint import image_tokens_per_image
+    from kd_cache.records import load_records
     from kd_cache.teacher import TeacherRunner
 
     dtype = getattr(torch, profile.dtype)
@@ -132,8 +133,8 @@ def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: floa
             manifest = build_with_teacher(teacher, teacher_dir, data, img_dir, out, batch_size=B,
                                           shard_size=profile.tp_shard, device=device, sparse="topk", top_k=64,
                                           relation="full")
-        if manifest["num_samples"] != n:
-            raise RuntimeError(f"build wrote {manifest['num_samples']} samples, expected {n}")
+        if manifest.num_samples != n:
+            raise RuntimeError(f"build wrote {manifest.num_samples} samples, expected {n}")
         shutil.rmtree(out, ignore_errors=True)
 
     # Warm-up: first-call costs (kernel selection, thread pools, lazy imports) hit neither side.

@@ -196,9 +196,9 @@ def llava_config(processor, vocab: int, lm: LMSize, vision: VisionSize):
 
 
 def attn_impl(device: torch.device) -> str:
-    from kd_cache.teacher import pick_attn_implementation
+    from kd_cache.runtime import attn_implementation
 
-    return pick_attn_implementation(device)
+    return attn_implementation(device)
 
 
 def build_model(processor, vocab: int, lm: LMSize, vision: VisionSize, device: torch.device,

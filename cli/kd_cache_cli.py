@@ -36,7 +36,7 @@ def _fail(msg: str | Exception, code: int = 2):
 def build(cfg: BuildConfig):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
     from kd_cache.build import build_cache, summary
-    from kd_cache.data import BadRecord
+    from kd_cache.records import BadRecord
 
     try:
         manifest = build_cache(cfg)
@@ -59,7 +59,7 @@ def inspect_shard(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
 ):
     """Show what a cache or one shard holds: sizes, compression, checksums, per-sample statistics."""
-    from kd_cache.inspect import format_report, inspect_cache
+    from kd_cache.report import format_report, inspect_cache
 
     tok = None
     if tokenizer:
@@ -76,7 +76,7 @@ def inspect_shard(
 @app.command()
 def verify(cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")]):
     """Re-check every shard's checksum and completeness; exit 1 on any problem."""
-    from kd_cache.inspect import verify_cache
+    from kd_cache.report import verify_cache
 
     try:
         problems = verify_cache(cache)

@@ -83,7 +83,7 @@ def _lines(title: str, metrics: dict, columns) -> list[str]:
 @config_command(EvalConfig, on_error=_fail)
 def evaluate(cfg: EvalConfig) -> None:
     """Evaluate a checkpoint on QA data (--data) and/or against a teacher cache (--cache)."""
-    from kd_cache.data import BadRecord
+    from kd_cache.records import BadRecord
     from student.evaluate import evaluate_cache, evaluate_qa, load_model
     from student.model import CompatibilityError
 

@@ -4,6 +4,8 @@ Public reader API: ``open_cache(path_or_url)`` returns a cache with ``len()``, `
 iteration and random access, yielding one dict of numpy arrays per sample.
 """
 
-from kd_cache.shards import FORMAT_VERSION, CacheWriter, KDCache, open_cache
+from kd_cache.reader import KDCache, open_cache
+from kd_cache.schema import FORMAT_VERSION
+from kd_cache.writer import CacheWriter
 
 __all__ = ["FORMAT_VERSION", "CacheWriter", "KDCache", "open_cache"]

@@ -2,7 +2,7 @@
 
 Work is split into shards of ``shard_size`` consecutive input records; shard ``s`` belongs to rank
 ``s % world_size`` (under ``accelerate launch``), so every writer owns whole shards. A shard is done
-when its completion record exists; a rerun skips done shards and rebuilds the rest, which makes a
+when its completion marker exists; a rerun skips done shards and rebuilds the rest, which makes a
 killed build resumable and the result identical to an uninterrupted one. The manifest is written
 last, by rank 0, once every shard is complete.
 
@@ -13,54 +13,37 @@ they overlap with the teacher instead of following it.
 
 from __future__ import annotations
 
-import json
 import math
+import posixpath
 import sys
 import threading
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict
 from queue import Queue
 
-import fsspec
 import torch
 
-from kd_cache import fingerprint
+from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
-from kd_cache.data import (
-    BadRecord,
-    Encoder,
-    dataset_fingerprint,
-    load_records,
+from kd_cache.encoding import Encoder
+from kd_cache.format import BUILD_NAME
+from kd_cache.records import BadRecord, dataset_fingerprint, load_records
+from kd_cache.runtime import resolve_dtype
+from kd_cache.schema import (
+    GeneratedInfo,
+    HiddenInfo,
+    Manifest,
+    SkippedRecord,
+    SparseInfo,
+    SparseMode,
+    TeacherInfo,
     parse_positions,
 )
-from kd_cache.shards import FORMAT_VERSION, CacheWriter
-from kd_cache.teacher import TeacherRunner, load_teacher, resolve_dtype
-
-
-def _fs(url: str, storage_options: dict):
-    fs, root = fsspec.core.url_to_fs(url, **storage_options)
-    return fs, root.rstrip("/")
-
-
-def _read_json(fs, path: str) -> dict | None:
-    try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
-
-def _write_json(fs, path: str, obj: dict) -> None:
-    with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+from kd_cache.teacher import TeacherRunner, load_teacher
+from kd_cache.writer import CacheWriter
 
 
 def _check_identity(previous: dict, current: dict, out: str) -> None:
-    if previous.get("sparse") == "sample" and "sample_scheme" not in previous:
-        previous = {**previous, "sample_scheme": "multinomial"}  # builds before the scheme option drew iid
-    if "sample_logprobs" not in previous:  # builds before format 2: sample mode kept every log-prob
-        previous = {**previous, "sample_logprobs": True if previous.get("sparse") == "sample" else None}
     diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
     if diffs:
         lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"
@@ -134,29 +117,28 @@ def _teacher_answers(runner: TeacherRunner, encoder: Encoder, prepared: list, cf
     return encoded
 
 
-def build_cache(cfg: BuildConfig) -> dict:
+def build_cache(cfg: BuildConfig) -> Manifest:
     """Build (or finish) the cache described by ``cfg``; returns the manifest."""
     dist = _Dist(cfg.device)
-    fs, root = _fs(cfg.out, cfg.storage_options)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
+    fs = writer.fs
     identity = cfg.identity()
-    build_json = f"{root}/build.json"
+    build_json = posixpath.join(writer.root, BUILD_NAME)
 
     if dist.main:
-        previous = _read_json(fs, build_json)
+        previous = storage.read_json(fs, build_json)
         if previous is not None:
             _check_identity(previous, identity, cfg.out)
         else:
-            fs.makedirs(root, exist_ok=True)
-            _write_json(fs, build_json, identity)
+            storage.write_json(fs, build_json, identity, sort_keys=True)
     dist.barrier()
     if not dist.main:
-        _check_identity(_read_json(fs, build_json) or {}, identity, cfg.out)
+        _check_identity(storage.read_json(fs, build_json) or {}, identity, cfg.out)
 
     manifest = writer.read_manifest()
     if manifest is not None:
         if dist.main:
-            print(f"{cfg.out}: cache already complete ({manifest.get('num_samples')} samples)", file=sys.stderr)
+            print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
         return manifest
 
     records = load_records(cfg.data)
@@ -216,7 +198,7 @@ def build_cache(cfg: BuildConfig) -> dict:
             n_skipped += len(skipped)
             bar.set_postfix(skipped=n_skipped, shard=s)
             # The skip list goes next to the shard before its data: a complete shard always has one.
-            _write_json(fs, f"{root}/shards/{writer.shard_name(s)}.skipped.json", {"skipped": skipped})
+            storage.write_json(fs, writer.skipped_path(s), {"skipped": skipped}, sort_keys=True)
             while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
                 pending.pop(0).result()
             pending.append(io.submit(writer.write_shard, s, samples, sparse_mode=cfg.sparse, k=k,
@@ -229,68 +211,63 @@ def build_cache(cfg: BuildConfig) -> dict:
 
     dist.barrier()
     if dist.main:
-        manifest = _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, runner.relation)
+        manifest = _finish(cfg, writer, n_shards, teacher, image_tokens, k, runner.relation)
     dist.barrier()
     if not dist.main:
         manifest = writer.read_manifest()
     return manifest
 
 
-def _finish(cfg, writer, fs, root, n_shards, teacher, image_tokens, k, relation) -> dict:
+def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, image_tokens: int | None, k: int,
+            relation: str) -> Manifest:
+    """Gather the completion markers and skip lists of every shard and write the manifest."""
     entries, skipped = [], []
     for s in range(n_shards):
-        entry = writer.read_complete_entry(s)
+        entry = writer.read_marker(s)
         if entry is None:
             raise RuntimeError(f"{cfg.out}: shard {writer.shard_name(s)} is not complete after the build")
         entries.append(entry)
-        skipped.extend((_read_json(fs, f"{root}/shards/{writer.shard_name(s)}.skipped.json") or {}).get("skipped", []))
+        skipped.extend((storage.read_json(writer.fs, writer.skipped_path(s)) or {}).get("skipped", []))
     model_cfg = teacher.model.config
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "teacher": {
-            "path": cfg.teacher,
-            "model_type": model_cfg.model_type,
-            "revision": getattr(model_cfg, "_commit_hash", None),
-            "config_hash": fingerprint.config_hash(model_cfg),
-            "multimodal": teacher.multimodal,
-        },
-        "tokenizer_hash": fingerprint.tokenizer_hash(teacher.tokenizer),
-        "vocab_size": len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
-        "teacher_head_rows": int(teacher.model.get_output_embeddings().weight.shape[0]),
-        "image_token_id": teacher.image_token_id,
-        "visual_tokens_per_image": image_tokens,
-        "template": cfg.template,
-        "max_length": cfg.max_length,
-        "sparse": {"mode": cfg.sparse, "k": k,
-                   **({"samples": cfg.samples, "scheme": cfg.sample_scheme, "logprobs_stored": cfg.sample_logprobs}
-                      if cfg.sparse == "sample" else {"top_k": k}),
-                   "seed": cfg.seed},
-        "relation": relation,
-        "positions": cfg.positions.split(","),
-        "hidden": {"stored": cfg.hidden, "size": int(teacher.model.get_output_embeddings().weight.shape[1]),
-                   "dtype": "float16"} if cfg.hidden else {"stored": False},
-        "generated": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.generate_temperature}
+    head = teacher.model.get_output_embeddings().weight
+    sample_mode = cfg.sparse == SparseMode.sample.value
+    manifest = Manifest(
+        teacher=TeacherInfo(path=cfg.teacher, model_type=model_cfg.model_type,
+                            revision=getattr(model_cfg, "_commit_hash", None),
+                            config_hash=fingerprint.config_hash(model_cfg), multimodal=teacher.multimodal),
+        tokenizer_hash=fingerprint.tokenizer_hash(teacher.tokenizer),
+        vocab_size=len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
+        teacher_head_rows=int(head.shape[0]),
+        image_token_id=teacher.image_token_id,
+        visual_tokens_per_image=image_tokens,
+        template=cfg.template,
+        max_length=cfg.max_length,
+        sparse=SparseInfo(mode=cfg.sparse, k=k, seed=cfg.seed, samples=cfg.samples if sample_mode else None,
+                          scheme=cfg.sample_scheme if sample_mode else None,
+                          logprobs_stored=cfg.sample_logprobs if sample_mode else None),
+        relation=relation,
+        positions=parse_positions(cfg.positions),
+        hidden=HiddenInfo(stored=True, size=int(head.shape[1]), dtype="float16") if cfg.hidden else HiddenInfo(),
+        generated=GeneratedInfo(max_new_tokens=cfg.max_new_tokens, temperature=cfg.generate_temperature)
         if cfg.generate else None,
-        "dataset_fingerprint": dataset_fingerprint(cfg.data),
-        "build_config": {key: v for key, v in asdict(cfg).items() if key != "storage_options"},
-        "num_samples": sum(e["samples"] for e in entries),
-        "shards": entries,
-        "skipped": [{"id": x["id"], "reason": x["reason"]} for x in skipped],
-        "skipped_counts": dict(sorted(Counter(x["reason"] for x in skipped).items())),
-    }
+        dataset_fingerprint=dataset_fingerprint(cfg.data),
+        build_config={key: v for key, v in asdict(cfg).items() if key != "storage_options"},
+        shards=entries,
+        skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in skipped],
+    )
     writer.write_manifest(manifest)
     return manifest
 
 
-def summary(manifest: dict) -> str:
-    total = sum(e["bytes"] for e in manifest["shards"])
+def summary(manifest: Manifest) -> str:
+    total = manifest.total_bytes
     lines = [
-        f"cache: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, "
-        f"{total / 2**20:.2f} MiB ({total / max(manifest['num_samples'], 1) / 1024:.1f} KiB/sample)",
+        f"cache: {manifest.num_samples} samples in {len(manifest.shards)} shards, "
+        f"{total / 2**20:.2f} MiB ({total / max(manifest.num_samples, 1) / 1024:.1f} KiB/sample)",
     ]
-    if manifest["skipped"]:
-        lines.append(f"skipped {len(manifest['skipped'])} records (listed in manifest.json under 'skipped'):")
-        lines += [f"  {reason}: {n}" for reason, n in manifest["skipped_counts"].items()]
+    if manifest.skipped:
+        lines.append(f"skipped {len(manifest.skipped)} records (listed in manifest.json under 'skipped'):")
+        lines += [f"  {reason}: {n}" for reason, n in manifest.skipped_counts.items()]
     else:
         lines.append("skipped 0 records")
     return "\n".join(lines)

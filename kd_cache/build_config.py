@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from kd_cache.data import resolve_image_folder
+from kd_cache.records import resolve_image_folder
 from kd_cache.relation import parse_relation_spec
 from kd_cache.schema import DEFAULT_KINDS, DType, SampleScheme, SparseMode, Template, choice, parse_positions
 

@@ -20,8 +20,6 @@ from functools import lru_cache
 
 import numpy as np
 
-RELATION_KINDS = ("full", "lowrank", "none")
-
 _SPEC_HELP = "expected 'full', 'none' or 'lowrank:R' with R a positive integer (e.g. 'lowrank:32')"
 
 

@@ -155,7 +155,7 @@ class KindArrays:
 
     def to_dict(self, kind: str) -> dict[str, np.ndarray]:
         out = {f"{kind}_positions": self.positions}
-        for name in ("ids", "logprobs", "tail", "counts", "logp_mean"):
+        for name in ("ids", "counts", "logprobs", "logp_mean", "tail"):
             v = getattr(self, name)
             if v is not None:
                 out[f"{kind}_{name}"] = v
@@ -283,10 +283,21 @@ class GeneratedInfo:
 
 @dataclass
 class ShardEntry:
+    """One complete shard: its completion marker (``shards/NNNNN.complete.json``) and its manifest entry."""
+
     name: str
     samples: int
-    bytes: int
-    checksum: str
+    bytes: int  # all files of the shard together
+    checksum: str  # sha256 over the shard's files (``kd_cache.storage.shard_digest``)
+    format_version: int = FORMAT_VERSION
+    files: dict[str, str] = field(default_factory=dict)  # sha256 of each file, by path in the shard
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ShardEntry:
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
 
 
 @dataclass
@@ -353,7 +364,7 @@ class Manifest:
             "dataset_fingerprint": self.dataset_fingerprint,
             "build_config": dict(self.build_config),
             "num_samples": self.num_samples,
-            "shards": [asdict(e) for e in self.shards],
+            "shards": [e.to_dict() for e in self.shards],
             "skipped": [asdict(x) for x in self.skipped],
             "skipped_counts": self.skipped_counts,
         }
@@ -390,7 +401,7 @@ class Manifest:
                 generated=GeneratedInfo(**gen) if gen is not None else None,
                 dataset_fingerprint=d["dataset_fingerprint"],
                 build_config=dict(d["build_config"]),
-                shards=[ShardEntry(**{f.name: e[f.name] for f in fields(ShardEntry)}) for e in d["shards"]],
+                shards=[ShardEntry.from_dict(e) for e in d["shards"]],
                 skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in d.get("skipped", [])],
                 format_version=int(found),
             )

@@ -15,28 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_cache.data import Encoded, Encoder, Prepared, prompt_positions, response_positions, visual_positions
-
-
-def pick_attn_implementation(device: torch.device) -> str:
-    if device.type == "cuda":
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in table:
-        raise ValueError(f"--dtype {dtype!r}: expected auto, float32, bfloat16 or float16")
-    return table[dtype]
+from kd_cache.encoding import Encoded, Encoder, Prepared
+from kd_cache.runtime import attn_implementation
+from kd_cache.schema import DEFAULT_KINDS, SampleScheme, SparseMode, choice, derive_positions
 
 
 @dataclass
@@ -62,7 +43,7 @@ def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> T
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     multimodal = getattr(config, "vision_config", None) is not None
-    attn = pick_attn_implementation(device)
+    attn = attn_implementation(device)
     cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
     model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).eval()
     model.requires_grad_(False)
@@ -92,9 +73,6 @@ def _sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
-SAMPLE_SCHEMES = ("systematic", "multinomial")
-
-
 def draw_ids(logp: torch.Tensor, n: int, scheme: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` token draws per row of ``logp`` [P, V] (log-probabilities), sorted ascending: [P, n].
 
@@ -108,10 +86,8 @@ def draw_ids(logp: torch.Tensor, n: int, scheme: str, generator: torch.Generator
     and fewer distinct ids are stored. The CDF is accumulated in float64 so that rare tokens keep
     their exact share.
     """
-    if scheme == "multinomial":
+    if choice(SampleScheme, scheme, "sample scheme") is SampleScheme.multinomial:
         return torch.multinomial(logp.exp(), n, replacement=True, generator=generator).sort(dim=-1).values
-    if scheme != "systematic":
-        raise ValueError(f"unknown sample scheme {scheme!r}: expected one of {', '.join(SAMPLE_SCHEMES)}")
     cdf = logp.double().exp().cumsum(dim=-1)
     cdf /= cdf[:, -1:].clone()
     u = torch.rand((logp.shape[0], 1), generator=generator, device=logp.device, dtype=torch.float64)
@@ -125,11 +101,9 @@ class TeacherRunner:
 
     def __init__(self, teacher: Teacher, *, sparse: str = "topk", top_k: int = 64, samples: int = 64,
                  sample_scheme: str = "systematic", relation: str = "full", seed: int = 0, chunk_size: int = 1024,
-                 positions: tuple[str, ...] = ("response", "visual"), hidden: bool = False):
-        if sparse not in ("topk", "sample"):
-            raise ValueError(f"--sparse {sparse!r}: expected topk or sample")
-        if sample_scheme not in SAMPLE_SCHEMES:
-            raise ValueError(f"--sample-scheme {sample_scheme!r}: expected one of {', '.join(SAMPLE_SCHEMES)}")
+                 positions: tuple[str, ...] = DEFAULT_KINDS, hidden: bool = False):
+        choice(SparseMode, sparse, "--sparse")
+        choice(SampleScheme, sample_scheme, "--sample-scheme")
         self.t = teacher
         self.sparse, self.top_k, self.samples, self.seed = sparse, top_k, samples, seed
         self.sample_scheme = sample_scheme
@@ -192,10 +166,9 @@ class TeacherRunner:
         return [self._sample(e, h[i, : len(e.input_ids)], pre[i]) for i, e in enumerate(batch)]
 
     def _positions(self, e: Encoded) -> dict[str, np.ndarray]:
-        where = {"response": lambda: response_positions(e.labels),
-                 "visual": lambda: visual_positions(e.input_ids, self.t.image_token_id),
-                 "prompt": lambda: prompt_positions(e.input_ids, e.labels, self.t.image_token_id)}
-        return {kind: where[kind]() for kind in dict.fromkeys((*self.positions, "visual"))}
+        """Positions of the distilled kinds, and the visual ones (relation matrices) in any case."""
+        return {kind: derive_positions(kind, e.input_ids, e.labels, self.t.image_token_id)
+                for kind in dict.fromkeys((*self.positions, "visual"))}
 
     def _batched_topk(self, batch: list[Encoded], h: torch.Tensor) -> list[dict]:
         """Top-k distributions of a whole batch: per kind, one pass of the head over the distilled rows

@@ -3,7 +3,7 @@
 - ``student.model``: compose a student (vision tower + fresh MLP projector + LLM) as a plain
   ``LlavaForConditionalGeneration``, load it, check it against a cache manifest.
 - ``student.stages``: the DPT / SFT / DFT recipes (trained modules, learning rate, losses).
-- ``student.data``: the streaming, resumable ``IterableDataset`` over a teacher cache.
+- ``student.stream``: the streaming, resumable ``IterableDataset`` over a teacher cache.
 - ``student.losses``: the loss functions (sparse divergences, chunked CE + KD, RDist).
 - ``student.distill``: the distillation forward pass (hidden states -> loss sums).
 - ``student.config``: ``TrainConfig``, every setting of ``kd-train train`` with its flag's help.

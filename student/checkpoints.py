@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from kd_cache.storage import atomic_write
 from student.config import RESUME_KEYS, TrainConfig
 from student.distill import PROJECTOR_DIR
 
@@ -53,9 +54,7 @@ def checkpoint_dirs(out: str | Path) -> list[Path]:
 
 
 def write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    atomic_write(None, str(path), (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def save_checkpoint(accelerator, out: Path, step: int, data_state: dict, cfg: TrainConfig) -> Path:

@@ -4,7 +4,7 @@ Two independent measurements of a saved ``LlavaForConditionalGeneration`` (+ pro
 
 * ``evaluate_qa`` (``--data``): exact-match accuracy of greedy-generated answers on LLaVA-format QA
   data. Every assistant turn is one question: the prompt is the conversation up to that turn (earlier
-  answers are the reference ones), tokenised by the *same* ``kd_cache.data.Encoder`` that built the
+  answers are the reference ones), tokenised by the *same* ``kd_cache.encoding.Encoder`` that built the
   training caches, so the model sees exactly the token layout it was trained on. A generated answer
   counts as correct when it equals the reference after normalisation (case, surrounding whitespace,
   trailing ``.``). Records with an ``options`` list also get a multiple-choice score for their last
@@ -30,31 +30,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_cache.data import IGNORE_INDEX, BadRecord, Encoder, Record, load_records, resolve_image_folder
+from kd_cache.encoding import Encoder, turn_role
+from kd_cache.records import BadRecord, Record, load_records, resolve_image_folder
+from kd_cache.runtime import resolve_device, resolve_dtype
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX
 from student.distill import teacher_arrays
 from student.losses import ce_reference, sparse_divergence, teacher_row_mask
-
-KINDS = ("response", "visual")
-
-
-def pick_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
     """``(model, processor)`` from a saved LLaVA checkpoint, in eval mode on ``device``."""
-    from student.model import DTYPES, load_student
+    from student.model import load_student
 
-    device = pick_device(device) if isinstance(device, str) else device
-    if dtype == "auto":
-        torch_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif dtype in DTYPES:
-        torch_dtype = DTYPES[dtype]
-    else:
-        raise ValueError(f"--dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
-    model, processor = load_student(path, dtype=torch_dtype)
+    device = resolve_device(device)
+    model, processor = load_student(path, dtype=resolve_dtype(dtype, device))
     model.to(device).eval()
     model.requires_grad_(False)
     return model, processor
@@ -113,12 +102,10 @@ def build_items(records: list[Record], encoder: Encoder, raw_options: dict[str, 
     A turn's prompt is obtained by encoding the conversation up to and including that turn and cutting
     at the start of its labelled tokens, so prompt and training tokenisation cannot drift apart.
     """
-    from kd_cache.data import _role
-
     items, skipped = [], []
     for rec in records:
-        turns = [t for t in rec.conversations if str(t.get("value", "")).strip() or _role(t.get("from", "")) == "system"]
-        answer_turns = [i for i, t in enumerate(turns) if _role(t.get("from", "")) == "assistant"]
+        turns = [t for t in rec.conversations if str(t.get("value", "")).strip() or turn_role(t.get("from", "")) == "system"]
+        answer_turns = [i for i, t in enumerate(turns) if turn_role(t.get("from", "")) == "assistant"]
         options = (raw_options or {}).get(rec.id)
         try:
             for n, i in enumerate(answer_turns):
@@ -345,9 +332,9 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
     ``visual_positions`` (None/0 for a text-only cache), plus ``samples`` and ``sparse`` (the cache's
     sparse mode and k).
     """
-    from kd_cache.shards import open_cache
-    from student.data import StreamingKDDataset
+    from kd_cache.reader import open_cache
     from student.model import check_compatibility
+    from student.stream import StreamingKDDataset
 
     if model is None:
         model, processor = load_model(model_path, device, dtype)
@@ -360,14 +347,14 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
                             with_teacher=True)
     head = model.get_output_embeddings().weight
     dev = model.device
-    sums = {k: {"kl": 0.0, "agree": 0.0, "n": 0.0} for k in KINDS}
+    sums = {k: {"kl": 0.0, "agree": 0.0, "n": 0.0} for k in DEFAULT_KINDS}
     ce_sum = ce_n = 0.0
     for batch in ds:
         px = batch.get("pixel_values")
         out = model.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
                           pixel_values=None if px is None else px.to(dev, model.dtype), use_cache=False)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        for kind in KINDS:
+        for kind in DEFAULT_KINDS:  # response (the headline numbers) and visual
             if f"{kind}_ids" not in batch:
                 continue
             index = batch[f"{kind}_index"].to(dev)
@@ -394,7 +381,6 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
         n = sums[kind]["n"]
         return sums[kind][key] / n if n else None
 
-    sparse = manifest.get("sparse") or {}
     return {
         "kl_to_teacher": mean("response", "kl"),
         "top1_agreement": mean("response", "agree"),
@@ -404,7 +390,7 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
         "top1_visual": mean("visual", "agree"),
         "visual_positions": int(sums["visual"]["n"]),
         "samples": len(kd),
-        "sparse": {"mode": sparse.get("mode"), "k": sparse.get("k")},
+        "sparse": {"mode": manifest.sparse.mode, "k": manifest.sparse.k},
     }
 
 

@@ -16,31 +16,17 @@ from typing import Any
 
 import torch
 
-from kd_cache.data import CHATML_TEMPLATE
+from kd_cache.encoding import CHATML_TEMPLATE
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+from kd_cache.runtime import attn_implementation, dtype_from_name
+from kd_cache.schema import Manifest
 
 DEFAULT_IMAGE_TOKEN = "<image>"
 
-# ChatML with structured-content support: used only when the LLM's tokenizer has no chat template.
-FALLBACK_CHAT_TEMPLATE = CHATML_TEMPLATE
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class CompatibilityError(ValueError):
     """A cache and a student (or the parts of a student) that cannot be used together."""
-
-
-def attn_implementation() -> str:
-    """``flash_attention_2`` when flash-attn is importable and a GPU is present, else ``sdpa``."""
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            return "flash_attention_2"
-        except ImportError:
-            pass
-    return "sdpa"
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
@@ -134,8 +120,7 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
         LlavaProcessor,
     )
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+    torch_dtype = dtype_from_name(dtype)
     vision_path, llm_path, out_dir = Path(vision_path), Path(llm_path), Path(out_dir)
     for flag, p in (("--vision", vision_path), ("--llm", llm_path)):
         if not (p / "config.json").is_file():
@@ -199,13 +184,13 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
         tokenizer=tokenizer,
         patch_size=vcfg.patch_size,
         vision_feature_select_strategy=strategy,
-        chat_template=tokenizer.chat_template or FALLBACK_CHAT_TEMPLATE,
+        chat_template=tokenizer.chat_template or CHATML_TEMPLATE,  # ChatML when the LLM has none
         image_token=image_token,
         num_additional_image_tokens=extra_tokens,
     )
     _check_image_geometry(model, processor)
 
-    model.to(DTYPES[dtype])
+    model.to(torch_dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -249,7 +234,7 @@ def student_facts(model, processor) -> dict[str, Any]:
     }
 
 
-def check_compatibility(manifest: dict, model, processor, *, template: str | None = None) -> None:
+def check_compatibility(manifest: Manifest, model, processor, *, template: str | None = None) -> None:
     """Raise ``CompatibilityError`` naming both values if the cache and the student disagree.
 
     Checked: vocab size, tokenizer hash (identical token ids), image token id, visual tokens per image
@@ -258,29 +243,29 @@ def check_compatibility(manifest: dict, model, processor, *, template: str | Non
     """
     s = student_facts(model, processor)
     problems = []
-    if manifest.get("vocab_size") != s["vocab_size"]:
-        problems.append(f"cache vocab_size {manifest.get('vocab_size')} != student vocab_size {s['vocab_size']}: "
+    if manifest.vocab_size != s["vocab_size"]:
+        problems.append(f"cache vocab_size {manifest.vocab_size} != student vocab_size {s['vocab_size']}: "
                         "logit distillation needs a shared tokenizer and output vocabulary")
     if s["head_rows"] < s["vocab_size"]:
         problems.append(f"student output layer has {s['head_rows']} rows for {s['vocab_size']} tokens: "
                         "resize the token embeddings to the tokenizer")
-    if manifest.get("tokenizer_hash") != s["tokenizer_hash"]:
-        problems.append(f"cache tokenizer_hash {manifest.get('tokenizer_hash')} != student tokenizer_hash "
+    if manifest.tokenizer_hash != s["tokenizer_hash"]:
+        problems.append(f"cache tokenizer_hash {manifest.tokenizer_hash} != student tokenizer_hash "
                         f"{s['tokenizer_hash']}: teacher and student token ids differ; logit distillation "
                         "needs a shared tokenizer")
-    if manifest.get("image_token_id") is not None and manifest.get("image_token_id") != s["image_token_id"]:
-        problems.append(f"cache image_token_id {manifest.get('image_token_id')} != student image_token_id "
+    if manifest.image_token_id is not None and manifest.image_token_id != s["image_token_id"]:
+        problems.append(f"cache image_token_id {manifest.image_token_id} != student image_token_id "
                         f"{s['image_token_id']}")
-    cache_vt = manifest.get("visual_tokens_per_image")
+    cache_vt = manifest.visual_tokens_per_image
     if cache_vt is not None and cache_vt != s["visual_tokens_per_image"]:
         problems.append(f"cache visual_tokens_per_image {cache_vt} != student visual_tokens_per_image "
                         f"{s['visual_tokens_per_image']}: the student's image processor and vision tower must "
                         "produce as many image tokens as the teacher's")
-    if template is not None and manifest.get("template") != template:
-        problems.append(f"cache template {manifest.get('template')!r} != stage template {template!r}: DPT expects "
+    if template is not None and manifest.template != template:
+        problems.append(f"cache template {manifest.template!r} != stage template {template!r}: DPT expects "
                         "a 'pretrain' (caption) cache, SFT/DFT a 'chat' cache (pass --any-template to override)")
-    max_len, max_pos = manifest.get("max_length"), s["max_position_embeddings"]
-    if max_len is not None and max_pos is not None and max_len > max_pos:
+    max_len, max_pos = manifest.max_length, s["max_position_embeddings"]
+    if max_pos is not None and max_len > max_pos:
         problems.append(f"cache max_length {max_len} > student max_position_embeddings {max_pos}")
     if problems:
         raise CompatibilityError("cache and student are incompatible:\n  " + "\n  ".join(problems))

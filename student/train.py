@@ -198,7 +198,7 @@ class _Run:
     model: Any  # the DistillStudent, wrapped by accelerate
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    dataset: Any  # student.data.StreamingKDDataset
+    dataset: Any  # student.stream.StreamingKDDataset
     processor: Any
     settings: LossSettings
     total_steps: int
@@ -207,7 +207,7 @@ class _Run:
 
 def _load(cfg: TrainConfig):
     """Open the cache and the student and check they belong together; (cache, model, processor, hidden size)."""
-    from kd_cache.shards import open_cache
+    from kd_cache.reader import open_cache
     from student.model import check_compatibility, load_student
 
     cache = open_cache(cfg.cache, cfg.storage_options or None)
@@ -215,7 +215,7 @@ def _load(cfg: TrainConfig):
     model, processor = load_student(cfg.student)
     check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template)
     if cfg.image_folder is None:
-        cfg.image_folder = manifest["build_config"]["image_folder"]
+        cfg.image_folder = manifest.image_folder
     if len(cache) == 0:
         raise ValueError(f"--cache {cfg.cache}: the cache holds no samples")
     teacher_hidden_size = check_cache_options(cfg, manifest) if cfg.distill else None
@@ -226,8 +226,8 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     """Student, optimizer, schedule and data stream, placed by ``accelerator``."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from student.data import StreamingKDDataset, steps_per_epoch
     from student.stages import set_trainable
+    from student.stream import StreamingKDDataset, steps_per_epoch
 
     cache, model, processor, teacher_hidden_size = _load(cfg)
     set_trainable(model, cfg.train_modules)
@@ -257,7 +257,7 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
                                  hidden_kinds=settings.kinds if settings.hidden_loss else (),
                                  affinity=settings.affinity)
     return _Run(accelerator, wrapper, optimizer, scheduler, dataset, processor, settings, total_steps,
-                cache.manifest["teacher"]["path"])
+                cache.manifest.teacher.path)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -287,7 +287,7 @@ def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
     """Optimizer steps from ``at`` (advanced in place) to the end; returns the last step's metrics line."""
     from tqdm.auto import tqdm
 
-    from student.data import make_loader
+    from student.stream import make_loader
 
     accelerator, out = run.accelerator, Path(cfg.out)
     main, world = accelerator.is_main_process, accelerator.num_processes

@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cache_fixtures import synthetic_manifest
 
 from kd_cache import open_cache
 from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
-from kd_cache.shards import CacheWriter
+from kd_cache.writer import CacheWriter
 from kd_demo import tiny
 
 
@@ -159,21 +160,8 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
     for shard, a in enumerate(range(0, n, shard_size)):
         entries.append(writer.write_shard(shard, samples[a:a + shard_size], sparse_mode=sparse_mode, k=k,
                                           relation=relation))
-    writer.write_manifest({
-        "teacher": {"path": "synthetic", "model_type": "llava", "config_hash": "synthetic"},
-        "tokenizer_hash": tokenizer_hash(tok),
-        "vocab_size": V,
-        "image_token_id": image_id,
-        "visual_tokens_per_image": n_vis,
-        "template": template,
-        "max_length": 2048,
-        "sparse": {"mode": sparse_mode, "k": k},
-        "relation": relation,
-        "positions": ["response", "visual"],
-        "hidden": {"stored": False},
-        "build_config": {"image_folder": str(img_dir), "data": "synthetic"},
-        "num_samples": n,
-        "shards": entries,
-        "skipped": [],
-    })
+    writer.write_manifest(synthetic_manifest(
+        entries, sparse_mode=sparse_mode, k=k, relation=relation, tokenizer_hash=tokenizer_hash(tok), vocab_size=V,
+        teacher_head_rows=V, image_token_id=image_id, visual_tokens_per_image=n_vis, template=template,
+        build_config={"image_folder": str(img_dir), "data": "synthetic"}))
     return out

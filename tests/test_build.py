@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 from cli.kd_cache_cli import app
 from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
-from kd_cache.data import Encoder, load_records
+from kd_cache.encoding import Encoder
 from kd_cache.fingerprint import image_tokens_per_image
+from kd_cache.records import load_records
+from kd_cache.schema import Manifest
 from kd_cache.teacher import TeacherRunner, load_teacher
 from kd_demo import tiny
 
@@ -52,7 +54,7 @@ def _dense_logprobs(teacher_dir, data, template="chat"):
 def test_topk_and_relation_equal_dense(teacher_dir, chat_data, tmp_path):
     manifest = _build(teacher_dir, chat_data, tmp_path / "c", top_k=8, shard_size=4, batch_size=3)
     cache = open_cache(str(tmp_path / "c"))
-    assert len(cache) == manifest["num_samples"] == 10
+    assert len(cache) == manifest.num_samples == 10
     dense = _dense_logprobs(teacher_dir, chat_data)
     n_images = 0
     for s in cache:
@@ -60,7 +62,7 @@ def test_topk_and_relation_equal_dense(teacher_dir, chat_data, tmp_path):
         logp = torch.log_softmax(logits, -1)
         labels = s["labels"]
         np.testing.assert_array_equal(s["response_positions"], np.nonzero(labels[1:] != -100)[0])
-        np.testing.assert_array_equal(s["visual_positions"], np.nonzero(s["input_ids"] == manifest["image_token_id"])[0])
+        np.testing.assert_array_equal(s["visual_positions"], np.nonzero(s["input_ids"] == manifest.image_token_id)[0])
         for kind in ("response", "visual"):
             pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
             ref_lp, ref_ids = logp[pos].topk(8, dim=-1)
@@ -140,7 +142,7 @@ def test_sample_mode_cache_through_cli(teacher_dir, chat_data, tmp_path):
         assert res.exit_code == 0, res.output
         outs[bool(flag)] = out
     lean, full = open_cache(str(outs[False])), open_cache(str(outs[True]))
-    assert lean.manifest["sparse"]["logprobs_stored"] is False and full.manifest["sparse"]["logprobs_stored"] is True
+    assert lean.manifest.sparse.logprobs_stored is False and full.manifest.sparse.logprobs_stored is True
     dense = _dense_logprobs(teacher_dir, chat_data)
     for a, b in zip(lean, full):
         logp = torch.log_softmax(dense[a["id"]], -1).double().numpy()
@@ -153,8 +155,8 @@ def test_sample_mode_cache_through_cli(teacher_dir, chat_data, tmp_path):
             ref = (np.where(ids >= 0, counts * np.take_along_axis(rows, np.maximum(ids, 0), 1), 0).sum(1)
                    / np.maximum(counts.sum(1), 1))
             np.testing.assert_allclose(a[f"{kind}_logp_mean"], ref, rtol=1e-5, atol=1e-5)
-    lean_bytes = sum(e["bytes"] for e in lean.manifest["shards"])
-    full_bytes = sum(e["bytes"] for e in full.manifest["shards"])
+    lean_bytes = lean.manifest.total_bytes
+    full_bytes = full.manifest.total_bytes
     assert lean_bytes < full_bytes
 
 
@@ -259,12 +261,12 @@ def test_bad_records_are_counted_and_listed(teacher_dir, tmp_path):
     data = _bad_dataset(tmp_path / "bad")
     res = CliRunner().invoke(app, _cli_build(teacher_dir, data, tmp_path / "c", "--max-length", "120", "--top-k", "4")[3:])
     assert res.exit_code == 0, res.output
-    manifest = json.loads((tmp_path / "c/manifest.json").read_text())
-    assert manifest["num_samples"] == 3
-    reasons = {x["id"]: x["reason"] for x in manifest["skipped"]}
+    manifest = Manifest.from_json((tmp_path / "c/manifest.json").read_text())
+    assert manifest.num_samples == 3
+    reasons = {x.id: x.reason for x in manifest.skipped}
     assert reasons == {"missing": "missing_image", "unreadable": "unreadable_image", "empty": "empty_conversation",
                        "too-long": "no_assistant_tokens_after_truncation", "two-tags": "image_tag_count_mismatch"}
-    assert manifest["skipped_counts"]["missing_image"] == 1
+    assert manifest.skipped_counts["missing_image"] == 1
     assert "skipped 5 records" in res.output and "unreadable_image: 1" in res.output
 
     res = CliRunner().invoke(app, _cli_build(teacher_dir, data, tmp_path / "s", "--strict", "--max-length", "120")[3:])
@@ -281,7 +283,7 @@ def test_causal_lm_teacher_on_text_only_data(causal_teacher_dir, tmp_path):
                                               {"from": "gpt", "value": "yes"}]} for i, c in enumerate(tiny.COLOURS)]
     (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     manifest = _build(causal_teacher_dir, (root / "d.jsonl", root), tmp_path / "c", top_k=5, relation="full")
-    assert manifest["visual_tokens_per_image"] is None and manifest["relation"] == "none"
+    assert manifest.visual_tokens_per_image is None and manifest.relation == "none"
     model = AutoModelForCausalLM.from_pretrained(causal_teacher_dir).eval()
     tok = AutoTokenizer.from_pretrained(causal_teacher_dir)
     for s in open_cache(str(tmp_path / "c")):
@@ -297,7 +299,7 @@ def test_fsspec_url_stores(teacher_dir, chat_data, tmp_path):
     local = _build(teacher_dir, chat_data, tmp_path / "local", top_k=4, limit=4)
     mem = _build(teacher_dir, chat_data, "memory://kd-test-cache", top_k=4, limit=4)
     url = _build(teacher_dir, chat_data, (tmp_path / "viaurl").as_uri(), top_k=4, limit=4)
-    assert local["shards"] == mem["shards"] == url["shards"]
+    assert local.shards == mem.shards == url.shards
     _arrays_close(list(open_cache(str(tmp_path / "local"))), list(open_cache("memory://kd-test-cache")), exact=True)
 
 
@@ -332,7 +334,7 @@ def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
 def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
     manifest = _build(teacher_dir, chat_data, tmp_path / "c", top_k=4, positions="prompt,response,visual",
                       hidden=True, limit=4)
-    assert manifest["positions"] == ["response", "visual", "prompt"] and manifest["hidden"]["size"] == 64
+    assert manifest.positions == ("response", "visual", "prompt") and manifest.hidden.size == 64
     model, proc = load_llava(teacher_dir)
     enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
     records = {r.id: r for r in load_records(str(chat_data[0]))}
@@ -388,7 +390,7 @@ def test_padded_teacher_head_is_cut_to_the_tokenizer(teacher_dir, student_dir, c
     model.save_pretrained(tmp_path / "padded")
     AutoProcessor.from_pretrained(teacher_dir).save_pretrained(tmp_path / "padded")
     manifest = _build(tmp_path / "padded", chat_data, tmp_path / "c", top_k=8, limit=3)
-    assert manifest["vocab_size"] == 400 and manifest["teacher_head_rows"] == 448
+    assert manifest.vocab_size == 400 and manifest.teacher_head_rows == 448
     dense = {}
     proc = AutoProcessor.from_pretrained(teacher_dir)
     enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))

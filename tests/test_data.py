@@ -9,16 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kd_cache.data import (
-    BadRecord,
-    Encoder,
-    Record,
-    dataset_fingerprint,
-    load_records,
-    response_positions,
-    visual_positions,
-)
+from kd_cache.encoding import Encoder
 from kd_cache.fingerprint import image_tokens_per_image
+from kd_cache.records import BadRecord, Record, dataset_fingerprint, load_records
+from kd_cache.schema import response_positions, visual_positions
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def _eval(*args) -> dict:
 
 
 def _messages(turns):
-    """Structured chat messages for the processor's own chat template (independent of kd_cache.data)."""
+    """Structured chat messages for the processor's own chat template (independent of kd_cache.encoding)."""
     msgs = []
     for t in turns:
         role = "user" if t["from"] == "human" else "assistant"
@@ -192,7 +192,7 @@ def _dense_metrics(teacher_dir, model_dir, cache_path):
 
     teacher, proc = load_llava(teacher_dir)
     model, _ = load_llava(model_dir)
-    folder = open_cache(str(cache_path)).manifest["build_config"]["image_folder"]
+    folder = open_cache(str(cache_path)).manifest.image_folder
     kls, agree = [], []
     for s in open_cache(str(cache_path)):
         inputs = model_inputs(proc, s["input_ids"], [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]])

@@ -6,10 +6,12 @@ import json
 
 import numpy as np
 import pytest
+from cache_fixtures import synthetic_manifest
 
 from kd_cache import open_cache
-from kd_cache.inspect import format_report, inspect_cache, kind_stats, verify_cache
-from kd_cache.shards import CacheWriter
+from kd_cache.report import format_report, inspect_cache, kind_stats, verify_cache
+from kd_cache.schema import SkippedRecord
+from kd_cache.writer import CacheWriter
 
 K = 4
 
@@ -50,15 +52,9 @@ def cache_dir(tmp_path):
         w.write_shard(0, samples[:4], sparse_mode="topk", k=K, relation="lowrank:2"),
         w.write_shard(1, samples[4:], sparse_mode="topk", k=K, relation="lowrank:2"),
     ]
-    w.write_manifest(
-        {
-            "shards": entries,
-            "sparse": {"mode": "topk", "k": K},
-            "relation": "lowrank:2",
-            "teacher": {"path": str(tmp_path / "no-such-teacher"), "revision": None},
-            "skipped": [{"id": "bad1", "reason": "missing image"}, {"id": "bad2", "reason": "missing image"}],
-        }
-    )
+    w.write_manifest(synthetic_manifest(entries, k=K, relation="lowrank:2", teacher_path=str(tmp_path / "no-such-teacher"),
+                                        skipped=[SkippedRecord("bad1", "missing image"),
+                                                 SkippedRecord("bad2", "missing image")]))
     return tmp_path / "c", samples
 
 
@@ -176,9 +172,7 @@ def test_sample_mode_entropy_ignores_padding(tmp_path, logprobs):
     samples = [_sample(rng, i, n_img=1, mode="sample") for i in range(2)]
     w = CacheWriter(str(tmp_path / "c"))
     e = w.write_shard(0, samples, sparse_mode="sample", k=K, relation="full", sample_logprobs=logprobs)
-    w.write_manifest(
-        {"shards": [e], "sparse": {"mode": "sample", "samples": K}, "relation": "full", "skipped": []}
-    )
+    w.write_manifest(synthetic_manifest([e], sparse_mode="sample", k=K, relation="full"))
     info = inspect_cache(str(tmp_path / "c"))
     r = info["samples_listed"][0]
     s = samples[0]

@@ -7,6 +7,7 @@ so padding, flat indexing, row bookkeeping and global normalisation are all chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -17,12 +18,12 @@ from student_fixtures import Killed, kill_after_checkpoint, one_torch_thread, re
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
+from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
-from kd_cache.shards import open_cache
+from kd_cache.schema import HiddenInfo, SparseInfo
 from student.cache_checks import check_cache_options
 from student.checkpoints import checkpoint_dirs
 from student.config import TrainConfig
-from student.data import StreamingKDDataset
 from student.distill import (
     PROJECTOR_DIR,
     DistillStudent,
@@ -38,6 +39,7 @@ from student.losses import (
 )
 from student.model import load_student
 from student.stages import set_trainable
+from student.stream import StreamingKDDataset
 from student.terms import TERM_NAMES, LossWeights
 from student.train import accumulate_gradients, train
 
@@ -266,13 +268,13 @@ def test_a_response_only_cache_still_gives_ce_and_rdist(student_dir, processor, 
     """Visual positions that were not cached are derived from the image tokens, so RDist still lines up."""
     cache = open_cache(str(caches["resp"]))
     samples = [cache[i] for i in range(len(cache))]
-    assert cache.manifest["positions"] == ["response"] and all(len(s["visual_positions"]) == 0 for s in samples)
+    assert cache.manifest.positions == ("response",) and all(len(s["visual_positions"]) == 0 for s in samples)
     settings = LossSettings(kinds=("response",))
     batch = _dataset(caches["resp"], processor, settings, batch_size=3).collate(samples)
     n_images = sum(len(s["images"]) for s in samples)
     assert n_images == 3 and "visual_ids" not in batch and batch["relation_index"].shape[0] == n_images
     T = batch["input_ids"].shape[1]
-    image_id = cache.manifest["image_token_id"]
+    image_id = cache.manifest.image_token_id
     expected = np.concatenate([b * T + np.nonzero(s["input_ids"] == image_id)[0] for b, s in enumerate(samples)])
     np.testing.assert_array_equal(batch["visual_index"].numpy(), expected)
     with torch.no_grad():
@@ -379,18 +381,19 @@ def test_refusals_name_the_flag_and_the_fix(student_dir, caches, tmp_path):
         train(_cfg(student_dir, plain, tmp_path / "c", hidden_weight=0.0, affinity_weight=0.0))
     assert not (tmp_path / "a").exists()  # refused before anything was written
     # Sampled caches refuse --zscore.
-    def manifest(mode="topk", positions=("response", "visual"), hidden=None):
-        return {"sparse": {"mode": mode}, "positions": list(positions), "hidden": hidden or {"stored": False}}
-
+    manifest = open_cache(plain).manifest
     cfg = _cfg(student_dir, plain, tmp_path / "d", positions="visual", hidden_weight=0.0, affinity_weight=0.0,
                zscore=True)
-    assert check_cache_options(cfg, manifest()) is None
+    assert check_cache_options(cfg, manifest) is None
+    sampled = dataclasses.replace(manifest, sparse=SparseInfo(mode="sample", k=8, samples=8, scheme="systematic",
+                                                              logprobs_stored=False))
     with pytest.raises(ValueError, match=r"--zscore: the cache holds sampled teacher tokens"):
-        check_cache_options(cfg, manifest("sample"))
+        check_cache_options(cfg, sampled)
     cfg = _cfg(student_dir, plain, tmp_path / "e", positions="response", hidden_weight=0.0)
     with pytest.raises(ValueError, match=r"--affinity-weight 2.0: needs the teacher's hidden states at response "
                                          r"and visual positions"):
-        check_cache_options(cfg, manifest(positions=["response"], hidden={"stored": True, "size": 64}))
+        check_cache_options(cfg, dataclasses.replace(manifest, positions=("response",),
+                                                     hidden=HiddenInfo(stored=True, size=64, dtype="float16")))
     # Config-level checks.
     with pytest.raises(ValueError, match=r"--hidden-weight 1.0: the sft stage trains on CE only"):
         _cfg(student_dir, plain, tmp_path / "f", stage="sft")

@@ -1,4 +1,4 @@
-"""Shard writer/reader: round trips, stores, completion records, manifest, verify, pickling."""
+"""Shard writer/reader: round trips, stores, completion markers, manifest, verify, pickling."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
+from cache_fixtures import synthetic_manifest
 
+from kd_cache import CacheWriter, KDCache, open_cache
 from kd_cache.relation import decode_relation, encode_relation, normalise
-from kd_cache.shards import FORMAT_VERSION, KINDS, CacheWriter, KDCache, open_cache
+from kd_cache.schema import FORMAT_VERSION, KINDS, SkippedRecord
 
 VOCAB = 500
 N_VIS = 6  # visual tokens per image (relation matrices are N_VIS x N_VIS)
@@ -72,8 +74,7 @@ def build_cache(
             w.write_shard(idx, samples[start : start + per_shard], sparse_mode=mode, k=k, relation=relation,
                           sample_logprobs=sample_logprobs)
         )
-    sparse = {"mode": mode, "k": k} if mode == "topk" else {"mode": mode, "samples": k}
-    w.write_manifest({"shards": entries, "sparse": sparse, "relation": relation, "skipped": []})
+    w.write_manifest(synthetic_manifest(entries, sparse_mode=mode, k=k, relation=relation))
     return w
 
 
@@ -200,29 +201,6 @@ def test_sample_mode_stores_logp_mean_instead_of_logprobs(tmp_path):
         build_cache(tmp_path / "bad2", [given], mode="sample", k=8, sample_logprobs=True)
 
 
-def test_reads_format_version_1_sample_shards(tmp_path):
-    """Version 1 sample shards (per-entry log-probs, no logp_mean) still read: logp_mean is derived."""
-    rng = np.random.default_rng(8)
-    samples = [make_sample(rng, i, "sample", 8) for i in range(5)]
-    root = tmp_path / "c"
-    build_cache(root, samples, mode="sample", k=8, per_shard=5, sample_logprobs=True)
-    shard = root / "shards" / "00000"
-    meta = json.loads((shard / "zarr.json").read_text())
-    meta["attributes"]["format_version"] = 1
-    del meta["attributes"]["sample_logprobs"]
-    (shard / "zarr.json").write_text(json.dumps(meta))
-    for kind in KINDS:
-        import shutil
-
-        shutil.rmtree(shard / kind / "logp_mean")
-    m = json.loads((root / "manifest.json").read_text())
-    m["format_version"] = 1
-    (root / "manifest.json").write_text(json.dumps(m))
-    for g, w in zip(open_cache(root), samples):
-        # derived from the stored fp16 log-probs (11 significant bits): exact to ~1e-3 relative
-        assert_sample_equal(g, w, "sample", 8, "full", logprobs=True, logp_mean_tol=2e-3)
-
-
 def test_random_access_matches_iteration(tmp_path):
     rng = np.random.default_rng(1)
     samples = [make_sample(rng, i, "topk", 4) for i in range(17)]
@@ -258,15 +236,15 @@ def test_url_stores(tmp_path, memory_url, scheme):
         assert (tmp_path / "cache" / "shards" / "00000" / "zarr.json").exists()
 
 
-def test_completion_record_semantics(tmp_path):
+def test_completion_marker_semantics(tmp_path):
     rng = np.random.default_rng(4)
     root = tmp_path / "c"
     w = CacheWriter(str(root))
     assert w.shard_name(0) == "00000" and w.shard_name(123) == "00123"
     assert not w.is_complete(0)
-    assert w.read_complete_entry(0) is None
+    assert w.read_marker(0) is None
 
-    # leftovers of a crashed attempt: data but no record
+    # leftovers of a crashed attempt: data but no marker
     partial = root / "shards" / "00000"
     (partial / "junk").mkdir(parents=True)
     (partial / "junk" / "zarr.json").write_text("{}")
@@ -274,39 +252,31 @@ def test_completion_record_semantics(tmp_path):
 
     samples = [make_sample(rng, i, "topk", 4) for i in range(3)]
     entry = w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
-    assert set(entry) == {"name", "samples", "bytes", "checksum"}
-    assert entry["name"] == "00000" and entry["samples"] == 3 and entry["bytes"] > 0
+    assert entry.name == "00000" and entry.samples == 3 and entry.bytes > 0
     assert not (partial / "junk").exists(), "write_shard must delete partial leftovers"
     assert w.is_complete(0)
-    rec = w.read_complete_entry(0)
-    assert rec["checksum"] == entry["checksum"] and rec["samples"] == 3 and rec["bytes"] == entry["bytes"]
+    assert w.read_marker(0) == entry  # the marker holds the entry the manifest lists
     on_disk = sum(p.stat().st_size for p in partial.rglob("*") if p.is_file())
-    assert on_disk == entry["bytes"]
+    assert on_disk == entry.bytes and set(entry.files) == {str(p.relative_to(partial)) for p in partial.rglob("*")
+                                                            if p.is_file()}
 
     # rewriting gives the same content hash (deterministic)
     again = w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
     assert again == entry
 
-    # an unreadable record does not count as complete
-    rec_path = root / "shards" / "00000.complete.json"
-    rec_path.write_text("{not json")
+    # an unreadable marker does not count as complete
+    marker = root / "shards" / "00000.complete.json"
+    marker.write_text("{not json")
     assert not w.is_complete(0)
-    rec_path.unlink()
+    marker.unlink()
     assert not w.is_complete(0)
 
-    # a cache whose manifest lists a shard without a record refuses to read it
+    # a cache whose manifest lists a shard without a marker refuses to read it
     w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
-    w.write_manifest(
-        {
-            "shards": [w.read_complete_entry(0)],
-            "sparse": {"mode": "topk", "k": 4},
-            "relation": "full",
-            "skipped": [],
-        }
-    )
-    rec_path.unlink()
+    w.write_manifest(synthetic_manifest([w.read_marker(0)], k=4, relation="full"))
+    marker.unlink()
     cache = open_cache(str(root))
-    with pytest.raises(FileNotFoundError, match="completion record"):
+    with pytest.raises(FileNotFoundError, match="completion marker"):
         cache[0]
     problems = cache.verify()
     assert any("00000.complete.json" in p and "missing" in p for p in problems)
@@ -359,10 +329,10 @@ def test_manifest_atomic_write_and_errors(tmp_path, monkeypatch):
         open_cache(str(root))
     assert str(root / "manifest.json") in str(ei.value)
 
-    manifest = {"shards": [entry], "sparse": {"mode": "topk", "k": 4}, "relation": "none", "skipped": []}
+    manifest = synthetic_manifest([entry], k=4, relation="none")
     w.write_manifest(manifest)
-    assert "format_version" not in manifest, "write_manifest must not modify its argument"
-    assert w.read_manifest() == dict(manifest, format_version=FORMAT_VERSION)
+    assert w.read_manifest() == manifest and manifest.format_version == FORMAT_VERSION
+    assert (root / "manifest.json").read_text() == manifest.to_json()
     assert sorted(p.name for p in root.iterdir()) == ["manifest.json", "shards"], "no temp file left behind"
 
     # a failing rename leaves the previous manifest intact
@@ -371,9 +341,9 @@ def test_manifest_atomic_write_and_errors(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError):
-        w.write_manifest(dict(manifest, skipped=[{"id": "x", "reason": "y"}]))
+        w.write_manifest(synthetic_manifest([entry], k=4, relation="none", skipped=[SkippedRecord("x", "y")]))
     monkeypatch.undo()
-    assert w.read_manifest()["skipped"] == []
+    assert w.read_manifest().skipped == []
 
     data = json.loads((root / "manifest.json").read_text())
     data["format_version"] = 999
@@ -451,7 +421,7 @@ def test_rewrite_keeps_siblings_and_drops_leftovers(tmp_path, memory_url, scheme
     entry = w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full")
     assert not w.fs.exists(shards + "/00000/old/c0")
     assert w.fs.cat_file(shards + "/00000.skipped.json") == b"{}"
-    assert "old/c0" not in w.read_complete_entry(0)["files"]
+    assert "old/c0" not in w.read_marker(0).files
     assert w.write_shard(0, samples, sparse_mode="topk", k=4, relation="full") == entry
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F401
 
-from kd_cache.shards import open_cache
-from student.data import StreamingKDDataset, epoch_order, make_loader, rank_stream, steps_per_epoch, window_plan
+from kd_cache import open_cache
+from student.stream import StreamingKDDataset, epoch_order, make_loader, rank_stream, steps_per_epoch, window_plan
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +110,7 @@ def test_collation_pads_right_and_offsets_positions_into_the_batch(mixed_cache, 
     B, T = batch["input_ids"].shape
     assert B == 5 and T == max(len(s["input_ids"]) for s in samples)
     flat = batch["input_ids"].reshape(-1)
-    image_id = cache.manifest["image_token_id"]
+    image_id = cache.manifest.image_token_id
     for b, s in enumerate(samples):
         L = len(s["input_ids"])
         assert batch["attention_mask"][b].tolist() == [1] * L + [0] * (T - L)
@@ -167,7 +167,7 @@ def _max_open_shards(order: np.ndarray, sizes: list[int]) -> int:
     return most
 
 
-@pytest.mark.parametrize("window,mix", [(1, 8), (3, 1), (5, 3), (32, 8), (200, 2)])
+@pytest.mark.parametrize("window,mix", [(2, 8), (3, 1), (5, 3), (32, 8), (200, 2)])
 def test_windowed_order_is_pure_covers_every_sample_once_and_keeps_blocks(window, mix):
     sizes = [10] * 11 + [7, 0, 23]
     for epoch in range(3):
@@ -219,7 +219,9 @@ def test_mix_deals_the_planned_windows_in_groups_each_front_to_back(mix):
 
 def _write_text_cache(root, n: int, chunk_bytes: int) -> str:
     """Text-only top-8 samples with tiny chunks (a few samples per chunk), in shards of 40."""
-    from kd_cache.shards import CacheWriter
+    from cache_fixtures import synthetic_manifest
+
+    from kd_cache.writer import CacheWriter
 
     rng = np.random.default_rng(0)
     samples = []
@@ -235,12 +237,12 @@ def _write_text_cache(root, n: int, chunk_bytes: int) -> str:
     w = CacheWriter(str(root), chunk_bytes=chunk_bytes)
     entries = [w.write_shard(j, samples[a:a + 40], sparse_mode="topk", k=8, relation="none")
                for j, a in enumerate(range(0, n, 40))]
-    w.write_manifest({"shards": entries, "sparse": {"mode": "topk", "k": 8}, "relation": "none", "skipped": []})
+    w.write_manifest(synthetic_manifest(entries, k=8, relation="none"))
     return str(root)
 
 
 def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples(tmp_path, processor, monkeypatch):
-    from kd_cache.shards import ChunkCache, KDCache
+    from kd_cache.reader import ChunkCache, KDCache
 
     url = _write_text_cache(tmp_path / "c", 160, chunk_bytes=1024)
     decoded = []
@@ -248,15 +250,17 @@ def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples
     monkeypatch.setattr(ChunkCache, "put", lambda self, key, a: (decoded.append(key), put(self, key, a))[1])
     plain = KDCache(url, cache_bytes=1)  # keeps nothing between reads: the plain per-sample path
 
-    def read_epoch(window):
+    def read_epoch(uniform: bool):
         # A budget of 8 chunks of 1 KiB per window read at once, as the default is for 1 MiB chunks.
-        ds = StreamingKDDataset(url, processor, image_folder=None, batch_size=4, seed=3, window=window, mix=4,
+        ds = StreamingKDDataset(url, processor, image_folder=None, batch_size=4, seed=3, window=16, mix=4,
                                 cache_bytes=(4 + 4) * 8 * 1024)
         ds.set_position(1)
+        # The reference: the same samples in a uniformly random order (no read locality).
+        order = np.random.default_rng(1).permutation(ds._stream) if uniform else ds._stream
         decoded.clear()
-        got = [ds._read(int(i)) for i in ds._stream]
+        got = [ds._read(int(i)) for i in order]
         n_decoded = len(decoded)
-        for i, s in zip(ds._stream.tolist(), got):
+        for i, s in zip(order.tolist(), got):
             want = plain[i]
             assert s.keys() == want.keys() and s["id"] == want["id"]
             for key, v in want.items():
@@ -266,8 +270,8 @@ def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples
 
     n_chunks = sum(-(-a.shape[0] // a.chunks[0]) for s in range(4) for name, a in
                    plain._open_shard(s).arrays() if a.shape[0] and not name.endswith("offsets"))
-    windowed = read_epoch(window=16)
-    uniform = read_epoch(window=1)
+    windowed = read_epoch(uniform=False)
+    uniform = read_epoch(uniform=True)
     assert windowed <= 1.3 * n_chunks and uniform >= 2.5 * windowed
 
 
@@ -278,7 +282,7 @@ _FREE_24MB = """
 import ctypes, os, sys
 applied = False
 if sys.argv[1] == "keep":
-    from student.data import _keep_freed_memory
+    from student.stream import _keep_freed_memory
     applied = _keep_freed_memory()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]

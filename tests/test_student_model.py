@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 
 import pytest
@@ -11,16 +11,11 @@ from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F4
 from typer.testing import CliRunner
 
 from cli.kd_train_cli import app
-from kd_cache.data import CHATML_TEMPLATE
+from kd_cache import open_cache
+from kd_cache.encoding import CHATML_TEMPLATE
 from kd_cache.fingerprint import image_tokens_per_image
-from kd_cache.shards import open_cache
-from student.model import (
-    CompatibilityError,
-    attn_implementation,
-    check_compatibility,
-    compose_student,
-    load_student,
-)
+from kd_cache.runtime import attn_implementation
+from student.model import CompatibilityError, check_compatibility, compose_student, load_student
 
 
 def _tokenizer_without_image_token():
@@ -146,8 +141,7 @@ def test_compatibility_mismatches_name_both_values(tmp_path, processor, student_
         "max_length": (10 ** 6, "cache max_length 1000000 > student max_position_embeddings"),
     }
     for key, (value, message) in cases.items():
-        manifest = copy.deepcopy(cache.manifest)
-        manifest[key] = value
+        manifest = dataclasses.replace(cache.manifest, **{key: value})
         with pytest.raises(CompatibilityError) as err:
             check_compatibility(manifest, model, proc, template="chat")
         assert message in str(err.value), (key, str(err.value))

@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from student_fixtures import one_torch_thread, read_all, write_synthetic_cache  # noqa: F401
 
-from kd_cache.shards import open_cache
-from student.data import StreamingKDDataset
+from kd_cache import open_cache
 from student.distill import DistillStudent, LossSettings
 from student.losses import rdist, relation_from_logits, sparse_divergence
 from student.losses.head import LOGIT_BYTES_HELD, keep_head_logits
 from student.model import load_student
 from student.stages import set_trainable
+from student.stream import StreamingKDDataset
 from student.terms import LossWeights
 from student.train import accumulate_gradients, enable_activation_checkpointing
 

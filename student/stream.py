@@ -27,9 +27,9 @@ the workers. Sequences are right-padded; per-sample positions become flat indice
 ``[B * T]`` hidden states; teacher arrays are concatenated over the batch with a batch index.
 
 Position kinds. ``response`` (CE and MDist), ``visual`` (MDist, RDist, affinity) and ``prompt`` (all
-other text, LLaVADI). Positions come from the cache for the kinds it holds (``manifest["positions"]``;
-response + visual for a cache without that key) and are derived from the tokens otherwise, with the
-same functions the teacher pass uses, so CE and RDist work whatever kinds were cached. Teacher
+other text, LLaVADI). Positions come from the cache for the kinds it holds (``manifest.positions``)
+and are derived from the tokens otherwise, with the function the teacher pass uses
+(``kd_cache.schema.derive_positions``), so CE and RDist work whatever kinds were cached. Teacher
 arrays are only collated for requested kinds the cache holds.
 """
 
@@ -49,10 +49,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from kd_cache.data import prompt_positions
-from kd_cache.shards import CHUNK_BYTES, ChunkCache, open_cache
+from kd_cache.format import CHUNK_BYTES
+from kd_cache.reader import ChunkCache, open_cache
+from kd_cache.records import BadRecord, load_image
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, derive_positions
 
-IGNORE_INDEX = -100
 # Read locality of the shuffled order (see ``epoch_order``): windows of WINDOW consecutive samples of a
 # shard, MIX_WINDOWS of them interleaved. Chosen by benchmarks/bench_loader.py (see benchmarks/RESULTS.md).
 WINDOW = 32
@@ -60,8 +61,6 @@ MIX_WINDOWS = 8
 # Decoded chunks a window being read keeps cached: about one chunk of each large array (tokens, top-k
 # ids and log-probs of two kinds, relation), at the writer's chunk size.
 CACHE_BYTES_PER_WINDOW = 8 * CHUNK_BYTES
-KINDS = ("response", "visual", "prompt")
-DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD; also what a cache without manifest["positions"] holds
 
 
 @dataclass
@@ -71,26 +70,19 @@ class DataState:
     epoch: int = 0
     samples_seen: int = 0
 
-    def to_dict(self) -> dict:
-        return {"epoch": self.epoch, "samples_seen": self.samples_seen}
-
 
 def epoch_order(shard_sizes: list[int], seed: int, epoch: int, *, shuffle: bool = True,
                 block_shards: int = 4, window: int = WINDOW, mix: int = MIX_WINDOWS) -> np.ndarray:
     """Global sample indices of one epoch, in order (a pure function of the arguments).
 
     ``shuffle=False``: ``0 .. N-1``. Otherwise the shards are permuted and taken ``block_shards`` at
-    a time, and each block is consumed before the next starts. Within a block:
-
-    * ``window > 1`` (default): each shard is cut into windows of ``window`` consecutive samples
-      (the cuts move by a random offset per shard and epoch, so windows differ between epochs); the
-      block's windows are permuted and taken ``mix`` at a time; the samples of those ``mix`` windows
-      are interleaved at random, each window keeping its own front-to-back order. Consecutive
-      positions thus come from ``mix`` random places of the block, while every window is read front
-      to back, so a reader decodes each compressed chunk about once (in a uniformly random order
-      every sample decodes whole chunks of ~1 MiB for its own few rows).
-    * ``window <= 1``: the block's samples are permuted uniformly (no read locality; the order
-      this function gave before windows existed).
+    a time, and each block is consumed before the next starts. Within a block, each shard is cut into
+    windows of ``window`` (>= 2) consecutive samples (the cuts move by a random offset per shard and
+    epoch, so windows differ between epochs); the block's windows are permuted and taken ``mix`` at a
+    time; the samples of those ``mix`` windows are interleaved at random, each window keeping its own
+    front-to-back order. Consecutive positions thus come from ``mix`` random places of the block,
+    while every window is read front to back, so a reader decodes each compressed chunk about once
+    (in a uniformly random order every sample decodes whole chunks of ~1 MiB for its own few rows).
 
     The windows and their order do not depend on ``mix`` (``window_plan``), only their interleaving.
     ``window`` and ``mix`` are part of the order, like the seed: a run resumes with the ones it ran with.
@@ -99,15 +91,6 @@ def epoch_order(shard_sizes: list[int], seed: int, epoch: int, *, shuffle: bool 
     starts = np.concatenate([[0], np.cumsum(sizes)])
     if not shuffle:
         return np.arange(starts[-1], dtype=np.int64)
-    if window <= 1:
-        rng = np.random.default_rng([int(seed), int(epoch)])
-        shard_perm = rng.permutation(len(sizes))
-        parts = []
-        for b in range(0, len(shard_perm), max(1, block_shards)):
-            block = shard_perm[b:b + block_shards]
-            idx = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in block] or [np.zeros(0, np.int64)])
-            parts.append(rng.permutation(idx))
-        return np.concatenate(parts or [np.zeros(0, np.int64)]).astype(np.int64)
     deal = np.random.default_rng([int(seed), int(epoch), 1])  # its own stream: ``mix`` leaves the windows alone
     parts = []
     for w_start, w_len in window_plan(shard_sizes, seed, epoch, block_shards=block_shards, window=window):
@@ -125,10 +108,10 @@ def epoch_order(shard_sizes: list[int], seed: int, epoch: int, *, shuffle: bool 
 
 def window_plan(shard_sizes: list[int], seed: int, epoch: int, *, block_shards: int = 4,
                 window: int = WINDOW) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The windows of ``epoch_order`` (``window > 1``): per block, in reading order, the first global
+    """The windows of ``epoch_order``: per block, in reading order, the first global
     sample index and the length of each window (consecutive samples of one shard)."""
     if window < 2:
-        raise ValueError(f"window must be at least 2 samples for a window plan, found {window}")
+        raise ValueError(f"window must be at least 2 samples, found {window}")
     sizes = np.asarray(shard_sizes, dtype=np.int64)
     starts = np.concatenate([[0], np.cumsum(sizes)])
     rng = np.random.default_rng([int(seed), int(epoch)])
@@ -222,32 +205,31 @@ class StreamingKDDataset(IterableDataset):
         tok = getattr(processor, "tokenizer", processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
         # Default: the folder the cache was built from (recorded in its manifest).
-        self.image_folder = image_folder or (self.cache.manifest.get("build_config") or {}).get("image_folder")
+        self.image_folder = image_folder or self.cache.manifest.image_folder
         self.batch_size, self.seed, self.shuffle, self.block_shards = batch_size, seed, shuffle, block_shards
         self.window, self.mix = int(window), int(mix)
         self.cache_bytes = int(cache_bytes) if cache_bytes is not None else (max(1, self.mix) + 4) * CACHE_BYTES_PER_WINDOW
         self.rank, self.world_size = rank, world_size
         self.with_teacher = with_teacher
         m = self.cache.manifest
-        self.image_token_id = m.get("image_token_id")
-        self.tokens_per_image = m.get("visual_tokens_per_image")
+        self.image_token_id = m.image_token_id
+        self.tokens_per_image = m.visual_tokens_per_image
         unknown = sorted((set(kinds) | set(hidden_kinds)) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown position kind(s) {unknown}: expected a subset of {', '.join(KINDS)}")
-        self.cached_kinds = tuple(m.get("positions") or DEFAULT_KINDS)
+        self.cached_kinds = tuple(m.positions)
         self.affinity = bool(affinity and with_teacher)
         hidden_set = set(hidden_kinds) | ({"response", "visual"} if self.affinity else set())
         self.teacher_kinds = tuple(k for k in KINDS if with_teacher and k in kinds and k in self.cached_kinds)
         self.hidden_kinds = tuple(k for k in KINDS if with_teacher and k in hidden_set)
         if self.hidden_kinds:
-            hidden = m.get("hidden") or {}
             uncached = [k for k in self.hidden_kinds if k not in self.cached_kinds]
-            if not hidden.get("stored") or uncached:
-                what = "no teacher hidden states" if not hidden.get("stored") else \
+            if not m.hidden.stored or uncached:
+                what = "no teacher hidden states" if not m.hidden.stored else \
                     f"no teacher hidden states at {', '.join(uncached)} positions (cached: {', '.join(self.cached_kinds)})"
                 raise ValueError(f"cache {self.cache.url}: {what}; rebuild the "
                                  f"cache with kd-cache build --hidden --positions {','.join(self.hidden_kinds)}")
-        self.hidden_size = (m.get("hidden") or {}).get("size")
+        self.hidden_size = m.hidden.size
         # Index arrays: response (CE) and visual (relations) always, prompt when it is used.
         used = set(kinds) | hidden_set
         self.index_kinds = tuple(k for k in KINDS if k in DEFAULT_KINDS or k in used)
@@ -312,22 +294,17 @@ class StreamingKDDataset(IterableDataset):
 
     # ------------------------------------------------------------------------------------ collation
     def _load_images(self, sample: dict) -> list:
-        from PIL import Image, UnidentifiedImageError
-
+        sid = sample["id"]
         out = []
         for rel in sample["images"]:
-            path = Path(rel)
-            if not path.is_absolute():
-                if self.image_folder is None:
-                    raise FileNotFoundError(
-                        f"sample {sample['id']!r}: image {rel!r} is relative and no image folder is known; "
-                        "pass --image-folder (the cache records none)")
-                path = Path(self.image_folder) / rel
+            if self.image_folder is None and not Path(rel).is_absolute():
+                raise FileNotFoundError(
+                    f"sample {sid!r}: image {rel!r} is relative and no image folder is known; "
+                    "pass --image-folder (the cache records none)")
             try:
-                with Image.open(path) as im:
-                    out.append(im.convert("RGB"))
-            except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-                raise FileNotFoundError(f"sample {sample['id']!r}: cannot read image {path}: {e}; "
+                out.append(load_image(rel, self.image_folder, sid))
+            except BadRecord as e:
+                raise FileNotFoundError(f"sample {sid!r}: cannot read image {e.detail} ({e.reason}); "
                                         "check --image-folder") from e
         return out
 
@@ -335,13 +312,7 @@ class StreamingKDDataset(IterableDataset):
         """Positions of one kind: as cached, or derived from the tokens when the cache lacks the kind."""
         if kind in self.cached_kinds:
             return np.asarray(s[f"{kind}_positions"], dtype=np.int64)
-        if kind == "response":
-            return np.nonzero(labels[1:] != IGNORE_INDEX)[0].astype(np.int64)
-        if kind == "visual":
-            if self.image_token_id is None:
-                return np.zeros(0, np.int64)
-            return np.nonzero(ids == self.image_token_id)[0].astype(np.int64)
-        return prompt_positions(ids, labels, self.image_token_id).astype(np.int64)
+        return derive_positions(kind, ids, labels, self.image_token_id).astype(np.int64)
 
     def collate(self, samples: list[dict]) -> dict:
         """Right-padded batch with flat position indices and concatenated teacher arrays.

@@ -1,29 +1,32 @@
-"""Data records, templates and the one tokenisation function shared by the teacher pass and training.
+"""Encoding a data record into the tokens a teacher and a student see: templates and ``Encoder``.
 
-A record is LLaVA-format: ``{"id", "image" (optional, str or list), "conversations": [{"from", "value"}]}``
-with ``<image>`` placeholders. Records come from a JSON/JSONL file or a Hugging Face ``datasets``
-dataset (a ``save_to_disk`` directory, or parquet/json/jsonl files) with a string image-path column.
-
-``encode_record`` turns a record into ``input_ids`` and ``labels`` (aligned as in ``transformers``:
-``labels[t]`` is the target of the logits at ``t - 1``; -100 = no loss). Image placeholders are
-expanded to the number of image tokens the processor produces, so the token ids stored in a cache
+``Encoder.encode`` turns a record into ``input_ids`` and ``labels`` (aligned as in ``transformers``:
+``labels[t]`` is the target of the logits at ``t - 1``; ``IGNORE_INDEX`` = no loss). Image placeholders
+are expanded to the number of image tokens the processor produces, so the token ids stored in a cache
 are exactly what the model sees. Labels cover assistant turns only (chat template) or the caption
 only (pretrain template); assistant spans are found on the rendered text, by rendering the
-conversation up to each assistant turn, which works for any prefix-stable chat template.
+conversation up to each assistant turn, which works for any prefix-stable chat template. The teacher
+pass and ``kd-eval`` use the same ``Encoder``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-IGNORE_INDEX = -100
+from kd_cache.records import (
+    EMPTY_CONVERSATION,
+    IMAGE_TAG_MISMATCH,
+    IMAGE_TRUNCATED,
+    NO_ASSISTANT_TOKENS,
+    BadRecord,
+    Record,
+    load_image,
+)
+from kd_cache.schema import IGNORE_INDEX, Template, choice
 
 # Qwen-style ChatML that understands both plain-string and structured (processor) message content;
 # the built-in example's template, and the fallback for an LLM tokenizer without a chat template.
@@ -35,30 +38,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-TEMPLATES = ("chat", "pretrain")
-
-# Reasons a record is skipped (the manifest counts them by these names).
-MISSING_IMAGE = "missing_image"
-UNREADABLE_IMAGE = "unreadable_image"
-EMPTY_CONVERSATION = "empty_conversation"
-NO_ASSISTANT_TOKENS = "no_assistant_tokens_after_truncation"
-IMAGE_TAG_MISMATCH = "image_tag_count_mismatch"
-IMAGE_TRUNCATED = "image_tokens_truncated"
-
-
-class BadRecord(Exception):
-    """A record that cannot be used; ``reason`` is one of the module's reason names."""
-
-    def __init__(self, record_id: str, reason: str, detail: str = ""):
-        self.record_id, self.reason, self.detail = record_id, reason, detail
-        super().__init__(f"record {record_id!r}: {reason}" + (f" ({detail})" if detail else ""))
-
-
-@dataclass
-class Record:
-    id: str
-    conversations: list[dict]
-    images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -78,69 +57,7 @@ class Encoded:
     meta: dict = field(default_factory=dict)
 
 
-def _as_record(row: dict, index: int) -> Record:
-    rid = row.get("id")
-    rid = str(rid) if rid is not None else str(index)
-    image = row.get("image", row.get("images"))
-    if image is None or image == "":
-        images = []
-    elif isinstance(image, str):
-        images = [image]
-    elif isinstance(image, (list, tuple)):
-        images = [str(x) for x in image]
-    else:
-        raise ValueError(
-            f"record {rid!r}: the image column holds {type(image).__name__}, expected a path string "
-            "(or a list of them); save embedded images to files and store their relative paths"
-        )
-    conv = row.get("conversations") or []
-    return Record(id=rid, conversations=list(conv), images=images)
-
-
-def load_records(data: str) -> list[Record]:
-    """Read LLaVA-format records from a JSON/JSONL file, a ``save_to_disk`` dir or parquet/json files."""
-    p = Path(data)
-    if p.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(p))
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise ValueError(f"{data}: a DatasetDict without a 'train' split (found {list(ds)})")
-            ds = ds["train"]
-        return [_as_record(row, i) for i, row in enumerate(ds)]
-    if not p.exists():
-        raise FileNotFoundError(f"--data {data}: no such file or directory")
-    suffix = p.suffix.lower()
-    if suffix == ".json":
-        rows = json.loads(p.read_text())
-        if not isinstance(rows, list):
-            raise ValueError(f"{data}: expected a JSON list of records, found {type(rows).__name__}")
-    elif suffix == ".jsonl":
-        rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    elif suffix == ".parquet":
-        import datasets
-
-        rows = list(datasets.load_dataset("parquet", data_files=str(p), split="train"))
-    else:
-        raise ValueError(f"--data {data}: expected .json, .jsonl, .parquet or a datasets directory")
-    return [_as_record(row, i) for i, row in enumerate(rows)]
-
-
-def dataset_fingerprint(data: str) -> str:
-    """SHA-256 (16 hex) of the data file bytes, or of every file of a dataset directory."""
-    h = hashlib.sha256()
-    p = Path(data)
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
-
-
-def _role(src: str) -> str:
+def turn_role(src: str) -> str:
     src = src.lower()
     if src in ("human", "user"):
         return "user"
@@ -149,18 +66,6 @@ def _role(src: str) -> str:
     if src == "system":
         return "system"
     raise ValueError(f"unknown conversation role {src!r} (expected human/gpt/system)")
-
-
-def _load_image(path: Path, rid: str):
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise BadRecord(rid, MISSING_IMAGE, str(path))
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadRecord(rid, UNREADABLE_IMAGE, f"{path}: {e}") from e
 
 
 class Encoder:
@@ -172,8 +77,7 @@ class Encoder:
 
     def __init__(self, processor, template: str = "chat", max_length: int = 2048,
                  image_folder: str | None = None, image_tokens: int | None = None):
-        if template not in TEMPLATES:
-            raise ValueError(f"--template {template!r}: expected one of {TEMPLATES}")
+        choice(Template, template, "--template")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.template = template
@@ -189,7 +93,7 @@ class Encoder:
     def _messages(self, conv: list[dict], structured: bool) -> list[dict]:
         msgs = []
         for turn in conv:
-            role, text = _role(turn.get("from", "")), str(turn.get("value", ""))
+            role, text = turn_role(turn.get("from", "")), str(turn.get("value", ""))
             if not structured:
                 msgs.append({"role": role, "content": text})
                 continue
@@ -227,7 +131,7 @@ class Encoder:
 
     def _pretrain_text(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         # LLaVA's "plain" template: image tokens, then the caption, then a newline; loss on the caption.
-        caption = next((str(t.get("value", "")) for t in reversed(conv) if _role(t.get("from", "")) == "assistant"), "")
+        caption = next((str(t.get("value", "")) for t in reversed(conv) if turn_role(t.get("from", "")) == "assistant"), "")
         bos = self.tokenizer.bos_token or ""
         prefix = bos + self.placeholder
         text = prefix + caption.strip() + "\n"
@@ -240,8 +144,8 @@ class Encoder:
     def prepare(self, record: Record) -> Prepared:
         """Validate a record, normalise its image tags and load its images (no tokenisation yet)."""
         rid = record.id
-        conv = [t for t in record.conversations if str(t.get("value", "")).strip() or _role(t.get("from", "")) == "system"]
-        if not any(_role(t.get("from", "")) == "assistant" for t in conv):
+        conv = [t for t in record.conversations if str(t.get("value", "")).strip() or turn_role(t.get("from", "")) == "system"]
+        if not any(turn_role(t.get("from", "")) == "assistant" for t in conv):
             raise BadRecord(rid, EMPTY_CONVERSATION, "no assistant turn with text")
         n_tags = sum(str(t.get("value", "")).count("<image>") for t in conv)
         if record.images and not self.multimodal:
@@ -249,7 +153,7 @@ class Encoder:
         if record.images and n_tags == 0 and self.template == "chat":
             # LLaVA convention: an image without a placeholder goes before the first user text.
             conv = [dict(t) for t in conv]
-            first = next(i for i, t in enumerate(conv) if _role(t.get("from", "")) == "user")
+            first = next(i for i, t in enumerate(conv) if turn_role(t.get("from", "")) == "user")
             conv[first]["value"] = "<image>\n" + conv[first]["value"]
             n_tags = 1
         if self.template == "pretrain":
@@ -257,10 +161,7 @@ class Encoder:
         if n_tags != len(record.images):
             raise BadRecord(rid, IMAGE_TAG_MISMATCH, f"{n_tags} <image> tags, {len(record.images)} images")
 
-        pil = []
-        for rel in record.images:
-            path = Path(rel) if Path(rel).is_absolute() or self.image_folder is None else self.image_folder / rel
-            pil.append(_load_image(path, rid))
+        pil = [load_image(rel, self.image_folder, rid) for rel in record.images]
         return Prepared(Record(rid, conv, list(record.images)), pil)
 
     def encode_prepared(self, prepared: Prepared) -> Encoded:
@@ -303,7 +204,7 @@ class Encoder:
     def assistant_turns(self, prepared: Prepared) -> list[int]:
         """Indices of the turns a teacher answers when it generates the training targets."""
         conv = prepared.record.conversations
-        idx = [i for i, t in enumerate(conv) if _role(t.get("from", "")) == "assistant"]
+        idx = [i for i, t in enumerate(conv) if turn_role(t.get("from", "")) == "assistant"]
         return idx[-1:] if self.template == "pretrain" else idx
 
     def prompt_ids(self, prepared: Prepared, turn: int) -> tuple[np.ndarray, list[Any]]:
@@ -342,39 +243,3 @@ class Encoder:
 
         expanded = (tok * (self.image_tokens or 1)).join(pieces)
         return expanded, [(shift(a), shift(b)) for a, b in spans]
-
-
-def response_positions(labels: np.ndarray) -> np.ndarray:
-    """Positions t whose logits predict a labelled token t + 1."""
-    return np.nonzero(labels[1:] != IGNORE_INDEX)[0].astype(np.int32)
-
-
-def visual_positions(input_ids: np.ndarray, image_token_id: int | None) -> np.ndarray:
-    if image_token_id is None:
-        return np.zeros(0, dtype=np.int32)
-    return np.nonzero(input_ids == image_token_id)[0].astype(np.int32)
-
-
-def prompt_positions(input_ids: np.ndarray, labels: np.ndarray, image_token_id: int | None) -> np.ndarray:
-    """All other text positions: t < L - 1 that are neither response nor image-token positions."""
-    keep = np.ones(max(len(input_ids) - 1, 0), dtype=bool)
-    keep &= labels[1:] == IGNORE_INDEX
-    if image_token_id is not None:
-        keep &= input_ids[:-1] != image_token_id
-    return np.nonzero(keep)[0].astype(np.int32)
-
-
-POSITION_KINDS = ("response", "visual", "prompt")
-
-
-def parse_positions(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """``"response,visual"`` -> ("response", "visual"), validated, in canonical order."""
-    items = [x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip()]
-    bad = [x for x in items if x not in POSITION_KINDS]
-    if bad or not items:
-        raise ValueError(f"--positions {spec!r}: expected a comma-separated subset of {', '.join(POSITION_KINDS)}")
-    return tuple(k for k in POSITION_KINDS if k in items)
-
-
-def resolve_image_folder(image_folder: str | None) -> str | None:
-    return os.path.abspath(image_folder) if image_folder else None

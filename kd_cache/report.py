@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from kd_cache.shards import IGNORE_INDEX, KINDS, KDCache, open_cache
+from kd_cache.reader import KDCache, open_cache
+from kd_cache.schema import IGNORE_INDEX, KINDS, Manifest
 
 # Checksums mean reading every byte; without a chosen shard only small caches are hashed by default.
 VERIFY_ALL_MAX_SHARDS = 16
@@ -78,9 +79,8 @@ def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
     return out
 
 
-def _load_tokenizer(manifest: dict) -> tuple[Any, str]:
-    teacher = manifest.get("teacher")
-    path = teacher.get("path") if isinstance(teacher, dict) else None
+def _load_tokenizer(manifest: Manifest) -> tuple[Any, str]:
+    path = manifest.teacher.path
     if not path:
         return None, "skipped: no tokenizer given and the manifest has no teacher path"
     if not os.path.isdir(path):
@@ -94,13 +94,8 @@ def _load_tokenizer(manifest: dict) -> tuple[Any, str]:
 
 
 def _shard_info(cache: KDCache, index: int, check: bool) -> dict[str, Any]:
-    entry = cache.manifest["shards"][index]
-    info: dict[str, Any] = {
-        "index": index,
-        "name": entry.get("name"),
-        "samples": entry.get("samples"),
-        "bytes": entry.get("bytes"),
-    }
+    entry = cache.manifest.shards[index]
+    info: dict[str, Any] = {"index": index, "name": entry.name, "samples": entry.samples, "bytes": entry.bytes}
     info.update(cache.shard_status(index, check=check))
     try:
         arrays = cache.array_stats(index)
@@ -199,20 +194,16 @@ def inspect_cache(
     else:
         tokenizer, decoding = _load_tokenizer(m)
 
-    skipped = m.get("skipped") or []
     info: dict[str, Any] = {
         "url": str(url),
-        "format_version": m.get("format_version"),
+        "format_version": m.format_version,
         "samples": len(cache),
         "shards": n_shards,
-        "total_bytes": int(sum(int(e.get("bytes") or 0) for e in m["shards"])),
-        "sparse": m.get("sparse"),
-        "relation": m.get("relation"),
-        "build": {k: v for k, v in m.items() if k not in ("shards", "skipped")},
-        "skipped": {
-            "count": len(skipped),
-            "by_reason": dict(Counter(str(s.get("reason")) for s in skipped if isinstance(s, dict))),
-        },
+        "total_bytes": m.total_bytes,
+        "sparse": m.sparse.to_dict(),
+        "relation": m.relation,
+        "build": {k: v for k, v in m.to_dict().items() if k not in ("shards", "skipped")},
+        "skipped": {"count": len(m.skipped), "by_reason": dict(Counter(s.reason for s in m.skipped))},
         "decoding": decoding,
     }
 

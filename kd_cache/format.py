@@ -1,0 +1,547 @@
+"""The cache format: every file a cache holds, and how samples become shard columns and back.
+
+A cache is a directory or any fsspec URL (``memory://x``, ``file:///tmp/x``, ``s3://bucket/x``)::
+
+    <root>/build.json                   the build's content settings (``BuildConfig.identity``), written
+                                        first; a rerun against the same root must match them to resume
+    <root>/shards/00000/                one Zarr v3 group per shard, immutable once complete
+    <root>/shards/00000.complete.json   completion marker, written last for that shard: the shard's
+                                        ``ShardEntry`` (name, samples, bytes, checksum, format_version,
+                                        sha256 of each file)
+    <root>/shards/00000.skipped.json    {"skipped": [{id, reason, detail[, stage]}]}: the records of the
+                                        shard's input range the build skipped, written before its data
+    <root>/manifest.json                ``kd_cache.schema.Manifest``, written last, atomically, once every
+                                        shard is complete; its ``shards`` are the completion markers
+
+A shard without its completion marker is incomplete: readers never use it and ``CacheWriter.write_shard``
+deletes its leftovers before writing it again. Every writer (process, rank) owns whole shards.
+
+Inside a shard group (S samples; T tokens, P positions of one kind, I relation matrices in total)::
+
+    attrs: format_version, n_samples, sparse_mode ("topk" | "sample"), k, relation (spec string),
+           sample_logprobs (bool; True in top-k mode), sample_ids [S] (str), images [S][*] (str),
+           extras {kind: {name: {dtype, shape}}},
+           meta [S] (only when some sample has notes; the reader returns {} when absent)
+    tokens/offsets int64 [S+1]       tokens/input_ids int32 [T]      tokens/labels int32 [T]
+    <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
+      topk:    <kind>/ids int32 [P, K]        <kind>/logprobs float16 [P, K]
+      sample:  <kind>/n_entries uint16 [P]    <kind>/entry_offsets int64 [S+1]
+               <kind>/ids int32 [E]  <kind>/counts uint16 [E]  <kind>/logp_mean float32 [P]
+               (only the real entries of each row, E = sum n_entries; padded back to K on read)
+               <kind>/logprobs float16 [E]   only with ``sample_logprobs`` (off by default)
+      extras:  <kind>/extra/<name> [P, ...]   (any other ``<kind>_<name>`` array, dtype kept)
+    relation/offsets int64 [S+1]     relation/n int32 [I]            relation/energy float32 [I]
+      full:    relation/upper float16 flat,   relation/upper_offsets int64 [I+1]
+      lowrank: relation/eigvals float32 flat, relation/eigvals_offsets int64 [I+1]
+               relation/eigvecs float16 flat (N x r row-major), relation/eigvecs_offsets int64 [I+1]
+    (no relation/ group when the spec is "none")
+
+``logp_mean`` is ``sum_i (c_i / N) log p_i`` per position (N draws, c_i of them on id i), in fp32
+from the teacher's fp32 log-probs: it is the only thing the sampled forward-KL estimator
+``sum_i (c_i/N)(log p_i - log q_i)`` needs of the teacher's log-probs, so one number per position
+replaces ~20 fp16 log-probs (they cost ~40% of a sample-mode cache and are incompressible noise in
+their low bits). ``--sample-logprobs`` keeps the per-entry log-probs too (for analysis).
+
+``<kind>`` is each of ``kd_cache.schema.KINDS`` (every shard stores all three; a kind the build did not
+distil has no positions). Every array is Blosc/zstd compressed (``default_compressors``) in chunks of
+about ``CHUNK_BYTES`` raw bytes.
+
+``pack_samples`` turns samples (``CacheSample.to_dict`` form) into these arrays and attributes;
+``unpack_sample`` is its inverse for one sample. Each part of a sample (tokens, one kind's arrays,
+its extras, the relation matrices) has its packing and unpacking next to each other below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from zarr.codecs import BloscCodec
+
+from kd_cache.relation import decode_relation, encode_relation, parse_relation_spec, relation_energy
+from kd_cache.schema import FORMAT_VERSION, KINDS, CacheSample, KindArrays, SparseMode, choice
+
+MANIFEST_NAME = "manifest.json"
+BUILD_NAME = "build.json"
+SHARDS_DIR = "shards"
+COMPLETE_SUFFIX = ".complete.json"
+SKIPPED_SUFFIX = ".skipped.json"
+CHUNK_BYTES = 1 << 20  # raw bytes per chunk: big enough for zstd, small enough for cheap random access
+
+# Stored fields of one relation matrix per encoding, with their dtypes.
+RELATION_FIELDS = {"full": {"upper": np.float16}, "lowrank": {"eigvals": np.float32, "eigvecs": np.float16},
+                   "none": {}}
+
+# Reads ``stop - start`` rows of the shard array at a group path (the reader's chunk cache).
+ReadRows = Callable[[str, int, int], np.ndarray]
+
+
+def shard_name(index: int) -> str:
+    """``00042``: the name of shard ``index`` (its group and its sibling files)."""
+    if index < 0 or index > 99999:
+        raise ValueError(f"shard index must lie in [0, 99999], found {index}")
+    return f"{index:05d}"
+
+
+# --------------------------------------------------------------------------------------------------
+# codecs and chunks
+
+
+def default_compressors(dtype: np.dtype) -> list:
+    """Codec choice for one array: Blosc zstd level 3 with byte shuffle, one Blosc block per chunk.
+
+    Chosen by ``benchmarks/run_all.py`` on SmolLM2-135M distributions and relation matrices (see
+    benchmarks/RESULTS.md). One block per chunk (instead of Blosc's automatic ~256 KiB blocks) gives
+    zstd the whole chunk as its window, and with it byte shuffle beats bitshuffle on every array
+    (top-64 -3%, full relation matrices -17%) at the same encode speed. Level 5 saves <1% more at
+    ~25% slower encoding, level 9 ~5% at 10x slower; lz4 is ~15% larger. ``dtype`` is kept in the
+    signature for custom choices (benchmarks pass their own through ``CacheWriter(compressors=...)``).
+    """
+    del dtype  # one choice fits every dtype the format stores (measured)
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=CHUNK_BYTES)]
+
+
+def chunks_for(shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> tuple[int, ...]:
+    """Chunk only along the first axis, about ``chunk_bytes`` raw bytes per chunk."""
+    itemsize = np.dtype(dtype).itemsize
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * itemsize if len(shape) > 1 else itemsize
+    rows = max(1, chunk_bytes // max(1, row_bytes))
+    rows = max(1, min(rows, shape[0]))
+    return (rows, *(max(1, s) for s in shape[1:]))
+
+
+# --------------------------------------------------------------------------------------------------
+# shard attributes
+
+
+@dataclass
+class ShardAttrs:
+    """The attributes of a shard group (see the module docstring)."""
+
+    n_samples: int
+    sparse_mode: str
+    k: int
+    relation: str
+    sample_logprobs: bool
+    sample_ids: list[str]
+    images: list[list[str]]
+    extras: dict[str, dict[str, dict]]  # kind -> extra name -> {"dtype", "shape"} (trailing shape)
+    meta: list[dict] | None = None
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def rel_kind(self) -> str:
+        return parse_relation_spec(self.relation)[0]
+
+    def to_attrs(self) -> dict[str, Any]:
+        out = {"format_version": self.format_version, "n_samples": self.n_samples, "sparse_mode": self.sparse_mode,
+               "k": self.k, "relation": self.relation, "sample_logprobs": self.sample_logprobs,
+               "sample_ids": self.sample_ids, "images": self.images, "extras": self.extras}
+        if self.meta is not None:
+            out["meta"] = self.meta
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: dict, where: str) -> ShardAttrs:
+        found = attrs.get("format_version")
+        if found != FORMAT_VERSION:
+            raise ValueError(
+                f"shard {where}: format version {found} found, expected {FORMAT_VERSION}: "
+                "rebuild the cache with this version of kd-cache"
+            )
+        return cls(n_samples=int(attrs["n_samples"]), sparse_mode=attrs["sparse_mode"], k=int(attrs["k"]),
+                   relation=attrs["relation"], sample_logprobs=bool(attrs["sample_logprobs"]),
+                   sample_ids=attrs["sample_ids"], images=attrs["images"], extras=attrs["extras"],
+                   meta=attrs.get("meta"), format_version=int(found))
+
+    def index_arrays(self) -> list[str]:
+        """The small arrays a reader keeps in memory: offsets, and the per-matrix relation sizes."""
+        names = ["tokens/offsets"]
+        for kind in KINDS:
+            names.append(f"{kind}/offsets")
+            if self.sparse_mode == SparseMode.sample.value:
+                names.append(f"{kind}/entry_offsets")
+        if self.rel_kind != "none":
+            names += ["relation/offsets", "relation/n", "relation/energy"]
+            names += [f"relation/{f}_offsets" for f in RELATION_FIELDS[self.rel_kind]]
+        return names
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+
+
+def _as(a: Any, dtype, name: str, sid: str, ndim: int | None = None, width: int | None = None) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.size == 0 and ndim == 2 and width is not None:
+        arr = arr.reshape(0, width)  # an empty [0] or [] for "no positions" is fine
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"sample {sid!r}: {name} must have {ndim} dimension(s), found shape {arr.shape}")
+    if arr.size and np.dtype(dtype).kind in "iu" and arr.dtype.kind not in "iub":
+        raise ValueError(f"sample {sid!r}: {name} must be integer, found dtype {arr.dtype}")
+    return arr.astype(dtype, copy=False)
+
+
+def _offsets(lengths: Sequence[int]) -> np.ndarray:
+    out = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(lengths, dtype=np.int64), out=out[1:])
+    return out
+
+
+def _cat(parts: list[np.ndarray], dtype, tail_shape: tuple[int, ...] = ()) -> np.ndarray:
+    if not parts:
+        return np.zeros((0, *tail_shape), dtype=dtype)
+    return np.concatenate(parts, axis=0).astype(dtype, copy=False)
+
+
+def _rows(index: dict[str, np.ndarray], name: str, j: int) -> tuple[int, int]:
+    """Sample ``j``'s row range in the arrays that the offsets ``name`` index."""
+    off = index[name]
+    return int(off[j]), int(off[j + 1])
+
+
+def sample_logp_mean(logprobs: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``sum_i (c_i / N) log p_i`` per row (fp32 [P]) of sampled ids: ``logprobs``/``counts`` [P, K],
+    count 0 on padding. The teacher half of the sampled forward-KL estimator (the only way it uses
+    the teacher's log-probs); 0 for a row without draws."""
+    c = np.asarray(counts, dtype=np.float64)
+    lp = np.where(c > 0, np.asarray(logprobs, dtype=np.float64), 0.0)
+    n = c.sum(axis=-1)
+    return ((c * lp).sum(axis=-1) / np.maximum(n, 1.0)).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# tokens
+
+
+def _pack_tokens(s: CacheSample) -> tuple[np.ndarray, np.ndarray]:
+    """A sample's validated ``input_ids`` and ``labels`` (int32 [L] each)."""
+    inp = _as(s.input_ids, np.int32, "input_ids", s.id, 1)
+    lab = _as(s.labels, np.int32, "labels", s.id, 1)
+    if inp.shape != lab.shape:
+        raise ValueError(f"sample {s.id!r}: input_ids has {inp.shape[0]} tokens but labels has {lab.shape[0]}")
+    return inp, lab
+
+
+def _token_arrays(tokens: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {"tokens/offsets": _offsets([inp.shape[0] for inp, _ in tokens]),
+            "tokens/input_ids": _cat([inp for inp, _ in tokens], np.int32),
+            "tokens/labels": _cat([lab for _, lab in tokens], np.int32)}
+
+
+def _unpack_tokens(index: dict[str, np.ndarray], read: ReadRows, j: int) -> tuple[np.ndarray, np.ndarray]:
+    t0, t1 = _rows(index, "tokens/offsets", j)
+    return read("tokens/input_ids", t0, t1), read("tokens/labels", t0, t1)
+
+
+# --------------------------------------------------------------------------------------------------
+# one kind's sparse distributions
+
+
+class _KindColumns:
+    """One kind's sparse arrays of a shard, added sample by sample and concatenated by ``arrays``."""
+
+    def __init__(self, kind: str, sparse_mode: str, k: int, sample_logprobs: bool):
+        self.kind, self.mode, self.k, self.sample_logprobs = kind, sparse_mode, k, sample_logprobs
+        self.parts: dict[str, list[np.ndarray]] = {
+            f: [] for f in ("positions", "tail", "ids", "logprobs", "counts", "n_entries", "logp_mean")
+        }
+        self.extras = _ExtraColumns(kind)
+
+    def add(self, s: CacheSample, i: int) -> None:
+        """Validate and append sample ``s`` (index ``i`` in the shard); a kind it lacks has no positions."""
+        kind, k, sid = self.kind, self.k, s.id
+        a = s.kinds.get(kind) or KindArrays(positions=np.zeros(0, np.int32), tail=np.zeros(0, np.float32),
+                                            ids=np.zeros((0, k), np.int32))
+        L = len(s.input_ids)
+        pos = _as(a.positions, np.int32, f"{kind}_positions", sid, 1)
+        P = pos.shape[0]
+        if P and (pos.min() < 0 or pos.max() >= L):
+            raise ValueError(
+                f"sample {sid!r}: {kind}_positions must lie in [0, {L}) (sequence length), "
+                f"found values in [{pos.min()}, {pos.max()}]"
+            )
+        tid = _as(a.ids, np.int32, f"{kind}_ids", sid, 2, k)
+        # fp32 as given (sample mode derives logp_mean from it); stored as fp16
+        lp = _as(a.logprobs if a.logprobs is not None else np.zeros((0, k), np.float32), np.float32,
+                 f"{kind}_logprobs", sid, 2, k)
+        tail = _as(a.tail, np.float32, f"{kind}_tail", sid, 1)
+        if self.mode == SparseMode.topk.value:
+            if a.counts is not None:
+                raise ValueError(f"sample {sid!r}: {kind}_counts given but the sparse mode is 'topk'")
+            self._check_shapes(sid, P, (P, k), [(f"{kind}_ids", tid), (f"{kind}_logprobs", lp)])
+        else:
+            checked = [(f"{kind}_ids", tid)] + ([(f"{kind}_logprobs", lp)] if a.logprobs is not None else [])
+            if a.logprobs is None and P and a.logp_mean is None:
+                raise ValueError(
+                    f"sample {sid!r}: sample mode needs {kind}_logp_mean [P] or {kind}_logprobs [P, K] "
+                    f"(to derive it), found neither for its {P} {kind} positions"
+                )
+            if self.sample_logprobs and P and a.logprobs is None:
+                raise ValueError(
+                    f"sample {sid!r}: sample_logprobs=True stores per-entry log-probs, but {kind}_logprobs "
+                    "is missing"
+                )
+            self._check_shapes(sid, P, (P, tid.shape[1]) if tid.shape[1] <= k else (P, k), checked)
+        if tail.shape != (P,):
+            raise ValueError(f"sample {sid!r}: {kind}_tail must have shape ({P},), found {tail.shape}")
+        self.parts["positions"].append(pos)
+        self.parts["tail"].append(tail)
+        if self.mode == SparseMode.topk.value:
+            self.parts["ids"].append(tid)
+            self.parts["logprobs"].append(lp.astype(np.float16))
+        else:
+            self._add_drawn(sid, P, tid, lp, a)
+        self.extras.add(sid, i, a.extras, P)
+
+    def _check_shapes(self, sid: str, P: int, expected: tuple[int, int], arrays: list) -> None:
+        for name, a in arrays:
+            if a.shape != expected:
+                raise ValueError(
+                    f"sample {sid!r}: {name} must have shape {expected} ({P} positions x k={self.k} for "
+                    f"sparse mode {self.mode!r}), found {a.shape}"
+                )
+
+    def _add_drawn(self, sid: str, P: int, tid: np.ndarray, lp: np.ndarray, a: KindArrays) -> None:
+        """Sample mode: keep only the real (drawn) entries of each row, and ``logp_mean`` per row."""
+        kind = self.kind
+        cnt = np.asarray(a.counts if a.counts is not None else np.zeros((0, self.k), np.int64))
+        if cnt.size == 0 and tid.size == 0:
+            cnt = cnt.reshape(tid.shape)
+        if cnt.shape != tid.shape:
+            raise ValueError(f"sample {sid!r}: {kind}_counts must have shape {tid.shape}, found {cnt.shape}")
+        mask = tid >= 0
+        if mask.any() and (cnt[mask].min() < 1 or cnt[mask].max() > np.iinfo(np.uint16).max):
+            raise ValueError(
+                f"sample {sid!r}: {kind}_counts of drawn ids must lie in [1, 65535], "
+                f"found [{cnt[mask].min()}, {cnt[mask].max()}]"
+            )
+        self.parts["n_entries"].append(mask.sum(axis=1).astype(np.uint16))
+        self.parts["ids"].append(tid[mask])
+        self.parts["counts"].append(cnt[mask].astype(np.uint16))
+        if self.sample_logprobs:
+            self.parts["logprobs"].append(lp[mask].astype(np.float16))
+        if a.logp_mean is not None:
+            lm = _as(a.logp_mean, np.float32, f"{kind}_logp_mean", sid, 1)
+            if lm.shape != (P,):
+                raise ValueError(f"sample {sid!r}: {kind}_logp_mean must have shape ({P},), found {lm.shape}")
+        elif P:
+            lm = sample_logp_mean(lp, np.where(mask, cnt, 0))
+        else:
+            lm = np.zeros(0, np.float32)
+        self.parts["logp_mean"].append(lm)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        kind, p = self.kind, self.parts
+        out = {f"{kind}/offsets": _offsets([x.shape[0] for x in p["positions"]]),
+               f"{kind}/positions": _cat(p["positions"], np.int32),
+               f"{kind}/tail": _cat(p["tail"], np.float32)}
+        if self.mode == SparseMode.topk.value:
+            out[f"{kind}/ids"] = _cat(p["ids"], np.int32, (self.k,))
+            out[f"{kind}/logprobs"] = _cat(p["logprobs"], np.float16, (self.k,))
+        else:
+            out[f"{kind}/n_entries"] = _cat(p["n_entries"], np.uint16)
+            out[f"{kind}/entry_offsets"] = _offsets([int(n.sum()) for n in p["n_entries"]])
+            out[f"{kind}/ids"] = _cat(p["ids"], np.int32)
+            out[f"{kind}/counts"] = _cat(p["counts"], np.uint16)
+            out[f"{kind}/logp_mean"] = _cat(p["logp_mean"], np.float32)
+            if self.sample_logprobs:
+                out[f"{kind}/logprobs"] = _cat(p["logprobs"], np.float16)
+        out.update(self.extras.arrays())
+        return out
+
+
+def _unpack_kind(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows, kind: str, j: int) -> KindArrays:
+    """The inverse of ``_KindColumns.add``: sample ``j``'s arrays of one kind (sample mode padded to K)."""
+    p0, p1 = _rows(index, f"{kind}/offsets", j)
+    positions = read(f"{kind}/positions", p0, p1)
+    if attrs.sparse_mode == SparseMode.topk.value:
+        ids, counts, logp_mean = read(f"{kind}/ids", p0, p1), None, None
+        logprobs = read(f"{kind}/logprobs", p0, p1)
+    else:
+        K, P = attrs.k, p1 - p0
+        e0, e1 = _rows(index, f"{kind}/entry_offsets", j)
+        n_ent = read(f"{kind}/n_entries", p0, p1).astype(np.int64)
+        mask = np.arange(K)[None, :] < n_ent[:, None]
+        ids = np.full((P, K), -1, dtype=np.int32)
+        counts = np.zeros((P, K), dtype=np.uint16)
+        ids[mask] = read(f"{kind}/ids", e0, e1)
+        counts[mask] = read(f"{kind}/counts", e0, e1)
+        logprobs = None
+        if attrs.sample_logprobs:
+            logprobs = np.zeros((P, K), dtype=np.float16)
+            logprobs[mask] = read(f"{kind}/logprobs", e0, e1)
+        logp_mean = read(f"{kind}/logp_mean", p0, p1)
+    return KindArrays(positions=positions, tail=read(f"{kind}/tail", p0, p1), ids=ids, logprobs=logprobs,
+                      counts=counts, logp_mean=logp_mean, extras=_unpack_extras(attrs, read, kind, p0, p1))
+
+
+# --------------------------------------------------------------------------------------------------
+# extra per-position arrays of a kind (e.g. teacher hidden states)
+
+
+class _ExtraColumns:
+    """``<kind>_<name>`` arrays beyond the sparse distribution: same names, dtypes and trailing shapes
+    in every sample of a shard."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.meta: dict[str, dict] = {}  # name -> {"dtype", "shape"}, the shard's ``extras`` attribute
+        self.parts: dict[str, list[np.ndarray]] = {}
+
+    def add(self, sid: str, i: int, extras: dict[str, np.ndarray], P: int) -> None:
+        kind = self.kind
+        for name, a in extras.items():
+            if a.ndim < 1 or a.shape[0] != P:
+                raise ValueError(
+                    f"sample {sid!r}: {kind}_{name} must have one row per {kind} position ({P}), "
+                    f"found shape {a.shape}"
+                )
+            meta = {"dtype": a.dtype.str, "shape": list(a.shape[1:])}
+            if name not in self.meta:
+                if i > 0:
+                    raise ValueError(
+                        f"sample {sid!r} has {kind}_{name} but earlier samples of the shard do not: "
+                        "extra per-position arrays must be given for every sample"
+                    )
+                self.meta[name] = meta
+                self.parts[name] = []
+            elif self.meta[name] != meta:
+                raise ValueError(
+                    f"sample {sid!r}: {kind}_{name} has dtype/trailing shape {meta}, "
+                    f"earlier samples have {self.meta[name]}"
+                )
+            self.parts[name].append(a)
+        for name, parts in self.parts.items():
+            if len(parts) != i + 1:
+                raise ValueError(
+                    f"sample {sid!r} has no {kind}_{name} but earlier samples of the shard do: "
+                    "extra per-position arrays must be given for every sample"
+                )
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {f"{self.kind}/extra/{name}": _cat(parts, np.dtype(self.meta[name]["dtype"]),
+                                                  tuple(self.meta[name]["shape"]))
+                for name, parts in self.parts.items()}
+
+
+def _unpack_extras(attrs: ShardAttrs, read: ReadRows, kind: str, p0: int, p1: int) -> dict[str, np.ndarray]:
+    return {name: read(f"{kind}/extra/{name}", p0, p1) for name in attrs.extras.get(kind, {})}
+
+
+# --------------------------------------------------------------------------------------------------
+# relation matrices
+
+
+class _RelationColumns:
+    """Each sample's relation matrices (one per image), encoded with the shard's relation spec."""
+
+    def __init__(self, relation: str):
+        self.relation = relation
+        self.kind, _ = parse_relation_spec(relation)
+        self.counts: list[int] = []
+        self.n: list[int] = []
+        self.energy: list[float] = []
+        self.fields: dict[str, list[np.ndarray]] = {}
+
+    def add(self, s: CacheSample) -> None:
+        mats = [] if self.kind == "none" else s.relation
+        self.counts.append(len(mats))
+        for m, R in enumerate(mats):
+            R = np.asarray(R, dtype=np.float32)
+            try:
+                enc = encode_relation(R, self.relation)
+            except ValueError as e:
+                raise ValueError(f"sample {s.id!r}: relation matrix {m}: {e}") from e
+            self.n.append(R.shape[0])
+            self.energy.append(relation_energy(enc))
+            for name, v in enc.items():
+                if name != "energy":
+                    self.fields.setdefault(name, []).append(np.asarray(v).ravel())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if self.kind == "none":
+            return {}
+        out = {"relation/offsets": _offsets(self.counts), "relation/n": np.asarray(self.n, dtype=np.int32),
+               "relation/energy": np.asarray(self.energy, dtype=np.float32)}
+        for name, dtype in RELATION_FIELDS[self.kind].items():
+            parts = self.fields.get(name, [])
+            out[f"relation/{name}"] = _cat(parts, dtype)
+            out[f"relation/{name}_offsets"] = _offsets([p.shape[0] for p in parts])
+        return out
+
+
+def _unpack_relations(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows,
+                      j: int) -> tuple[list[np.ndarray], list[float]]:
+    """Sample ``j``'s decoded relation matrices (float32 [N, N], unit norm) and their energies."""
+    if attrs.rel_kind == "none":
+        return [], []
+    rels, energies = [], []
+    for m in range(*_rows(index, "relation/offsets", j)):
+        enc = {f: read(f"relation/{f}", *_rows(index, f"relation/{f}_offsets", m))
+               for f in RELATION_FIELDS[attrs.rel_kind]}
+        rels.append(decode_relation(enc, int(index["relation/n"][m]), attrs.relation))
+        energies.append(float(index["relation/energy"][m]))
+    return rels, energies
+
+
+# --------------------------------------------------------------------------------------------------
+# whole samples
+
+
+def pack_samples(
+    samples: Sequence[dict], *, sparse_mode: str, k: int, relation: str, sample_logprobs: bool = False
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Turn sample dicts (``CacheSample.to_dict`` form) into a shard's arrays (by group path) and attributes.
+
+    Sample mode stores ``<kind>_logp_mean`` [P] (given, or computed from ``<kind>_logprobs`` and
+    ``<kind>_counts``), and the per-entry log-probs only with ``sample_logprobs``.
+    """
+    sparse_mode = choice(SparseMode, sparse_mode, "sparse mode").value
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"sparse k must be a positive integer, found {k!r}")
+    if sparse_mode == SparseMode.sample.value and k > np.iinfo(np.uint16).max:
+        raise ValueError(f"sample mode stores counts as uint16: k={k} draws is above {np.iinfo(np.uint16).max}")
+    k = int(k)
+    kinds = {kind: _KindColumns(kind, sparse_mode, k, sample_logprobs) for kind in KINDS}
+    relations = _RelationColumns(relation)
+    typed: list[CacheSample] = []
+    tokens = []
+    for i, raw in enumerate(samples):
+        s = CacheSample.from_dict(raw)
+        tokens.append(_pack_tokens(s))
+        for columns in kinds.values():
+            columns.add(s, i)
+        relations.add(s)
+        typed.append(s)
+
+    arrays = _token_arrays(tokens)
+    for columns in kinds.values():
+        arrays.update(columns.arrays())
+    arrays.update(relations.arrays())
+    attrs = ShardAttrs(
+        n_samples=len(typed), sparse_mode=sparse_mode, k=k, relation=relation,
+        sample_logprobs=bool(sample_logprobs) if sparse_mode == SparseMode.sample.value else True,
+        sample_ids=[s.id for s in typed], images=[s.images for s in typed],
+        extras={kind: columns.extras.meta for kind, columns in kinds.items()},
+        # per-sample JSON notes, e.g. the reference answers a teacher-generated sample replaced
+        meta=[s.meta for s in typed] if any(s.meta for s in typed) else None,
+    )
+    return arrays, attrs.to_attrs()
+
+
+def unpack_sample(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows, j: int) -> dict[str, Any]:
+    """Sample ``j`` of a shard as the reader yields it (``CacheSample.to_dict``).
+
+    ``index`` holds the arrays named by ``attrs.index_arrays()``; ``read`` reads rows of the others.
+    """
+    input_ids, labels = _unpack_tokens(index, read, j)
+    relation, energy = _unpack_relations(attrs, index, read, j)
+    return CacheSample(
+        id=attrs.sample_ids[j], images=list(attrs.images[j]), input_ids=input_ids, labels=labels,
+        meta=dict(attrs.meta[j]) if attrs.meta else {},
+        kinds={kind: _unpack_kind(attrs, index, read, kind, j) for kind in KINDS},
+        relation=relation, relation_energy=energy,
+    ).to_dict()

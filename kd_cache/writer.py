@@ -1,0 +1,136 @@
+"""``CacheWriter``: writes the shards of a cache, their completion markers and the manifest.
+
+Shards are immutable once complete and the manifest is written last, atomically (layout in
+``kd_cache.format``). ``kd_cache.build`` drives a writer; tests and benchmarks use one directly to
+write synthetic caches with exactly the build's layout.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Callable
+
+import numpy as np
+import zarr
+
+from kd_cache import storage
+from kd_cache.format import (
+    CHUNK_BYTES,
+    COMPLETE_SUFFIX,
+    MANIFEST_NAME,
+    SHARDS_DIR,
+    SKIPPED_SUFFIX,
+    chunks_for,
+    default_compressors,
+    pack_samples,
+    shard_name,
+)
+from kd_cache.schema import Manifest, ShardEntry
+
+
+class CacheWriter:
+    """Writes shards (and, for the build, the manifest) of one cache.
+
+    ``compressors(dtype) -> list of zarr codecs`` and ``chunk_bytes`` are for benchmarks; the
+    defaults are what the build uses.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        storage_options: dict | None = None,
+        *,
+        compressors: Callable[[np.dtype], list] | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ):
+        self.url = str(url)
+        self.storage_options = dict(storage_options or {})
+        self.fs, self.root = storage.open_fs(self.url, self.storage_options)
+        self.compressors = compressors or default_compressors
+        self.chunk_bytes = int(chunk_bytes)
+        # The layout exists as soon as a writer does (a no-op on object stores), so files the build
+        # puts next to shards (the per-shard skip lists) can be written before the first shard.
+        self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
+
+    # paths ------------------------------------------------------------------------------------
+    def shard_name(self, index: int) -> str:
+        return shard_name(index)
+
+    def shard_path(self, index: int) -> str:
+        return posixpath.join(self.root, SHARDS_DIR, shard_name(index))
+
+    def marker_path(self, index: int) -> str:
+        """The shard's completion marker."""
+        return posixpath.join(self.root, SHARDS_DIR, shard_name(index) + COMPLETE_SUFFIX)
+
+    def skipped_path(self, index: int) -> str:
+        """The list of records the build skipped in the shard's input range."""
+        return posixpath.join(self.root, SHARDS_DIR, shard_name(index) + SKIPPED_SUFFIX)
+
+    @property
+    def manifest_path(self) -> str:
+        return posixpath.join(self.root, MANIFEST_NAME)
+
+    # completion markers -----------------------------------------------------------------------
+    def read_marker(self, index: int) -> ShardEntry | None:
+        """The shard's completion marker, or None when it is missing or unreadable."""
+        try:
+            d = storage.read_json(self.fs, self.marker_path(index))
+        except ValueError:
+            return None
+        if not isinstance(d, dict) or d.get("name") != shard_name(index):
+            return None
+        try:
+            return ShardEntry.from_dict(d)
+        except (KeyError, TypeError):
+            return None
+
+    def is_complete(self, index: int) -> bool:
+        return self.read_marker(index) is not None
+
+    # shards -----------------------------------------------------------------------------------
+    def write_shard(
+        self, index: int, samples: list[dict], *, sparse_mode: str, k: int, relation: str,
+        sample_logprobs: bool = False,
+    ) -> ShardEntry:
+        """Write shard ``index`` from scratch; return its entry (the completion marker's content).
+
+        Leftovers of an earlier attempt (marker first, then data) are deleted before anything is
+        written, and the completion marker is written last, so a crash at any point leaves a shard
+        that readers ignore and the next build rewrites.
+        """
+        arrays, attrs = pack_samples(samples, sparse_mode=sparse_mode, k=k, relation=relation,
+                                     sample_logprobs=sample_logprobs)
+        path, marker = self.shard_path(index), self.marker_path(index)
+        if self.fs.exists(marker):
+            self.fs.rm(marker)
+        storage.remove_tree(self.fs, path)
+        self.fs.invalidate_cache(posixpath.dirname(path))
+
+        group = zarr.open_group(store=storage.zarr_store(self.fs, path, read_only=False), mode="w", zarr_format=3)
+        for key, data in arrays.items():
+            parent, _, leaf = key.rpartition("/")
+            g = group.require_group(parent) if parent else group
+            g.create_array(
+                leaf,
+                data=data,
+                chunks=chunks_for(data.shape, data.dtype, self.chunk_bytes),
+                compressors=self.compressors(data.dtype),
+                overwrite=True,
+            )
+        group.attrs.update(attrs)
+
+        checksum, nbytes, files = storage.shard_digest(self.fs, path)
+        entry = ShardEntry(name=shard_name(index), samples=len(samples), bytes=nbytes, checksum=checksum, files=files)
+        storage.write_json(self.fs, marker, entry.to_dict())
+        return entry
+
+    # manifest ---------------------------------------------------------------------------------
+    def read_manifest(self) -> Manifest | None:
+        raw = storage.read_json(self.fs, self.manifest_path)
+        return None if raw is None else Manifest.from_dict(raw, storage.display(self.fs, self.manifest_path))
+
+    def write_manifest(self, manifest: Manifest) -> None:
+        """Write ``manifest.json`` atomically (temp file, then rename)."""
+        storage.atomic_write(self.fs, self.manifest_path, manifest.to_json().encode("utf-8"))
+
