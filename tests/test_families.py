@@ -24,7 +24,8 @@ from kd_cache.processing import (
 from kd_cache.schema import IGNORE_INDEX
 from tests.vlm_families import FAMILIES
 
-pytest.importorskip("torchvision", reason="the processors of several families need torchvision")
+pytest.importorskip("torchvision", reason="torchvision does not import here: the processors of LLaVA-OneVision, "
+                    "Qwen2/2.5/3-VL, SmolVLM, InternVL and Mistral3 (Pixtral) need it")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
 
 
@@ -144,7 +145,7 @@ def test_visual_positions_match_image_features(family):
     single-image samples), so an image's count depends on its sample: compare within the sample."""
     name, model, processor = family
     tid = config_image_token_id(model.config)
-    for conv, imgs, enc in _encodings(name, model, processor):
+    for _, imgs, enc in _encodings(name, model, processor):
         assert len(enc.visual_positions) == len(imgs)
         assert sum(enc.image_token_counts) == int((enc.input_ids == tid).sum())
         counts = _feature_counts(model, enc.inputs, len(imgs))
@@ -171,7 +172,8 @@ def test_batched_forward_equals_each_sample_alone(family):
         for i, e in enumerate(encs):
             alone = model(**e.inputs).logits[0]
             n = len(e.input_ids)
-            torch.testing.assert_close(batched[i, :n], alone, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name} sample {i}: {m}")
+            torch.testing.assert_close(batched[i, :n], alone, atol=1e-4, rtol=1e-4,
+                                       msg=lambda m, where=f"{name} sample {i}": f"{where}: {m}")
 
 
 def _runs(labels: np.ndarray) -> list[np.ndarray]:

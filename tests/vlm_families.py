@@ -160,8 +160,14 @@ def _ids(tok, *names: str) -> list[int]:
 # -- the families ----------------------------------------------------------------------------------
 
 def build_llava(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration, LlavaProcessor)
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
 
     tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>")
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
@@ -178,8 +184,14 @@ PINPOINTS = [[32, 64], [64, 32], [64, 64]]
 
 
 def build_llava_next(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
-                              LlavaNextImageProcessor, LlavaNextProcessor)
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
 
     tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>")
     ip = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
@@ -194,9 +206,15 @@ def build_llava_next(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_llava_onevision(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor,
-                              Qwen2Config, SiglipVisionConfig)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
 
     tok = make_tokenizer(eos="<|im_end|>", pad="<|pad|>", named={"image_token": "<image>", "video_token": "<video>"})
     grid = [[32, 32], [32, 64], [64, 32], [64, 64]]
@@ -237,8 +255,14 @@ def _qwen(out: Path, s: Sizes, seed: int, *, model_cls, config_cls, vision, text
 
 
 def build_qwen2_vl(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor, Qwen2VLTextConfig,
-                              Qwen2VLVideoProcessor, Qwen2VLVisionConfig)
+    from transformers import (
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLProcessor,
+        Qwen2VLTextConfig,
+        Qwen2VLVideoProcessor,
+        Qwen2VLVisionConfig,
+    )
 
     def vision(s: Sizes):
         return Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=s.hidden, num_heads=2, mlp_ratio=2,
@@ -249,8 +273,14 @@ def build_qwen2_vl(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_qwen2_5_vl(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
-                              Qwen2_5_VLTextConfig, Qwen2_5_VLVisionConfig, Qwen2VLVideoProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2_5_VLTextConfig,
+        Qwen2_5_VLVisionConfig,
+        Qwen2VLVideoProcessor,
+    )
 
     def vision(s: Sizes):
         return Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
@@ -263,8 +293,14 @@ def build_qwen2_5_vl(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_qwen3_vl(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor, Qwen3VLTextConfig,
-                              Qwen3VLVideoProcessor, Qwen3VLVisionConfig)
+    from transformers import (
+        Qwen3VLConfig,
+        Qwen3VLForConditionalGeneration,
+        Qwen3VLProcessor,
+        Qwen3VLTextConfig,
+        Qwen3VLVideoProcessor,
+        Qwen3VLVisionConfig,
+    )
 
     def vision(s: Sizes):
         return Qwen3VLVisionConfig(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
@@ -281,8 +317,14 @@ IDEFICS_PIXELS = dict(size={"longest_edge": 64}, max_image_size={"longest_edge":
 
 
 def build_idefics3(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, Idefics3VisionConfig, LlamaConfig)
+    from transformers import (
+        Idefics3Config,
+        Idefics3ForConditionalGeneration,
+        Idefics3ImageProcessor,
+        Idefics3Processor,
+        Idefics3VisionConfig,
+        LlamaConfig,
+    )
 
     tok = make_tokenizer(bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|pad|>")
     proc = Idefics3Processor(Idefics3ImageProcessor(**IDEFICS_PIXELS), tok, image_seq_len=4, chat_template=T_IDEFICS)
@@ -293,8 +335,15 @@ def build_idefics3(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_smolvlm(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
-                              SmolVLMProcessor, SmolVLMVideoProcessor, SmolVLMVisionConfig)
+    from transformers import (
+        LlamaConfig,
+        SmolVLMConfig,
+        SmolVLMForConditionalGeneration,
+        SmolVLMImageProcessor,
+        SmolVLMProcessor,
+        SmolVLMVideoProcessor,
+        SmolVLMVisionConfig,
+    )
 
     tok = make_tokenizer(bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|pad|>")
     proc = SmolVLMProcessor(SmolVLMImageProcessor(**IDEFICS_PIXELS), tok, SmolVLMVideoProcessor(), image_seq_len=4,
@@ -306,8 +355,14 @@ def build_smolvlm(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_gemma3(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessor, Gemma3Processor,
-                              Gemma3TextConfig, SiglipVisionConfig)
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3ImageProcessor,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
 
     named = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
     tok = make_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>", named=named)
@@ -323,8 +378,14 @@ def build_gemma3(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_paligemma(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
-                              SiglipImageProcessor, SiglipVisionConfig)
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+    )
 
     tok = make_tokenizer(bos="<bos>", eos="<eos>", pad="<pad>")
     ip = SiglipImageProcessor(size={"height": 32, "width": 32}, image_seq_length=16)
@@ -339,8 +400,15 @@ def build_paligemma(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_internvl(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (GotOcr2ImageProcessor, InternVLConfig, InternVLForConditionalGeneration,
-                              InternVLProcessor, InternVLVideoProcessor, InternVLVisionConfig, Qwen2Config)
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
 
     named = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
              "video_token": "<video>"}
@@ -357,8 +425,14 @@ def build_internvl(out: Path, s: Sizes, seed: int) -> Path:
 
 
 def build_mistral3(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (Mistral3Config, Mistral3ForConditionalGeneration, MistralConfig, PixtralImageProcessor,
-                              PixtralProcessor, PixtralVisionConfig)
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralImageProcessor,
+        PixtralProcessor,
+        PixtralVisionConfig,
+    )
 
     tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>")
     ip = PixtralImageProcessor(size={"longest_edge": 64}, patch_size=8)
