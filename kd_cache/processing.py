@@ -1,0 +1,275 @@
+"""Encode a conversation through the model's own processor, and collate encodings into a batch.
+
+Each ``transformers`` processor knows how its family expands an image placeholder (wrapper tokens,
+tile rows, per-image counts that depend on the image's size) and which extra inputs its model
+takes; ``encode`` renders the conversation with the processor's chat template, calls the processor
+once on that text and the images, and keeps everything it returns. On top it derives
+
+* ``labels`` from the assistant spans of the rendered text (``labels[t]`` is the target of the
+  logits at ``t - 1``, as in ``transformers``; ``IGNORE_INDEX`` = no loss). A token belongs to a
+  span when its characters overlap it, so a token that straddles the start of an answer (a
+  generation prompt ending in a space, ``ASSISTANT: ``, followed by `` Paris``) is labelled;
+* ``visual_positions``: per image, the positions holding the model config's image token (the
+  positions the model fills with that image's features) inside that image's expansion.
+
+Both use the processor's own bookkeeping: ``return_offsets_mapping`` (token -> characters of the
+expanded text) and ``return_text_replacement_offsets`` (each placeholder's span before and after
+expansion), so nothing here re-implements an expansion. ``input_ids`` are the processor's ids for the
+rendered text, bit for bit.
+
+Families and what their processors return (transformers 5.24; tiny fixtures in
+``tests/vlm_families.py``; the per-family facts table is ``docs/FAMILIES.md``):
+
+=================  ====================================================================
+family             model inputs besides input_ids / attention_mask
+=================  ====================================================================
+LLaVA              pixel_values [n_img, 3, H, W]
+LLaVA-NeXT         pixel_values [n_img, n_tiles_max, 3, H, W], image_sizes [n_img, 2]
+LLaVA-OneVision    as LLaVA-NeXT + batch_num_images [n_samples]
+Qwen2/2.5/3-VL     pixel_values [sum_patches, C*T*P*P], image_grid_thw [n_img, 3],
+                   mm_token_type_ids [1, L] (M-RoPE: without it the model falls back to 1-D positions)
+Idefics3, SmolVLM  pixel_values [n_samples, n_tiles_max, 3, H, W], pixel_attention_mask [.., H, W]
+Gemma3             pixel_values [n_img, 3, H, W], token_type_ids [1, L] (bidirectional image blocks)
+PaliGemma          pixel_values, token_type_ids [1, L] (prefix-LM: 0 = prefix, 1 = suffix)
+InternVL           pixel_values [sum_tiles, 3, H, W] (tiles of all images, in order)
+Mistral3/Pixtral   pixel_values [n_img, 3, H_max, W_max] (zero-padded), image_sizes [n_img, 2]
+=================  ====================================================================
+
+``collate`` pads the per-token inputs (``TOKEN_INPUTS``) on the right like ``input_ids`` and
+concatenates every other input along its first axis, zero-padding the other axes to the batch's
+largest (tiles per image, tiles per sample, Pixtral's image height/width): each model finds its real
+tiles/pixels from ``image_sizes``, ``pixel_attention_mask`` or all-zero padding tiles.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from kd_cache.schema import IGNORE_INDEX
+
+IMAGE_TAG = "<image>"  # placeholder in the data's text; becomes an image part of a structured message
+# Per-token model inputs and their padding value (None: the tokenizer's pad id).
+TOKEN_INPUTS: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0,
+                                       "mm_token_type_ids": 0}
+# Processor outputs that are bookkeeping, not model inputs.
+NOT_MODEL_INPUTS = ("offset_mapping", "text_replacement_offsets", "labels")
+
+
+@dataclass
+class ProcessedSample:
+    """One conversation encoded by a processor."""
+
+    input_ids: np.ndarray  # int64 [L], exactly the processor's ids
+    labels: np.ndarray  # int64 [L]; IGNORE_INDEX outside assistant spans and on image expansions
+    inputs: dict[str, torch.Tensor]  # every model input the processor returned (per-token ones [1, L])
+    visual_positions: list[np.ndarray] = field(default_factory=list)  # int64 [N_i] per image, in order
+    text: str = ""  # the text given to the processor (before placeholder expansion)
+
+    @property
+    def image_token_counts(self) -> list[int]:
+        return [len(p) for p in self.visual_positions]
+
+
+def config_image_token_id(config) -> int:
+    """The id of the token the model replaces by image features (Gemma3: the soft token, not the
+    ``<start_of_image>`` its processor names ``image_token``)."""
+    for name in ("image_token_id", "image_token_index"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{type(config).__name__} has neither image_token_id nor image_token_index: not an image-text model")
+
+
+def is_prefix_lm(processor) -> bool:
+    """PaliGemma-style processors take a prompt and a ``suffix`` (the answer) and mark the suffix in
+    ``token_type_ids``; they have no chat template."""
+    return "suffix" in inspect.signature(type(processor).__call__).parameters
+
+
+def _role(src: str) -> str:
+    src = src.lower()
+    if src in ("human", "user"):
+        return "user"
+    if src in ("gpt", "assistant", "model"):
+        return "assistant"
+    if src == "system":
+        return "system"
+    raise ValueError(f"unknown conversation role {src!r} (expected human/user, gpt/assistant or system)")
+
+
+def _structured(messages: list[dict]) -> list[dict]:
+    """``[{"role", "content": str with <image> tags}]`` -> processor messages with image parts."""
+    out = []
+    for m in messages:
+        parts: list[dict] = []
+        for j, chunk in enumerate(str(m["content"]).split(IMAGE_TAG)):
+            if j:
+                parts.append({"type": "image"})
+            if chunk:
+                parts.append({"type": "text", "text": chunk})
+        out.append({"role": _role(m["role"]), "content": parts})
+    return out
+
+
+def render_chat(processor, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The chat-template text of a conversation and the character spans of its assistant turns.
+
+    A span runs from the end of the generation prompt that precedes the turn to the end of the turn
+    (its end-of-turn marker included), found by rendering prefixes of the conversation.
+    """
+    msgs = _structured(messages)
+
+    def render(ms: list[dict], gen: bool) -> str:
+        return processor.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
+    full = render(msgs, False)
+    spans = []
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prefix = render(msgs[:i], True) if i else ""
+        upto = render(msgs[: i + 1], False)
+        if not (full.startswith(upto) and upto.startswith(prefix)):
+            raise ValueError(
+                "the chat template is not prefix-stable (rendering the first turns does not give a prefix of "
+                "the whole conversation), so assistant spans cannot be located; use a template that renders "
+                "turns independently"
+            )
+        spans.append((len(prefix), len(upto)))
+    return full, spans
+
+
+def image_placeholder(processor) -> str:
+    """What the processor's chat template renders for one image (e.g. Qwen's
+    ``<|vision_start|><|image_pad|><|vision_end|>``, LLaVA's ``<image>\\n``)."""
+    if getattr(processor, "chat_template", None) is None:
+        return processor.image_token
+    before, after = "\x00before\x00", "\x00after\x00"
+    parts = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
+    text = processor.apply_chat_template([{"role": "user", "content": parts}], tokenize=False)
+    return text[text.index(before) + len(before): text.index(after)]
+
+
+def render_caption(processor, messages: list[dict], n_images: int) -> tuple[str, list[tuple[int, int]]]:
+    """LLaVA's pre-training ("plain") text: the images, then the last assistant turn as a caption and
+    a newline; the loss is on the caption."""
+    caption = next((str(m["content"]) for m in reversed(messages) if _role(m["role"]) == "assistant"), "").strip()
+    prefix = image_placeholder(processor) * n_images
+    text = prefix + caption + "\n"
+    return text, [(len(prefix), len(text))] if caption else []
+
+
+def _shift(x: int, replacements: list[dict]) -> int:
+    """A character offset of the text before placeholder expansion -> its offset after."""
+    for r in replacements:
+        (a, b), (na, nb) = r["span"], r["new_span"]
+        if x >= b:
+            x += (nb - na) - (b - a)
+    return x
+
+
+def _tokens_in(offsets: np.ndarray, a: int, b: int, candidates: np.ndarray) -> np.ndarray:
+    """Mask of tokens whose characters overlap [a, b) (empty tokens never do)."""
+    s, e = offsets[:, 0], offsets[:, 1]
+    return candidates & (s < b) & (e > a) & (e > s)
+
+
+def encode(processor, image_token_id: int, messages: list[dict], images: list[Any] | None = None, *,
+           template: str = "chat") -> ProcessedSample:
+    """Encode one conversation (``[{"role", "content"}]``, ``<image>`` tags in the content, images in
+    tag order) with ``processor``; ``image_token_id`` is the model config's (``config_image_token_id``).
+
+    ``template``: ``chat`` renders the processor's chat template, labels on every assistant turn;
+    ``pretrain`` is image(s) + caption (the last assistant turn), labels on the caption. A processor
+    that takes a ``suffix`` (PaliGemma) gets the user text as its prompt and the single answer as the
+    suffix, labels on the suffix, whatever the template.
+    """
+    images = list(images or [])
+    tags = sum(str(m["content"]).count(IMAGE_TAG) for m in messages)
+    if template == "chat" and tags != len(images):
+        raise ValueError(f"{tags} {IMAGE_TAG} tags in the conversation, {len(images)} images")
+    kwargs: dict[str, Any] = {}
+    if is_prefix_lm(processor):
+        answers = [m for m in messages if _role(m["role"]) == "assistant"]
+        if len(answers) != 1:
+            raise ValueError(f"{type(processor).__name__} takes one prompt and one answer; the conversation has "
+                             f"{len(answers)} assistant turns")
+        prompt = "\n".join(str(m["content"]).replace(IMAGE_TAG, "").strip() for m in messages
+                           if _role(m["role"]) == "user")
+        text, spans = processor.image_token * len(images) + prompt, []
+        kwargs["suffix"] = str(answers[0]["content"]).strip()
+    elif template == "chat":
+        text, spans = render_chat(processor, messages)
+        bos = processor.tokenizer.bos_token
+        # As the processor's own apply_chat_template(tokenize=True): a template that writes BOS gets no second one.
+        kwargs["add_special_tokens"] = not (bos and text.startswith(bos))
+    elif template == "pretrain":
+        text, spans = render_caption(processor, messages, len(images))
+    else:
+        raise ValueError(f"template {template!r}: expected chat or pretrain")
+
+    out = processor(text=[text], images=[images] if images else None, return_tensors="pt",
+                    return_offsets_mapping=True, return_text_replacement_offsets=True, **kwargs)
+    ids = out["input_ids"][0].numpy().astype(np.int64)
+    offsets = out["offset_mapping"][0].numpy()
+    replacements = (out.get("text_replacement_offsets") or [[]])[0]
+    if len(replacements) != len(images):
+        raise ValueError(f"{type(processor).__name__} reported {len(replacements)} expanded placeholders for "
+                         f"{len(images)} images")
+    first_seq = np.ones(len(ids), dtype=bool)
+    if "suffix" in kwargs:  # offsets of the suffix tokens count from the suffix's own start
+        first_seq = out["token_type_ids"][0].numpy() == 0
+
+    visual, expansion = [], np.zeros(len(ids), dtype=bool)
+    for r in replacements:
+        inside = _tokens_in(offsets, *r["new_span"], first_seq)
+        expansion |= inside
+        visual.append(np.nonzero(inside & (ids == image_token_id))[0].astype(np.int64))
+
+    labelled = np.zeros(len(ids), dtype=bool)
+    if "suffix" in kwargs:
+        labelled = ~first_seq
+    for a, b in spans:
+        labelled |= _tokens_in(offsets, _shift(a, replacements), _shift(b, replacements), first_seq)
+    labels = np.where(labelled & ~expansion, ids, IGNORE_INDEX).astype(np.int64)
+
+    inputs = {k: v for k, v in out.items() if k not in NOT_MODEL_INPUTS and torch.is_tensor(v)}
+    return ProcessedSample(ids, labels, inputs, visual, text)
+
+
+def _pad_to(t: torch.Tensor, shape: tuple[int, ...], value: float = 0) -> torch.Tensor:
+    if tuple(t.shape) == shape:
+        return t
+    out = t.new_full(shape, value)
+    out[tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def collate(samples: list[ProcessedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Model inputs of a batch: per-token inputs right-padded to the longest sample, every other input
+    concatenated along its first axis with its other axes zero-padded to the batch's largest.
+
+    Every sample of a batch must carry the same input names (a text-only sample has no pixels: batch
+    it with other text-only samples).
+    """
+    names = list(samples[0].inputs)
+    for s in samples[1:]:
+        if list(s.inputs) != names:
+            raise ValueError(f"samples of one batch carry different model inputs ({names} vs {list(s.inputs)}): "
+                             "batch image samples and text-only samples separately")
+    length = max(len(s.input_ids) for s in samples)
+    batch: dict[str, torch.Tensor] = {}
+    for name in names:
+        tensors = [s.inputs[name] for s in samples]
+        if name in TOKEN_INPUTS:
+            value = pad_token_id if TOKEN_INPUTS[name] is None else TOKEN_INPUTS[name]
+            batch[name] = torch.cat([_pad_to(t, (1, length), value) for t in tensors])
+        else:
+            rest = tuple(max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim()))
+            batch[name] = torch.cat([_pad_to(t, (t.shape[0], *rest)) for t in tensors])
+    return batch
