@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
 
 import typer
+
+from cli.options import config_command
+from kd_demo.config import DemoConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -26,26 +28,17 @@ app = typer.Typer(
 )
 
 
+def _fail(err: Exception | str) -> None:
+    typer.echo(f"kd-demo: error: {err}", err=True)
+    raise typer.Exit(code=2)
+
+
 @app.command()
-def demo(
-    out: Annotated[str, typer.Option(help="Output directory: results.json, curves.png, and the data, models, "
-                                          "caches and runs of every step.")],
-    seed: Annotated[int, typer.Option(help="Seed for the task, the models and the training order.")] = 0,
-    quick: Annotated[bool, typer.Option(help="A much smaller run (well under 2 minutes) that exercises every "
-                                             "step; its numbers mean nothing.")] = False,
-    method: Annotated[str, typer.Option(help="llavakd: baseline vs LLaVA-KD (DPT -> SFT -> DFT); llavadi: also a "
-                                             "third student with LLaVADI's combination (logits on all tokens + "
-                                             "hidden states), reported as 'llavadi'.")] = "llavakd",
-) -> None:
+@config_command(DemoConfig, on_error=_fail)
+def demo(cfg: DemoConfig) -> None:
     """Run the demo and print teacher / baseline / distilled metrics."""
-    from kd_demo.config import DemoConfig
     from kd_demo.run import run_demo
 
-    try:
-        cfg = DemoConfig(out=out, seed=seed, quick=quick, method=method)
-    except ValueError as e:
-        typer.echo(f"kd-demo: error: {e}", err=True)
-        raise typer.Exit(code=2) from None
     run_demo(cfg, log=typer.echo)
 
 

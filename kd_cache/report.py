@@ -266,137 +266,81 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def format_report(info: dict[str, Any]) -> str:
-    """Readable text tables for an ``inspect_cache`` result."""
+def _header_lines(info: dict[str, Any]) -> list[str]:
     out = [
         f"cache {info['url']}",
-        (
-            f"  format version {info.get('format_version')}, {info['samples']} samples in {info['shards']} "
-            f"shards, {_bytes(info['total_bytes'])} on disk"
-        ),
+        f"  format version {info.get('format_version')}, {info['samples']} samples in {info['shards']} "
+        f"shards, {_bytes(info['total_bytes'])} on disk",
         f"  sparse {info.get('sparse')}, relation {info.get('relation')}",
         f"  skipped records: {info['skipped']['count']}"
         + (f" {info['skipped']['by_reason']}" if info["skipped"]["count"] else ""),
     ]
-    build = info.get("build") or {}
-    teacher = build.get("teacher")
+    teacher = (info.get("build") or {}).get("teacher")
     if teacher:
         out.append(f"  teacher {teacher}")
     out.append(f"  decoding: {info.get('decoding')}")
+    return out
 
-    out.append("")
-    out.append("shards")
-    out.append(
-        _table(
-            ["shard", "samples", "bytes", "ratio", "complete", "checksum"],
-            [
-                [
-                    s["name"],
-                    s["samples"],
-                    _bytes(s.get("bytes")),
-                    s.get("ratio"),
-                    "yes" if s.get("complete") else "NO",
-                    s.get("checksum"),
-                ]
-                for s in info["shard_info"]
-            ],
-        )
-    )
-    for s in info["shard_info"]:
-        if s.get("error"):
-            out.append(f"  shard {s['name']}: {s['error']}")
+
+def _shard_lines(info: dict[str, Any]) -> list[str]:
+    rows = [[s["name"], s["samples"], _bytes(s.get("bytes")), s.get("ratio"), "yes" if s.get("complete") else "NO",
+             s.get("checksum")] for s in info["shard_info"]]
+    out = ["", "shards", _table(["shard", "samples", "bytes", "ratio", "complete", "checksum"], rows)]
+    out += [f"  shard {s['name']}: {s['error']}" for s in info["shard_info"] if s.get("error")]
+    return out
+
+
+def _array_lines(info: dict[str, Any]) -> list[str]:
     totals = info.get("array_totals") or {}
-    if totals:
-        shards = info["shard_info"]
-        single = len(shards) == 1
-        title = (
-            f"arrays of shard {shards[0]['name']} ({shards[0].get('path')})"
-            if single
-            else f"arrays, summed over {len(shards)} shards"
-        )
-        out.append("")
-        out.append(title)
-        out.append(
-            _table(
-                ["array", "sample key", "dtype", "shape", "stored", "raw", "ratio"],
-                [
-                    [
-                        name,
-                        sample_key(name),
-                        a["dtype"],
-                        "x".join(map(str, shards[0]["arrays"][name]["shape"])) if single else "-",
-                        _bytes(a["stored_bytes"]),
-                        _bytes(a["raw_bytes"]),
-                        a["ratio"],
-                    ]
-                    for name, a in totals.items()
-                ],
-            )
-        )
+    if not totals:
+        return []
+    shards = info["shard_info"]
+    single = len(shards) == 1
+    title = (f"arrays of shard {shards[0]['name']} ({shards[0].get('path')})" if single
+             else f"arrays, summed over {len(shards)} shards")
+    rows = [[name, sample_key(name), a["dtype"],
+             "x".join(map(str, shards[0]["arrays"][name]["shape"])) if single else "-",
+             _bytes(a["stored_bytes"]), _bytes(a["raw_bytes"]), a["ratio"]] for name, a in totals.items()]
+    return ["", title, _table(["array", "sample key", "dtype", "shape", "stored", "raw", "ratio"], rows)]
 
+
+_SAMPLE_COLUMNS = ["shard", "idx", "id", "len", "imgs", "resp", "H resp", "tail mean", "tail p90", "vis", "H vis",
+                   "vis tail", "rel energy"]
+
+
+def _sample_row(r: dict[str, Any]) -> list[Any]:
+    resp, vis = r["response"], r["visual"]
+    return [r["shard"], r["index"], r["id"], r["seq_len"], r["images"], resp["positions"], resp["entropy_estimate"],
+            resp["tail_mass_mean"], resp["tail_mass_p90"], vis["positions"], vis["entropy_estimate"],
+            vis["tail_mass_mean"], ",".join(f"{e:.4f}" for e in r["relation_energy"]) or "-"]
+
+
+def _summary_line(summ: dict[str, Any]) -> str:
+    kinds = "; ".join(
+        f"{kind}: {summ[kind]['positions']} positions, entropy~{_fmt(summ[kind]['entropy_estimate'])}, "
+        f"tail mass {_fmt(summ[kind]['tail_mass_mean'])}"
+        for kind in KINDS if kind in summ)
+    energy = (f"; min relation energy {summ['relation_energy_min']:.6f}"
+              if summ.get("relation_energy_min") is not None else "")
+    return "summary over listed samples: " + kinds + energy
+
+
+def _sample_lines(info: dict[str, Any]) -> list[str]:
     rows = info.get("samples_listed") or []
-    if rows:
-        out.append("")
-        more = f" (first {len(rows)} of {info['samples_in_scope']})" if info.get("samples_truncated") else ""
-        out.append(f"samples{more}; entropy is an estimate (stored ids + tail as one bin, nats);")
-        out.append("tail = probability mass outside the stored ids, exp(tail)")
-        out.append(
-            _table(
-                [
-                    "shard",
-                    "idx",
-                    "id",
-                    "len",
-                    "imgs",
-                    "resp",
-                    "H resp",
-                    "tail mean",
-                    "tail p90",
-                    "vis",
-                    "H vis",
-                    "vis tail",
-                    "rel energy",
-                ],
-                [
-                    [
-                        r["shard"],
-                        r["index"],
-                        r["id"],
-                        r["seq_len"],
-                        r["images"],
-                        r["response"]["positions"],
-                        r["response"]["entropy_estimate"],
-                        r["response"]["tail_mass_mean"],
-                        r["response"]["tail_mass_p90"],
-                        r["visual"]["positions"],
-                        r["visual"]["entropy_estimate"],
-                        r["visual"]["tail_mass_mean"],
-                        ",".join(f"{e:.4f}" for e in r["relation_energy"]) or "-",
-                    ]
-                    for r in rows
-                ],
-            )
-        )
-        texts = [(r["id"], r["response_text"]) for r in rows if "response_text" in r]
-        if texts:
-            out.append("")
-            out.append("response text (tokens with a label)")
-            for sid, text in texts:
-                out.append(f"  [{sid}] {text!r}")
-        summ = info.get("summary") or {}
-        out.append("")
-        out.append(
-            "summary over listed samples: "
-            + "; ".join(
-                f"{kind}: {summ[kind]['positions']} positions, entropy~{_fmt(summ[kind]['entropy_estimate'])}, "
-                f"tail mass {_fmt(summ[kind]['tail_mass_mean'])}"
-                for kind in KINDS
-                if kind in summ
-            )
-            + (
-                f"; min relation energy {summ['relation_energy_min']:.6f}"
-                if summ.get("relation_energy_min") is not None
-                else ""
-            )
-        )
+    if not rows:
+        return []
+    more = f" (first {len(rows)} of {info['samples_in_scope']})" if info.get("samples_truncated") else ""
+    out = ["", f"samples{more}; entropy is an estimate (stored ids + tail as one bin, nats);",
+           "tail = probability mass outside the stored ids, exp(tail)",
+           _table(_SAMPLE_COLUMNS, [_sample_row(r) for r in rows])]
+    texts = [(r["id"], r["response_text"]) for r in rows if "response_text" in r]
+    if texts:
+        out += ["", "response text (tokens with a label)"] + [f"  [{sid}] {text!r}" for sid, text in texts]
+    out += ["", _summary_line(info.get("summary") or {})]
+    return out
+
+
+def format_report(info: dict[str, Any]) -> str:
+    """Readable text tables for an ``inspect_cache`` result."""
+    out = _header_lines(info) + _shard_lines(info) + _array_lines(info) + _sample_lines(info)
     return "\n".join(out) + "\n"

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from enum import Enum
+
+from kd_cache.schema import choice
+
+
+class DemoMethod(str, Enum):
+    llavakd = "llavakd"  # baseline vs LLaVA-KD (DPT -> SFT -> DFT)
+    llavadi = "llavadi"  # also a third student with LLaVADI's combination
 
 
 @dataclass
 class DemoConfig:
-    """Sizes and schedule of one demo run (``quick`` replaces them with a much smaller preset)."""
+    """Sizes and schedule of one demo run (``quick`` replaces them with a much smaller preset).
 
-    out: str
-    seed: int = 0
-    quick: bool = False
+    The fields with ``help`` are ``kd-demo``'s flags (``cli.options``); the others are set by code.
+    """
+
+    out: str = field(metadata={"help": "Output directory: results.json, curves.png, and the data, models, caches "
+                                       "and runs of every step."})
+    seed: int = field(default=0, metadata={"help": "Seed for the task, the models and the training order."})
+    quick: bool = field(default=False, metadata={"help": "A much smaller run (well under 2 minutes) that exercises "
+                                                         "every step; its numbers mean nothing."})
     # task
     n_teacher: int = 3000  # QA images the teacher is trained on
     n_caption: int = 1000  # caption images (DPT / PT)
@@ -57,9 +70,9 @@ class DemoConfig:
     # pre-training stage (PT and DPT alike) trains the LLM too; with the projector alone the caption CE
     # does not move from its initial value (measured: 5.87 after 200 steps).
     pretrain_modules: str = "projector,llm"
-    # llavakd: baseline vs LLaVA-KD. llavadi: also a third student with LLaVADI's combination (logits on
-    # all tokens + final hidden states through a 2-layer MLP, no RDist) from the same start.
-    method: str = "llavakd"
+    method: DemoMethod = field(default=DemoMethod.llavakd, metadata={"help": (
+        "llavakd: baseline vs LLaVA-KD (DPT -> SFT -> DFT); llavadi: also a third student with LLaVADI's "
+        "combination (logits on all tokens + hidden states), reported as 'llavadi'.")})
     hidden_weight: float = 1.0
     # These models are tiny: one intra-op thread per process is as fast as two on an idle 2-core
     # machine and several times faster on a busy one (60 teacher steps: 8.5 s with 1 thread, 13-67 s with
@@ -68,8 +81,7 @@ class DemoConfig:
     parallel: bool = True
 
     def __post_init__(self):
-        if self.method not in ("llavakd", "llavadi"):
-            raise ValueError(f"--method {self.method!r}: expected llavakd or llavadi")
+        self.method = choice(DemoMethod, self.method, "--method")
         if self.quick:
             for k, v in QUICK.items():
                 setattr(self, k, v)

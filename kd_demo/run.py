@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from kd_demo import tiny
-from kd_demo.config import DemoConfig
+from kd_demo.config import DemoConfig, DemoMethod
 from kd_demo.report import accuracy_by_question, llm_params, log_summary, plot_curves
 from kd_demo.task import make_task
 
@@ -184,7 +184,7 @@ def build_student_caches(cfg: DemoConfig, teacher: Path, data: dict[str, Path], 
                             top_k=cfg.top_k, **build))
     build_cache(BuildConfig(teacher=str(teacher), data=str(data["test"]), out=str(caches / "test"),
                             top_k=vocab_size, relation="none", **build))
-    if cfg.method == "llavadi":
+    if cfg.method is DemoMethod.llavadi:
         build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(caches / "instruct-all"),
                                 top_k=cfg.top_k, positions="response,visual,prompt", hidden=True, **build))
 
@@ -211,7 +211,7 @@ def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> di
             _leg("dft", runs / "distilled-sft", instruct, runs / "distilled-dft", max_steps=cfg.dft_steps, **kd,
                  **fine)],
     }
-    if cfg.method == "llavadi":
+    if cfg.method is DemoMethod.llavadi:
         # Same schedule as the LLaVA-KD student; the DFT leg distils logits on every token and the final
         # hidden states (LLaVADI's best combination) instead of response/visual logits + RDist.
         llavadi = dict(alpha=cfg.alpha, beta=cfg.beta, gamma=0.0, delta=cfg.alpha,
