@@ -170,13 +170,7 @@ class TrainConfig:
                 if value > 0:
                     raise ValueError(f"{flag} {value}: the {self.stage.value} stage trains on CE only and ignores the "
                                      "teacher; use it with --stage dpt or dft")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
-        if not 0.0 <= self.skew < 1.0:
-            raise ValueError(f"--skew must lie in [0, 1) (0 = plain KL; at 1 skl and srkl are identically 0), "
-                             f"got {self.skew}")
-        if not self.temperature > 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        self.loss_settings()  # validates --divergence, --jsd-beta, --skew, --temperature
         for flag, value in (("--num-workers", self.num_workers), ("--save-every", self.save_every),
                             ("--head-memory-mb", self.head_memory_mb)):
             if value < 0:

@@ -361,7 +361,7 @@ def test_bad_options_raise_clear_errors():
         sparse_divergence(z, ids, lp, tail, divergence="kl")
     with pytest.raises(ValueError, match="tail mode 'sample' not understood.*recognised from their counts"):
         sparse_divergence(z, ids, lp, tail, mode="sample")
-    with pytest.raises(ValueError, match="jsd_beta"):
+    with pytest.raises(ValueError, match="--jsd-beta"):
         dense_divergence(z, z, divergence="jsd", jsd_beta=1.5)
     with pytest.raises(ValueError, match=r"skew must lie in \[0, 1\)"):
         dense_divergence(z, z, divergence="srkl", skew=1.0)

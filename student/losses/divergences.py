@@ -100,12 +100,12 @@ class DivergenceOptions:
         object.__setattr__(self, "mode", _choice(TailMode, self.mode, "tail mode",
                                                  " (sampled ids are recognised from their counts)"))
         if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
+            raise ValueError(f"--jsd-beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta}")
         if not 0.0 <= self.skew < 1.0:
-            raise ValueError(f"skew must lie in [0, 1) (0 = plain KL; 1 makes skl and srkl identically 0), "
+            raise ValueError(f"--skew must lie in [0, 1) (0 = plain KL; 1 makes skl and srkl identically 0), "
                              f"got {self.skew}")
         if not self.temperature > 0.0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
 
     @property
     def plain(self) -> Divergence:
