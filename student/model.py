@@ -38,8 +38,7 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
     default (autocast on GPU). A family not supported is refused with the list of supported ones."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
+    if Path(path).exists() and not (Path(path) / "config.json").is_file():  # else a local dir or a hub id
         raise FileNotFoundError(f"--student {path}: no config.json there; expected a saved image-text-to-text model "
                                 f"of a supported family ({supported()}), or make one with `kd-train init-student`")
     family = family_of(AutoConfig.from_pretrained(path), f"--student {path}")
