@@ -54,13 +54,13 @@ def parts(tmp_path_factory, processor):
 
 
 def test_compose_from_vision_model_and_llm(parts, tmp_path):
+    from PIL import Image
     from transformers import (
         AutoModelForCausalLM,
         AutoProcessor,
         LlavaForConditionalGeneration,
         SiglipVisionModel,
     )
-    from PIL import Image
 
     vision_dir, llm_dir = parts
     out = compose_student(vision_dir, llm_dir, tmp_path / "student")
