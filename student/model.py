@@ -13,6 +13,7 @@ training and names both values of whatever differs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
     default (autocast on GPU). A family not supported is refused with the list of supported ones."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    if Path(path).exists() and not (Path(path) / "config.json").is_file():  # else a local dir or a hub id
+    local = Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path))  # else a hub id
+    if local and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"--student {path}: no config.json there; expected a saved image-text-to-text model "
                                 f"of a supported family ({supported()}), or make one with `kd-train init-student`")
     family = family_of(AutoConfig.from_pretrained(path), f"--student {path}")

@@ -75,6 +75,7 @@ def test_every_readme_command_runs(tmp_path, processor, teacher_dir):
         (r"Qwen/Qwen1\.5-0\.5B", str(llm)),
         (r"Qwen/Qwen2\.5-VL-7B-Instruct", str(qwen_teacher)),
         (r"Qwen/Qwen2\.5-VL-3B-Instruct", str(qwen_student)),
+        (r"--out caches/qwen-ift", "--max-length 1024 --out caches/qwen-ift"),  # the tiny student's positions
         (r"s3://my-bucket/", bucket.as_uri() + "/"),
         (r"--batch-size \d+", "--batch-size 2"),
         (r"--grad-accum \d+", "--grad-accum 1"),
