@@ -217,7 +217,8 @@ def encode(processor, image_token_id: int, messages: list[dict], images: list[An
                     return_offsets_mapping=True, return_text_replacement_offsets=True, **kwargs)
     ids = out["input_ids"][0].numpy().astype(np.int64)
     offsets = out["offset_mapping"][0].numpy()
-    replacements = (out.get("text_replacement_offsets") or [[]])[0]
+    reported = out.get("text_replacement_offsets")  # a list per text, or an empty tensor (InternVL, no image)
+    replacements = list(reported[0]) if reported is not None and len(reported) else []
     if len(replacements) != len(images):
         raise ValueError(f"{type(processor).__name__} reported {len(replacements)} expanded placeholders for "
                          f"{len(images)} images")
