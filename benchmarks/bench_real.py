@@ -125,7 +125,7 @@ def _write(out: Path, samples: list[dict], *, sparse_mode: str, k: int, relation
                           sample_logprobs=sample_logprobs)
     w.write_manifest(Manifest(
         teacher=TeacherInfo(path="bench", model_type="", revision=None, config_hash="", multimodal=False),
-        tokenizer_hash="", vocab_size=0, teacher_head_rows=0, image_token_id=None, visual_tokens_per_image=None,
+        tokenizer_hash="", vocab_size=0, teacher_head_rows=0, image_token_id=None,
         template="chat", max_length=0, sparse=SparseInfo(mode=sparse_mode, k=k), relation=relation,
         positions=DEFAULT_KINDS, hidden=HiddenInfo(), generated=None, dataset_fingerprint="", build_config={},
         shards=[entry]))
