@@ -336,7 +336,11 @@ class StreamingKDDataset(IterableDataset):
                     "no processor call: rebuild the cache with this version of kd-cache build"))
             t = torch.from_numpy(ids)[None]
             return ProcessedSample(ids, labels, {"input_ids": t, "attention_mask": torch.ones_like(t)})
-        enc = processing.process(self.processor, self.image_token_id, call, self._load_images(s))
+        try:
+            enc = processing.process(self.processor, self.image_token_id, call, self._load_images(s))
+        except ValueError as e:
+            raise ValueError(f"sample {sid!r}: the student's processor cannot encode the teacher's text and images "
+                             f"({e}): teacher and student must share the processor's tokens") from e
         cut = enc.truncated(len(ids))  # the build cut at --max-length
         counts = [int(c) for c in s["image_token_counts"]]
         if cut is None or not np.array_equal(cut.input_ids, ids) or cut.image_token_counts != counts:
