@@ -36,6 +36,7 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
       full:    relation/upper float16 flat,   relation/upper_offsets int64 [I+1]
       lowrank: relation/eigvals float32 flat, relation/eigvals_offsets int64 [I+1]
                relation/eigvecs float16 flat (N x r row-major), relation/eigvecs_offsets int64 [I+1]
+      auto:    both sets; matrix i uses the fields of its size's encoding (``resolve_relation_spec``)
     (no relation/ group when the spec is "none")
 
 ``logp_mean`` is ``sum_i (c_i / N) log p_i`` per position (N draws, c_i of them on id i), in fp32
@@ -63,7 +64,13 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec
 
-from kd_cache.relation import decode_relation, encode_relation, parse_relation_spec, relation_energy
+from kd_cache.relation import (
+    decode_relation,
+    encode_relation,
+    parse_relation_spec,
+    relation_energy,
+    resolve_relation_spec,
+)
 from kd_cache.schema import FORMAT_VERSION, KINDS, CacheSample, KindArrays, SparseMode, choice
 
 MANIFEST_NAME = "manifest.json"
@@ -76,6 +83,9 @@ CHUNK_BYTES = 1 << 20  # raw bytes per chunk: big enough for zstd, small enough 
 # Stored fields of one relation matrix per encoding, with their dtypes.
 RELATION_FIELDS = {"full": {"upper": np.float16}, "lowrank": {"eigvals": np.float32, "eigvecs": np.float16},
                    "none": {}}
+# ``auto`` chooses per matrix by its size (``relation.resolve_relation_spec``): both sets of fields, each
+# matrix filling the ones of its encoding (the others get an empty range).
+RELATION_FIELDS["auto"] = {**RELATION_FIELDS["full"], **RELATION_FIELDS["lowrank"]}
 
 # Reads ``stop - start`` rows of the shard array at a group path (the reader's chunk cache).
 ReadRows = Callable[[str, int, int], np.ndarray]
@@ -476,9 +486,8 @@ class _RelationColumns:
                 raise ValueError(f"sample {s.id!r}: relation matrix {m}: {e}") from e
             self.n.append(R.shape[0])
             self.energy.append(relation_energy(enc))
-            for name, v in enc.items():
-                if name != "energy":
-                    self.fields.setdefault(name, []).append(np.asarray(v).ravel())
+            for name in RELATION_FIELDS[self.kind]:  # one entry per matrix and field (empty when unused)
+                self.fields.setdefault(name, []).append(np.asarray(enc.get(name, np.zeros(0))).ravel())
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self.kind == "none":
@@ -499,9 +508,10 @@ def _unpack_relations(attrs: ShardAttrs, index: dict[str, np.ndarray], read: Rea
         return [], []
     rels, energies = [], []
     for m in range(*_rows(index, "relation/offsets", j)):
-        enc = {f: read(f"relation/{f}", *_rows(index, f"relation/{f}_offsets", m))
-               for f in RELATION_FIELDS[attrs.rel_kind]}
-        rels.append(decode_relation(enc, int(index["relation/n"][m]), attrs.relation))
+        n = int(index["relation/n"][m])
+        kind = parse_relation_spec(resolve_relation_spec(attrs.relation, n))[0]
+        enc = {f: read(f"relation/{f}", *_rows(index, f"relation/{f}_offsets", m)) for f in RELATION_FIELDS[kind]}
+        rels.append(decode_relation(enc, n, attrs.relation))
         energies.append(float(index["relation/energy"][m]))
     return rels, energies
 

@@ -61,11 +61,13 @@ def kind_stats(ids: np.ndarray, logprobs: np.ndarray | None, tail: np.ndarray,
 
 
 def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
-    """Per-sample summary: lengths, per-kind distribution statistics, relation energy, response text."""
+    """Per-sample summary: lengths, visual tokens per image, per-kind distribution statistics, relation
+    energy (1.0 for a matrix stored in full, the kept share for a low-rank one), response text."""
     labels = np.asarray(sample["labels"])
     out: dict[str, Any] = {
         "id": sample["id"],
         "images": len(sample["images"]),
+        "image_token_counts": [int(c) for c in sample.get("image_token_counts", [])],
         "seq_len": int(labels.shape[0]),
         "labelled_tokens": int(np.sum(labels != IGNORE_INDEX)),
     }
@@ -347,7 +349,7 @@ def format_report(info: dict[str, Any]) -> str:
                     "idx",
                     "id",
                     "len",
-                    "imgs",
+                    "imgs (visual tokens)",
                     "resp",
                     "H resp",
                     "tail mean",
@@ -363,7 +365,7 @@ def format_report(info: dict[str, Any]) -> str:
                         r["index"],
                         r["id"],
                         r["seq_len"],
-                        r["images"],
+                        f"{r['images']} ({','.join(map(str, r['image_token_counts']))})" if r["images"] else "0",
                         r["response"]["positions"],
                         r["response"]["entropy_estimate"],
                         r["response"]["tail_mass_mean"],

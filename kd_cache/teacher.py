@@ -121,7 +121,7 @@ class TeacherRunner:
     """Runs the teacher on batches of ``Encoded`` samples and returns one cache sample dict each."""
 
     def __init__(self, teacher: Teacher, *, sparse: str = "topk", top_k: int = 64, samples: int = 64,
-                 sample_scheme: str = "systematic", relation: str = "full", seed: int = 0, chunk_size: int = 1024,
+                 sample_scheme: str = "systematic", relation: str = "auto", seed: int = 0, chunk_size: int = 1024,
                  positions: tuple[str, ...] = DEFAULT_KINDS, hidden: bool = False):
         choice(SparseMode, sparse, "--sparse")
         choice(SampleScheme, sample_scheme, "--sample-scheme")

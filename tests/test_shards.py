@@ -480,3 +480,27 @@ def test_chunk_cache_budget_never_changes_what_is_read(tmp_path, cache_bytes):
     clone = pickle.loads(pickle.dumps(cache))
     assert len(clone.chunk_cache) == 0 and clone.chunk_cache.max_bytes == cache_bytes
     assert_sample_equal(clone[7], samples[7], "topk", 4, "full")
+
+
+def test_auto_relation_stores_small_images_full_and_large_ones_low_rank(tmp_path):
+    """``auto`` picks the encoding per image by its size: one sample with a 10-token and a 600-token image
+    (above ``AUTO_FULL_MAX``) reads back the small one exactly and the large one at rank 32."""
+    from kd_cache.relation import AUTO_FULL_MAX, AUTO_RANK
+
+    rng = np.random.default_rng(0)
+    sizes = [10, AUTO_FULL_MAX + 24]
+    s = make_sample(rng, 0, "topk", 4, n_images=0)
+    s["images"] = ["small.png", "large.png"]
+    s["image_token_counts"] = np.asarray(sizes, np.int32)
+    mats = []
+    for n in sizes:
+        Z = rng.standard_normal((n, 64)).astype(np.float32) + 1.0
+        mats.append(Z @ Z.T)
+    s["relation"] = mats
+    build_cache(str(tmp_path / "c"), [s], relation="auto", k=4)
+    got = open_cache(str(tmp_path / "c"))[0]
+    small, large = got["relation"]
+    np.testing.assert_allclose(small, normalise(mats[0]), atol=1e-3)
+    np.testing.assert_array_equal(large, decode_relation(encode_relation(mats[1], f"lowrank:{AUTO_RANK}"),
+                                                         sizes[1], f"lowrank:{AUTO_RANK}"))
+    assert got["relation_energy"][0] == 1.0 and 0.9 < got["relation_energy"][1] < 1.0
