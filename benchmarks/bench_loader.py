@@ -50,7 +50,10 @@ def _topk(rng, P: int, K: int, vocab: int, id_pool: np.ndarray) -> dict:
 
 
 def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0) -> tuple[Path, Path, dict]:
-    from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+    from PIL import Image
+
+    from kd_cache import processing
+    from kd_cache.fingerprint import tokenizer_hash
     from kd_cache.schema import DEFAULT_KINDS, HiddenInfo, Manifest, SparseInfo, TeacherInfo
     from kd_cache.writer import CacheWriter
     from kd_demo import tiny
@@ -58,7 +61,6 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
     rng = np.random.default_rng(seed)
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
-    n_vis = image_tokens_per_image(processor)
     img_dir = root / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     special = set(tok.all_special_ids)
@@ -70,14 +72,18 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
         name = f"ld-{i:05d}.jpg"
         write_jpeg(img_dir / name, profile.ld_image_size, seed * 1000 + i)
         n_prompt = profile.ld_text_tokens - profile.ld_response_tokens
-        prompt = rng.choice(normal, size=n_prompt)
-        answer = rng.choice(normal, size=profile.ld_response_tokens)
-        ids = np.concatenate([prompt[:4], np.full(n_vis, image_id), prompt[4:], answer]).astype(np.int32)
-        labels = np.full_like(ids, -100)
-        labels[-len(answer):] = answer
+        # Text of about the profile's token counts, encoded by the processor (the stream re-runs it).
+        prompt = tok.decode(rng.choice(normal, size=n_prompt))
+        answer = tok.decode(rng.choice(normal, size=profile.ld_response_tokens))
+        with Image.open(img_dir / name) as im:
+            enc = processing.encode(processor, image_id, [{"role": "user", "content": "<image>\n" + prompt},
+                                                          {"role": "assistant", "content": answer}], [im.convert("RGB")])
+        ids, labels = enc.input_ids.astype(np.int32), enc.labels.astype(np.int32)
         resp = np.nonzero(labels[1:] != -100)[0].astype(np.int32)
         vis = np.nonzero(ids == image_id)[0].astype(np.int32)
+        n_vis = len(vis)
         s = {"id": f"ld-{i:05d}", "images": [name], "input_ids": ids, "labels": labels,
+             "image_token_counts": np.asarray(enc.image_token_counts, np.int32), "processor_call": enc.call,
              "response_positions": resp, "visual_positions": vis}
         for kind, pos in (("response", resp), ("visual", vis)):
             for f, v in _topk(rng, len(pos), 64, vocab, id_pool).items():
@@ -97,7 +103,7 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
         teacher=TeacherInfo(path="synthetic", model_type="llava", revision=None, config_hash="synthetic",
                             multimodal=True),
         tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab, teacher_head_rows=vocab, image_token_id=image_id,
-        visual_tokens_per_image=n_vis, template="chat", max_length=4096, sparse=SparseInfo(mode="topk", k=64),
+        template="chat", max_length=4096, sparse=SparseInfo(mode="topk", k=64),
         relation="full", positions=DEFAULT_KINDS, hidden=HiddenInfo(), generated=None,
         dataset_fingerprint="synthetic", build_config={"image_folder": str(img_dir), "data": "synthetic"},
         shards=entries))

@@ -125,7 +125,7 @@ def _write(out: Path, samples: list[dict], *, sparse_mode: str, k: int, relation
                           sample_logprobs=sample_logprobs)
     w.write_manifest(Manifest(
         teacher=TeacherInfo(path="bench", model_type="", revision=None, config_hash="", multimodal=False),
-        tokenizer_hash="", vocab_size=0, teacher_head_rows=0, image_token_id=None, visual_tokens_per_image=None,
+        tokenizer_hash="", vocab_size=0, teacher_head_rows=0, image_token_id=None,
         template="chat", max_length=0, sparse=SparseInfo(mode=sparse_mode, k=k), relation=relation,
         positions=DEFAULT_KINDS, hidden=HiddenInfo(), generated=None, dataset_fingerprint="", build_config={},
         shards=[entry]))
@@ -232,8 +232,8 @@ def _relations(head_w: torch.Tensor, h: torch.Tensor, n: int, windows: int, work
         mats.append((z @ z.T).cpu().numpy())
     stats, cos, energy = {}, {}, {}
     for spec in ("full", "lowrank:32"):
-        samples = [{"id": f"w{i}", "images": [], "input_ids": np.zeros(n, np.int32), "labels": np.full(n, -100, np.int32),
-                    "relation": [R.astype(np.float32)]} for i, R in enumerate(mats)]
+        samples = [{"id": f"w{i}", "images": ["w.png"], "image_token_counts": [n], "input_ids": np.zeros(n, np.int32),
+                    "labels": np.full(n, -100, np.int32), "relation": [R.astype(np.float32)]} for i, R in enumerate(mats)]
         out = workdir / f"rel-{spec.replace(':', '')}"
         st = _write(out, samples, sparse_mode="topk", k=1, relation=spec)
         stats[spec] = sum(v for k, v in st["per_array"].items() if k.startswith("relation"))
@@ -341,8 +341,8 @@ def storage_grid(topk_samples, sample_samples, rel_mats, vocab: int, n_pos: int)
         "sample64": (pack_samples(sample_samples, sparse_mode="sample", k=64, relation="none")[0], n_pos, "per position"),
     }
     if rel_mats:
-        rs = [{"id": f"w{i}", "images": [], "input_ids": np.zeros(1, np.int32), "labels": np.zeros(1, np.int32),
-               "relation": [R.astype(np.float32)]} for i, R in enumerate(rel_mats)]
+        rs = [{"id": f"w{i}", "images": ["w.png"], "image_token_counts": [len(R)], "input_ids": np.zeros(1, np.int32),
+               "labels": np.zeros(1, np.int32), "relation": [R.astype(np.float32)]} for i, R in enumerate(rel_mats)]
         sets["relation full"] = (pack_samples(rs, sparse_mode="topk", k=1, relation="full")[0], len(rs), "per matrix")
         sets["relation lowrank:32"] = (pack_samples(rs, sparse_mode="topk", k=1, relation="lowrank:32")[0], len(rs),
                                        "per matrix")

@@ -77,7 +77,6 @@ def forward_flops(model, inputs: dict) -> int:
 def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: float | None = None,
         log=print) -> dict:
     from kd_cache.encoding import Encoder
-    from kd_cache.fingerprint import image_tokens_per_image
     from kd_cache.records import load_records
     from kd_cache.teacher import TeacherRunner
 
@@ -89,11 +88,10 @@ def run(profile: Profile, device: torch.device, workdir: Path, peak_tflops: floa
     data, img_dir = make_records(workdir / "tp-data", profile.tp_samples, profile.vision.image_size,
                                  profile.question_words, profile.answer_words, seed=1)
     teacher = teacher_object(model, processor, device)
-    image_tokens = image_tokens_per_image(processor)
-
     # The same batches the build forms: same encoder, same order, same batch size.
-    encoder = Encoder(processor, "chat", 4096, str(img_dir), image_tokens)
+    encoder = Encoder(processor, "chat", 4096, str(img_dir), teacher.image_token_id)
     encoded = [encoder.encode(r) for r in load_records(str(data))]
+    image_tokens = sorted({c for e in encoded for c in e.image_token_counts})  # per image, from the processor
     B = profile.tp_batch
     batches = [encoded[i:i + B] for i in range(0, len(encoded), B)]
     prep = TeacherRunner(teacher, relation="none")

@@ -39,7 +39,7 @@ from kd_cache.schema import (
     TeacherInfo,
     parse_positions,
 )
-from kd_cache.teacher import TeacherRunner, load_teacher
+from kd_cache.teacher import TeacherRunner, check_template, load_teacher
 from kd_cache.writer import CacheWriter
 
 
@@ -151,8 +151,8 @@ def build_cache(cfg: BuildConfig) -> Manifest:
 
     dtype = resolve_dtype(cfg.dtype, dist.device)
     teacher = load_teacher(cfg.teacher, dist.device, dtype)
-    image_tokens = fingerprint.image_tokens_per_image(teacher.processor) if teacher.multimodal else None
-    encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, image_tokens)
+    check_template(teacher, cfg.template)
+    encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id)
     runner = TeacherRunner(teacher, sparse=cfg.sparse, top_k=cfg.top_k, samples=cfg.samples,
                            sample_scheme=cfg.sample_scheme,
                            relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed,
@@ -211,15 +211,14 @@ def build_cache(cfg: BuildConfig) -> Manifest:
 
     dist.barrier()
     if dist.main:
-        manifest = _finish(cfg, writer, n_shards, teacher, image_tokens, k, runner.relation)
+        manifest = _finish(cfg, writer, n_shards, teacher, k, runner.relation)
     dist.barrier()
     if not dist.main:
         manifest = writer.read_manifest()
     return manifest
 
 
-def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, image_tokens: int | None, k: int,
-            relation: str) -> Manifest:
+def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: int, relation: str) -> Manifest:
     """Gather the completion markers and skip lists of every shard and write the manifest."""
     entries, skipped = [], []
     for s in range(n_shards):
@@ -239,7 +238,6 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, image
         vocab_size=len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
         teacher_head_rows=int(head.shape[0]),
         image_token_id=teacher.image_token_id,
-        visual_tokens_per_image=image_tokens,
         template=cfg.template,
         max_length=cfg.max_length,
         sparse=SparseInfo(mode=cfg.sparse, k=k, seed=cfg.seed, samples=cfg.samples if sample_mode else None,

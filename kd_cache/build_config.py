@@ -46,7 +46,9 @@ class BuildConfig:
         "Sample mode: also store each drawn id's log-prob (fp16). Off by default: the loss needs only "
         "sum_i (c_i/N) log p_i per position, which is always stored (fp32); the per-id log-probs add ~40% to "
         "the cache."))
-    relation: str = _setting("full", identity=True, help="Relation matrix encoding per image: full | lowrank:R | none.")
+    relation: str = _setting("auto", identity=True, help=(
+        "Relation matrix encoding per image: auto (full up to 576 visual tokens, lowrank:32 above: bounded "
+        "per image) | full | lowrank:R | none."))
     batch_size: int = _setting(8, help="Samples per teacher forward (does not change the cache).")
     shard_size: int = _setting(1024, identity=True, help=(
         "Samples per shard (the unit of resumption and of parallelism)."))

@@ -1,12 +1,14 @@
-"""Encoding a data record into the tokens a teacher and a student see: templates and ``Encoder``.
+"""Encoding a data record into the tokens and model inputs a teacher and a student see: ``Encoder``.
 
-``Encoder.encode`` turns a record into ``input_ids`` and ``labels`` (aligned as in ``transformers``:
-``labels[t]`` is the target of the logits at ``t - 1``; ``IGNORE_INDEX`` = no loss). Image placeholders
-are expanded to the number of image tokens the processor produces, so the token ids stored in a cache
-are exactly what the model sees. Labels cover assistant turns only (chat template) or the caption
-only (pretrain template); assistant spans are found on the rendered text, by rendering the
-conversation up to each assistant turn, which works for any prefix-stable chat template. The teacher
-pass and ``kd-eval`` use the same ``Encoder``.
+``Encoder.encode`` turns a record into a ``kd_cache.processing.ProcessedSample``: the model's own
+processor renders the conversation (chat template, or LLaVA's caption template for pre-training),
+expands each image placeholder as its family does (wrapper tokens, tiles, per-image counts) and
+returns every model input; ``input_ids`` and ``labels`` are aligned as in ``transformers``
+(``labels[t]`` is the target of the logits at ``t - 1``; ``IGNORE_INDEX`` = no loss), labels cover
+assistant turns only (chat) or the caption (pretrain). A text-only causal-LM teacher has a tokenizer
+instead of a processor: its chat template is rendered and tokenized the same way, without images.
+Truncation to ``max_length`` never cuts through an image's expansion (the record is skipped). The
+teacher pass, ``--generate`` (``Encoder.prompt``) and ``kd-eval`` use the same ``Encoder``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from kd_cache import processing
+from kd_cache.processing import ProcessedSample
 from kd_cache.records import (
     EMPTY_CONVERSATION,
     IMAGE_TAG_MISMATCH,
@@ -50,11 +55,22 @@ class Prepared:
 @dataclass
 class Encoded:
     id: str
-    input_ids: np.ndarray  # int32 [L]
-    labels: np.ndarray  # int32 [L]
+    processed: ProcessedSample  # ids, labels, every model input, visual positions per image, the processor call
     images: list[str]  # paths as given in the data
     pil_images: list[Any]  # loaded RGB images, in placeholder order
     meta: dict = field(default_factory=dict)
+
+    @property
+    def input_ids(self) -> np.ndarray:
+        return self.processed.input_ids
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.processed.labels
+
+    @property
+    def image_token_counts(self) -> list[int]:
+        return self.processed.image_token_counts
 
 
 def turn_role(src: str) -> str:
@@ -68,76 +84,32 @@ def turn_role(src: str) -> str:
     raise ValueError(f"unknown conversation role {src!r} (expected human/gpt/system)")
 
 
-class Encoder:
-    """Tokenises records for one (processor or tokenizer, template, max length) combination.
+def _messages(conv: list[dict]) -> list[dict]:
+    return [{"role": turn_role(t.get("from", "")), "content": str(t.get("value", ""))} for t in conv]
 
-    ``processor`` may be a multimodal processor (with ``image_processor`` and ``image_token``) or
-    a plain tokenizer (causal-LM teacher, text-only data).
+
+class Encoder:
+    """Encodes records for one (processor or tokenizer, template, max length) combination.
+
+    ``processor`` is a multimodal processor (with an ``image_processor``; ``image_token_id`` is then
+    the model config's, ``processing.config_image_token_id``) or a plain tokenizer (causal-LM
+    teacher, text-only data).
     """
 
     def __init__(self, processor, template: str = "chat", max_length: int = 2048,
-                 image_folder: str | None = None, image_tokens: int | None = None):
+                 image_folder: str | None = None, image_token_id: int | None = None):
         choice(Template, template, "--template")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.template = template
         self.max_length = max_length
         self.image_folder = Path(image_folder) if image_folder else None
-        self.image_token = getattr(processor, "image_token", None)
-        self.image_token_id = getattr(processor, "image_token_id", None)
-        self.image_tokens = image_tokens
-        self.multimodal = getattr(processor, "image_processor", None) is not None and self.image_token is not None
-        self.placeholder = self.image_token or "<image>"
+        self.multimodal = getattr(processor, "image_processor", None) is not None
+        if self.multimodal and image_token_id is None:
+            raise ValueError(f"{type(processor).__name__} processes images: give the model config's image token id")
+        self.image_token_id = image_token_id
 
-    # -- rendering ---------------------------------------------------------------------------------
-    def _messages(self, conv: list[dict], structured: bool) -> list[dict]:
-        msgs = []
-        for turn in conv:
-            role, text = turn_role(turn.get("from", "")), str(turn.get("value", ""))
-            if not structured:
-                msgs.append({"role": role, "content": text})
-                continue
-            parts: list[dict] = []
-            for j, chunk in enumerate(text.split("<image>")):
-                if j > 0:
-                    parts.append({"type": "image"})
-                if chunk:
-                    parts.append({"type": "text", "text": chunk})
-            msgs.append({"role": role, "content": parts})
-        return msgs
-
-    def _render(self, msgs: list[dict], add_generation_prompt: bool, structured: bool) -> str:
-        owner = self.processor if structured else self.tokenizer
-        return owner.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-    def _chat_text(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        structured = self.multimodal and getattr(self.processor, "chat_template", None) is not None
-        msgs = self._messages(conv, structured)
-        full = self._render(msgs, False, structured)
-        spans = []
-        for i, m in enumerate(msgs):
-            if m["role"] != "assistant":
-                continue
-            prefix = self._render(msgs[:i], True, structured) if i else ""
-            upto = self._render(msgs[: i + 1], False, structured)
-            if not (full.startswith(upto) and upto.startswith(prefix)):
-                raise ValueError(
-                    "the chat template is not prefix-stable (rendering the first turns does not give a "
-                    "prefix of the whole conversation), so assistant spans cannot be located; "
-                    "use a template that renders turns independently"
-                )
-            spans.append((len(prefix), len(upto)))
-        return full, spans
-
-    def _pretrain_text(self, conv: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-        # LLaVA's "plain" template: image tokens, then the caption, then a newline; loss on the caption.
-        caption = next((str(t.get("value", "")) for t in reversed(conv) if turn_role(t.get("from", "")) == "assistant"), "")
-        bos = self.tokenizer.bos_token or ""
-        prefix = bos + self.placeholder
-        text = prefix + caption.strip() + "\n"
-        return text, [(len(prefix), len(text))] if caption.strip() else []
-
-    # -- encoding ----------------------------------------------------------------------------------
+    # -- records -----------------------------------------------------------------------------------
     def encode(self, record: Record) -> Encoded:
         return self.encode_prepared(self.prepare(record))
 
@@ -157,7 +129,7 @@ class Encoder:
             conv[first]["value"] = "<image>\n" + conv[first]["value"]
             n_tags = 1
         if self.template == "pretrain":
-            n_tags = 1 if record.images else 0
+            n_tags = len(record.images)  # the caption template places the images itself
         if n_tags != len(record.images):
             raise BadRecord(rid, IMAGE_TAG_MISMATCH, f"{n_tags} <image> tags, {len(record.images)} images")
 
@@ -165,81 +137,81 @@ class Encoder:
         return Prepared(Record(rid, conv, list(record.images)), pil)
 
     def encode_prepared(self, prepared: Prepared) -> Encoded:
-        """Tokenise a prepared record: input ids with expanded image tokens, and the label mask."""
-        rid, conv, pil = prepared.record.id, prepared.record.conversations, prepared.pil_images
-        record = prepared.record
-        if self.template == "pretrain":
-            text, spans = self._pretrain_text(conv)
-            if not record.images:
-                text = text.replace(self.placeholder, "", 1)
-                spans = [(a - len(self.placeholder), b - len(self.placeholder)) for a, b in spans]
+        """Encode a prepared record (ids, labels, model inputs), truncated to ``max_length``."""
+        rid, pil = prepared.record.id, prepared.pil_images
+        messages = _messages(prepared.record.conversations)
+        if self.multimodal:
+            sample = processing.encode(self.processor, self.image_token_id, messages, pil, template=self.template)
         else:
-            text, spans = self._chat_text(conv)
-        text, spans = self._expand_images(text, spans, len(pil))
-
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int32)
-        starts = np.asarray([a for a, _ in enc["offset_mapping"]], dtype=np.int64)
-        in_span = np.zeros(len(ids), dtype=bool)
-        for a, b in spans:
-            in_span |= (starts >= a) & (starts < b)
-        labels = np.where(in_span, ids, IGNORE_INDEX).astype(np.int32)
-        if self.image_token_id is not None:
-            labels[ids == self.image_token_id] = IGNORE_INDEX
-            n_img = int((ids == self.image_token_id).sum())
-            expected = len(pil) * (self.image_tokens or 0)
-            if n_img != expected:
-                raise ValueError(
-                    f"record {rid!r}: tokenised text holds {n_img} image tokens, expected {expected}; "
-                    "the tokenizer must treat the image token as one special token"
-                )
-        if len(ids) > self.max_length:
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
-            if self.image_token_id is not None and int((ids == self.image_token_id).sum()) != len(pil) * (self.image_tokens or 0):
-                raise BadRecord(rid, IMAGE_TRUNCATED, f"--max-length {self.max_length} cuts through an image")
-        if not (labels[1:] != IGNORE_INDEX).any():
+            sample = self._encode_text(messages)
+        cut = sample.truncated(self.max_length)
+        if cut is None:
+            raise BadRecord(rid, IMAGE_TRUNCATED, f"--max-length {self.max_length} cuts through an image "
+                            f"({len(sample.input_ids)} tokens)")
+        if not (cut.labels[1:] != IGNORE_INDEX).any():
             raise BadRecord(rid, NO_ASSISTANT_TOKENS, f"--max-length {self.max_length}")
-        return Encoded(rid, ids, labels, list(record.images), pil, dict(prepared.meta))
+        return Encoded(rid, cut, list(prepared.record.images), pil, dict(prepared.meta))
 
+    # -- a causal LM's tokenizer (no images) -------------------------------------------------------
+    def _render_text(self, messages: list[dict], generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
+        tok = self.tokenizer
+        if self.template == "pretrain":  # BOS, the caption, a newline
+            bos = tok.bos_token or ""
+            if generation_prompt:
+                return bos, []
+            caption = next((m["content"] for m in reversed(messages) if m["role"] == "assistant"), "").strip()
+            text = bos + caption + "\n"
+            return text, [(len(bos), len(text))] if caption else []
+
+        def render(ms: list[dict], gen: bool) -> str:
+            return tok.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
+
+        if generation_prompt:
+            return render(messages, True), []
+        full, spans = render(messages, False), []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix, upto = render(messages[:i], True) if i else "", render(messages[: i + 1], False)
+            if not (full.startswith(upto) and upto.startswith(prefix)):
+                raise ValueError(
+                    "the chat template is not prefix-stable (rendering the first turns does not give a "
+                    "prefix of the whole conversation), so assistant spans cannot be located; "
+                    "use a template that renders turns independently"
+                )
+            spans.append((len(prefix), len(upto)))
+        return full, spans
+
+    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> ProcessedSample:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        labelled = np.zeros(len(ids), dtype=bool)
+        for a, b in spans:  # a token overlapping a span belongs to it (one straddling its start included)
+            labelled |= processing._tokens_in(offsets, a, b, np.ones(len(ids), dtype=bool))
+        labels = np.where(labelled, ids, IGNORE_INDEX).astype(np.int64)
+        t = torch.from_numpy(ids)[None]
+        return ProcessedSample(ids, labels, {"input_ids": t, "attention_mask": torch.ones_like(t)},
+                               call={"text": text, "add_special_tokens": False})
+
+    def _encode_text(self, messages: list[dict]) -> ProcessedSample:
+        return self._tokenize(*self._render_text(messages, False))
+
+    # -- --generate --------------------------------------------------------------------------------
     def assistant_turns(self, prepared: Prepared) -> list[int]:
         """Indices of the turns a teacher answers when it generates the training targets."""
         conv = prepared.record.conversations
         idx = [i for i, t in enumerate(conv) if turn_role(t.get("from", "")) == "assistant"]
         return idx[-1:] if self.template == "pretrain" else idx
 
-    def prompt_ids(self, prepared: Prepared, turn: int) -> tuple[np.ndarray, list[Any]]:
-        """Token ids of everything before assistant turn ``turn`` plus the generation prompt, and the
-        images that prompt refers to (the ones whose tags occur in it)."""
+    def prompt(self, prepared: Prepared, turn: int) -> ProcessedSample:
+        """The processor's encoding of everything before assistant turn ``turn`` plus the generation
+        prompt, with the images that prompt refers to (those whose tags occur in it)."""
         conv = prepared.record.conversations[:turn]
-        if self.template == "pretrain":
-            text = (self.tokenizer.bos_token or "") + (self.placeholder if prepared.pil_images else "")
-            n_img = len(prepared.pil_images)
-        else:
-            structured = self.multimodal and getattr(self.processor, "chat_template", None) is not None
-            text = self._render(self._messages(conv, structured), True, structured)
-            n_img = sum(str(t.get("value", "")).count("<image>") for t in conv)
-        text, _ = self._expand_images(text, [], n_img)
-        ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int32)
-        return ids, prepared.pil_images[:n_img]
-
-    def _expand_images(self, text: str, spans, n_images: int):
-        if n_images == 0:
-            return text, spans
-        tok = self.placeholder
-        pieces = text.split(tok)
-        if len(pieces) - 1 != n_images:
-            raise ValueError(f"rendered text holds {len(pieces) - 1} image placeholders, expected {n_images}")
-        extra = len(tok) * ((self.image_tokens or 1) - 1)
-        # Map an original char offset to its offset after expansion.
-        occ = []
-        pos = 0
-        for piece in pieces[:-1]:
-            pos += len(piece)
-            occ.append(pos)
-            pos += len(tok)
-
-        def shift(x: int) -> int:
-            return x + extra * sum(1 for o in occ if o < x)
-
-        expanded = (tok * (self.image_tokens or 1)).join(pieces)
-        return expanded, [(shift(a), shift(b)) for a, b in spans]
+        messages = _messages(conv)
+        if not self.multimodal:
+            return self._tokenize(*self._render_text(messages, True))
+        n_img = (len(prepared.pil_images) if self.template == "pretrain"
+                 else sum(str(t.get("value", "")).count("<image>") for t in conv))
+        return processing.encode_prompt(self.processor, self.image_token_id, messages,
+                                        prepared.pil_images[:n_img], template=self.template)

@@ -22,20 +22,3 @@ def config_hash(config) -> str:
     for key in ("_name_or_path", "transformers_version", "_commit_hash", "torch_dtype", "dtype"):
         d.pop(key, None)
     return _sha(d)
-
-
-def image_tokens_per_image(processor) -> int | None:
-    """Number of image-token positions one image expands to, asked of the processor itself.
-
-    Returns None for a processor without an image processor (text-only / causal-LM teachers).
-    """
-    if processor is None or getattr(processor, "image_processor", None) is None:
-        return None
-    from PIL import Image
-
-    image_token = getattr(processor, "image_token", None)
-    image_token_id = getattr(processor, "image_token_id", None)
-    if image_token is None or image_token_id is None:
-        return None
-    enc = processor(text=image_token, images=[Image.new("RGB", (64, 64), "white")], return_tensors="np")
-    return int((enc["input_ids"][0] == image_token_id).sum())

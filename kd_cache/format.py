@@ -23,6 +23,8 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
            extras {kind: {name: {dtype, shape}}},
            meta [S] (only when some sample has notes; the reader returns {} when absent)
     tokens/offsets int64 [S+1]       tokens/input_ids int32 [T]      tokens/labels int32 [T]
+    tokens/image_offsets int64 [S+1] tokens/image_token_counts int32 [sum n_img]   (each image's visual count)
+    tokens/call_offsets int64 [S+1]  tokens/call uint8 [bytes]       (each sample's processor_call, JSON utf-8)
     <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
       topk:    <kind>/ids int32 [P, K]        <kind>/logprobs float16 [P, K]
       sample:  <kind>/n_entries uint16 [P]    <kind>/entry_offsets int64 [S+1]
@@ -34,6 +36,7 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
       full:    relation/upper float16 flat,   relation/upper_offsets int64 [I+1]
       lowrank: relation/eigvals float32 flat, relation/eigvals_offsets int64 [I+1]
                relation/eigvecs float16 flat (N x r row-major), relation/eigvecs_offsets int64 [I+1]
+      auto:    both sets; matrix i uses the fields of its size's encoding (``resolve_relation_spec``)
     (no relation/ group when the spec is "none")
 
 ``logp_mean`` is ``sum_i (c_i / N) log p_i`` per position (N draws, c_i of them on id i), in fp32
@@ -53,6 +56,7 @@ its extras, the relation matrices) has its packing and unpacking next to each ot
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,7 +64,13 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec
 
-from kd_cache.relation import decode_relation, encode_relation, parse_relation_spec, relation_energy
+from kd_cache.relation import (
+    decode_relation,
+    encode_relation,
+    parse_relation_spec,
+    relation_energy,
+    resolve_relation_spec,
+)
 from kd_cache.schema import FORMAT_VERSION, KINDS, CacheSample, KindArrays, SparseMode, choice
 
 MANIFEST_NAME = "manifest.json"
@@ -73,6 +83,9 @@ CHUNK_BYTES = 1 << 20  # raw bytes per chunk: big enough for zstd, small enough 
 # Stored fields of one relation matrix per encoding, with their dtypes.
 RELATION_FIELDS = {"full": {"upper": np.float16}, "lowrank": {"eigvals": np.float32, "eigvecs": np.float16},
                    "none": {}}
+# ``auto`` chooses per matrix by its size (``relation.resolve_relation_spec``): both sets of fields, each
+# matrix filling the ones of its encoding (the others get an empty range).
+RELATION_FIELDS["auto"] = {**RELATION_FIELDS["full"], **RELATION_FIELDS["lowrank"]}
 
 # Reads ``stop - start`` rows of the shard array at a group path (the reader's chunk cache).
 ReadRows = Callable[[str, int, int], np.ndarray]
@@ -158,7 +171,7 @@ class ShardAttrs:
 
     def index_arrays(self) -> list[str]:
         """The small arrays a reader keeps in memory: offsets, and the per-matrix relation sizes."""
-        names = ["tokens/offsets"]
+        names = ["tokens/offsets", "tokens/image_offsets", "tokens/image_token_counts", "tokens/call_offsets"]
         for kind in KINDS:
             names.append(f"{kind}/offsets")
             if self.sparse_mode == SparseMode.sample.value:
@@ -216,24 +229,36 @@ def sample_logp_mean(logprobs: np.ndarray, counts: np.ndarray) -> np.ndarray:
 # tokens
 
 
-def _pack_tokens(s: CacheSample) -> tuple[np.ndarray, np.ndarray]:
-    """A sample's validated ``input_ids`` and ``labels`` (int32 [L] each)."""
+def _pack_tokens(s: CacheSample) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+    """A sample's validated ``input_ids`` and ``labels`` (int32 [L] each), its per-image visual counts
+    (int32 [n_img]) and its processor call (JSON utf-8)."""
     inp = _as(s.input_ids, np.int32, "input_ids", s.id, 1)
     lab = _as(s.labels, np.int32, "labels", s.id, 1)
     if inp.shape != lab.shape:
         raise ValueError(f"sample {s.id!r}: input_ids has {inp.shape[0]} tokens but labels has {lab.shape[0]}")
-    return inp, lab
+    counts = _as(s.image_token_counts, np.int32, "image_token_counts", s.id, 1)
+    call = json.dumps(s.processor_call, sort_keys=True, ensure_ascii=False).encode() if s.processor_call else b""
+    return inp, lab, counts, call
 
 
-def _token_arrays(tokens: list[tuple[np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
-    return {"tokens/offsets": _offsets([inp.shape[0] for inp, _ in tokens]),
-            "tokens/input_ids": _cat([inp for inp, _ in tokens], np.int32),
-            "tokens/labels": _cat([lab for _, lab in tokens], np.int32)}
+def _token_arrays(tokens: list[tuple[np.ndarray, np.ndarray, np.ndarray, bytes]]) -> dict[str, np.ndarray]:
+    return {"tokens/offsets": _offsets([inp.shape[0] for inp, *_ in tokens]),
+            "tokens/input_ids": _cat([inp for inp, *_ in tokens], np.int32),
+            "tokens/labels": _cat([lab for _, lab, *_ in tokens], np.int32),
+            "tokens/image_offsets": _offsets([len(c) for _, _, c, _ in tokens]),
+            "tokens/image_token_counts": _cat([c for _, _, c, _ in tokens], np.int32),
+            "tokens/call_offsets": _offsets([len(b) for *_, b in tokens]),
+            "tokens/call": np.frombuffer(b"".join(b for *_, b in tokens), dtype=np.uint8)}
 
 
-def _unpack_tokens(index: dict[str, np.ndarray], read: ReadRows, j: int) -> tuple[np.ndarray, np.ndarray]:
+def _unpack_tokens(index: dict[str, np.ndarray], read: ReadRows,
+                   j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
     t0, t1 = _rows(index, "tokens/offsets", j)
-    return read("tokens/input_ids", t0, t1), read("tokens/labels", t0, t1)
+    i0, i1 = _rows(index, "tokens/image_offsets", j)
+    c0, c1 = _rows(index, "tokens/call_offsets", j)
+    call = json.loads(read("tokens/call", c0, c1).tobytes().decode()) if c1 > c0 else {}
+    return (read("tokens/input_ids", t0, t1), read("tokens/labels", t0, t1),
+            np.asarray(index["tokens/image_token_counts"][i0:i1], dtype=np.int32), call)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -448,6 +473,10 @@ class _RelationColumns:
 
     def add(self, s: CacheSample) -> None:
         mats = [] if self.kind == "none" else s.relation
+        sizes = [np.asarray(R).shape[0] for R in mats]
+        if mats and sizes != [int(c) for c in s.image_token_counts]:
+            raise ValueError(f"sample {s.id!r}: relation matrices of sizes {sizes}, but its images have "
+                             f"{[int(c) for c in s.image_token_counts]} visual positions: one N_i x N_i matrix per image")
         self.counts.append(len(mats))
         for m, R in enumerate(mats):
             R = np.asarray(R, dtype=np.float32)
@@ -457,9 +486,8 @@ class _RelationColumns:
                 raise ValueError(f"sample {s.id!r}: relation matrix {m}: {e}") from e
             self.n.append(R.shape[0])
             self.energy.append(relation_energy(enc))
-            for name, v in enc.items():
-                if name != "energy":
-                    self.fields.setdefault(name, []).append(np.asarray(v).ravel())
+            for name in RELATION_FIELDS[self.kind]:  # one entry per matrix and field (empty when unused)
+                self.fields.setdefault(name, []).append(np.asarray(enc.get(name, np.zeros(0))).ravel())
 
     def arrays(self) -> dict[str, np.ndarray]:
         if self.kind == "none":
@@ -480,9 +508,10 @@ def _unpack_relations(attrs: ShardAttrs, index: dict[str, np.ndarray], read: Rea
         return [], []
     rels, energies = [], []
     for m in range(*_rows(index, "relation/offsets", j)):
-        enc = {f: read(f"relation/{f}", *_rows(index, f"relation/{f}_offsets", m))
-               for f in RELATION_FIELDS[attrs.rel_kind]}
-        rels.append(decode_relation(enc, int(index["relation/n"][m]), attrs.relation))
+        n = int(index["relation/n"][m])
+        kind = parse_relation_spec(resolve_relation_spec(attrs.relation, n))[0]
+        enc = {f: read(f"relation/{f}", *_rows(index, f"relation/{f}_offsets", m)) for f in RELATION_FIELDS[kind]}
+        rels.append(decode_relation(enc, n, attrs.relation))
         energies.append(float(index["relation/energy"][m]))
     return rels, energies
 
@@ -537,10 +566,11 @@ def unpack_sample(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRow
 
     ``index`` holds the arrays named by ``attrs.index_arrays()``; ``read`` reads rows of the others.
     """
-    input_ids, labels = _unpack_tokens(index, read, j)
+    input_ids, labels, image_token_counts, call = _unpack_tokens(index, read, j)
     relation, energy = _unpack_relations(attrs, index, read, j)
     return CacheSample(
         id=attrs.sample_ids[j], images=list(attrs.images[j]), input_ids=input_ids, labels=labels,
+        image_token_counts=image_token_counts, processor_call=call,
         meta=dict(attrs.meta[j]) if attrs.meta else {},
         kinds={kind: _unpack_kind(attrs, index, read, kind, j) for kind in KINDS},
         relation=relation, relation_energy=energy,

@@ -35,8 +35,8 @@ InternVL           pixel_values [sum_tiles, 3, H, W] (tiles of all images, in or
 Mistral3/Pixtral   pixel_values [n_img, 3, H_max, W_max] (zero-padded), image_sizes [n_img, 2]
 =================  ====================================================================
 
-``collate`` pads the per-token inputs (``TOKEN_INPUTS``) on the right like ``input_ids`` and
-concatenates every other input along its first axis, zero-padding the other axes to the batch's
+``collate`` pads the per-token inputs (``TOKEN_INPUTS``) like ``input_ids`` (right; left for generation)
+and concatenates every other input along its first axis, zero-padding the other axes to the batch's
 largest (tiles per image, tiles per sample, Pixtral's image height/width): each model finds its real
 tiles/pixels from ``image_sizes``, ``pixel_attention_mask`` or all-zero padding tiles.
 """
@@ -56,6 +56,12 @@ IMAGE_TAG = "<image>"  # placeholder in the data's text; becomes an image part o
 # Per-token model inputs and their padding value (None: the tokenizer's pad id).
 TOKEN_INPUTS: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0,
                                        "mm_token_type_ids": 0}
+# The families whose processors, inputs and classes are tested end to end (``tests/vlm_families.py``),
+# by ``config.model_type``.
+SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision",
+                      "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
+                      "idefics3": "Idefics3", "smolvlm": "SmolVLM", "gemma3": "Gemma3", "paligemma": "PaliGemma",
+                      "internvl": "InternVL", "mistral3": "Mistral3 (Pixtral)"}
 # Processor outputs that are bookkeeping, not model inputs.
 NOT_MODEL_INPUTS = ("offset_mapping", "text_replacement_offsets", "labels")
 
@@ -68,11 +74,25 @@ class ProcessedSample:
     labels: np.ndarray  # int64 [L]; IGNORE_INDEX outside assistant spans and on image expansions
     inputs: dict[str, torch.Tensor]  # every model input the processor returned (per-token ones [1, L])
     visual_positions: list[np.ndarray] = field(default_factory=list)  # int64 [N_i] per image, in order
-    text: str = ""  # the text given to the processor (before placeholder expansion)
+    image_spans: list[tuple[int, int]] = field(default_factory=list)  # token range [a, b) of each image's expansion
+    # What the processor was called with besides the images: {"text": ..., **kwargs} (``add_special_tokens``,
+    # PaliGemma's ``suffix``). ``process(processor, id, call, images)`` reproduces the encoding.
+    call: dict[str, Any] = field(default_factory=dict)
 
     @property
     def image_token_counts(self) -> list[int]:
         return [len(p) for p in self.visual_positions]
+
+    def truncated(self, max_length: int) -> ProcessedSample | None:
+        """The first ``max_length`` tokens (ids, labels, per-token inputs); None when the cut goes through
+        an image's expansion (its features would no longer match its tokens)."""
+        if len(self.input_ids) <= max_length:
+            return self
+        if any(b > max_length for _, b in self.image_spans):
+            return None
+        inputs = {k: v[:, :max_length] if k in TOKEN_INPUTS else v for k, v in self.inputs.items()}
+        return ProcessedSample(self.input_ids[:max_length], self.labels[:max_length], inputs,
+                               self.visual_positions, self.image_spans, self.call)
 
 
 def config_image_token_id(config) -> int:
@@ -179,6 +199,87 @@ def _tokens_in(offsets: np.ndarray, a: int, b: int, candidates: np.ndarray) -> n
     return candidates & (s < b) & (e > a) & (e > s)
 
 
+def render(processor, messages: list[dict], n_images: int, *, template: str = "chat",
+           generation_prompt: bool = False) -> tuple[dict[str, Any], list[tuple[int, int]]]:
+    """The processor call of a conversation (``{"text": ..., **kwargs}``) and the character spans of its
+    labelled text (assistant turns, or the caption), before placeholder expansion.
+
+    ``generation_prompt``: the prompt a model answers from (the conversation, then the generation
+    prompt; no spans): the input of ``--generate``.
+    """
+    call: dict[str, Any] = {}
+    if is_prefix_lm(processor):
+        answers = [m for m in messages if _role(m["role"]) == "assistant"]
+        if len(answers) != (0 if generation_prompt else 1):
+            raise ValueError(f"{type(processor).__name__} takes one prompt and one answer; the conversation has "
+                             f"{len(answers)} assistant turns")
+        prompt = "\n".join(str(m["content"]).replace(IMAGE_TAG, "").strip() for m in messages
+                           if _role(m["role"]) == "user")
+        call["text"] = processor.image_token * n_images + prompt
+        if not generation_prompt:
+            call["suffix"] = str(answers[0]["content"]).strip()
+        return call, []
+    if template == "chat":
+        if getattr(processor, "chat_template", None) is None:
+            raise ValueError(f"{type(processor).__name__} has no chat template: use --template pretrain, or a "
+                             "processor that has one")
+        if generation_prompt:
+            text, spans = processor.apply_chat_template(_structured(messages), tokenize=False,
+                                                        add_generation_prompt=True), []
+        else:
+            text, spans = render_chat(processor, messages)
+        bos = processor.tokenizer.bos_token
+        # As the processor's own apply_chat_template(tokenize=True): a template that writes BOS gets no second one.
+        call["add_special_tokens"] = not (bos and text.startswith(bos))
+    elif template == "pretrain":
+        if generation_prompt:  # the images; the model writes the caption
+            text, spans = image_placeholder(processor) * n_images, []
+        else:
+            text, spans = render_caption(processor, messages, n_images)
+    else:
+        raise ValueError(f"template {template!r}: expected chat or pretrain")
+    call["text"] = text
+    return call, spans
+
+
+def process(processor, image_token_id: int, call: dict[str, Any], images: list[Any] | None = None,
+            spans: list[tuple[int, int]] = ()) -> ProcessedSample:
+    """Run the processor on ``call`` (``render``'s) and the images; ``spans`` (characters of the text before
+    expansion) become the labels (PaliGemma: the suffix)."""
+    images = list(images or [])
+    kwargs = {k: v for k, v in call.items() if k != "text"}
+    out = processor(text=[call["text"]], images=[images] if images else None, return_tensors="pt",
+                    return_offsets_mapping=True, return_text_replacement_offsets=True, **kwargs)
+    ids = out["input_ids"][0].numpy().astype(np.int64)
+    offsets = out["offset_mapping"][0].numpy()
+    reported = out.get("text_replacement_offsets")  # a list per text, or an empty tensor (InternVL, no image)
+    replacements = list(reported[0]) if reported is not None and len(reported) else []
+    if len(replacements) != len(images):
+        raise ValueError(f"{type(processor).__name__} reported {len(replacements)} expanded placeholders for "
+                         f"{len(images)} images")
+    first_seq = np.ones(len(ids), dtype=bool)
+    if "suffix" in kwargs:  # offsets of the suffix tokens count from the suffix's own start
+        first_seq = out["token_type_ids"][0].numpy() == 0
+
+    visual, image_spans, expansion = [], [], np.zeros(len(ids), dtype=bool)
+    for r in replacements:
+        inside = _tokens_in(offsets, *r["new_span"], first_seq)
+        expansion |= inside
+        where = np.nonzero(inside)[0]
+        image_spans.append((int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0))
+        visual.append(np.nonzero(inside & (ids == image_token_id))[0].astype(np.int64))
+
+    labelled = np.zeros(len(ids), dtype=bool)
+    if "suffix" in kwargs:
+        labelled = ~first_seq
+    for a, b in spans:
+        labelled |= _tokens_in(offsets, _shift(a, replacements), _shift(b, replacements), first_seq)
+    labels = np.where(labelled & ~expansion, ids, IGNORE_INDEX).astype(np.int64)
+
+    inputs = {k: v for k, v in out.items() if k not in NOT_MODEL_INPUTS and torch.is_tensor(v)}
+    return ProcessedSample(ids, labels, inputs, visual, image_spans, dict(call))
+
+
 def encode(processor, image_token_id: int, messages: list[dict], images: list[Any] | None = None, *,
            template: str = "chat") -> ProcessedSample:
     """Encode one conversation (``[{"role", "content"}]``, ``<image>`` tags in the content, images in
@@ -191,55 +292,18 @@ def encode(processor, image_token_id: int, messages: list[dict], images: list[An
     """
     images = list(images or [])
     tags = sum(str(m["content"]).count(IMAGE_TAG) for m in messages)
-    if template == "chat" and tags != len(images):
+    if template == "chat" and not is_prefix_lm(processor) and tags != len(images):
         raise ValueError(f"{tags} {IMAGE_TAG} tags in the conversation, {len(images)} images")
-    kwargs: dict[str, Any] = {}
-    if is_prefix_lm(processor):
-        answers = [m for m in messages if _role(m["role"]) == "assistant"]
-        if len(answers) != 1:
-            raise ValueError(f"{type(processor).__name__} takes one prompt and one answer; the conversation has "
-                             f"{len(answers)} assistant turns")
-        prompt = "\n".join(str(m["content"]).replace(IMAGE_TAG, "").strip() for m in messages
-                           if _role(m["role"]) == "user")
-        text, spans = processor.image_token * len(images) + prompt, []
-        kwargs["suffix"] = str(answers[0]["content"]).strip()
-    elif template == "chat":
-        text, spans = render_chat(processor, messages)
-        bos = processor.tokenizer.bos_token
-        # As the processor's own apply_chat_template(tokenize=True): a template that writes BOS gets no second one.
-        kwargs["add_special_tokens"] = not (bos and text.startswith(bos))
-    elif template == "pretrain":
-        text, spans = render_caption(processor, messages, len(images))
-    else:
-        raise ValueError(f"template {template!r}: expected chat or pretrain")
+    call, spans = render(processor, messages, len(images), template=template)
+    return process(processor, image_token_id, call, images, spans)
 
-    out = processor(text=[text], images=[images] if images else None, return_tensors="pt",
-                    return_offsets_mapping=True, return_text_replacement_offsets=True, **kwargs)
-    ids = out["input_ids"][0].numpy().astype(np.int64)
-    offsets = out["offset_mapping"][0].numpy()
-    replacements = (out.get("text_replacement_offsets") or [[]])[0]
-    if len(replacements) != len(images):
-        raise ValueError(f"{type(processor).__name__} reported {len(replacements)} expanded placeholders for "
-                         f"{len(images)} images")
-    first_seq = np.ones(len(ids), dtype=bool)
-    if "suffix" in kwargs:  # offsets of the suffix tokens count from the suffix's own start
-        first_seq = out["token_type_ids"][0].numpy() == 0
 
-    visual, expansion = [], np.zeros(len(ids), dtype=bool)
-    for r in replacements:
-        inside = _tokens_in(offsets, *r["new_span"], first_seq)
-        expansion |= inside
-        visual.append(np.nonzero(inside & (ids == image_token_id))[0].astype(np.int64))
-
-    labelled = np.zeros(len(ids), dtype=bool)
-    if "suffix" in kwargs:
-        labelled = ~first_seq
-    for a, b in spans:
-        labelled |= _tokens_in(offsets, _shift(a, replacements), _shift(b, replacements), first_seq)
-    labels = np.where(labelled & ~expansion, ids, IGNORE_INDEX).astype(np.int64)
-
-    inputs = {k: v for k, v in out.items() if k not in NOT_MODEL_INPUTS and torch.is_tensor(v)}
-    return ProcessedSample(ids, labels, inputs, visual, text)
+def encode_prompt(processor, image_token_id: int, messages: list[dict], images: list[Any] | None = None, *,
+                  template: str = "chat") -> ProcessedSample:
+    """The prompt a model answers ``messages`` from (``render(generation_prompt=True)``), processed."""
+    images = list(images or [])
+    call, _ = render(processor, messages, len(images), template=template, generation_prompt=True)
+    return process(processor, image_token_id, call, images)
 
 
 def _pad_to(t: torch.Tensor, shape: tuple[int, ...], value: float = 0) -> torch.Tensor:
@@ -250,26 +314,35 @@ def _pad_to(t: torch.Tensor, shape: tuple[int, ...], value: float = 0) -> torch.
     return out
 
 
-def collate(samples: list[ProcessedSample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Model inputs of a batch: per-token inputs right-padded to the longest sample, every other input
-    concatenated along its first axis with its other axes zero-padded to the batch's largest.
+def collate(samples: list[ProcessedSample], pad_token_id: int, *, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Model inputs of a batch: per-token inputs padded to the longest sample (``padding_side``; left for
+    generation), every other input concatenated along its first axis over the samples that have it, its
+    other axes zero-padded to the batch's largest.
 
-    Every sample of a batch must carry the same input names (a text-only sample has no pixels: batch
-    it with other text-only samples).
+    A sample without an image input (text only) adds nothing to it: the models take image inputs for
+    the images of the batch, in order. A per-token input a sample lacks is its padding value there.
     """
-    names = list(samples[0].inputs)
-    for s in samples[1:]:
-        if list(s.inputs) != names:
-            raise ValueError(f"samples of one batch carry different model inputs ({names} vs {list(s.inputs)}): "
-                             "batch image samples and text-only samples separately")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side {padding_side!r}: expected right or left")
+    names = list(dict.fromkeys(k for s in samples for k in s.inputs))
     length = max(len(s.input_ids) for s in samples)
     batch: dict[str, torch.Tensor] = {}
     for name in names:
-        tensors = [s.inputs[name] for s in samples]
         if name in TOKEN_INPUTS:
             value = pad_token_id if TOKEN_INPUTS[name] is None else TOKEN_INPUTS[name]
-            batch[name] = torch.cat([_pad_to(t, (1, length), value) for t in tensors])
+            out = torch.full((len(samples), length), value, dtype=torch.long)
+            for i, s in enumerate(samples):
+                t = s.inputs.get(name)
+                if t is None:
+                    continue
+                n = t.shape[1]
+                if padding_side == "left":
+                    out[i, length - n:] = t[0]
+                else:
+                    out[i, :n] = t[0]
+            batch[name] = out.to(next(s.inputs[name].dtype for s in samples if name in s.inputs))
         else:
+            tensors = [s.inputs[name] for s in samples if name in s.inputs]
             rest = tuple(max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim()))
             batch[name] = torch.cat([_pad_to(t, (t.shape[0], *rest)) for t in tensors])
     return batch

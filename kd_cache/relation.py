@@ -8,7 +8,14 @@ two encodings:
 - ``lowrank:r``: the r eigenpairs of the normalised matrix with the largest ``|eigenvalue|``
   (eigenvalues float32 [r], eigenvectors float16 [N, r]) plus ``energy``, the fraction of the squared
   Frobenius norm they capture (``sum kept w^2 / sum all w^2``), so ``inspect-shard`` can show what
-  the truncation cost.
+  the truncation cost;
+- ``auto`` (the default): ``full`` for an image of at most ``AUTO_FULL_MAX`` visual tokens,
+  ``lowrank:AUTO_RANK`` above (``resolve_relation_spec``). ``full`` grows with N^2 (fp16 upper
+  triangle, ~N^2 bytes after compression), ``lowrank:32`` with N (~54 N bytes): on SmolLM2-135M
+  logits, 217 KiB vs 33 KiB per image at N = 576 and 2.5 MiB vs 108 KiB at N = 2048, with at least
+  0.99999 of the energy kept (benchmarks/RESULTS.md, "Relation storage at real sizes"). Dynamic-
+  resolution families give 1,000+ visual tokens for a megapixel image, where ``full`` would dominate
+  the cache.
 
 ``decode_relation`` rebuilds a float32 [N, N] matrix rescaled to unit Frobenius norm.
 ``none`` means no relation matrices are stored at all.
@@ -20,19 +27,21 @@ from functools import lru_cache
 
 import numpy as np
 
-_SPEC_HELP = "expected 'full', 'none' or 'lowrank:R' with R a positive integer (e.g. 'lowrank:32')"
+_SPEC_HELP = "expected 'auto', 'full', 'none' or 'lowrank:R' with R a positive integer (e.g. 'lowrank:32')"
+AUTO_FULL_MAX = 576  # largest image (visual tokens) ``auto`` stores in full
+AUTO_RANK = 32
 
 
 def parse_relation_spec(spec: str) -> tuple[str, int | None]:
     """Validate a relation encoding string; return ``(kind, rank)``.
 
-    ``"full"`` -> ``("full", None)``, ``"none"`` -> ``("none", None)``,
+    ``"full"`` -> ``("full", None)``, ``"none"`` -> ``("none", None)``, ``"auto"`` -> ``("auto", None)``,
     ``"lowrank:32"`` -> ``("lowrank", 32)``. Anything else raises ``ValueError``.
     """
     if not isinstance(spec, str):
         raise TypeError(f"relation encoding {spec!r} is not a string: {_SPEC_HELP}")
     s = spec.strip().lower()
-    if s in ("full", "none"):
+    if s in ("full", "none", "auto"):
         return s, None
     kind, sep, rank = s.partition(":")
     if kind == "lowrank" and sep:
@@ -43,6 +52,14 @@ def parse_relation_spec(spec: str) -> tuple[str, int | None]:
         if r >= 1 and rank.strip().isdigit():
             return "lowrank", r
     raise ValueError(f"relation encoding {spec!r} not understood: {_SPEC_HELP}")
+
+
+def resolve_relation_spec(spec: str, n: int) -> str:
+    """The encoding a matrix of ``n`` visual tokens gets: ``spec`` itself, or for ``auto`` ``full`` up to
+    ``AUTO_FULL_MAX`` tokens and ``lowrank:AUTO_RANK`` above."""
+    if parse_relation_spec(spec)[0] != "auto":
+        return spec
+    return "full" if n <= AUTO_FULL_MAX else f"lowrank:{AUTO_RANK}"
 
 
 def normalise(R: np.ndarray) -> np.ndarray:
@@ -106,10 +123,10 @@ def encode_relation(R: np.ndarray, spec: str) -> dict[str, np.ndarray]:
     ``{"eigvals": float32 [r], "eigvecs": float16 [N, r], "energy": float32 []}`` for ``lowrank:r``
     (r clipped to N); ``{}`` for ``none``.
     """
-    kind, rank = parse_relation_spec(spec)
+    R = _check_square(R)
+    kind, rank = parse_relation_spec(resolve_relation_spec(spec, R.shape[0]))
     if kind == "none":
         return {}
-    R = _check_square(R)
     Rn = normalise(R)
     n = Rn.shape[0]
     # Only symmetric matrices survive either encoding (upper triangle / eigh read half the matrix).
@@ -137,7 +154,7 @@ def decode_relation(encoded: dict[str, np.ndarray], n: int, spec: str) -> np.nda
 
     Fields may be given flattened (as stored in a shard): ``eigvecs`` is reshaped to [n, r].
     """
-    kind, _ = parse_relation_spec(spec)
+    kind, _ = parse_relation_spec(resolve_relation_spec(spec, n))
     if kind == "none":
         raise ValueError("relation encoding 'none' stores no matrices: there is nothing to decode")
     if kind == "full":

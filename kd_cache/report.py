@@ -61,11 +61,13 @@ def kind_stats(ids: np.ndarray, logprobs: np.ndarray | None, tail: np.ndarray,
 
 
 def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
-    """Per-sample summary: lengths, per-kind distribution statistics, relation energy, response text."""
+    """Per-sample summary: lengths, visual tokens per image, per-kind distribution statistics, relation
+    energy (1.0 for a matrix stored in full, the kept share for a low-rank one), response text."""
     labels = np.asarray(sample["labels"])
     out: dict[str, Any] = {
         "id": sample["id"],
         "images": len(sample["images"]),
+        "image_token_counts": [int(c) for c in sample.get("image_token_counts", [])],
         "seq_len": int(labels.shape[0]),
         "labelled_tokens": int(np.sum(labels != IGNORE_INDEX)),
     }
@@ -304,13 +306,14 @@ def _array_lines(info: dict[str, Any]) -> list[str]:
     return ["", title, _table(["array", "sample key", "dtype", "shape", "stored", "raw", "ratio"], rows)]
 
 
-_SAMPLE_COLUMNS = ["shard", "idx", "id", "len", "imgs", "resp", "H resp", "tail mean", "tail p90", "vis", "H vis",
+_SAMPLE_COLUMNS = ["shard", "idx", "id", "len", "imgs (visual tokens)", "resp", "H resp", "tail mean", "tail p90", "vis", "H vis",
                    "vis tail", "rel energy"]
 
 
 def _sample_row(r: dict[str, Any]) -> list[Any]:
     resp, vis = r["response"], r["visual"]
-    return [r["shard"], r["index"], r["id"], r["seq_len"], r["images"], resp["positions"], resp["entropy_estimate"],
+    images = f"{r['images']} ({','.join(map(str, r['image_token_counts']))})" if r["images"] else "0"
+    return [r["shard"], r["index"], r["id"], r["seq_len"], images, resp["positions"], resp["entropy_estimate"],
             resp["tail_mass_mean"], resp["tail_mass_p90"], vis["positions"], vis["entropy_estimate"],
             vis["tail_mass_mean"], ",".join(f"{e:.4f}" for e in r["relation_energy"]) or "-"]
 

@@ -18,8 +18,16 @@ A sample, as a flat dict (``CacheSample.to_dict``)::
     images           list[str]       image paths as given in the data, in placeholder order
     input_ids        int32 [L]       token ids exactly as the teacher saw them
     labels           int32 [L]       labels[t] is the target of the logits at t - 1; IGNORE_INDEX = no loss
+    image_token_counts int32 [n_img] per image, in order: its visual positions (tokens the model fills with
+                                     that image's features); each image has its own count (size, tiles,
+                                     LLaVA-OneVision: the sample's number of images)
+    processor_call   dict            what the teacher's processor was called with besides the images:
+                                     {"text": rendered text before placeholder expansion, **kwargs}
+                                     (``add_special_tokens``, PaliGemma's ``suffix``); a student's
+                                     processor reproduces the sample from it and the images ({} = not kept)
     meta             dict            per-sample JSON notes ({} when none)
-    relation         list of float32 [N_i, N_i]   per image: R / ||R||_F of the teacher's visual logits
+    relation         list of float32 [N_i, N_i]   per image (N_i = image_token_counts[i]): R / ||R||_F of the
+                                     teacher's logits at that image's visual positions
     relation_energy  list of float   share of R's Frobenius energy the stored encoding keeps
     <kind>_positions int32 [P]       distilled positions t (the logits at t predict token t + 1)
     <kind>_tail      float32 [P]     log of the teacher's probability mass outside the stored ids
@@ -44,14 +52,15 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 IGNORE_INDEX = -100
 
 KINDS = ("response", "visual", "prompt")
 DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
 # Per-kind fields with a meaning of their own; any other ``<kind>_<name>`` array is an extra.
 KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts", "logp_mean")
-SAMPLE_FIELDS = ("id", "images", "input_ids", "labels", "relation", "relation_energy", "meta")
+SAMPLE_FIELDS = ("id", "images", "input_ids", "labels", "image_token_counts", "processor_call", "relation",
+                 "relation_energy", "meta")
 
 
 class SparseMode(str, Enum):
@@ -188,6 +197,8 @@ class CacheSample:
     input_ids: np.ndarray
     labels: np.ndarray
     images: list[str] = field(default_factory=list)
+    image_token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    processor_call: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
     kinds: dict[str, KindArrays] = field(default_factory=dict)
     relation: list[np.ndarray] = field(default_factory=list)
@@ -195,7 +206,8 @@ class CacheSample:
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "images": list(self.images), "input_ids": self.input_ids,
-                               "labels": self.labels, "meta": dict(self.meta)}
+                               "labels": self.labels, "image_token_counts": self.image_token_counts,
+                               "processor_call": dict(self.processor_call), "meta": dict(self.meta)}
         for kind in KINDS:
             if kind in self.kinds:
                 out.update(self.kinds[kind].to_dict(kind))
@@ -221,9 +233,17 @@ class CacheSample:
         images = d.get("images") or []
         if isinstance(images, str):
             raise TypeError(f"sample {sid!r}: images must be a list of paths, found a string {images!r}")
+        call = d.get("processor_call") or {}
+        if not isinstance(call, dict) or (call and not isinstance(call.get("text"), str)):
+            raise TypeError(f"sample {sid!r}: processor_call must be a dict with the processor's 'text', found {call!r}")
+        counts = np.asarray(d.get("image_token_counts", []), dtype=np.int64)
+        if counts.ndim != 1 or len(counts) != len(images) or (counts < 0).any():
+            raise ValueError(f"sample {sid!r}: image_token_counts must hold one count >= 0 per image ({len(images)}), "
+                             f"found {counts.tolist()}")
         kinds = {k: a for k in KINDS if (a := KindArrays.from_dict(d, k)) is not None}
         return cls(id=str(d["id"]), input_ids=np.asarray(d["input_ids"]), labels=np.asarray(d["labels"]),
-                   images=[str(p) for p in images], meta=meta, kinds=kinds,
+                   images=[str(p) for p in images], image_token_counts=counts.astype(np.int32), processor_call=call,
+                   meta=meta, kinds=kinds,
                    relation=list(d.get("relation") or []), relation_energy=list(d.get("relation_energy") or []))
 
 
@@ -314,8 +334,7 @@ class Manifest:
     tokenizer_hash: str
     vocab_size: int  # distributions cover the tokenizer's tokens only
     teacher_head_rows: int
-    image_token_id: int | None
-    visual_tokens_per_image: int | None
+    image_token_id: int | None  # the model config's: its positions are the visual ones
     template: str
     max_length: int
     sparse: SparseInfo
@@ -353,7 +372,6 @@ class Manifest:
             "vocab_size": self.vocab_size,
             "teacher_head_rows": self.teacher_head_rows,
             "image_token_id": self.image_token_id,
-            "visual_tokens_per_image": self.visual_tokens_per_image,
             "template": self.template,
             "max_length": self.max_length,
             "sparse": self.sparse.to_dict(),
@@ -391,7 +409,6 @@ class Manifest:
                 vocab_size=int(d["vocab_size"]),
                 teacher_head_rows=int(d["teacher_head_rows"]),
                 image_token_id=d["image_token_id"],
-                visual_tokens_per_image=d["visual_tokens_per_image"],
                 template=d["template"],
                 max_length=int(d["max_length"]),
                 sparse=SparseInfo.from_dict(d["sparse"]),

@@ -1,9 +1,13 @@
 """The teacher side: loading a teacher, running it on padded batches, and turning its final hidden
 states into what the losses need (sparse distributions at distilled positions, relation matrices).
 
-Only the final hidden states of the whole sequence are computed by the model; logits are produced
-for the distilled positions alone, chunk by chunk, so the [batch, seq, vocab] tensor never exists.
-Relation matrices use ``R = Z Z^T = H (W^T W) H^T`` with the constant ``W^T W`` of the frozen head.
+The batch holds every input the teacher's processor returned (``processing.collate``), and the base
+model (``model.<base_model_prefix>``) gets all of them, so its final hidden states are those of
+``model(**inputs)``. Logits are produced for the distilled positions alone, chunk by chunk, as the
+model's head does (``lm_head``, then the text config's ``final_logit_softcapping`` when set), so the
+[batch, seq, vocab] tensor never exists. Relation matrices are per image, at each image's own visual
+positions; without softcapping they use ``R = Z Z^T = H (W^T W) H^T`` with the constant ``W^T W`` of
+the frozen head.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kd_cache import processing
 from kd_cache.encoding import Encoded, Encoder, Prepared
 from kd_cache.runtime import attn_implementation
 from kd_cache.schema import DEFAULT_KINDS, SampleScheme, SparseMode, choice, derive_positions
@@ -25,7 +30,7 @@ class Teacher:
     model: Any
     processor: Any  # a processor, or a tokenizer for a causal-LM teacher
     tokenizer: Any
-    image_token_id: int | None
+    image_token_id: int | None  # the model config's (the positions it fills with image features)
     multimodal: bool
     device: torch.device
 
@@ -50,13 +55,12 @@ def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> T
     if multimodal:
         processor = AutoProcessor.from_pretrained(path)
         tokenizer = processor.tokenizer
-        image_token_id = getattr(processor, "image_token_id", None)
-        cfg_id = getattr(config, "image_token_id", getattr(config, "image_token_index", None))
-        if cfg_id is not None and image_token_id is not None and cfg_id != image_token_id:
-            raise ValueError(
-                f"teacher config image_token_id {cfg_id} != processor image_token_id {image_token_id}: "
-                f"the processor saved in {path} does not belong to this model"
-            )
+        # The config's id, not the processor's: Gemma3's processor names <start_of_image>, the model fills
+        # <image_soft_token>.
+        image_token_id = processing.config_image_token_id(config)
+        if image_token_id >= len(tokenizer):
+            raise ValueError(f"teacher config image token id {image_token_id} is outside its tokenizer "
+                             f"({len(tokenizer)} tokens): the processor saved in {path} does not belong to this model")
     else:
         processor = tokenizer = AutoTokenizer.from_pretrained(path)
         image_token_id = None
@@ -67,6 +71,23 @@ def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> T
             f"the tokenizer in {path} does not belong to this model"
         )
     return Teacher(model, processor, tokenizer, image_token_id, multimodal, device)
+
+
+def check_template(teacher: Teacher, template: str) -> None:
+    """Refuse ``--template chat`` for a processor without a chat template (PaliGemma's prompt/suffix
+    processor is the documented exception), naming the families that have a chat path."""
+    proc = teacher.processor
+    if template != "chat" or getattr(proc, "chat_template", None) is not None:
+        return
+    if teacher.multimodal and processing.is_prefix_lm(proc):
+        return
+    kind = type(teacher.model.config).model_type
+    raise ValueError(
+        f"teacher {kind!r} ({type(proc).__name__}) has no chat template, so --template chat cannot render its "
+        f"conversations. Supported image-text families: {', '.join(processing.SUPPORTED_FAMILIES.values())}; "
+        "add a chat template to the processor (processor.chat_template = ...; save_pretrained) or use "
+        "--template pretrain"
+    )
 
 
 def _sample_seed(seed: int, sample_id: str) -> int:
@@ -100,7 +121,7 @@ class TeacherRunner:
     """Runs the teacher on batches of ``Encoded`` samples and returns one cache sample dict each."""
 
     def __init__(self, teacher: Teacher, *, sparse: str = "topk", top_k: int = 64, samples: int = 64,
-                 sample_scheme: str = "systematic", relation: str = "full", seed: int = 0, chunk_size: int = 1024,
+                 sample_scheme: str = "systematic", relation: str = "auto", seed: int = 0, chunk_size: int = 1024,
                  positions: tuple[str, ...] = DEFAULT_KINDS, hidden: bool = False):
         choice(SparseMode, sparse, "--sparse")
         choice(SampleScheme, sample_scheme, "--sample-scheme")
@@ -118,39 +139,41 @@ class TeacherRunner:
         self.vocab = min(head.weight.shape[0], len(teacher.tokenizer))
         self.head_rows = head.weight.shape[0]
         self.base = getattr(teacher.model, teacher.model.base_model_prefix)
+        # Gemma-2-based PaliGemma caps its logits as c * tanh(z / c) after the head.
+        self.softcap = getattr(teacher.model.config.get_text_config(), "final_logit_softcapping", None)
         # W^T W, fp32, once: relation matrices then cost O(N d^2) instead of O(N V d).
         self.gram = None
-        if relation != "none" and teacher.multimodal and getattr(head, "bias", None) is None:
+        if relation != "none" and teacher.multimodal and getattr(head, "bias", None) is None and self.softcap is None:
             w = head.weight[: self.vocab].float()
             self.gram = w.T @ w
 
     def prepare_inputs(self, batch: list[Encoded]) -> dict:
-        """Padded ids, attention mask and processed images of a batch as CPU tensors.
+        """Every model input of a batch (``processing.collate`` of the processor's outputs) as CPU tensors.
 
-        The build calls this in its producer thread, so image processing overlaps the teacher's
-        forward instead of idling the device; on CUDA the tensors are pinned for an async copy.
+        The build calls this in its producer thread, so collation overlaps the teacher's forward
+        instead of idling the device; on CUDA the tensors are pinned for an async copy.
         """
-        L = max(len(e.input_ids) for e in batch)
         pad = self.t.tokenizer.pad_token_id or 0
-        ids = torch.full((len(batch), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), L), dtype=torch.long)
-        for i, e in enumerate(batch):
-            ids[i, : len(e.input_ids)] = torch.from_numpy(e.input_ids.astype(np.int64))
-            mask[i, : len(e.input_ids)] = 1
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        images = [im for e in batch for im in e.pil_images]
-        if images:
-            px = self.t.processor.image_processor(images=images, return_tensors="pt")
-            inputs.update({k: v for k, v in px.items() if torch.is_tensor(v)})
+        inputs = processing.collate([e.processed for e in batch], pad)
         if self.t.device.type == "cuda":
             inputs = {k: v.pin_memory() for k, v in inputs.items()}
         return inputs
 
     def _inputs(self, batch: list[Encoded], prepared: dict | None = None) -> dict:
         inputs = prepared if prepared is not None else self.prepare_inputs(batch)
+        return self._on_device(inputs)
+
+    def _on_device(self, inputs: dict) -> dict:
         dev, dtype = self.t.device, self.t.model.dtype
         return {k: v.to(dev, dtype=dtype, non_blocking=True) if v.is_floating_point() else v.to(dev, non_blocking=True)
                 for k, v in inputs.items()}
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The model's logits (fp32, tokenizer vocabulary) at hidden states ``h`` [P, d]."""
+        z = self.head(h).float()[:, : self.vocab]
+        if self.softcap is not None:
+            z = torch.tanh(z / self.softcap) * self.softcap
+        return z
 
     @torch.no_grad()
     def hidden_states(self, batch: list[Encoded], prepared: dict | None = None) -> torch.Tensor:
@@ -195,7 +218,7 @@ class TeacherRunner:
         k = min(self.top_k, self.vocab) if self.sparse == "topk" else self.samples
         parts: dict[str, list[torch.Tensor]] = {"ids": [], "lp": [], "tail": [], "counts": []}
         for a in range(0, P, self.chunk_size):
-            z = self.head(h[a : a + self.chunk_size]).float()[:, : self.vocab]
+            z = self.logits(h[a : a + self.chunk_size])
             if self.sparse == "topk":
                 # One exp pass serves the normaliser and the exact tail: e = exp(z - max); the tail is
                 # the sum of e *off* the top-k ids (taken directly, never as 1 - sum of the top-k,
@@ -242,17 +265,20 @@ class TeacherRunner:
             out[f"{kind}_counts"] = host("counts", torch.zeros((0, k), dtype=torch.long)).astype(np.int32)
         return out
 
-    def _relations(self, h_vis: torch.Tensor, n_images: int) -> list[np.ndarray]:
-        if self.relation == "none" or n_images == 0:
+    def _relations(self, h_vis: torch.Tensor, counts: list[int]) -> list[np.ndarray]:
+        """Per image, ``R / ||R||_F`` with ``R = Z Z^T`` of the logits at its own ``counts[i]`` visual
+        positions (``h_vis`` holds the visual positions of all images, in order)."""
+        if self.relation == "none" or not counts:
             return []
-        n = h_vis.shape[0] // n_images
+        if sum(counts) != h_vis.shape[0]:
+            raise ValueError(f"{h_vis.shape[0]} visual positions for images of {counts} visual tokens")
         rels = []
-        for i in range(n_images):
-            hi = h_vis[i * n : (i + 1) * n].float()
+        for hi in torch.split(h_vis, list(counts)):
             if self.gram is not None:
+                hi = hi.float()
                 r = hi @ self.gram @ hi.T
             else:
-                z = self.head(h_vis[i * n : (i + 1) * n]).float()[:, : self.vocab]
+                z = self.logits(hi)
                 r = z @ z.T
             r = 0.5 * (r + r.T)
             r = r / r.norm().clamp_min(1e-30)
@@ -263,7 +289,9 @@ class TeacherRunner:
         """One cache sample; ``pre`` holds its distributions when they were computed batch-wide."""
         where = pre.pop("_positions") if pre is not None else self._positions(e)
         vis = where["visual"]
-        out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids, "labels": e.labels}
+        out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids.astype(np.int32),
+               "labels": e.labels.astype(np.int32), "image_token_counts": np.asarray(e.image_token_counts, np.int32),
+               "processor_call": e.processed.call}
         if e.meta:
             out["meta"] = e.meta
         for kind in self.positions:
@@ -275,7 +303,7 @@ class TeacherRunner:
             if self.hidden:  # LLaVADI hidden-state alignment: final-layer states, fp16 on disk
                 out[f"{kind}_hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
         hv = h[torch.from_numpy(vis.astype(np.int64)).to(h.device)]
-        out["relation"] = self._relations(hv, len(e.images))
+        out["relation"] = self._relations(hv, e.image_token_counts)
         return out
 
     @torch.no_grad()
@@ -290,25 +318,13 @@ class TeacherRunner:
         pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         for step in range(max(len(t) for t in turns)):
             todo = [i for i in range(len(batch)) if step < len(turns[i])]
-            prompts, images = [], []
+            prompts = []
             for i in todo:
                 cur = Prepared(type(batch[i].record)(batch[i].record.id, convs[i], batch[i].record.images),
                                batch[i].pil_images)
-                ids, imgs = encoder.prompt_ids(cur, turns[i][step])
-                prompts.append(ids)
-                images.extend(imgs)
-            L = max(len(x) for x in prompts)
-            ids = torch.full((len(todo), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(todo), L), dtype=torch.long)
-            for r, x in enumerate(prompts):
-                ids[r, L - len(x):] = torch.from_numpy(x.astype(np.int64))
-                mask[r, L - len(x):] = 1
-            inputs = {"input_ids": ids.to(self.t.device), "attention_mask": mask.to(self.t.device)}
-            if images:
-                px = self.t.processor.image_processor(images=images, return_tensors="pt")
-                for k, v in px.items():
-                    if torch.is_tensor(v):
-                        inputs[k] = v.to(self.t.device, dtype=self.t.model.dtype) if v.is_floating_point() else v.to(self.t.device)
+                prompts.append(encoder.prompt(cur, turns[i][step]))
+            inputs = self._on_device(processing.collate(prompts, pad, padding_side="left"))
+            L = inputs["input_ids"].shape[1]
             if temperature > 0:
                 torch.manual_seed(_sample_seed(self.seed, f"generate/{batch[todo[0]].record.id}/{step}") % (2**31))
             gen = self.t.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,

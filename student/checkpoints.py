@@ -136,8 +136,10 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
     return parts
 
 
-def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, teacher: str | None) -> None:
-    """The final model: a plain LLaVA + processor in OUT, the hidden projector (if any) beside it."""
+def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, teacher: str | None,
+               trainable: dict | None = None) -> None:
+    """The final model, as its own class, + processor in OUT, the hidden projector (if any) beside it;
+    ``trainable`` (per part: parameters and trainable parameters) goes into trainer_state.json."""
     out = Path(cfg.out)
     accelerator.wait_for_everyone()
     state_dict = accelerator.get_state_dict(wrapper)  # every process takes part (FSDP gathers)
@@ -157,6 +159,6 @@ def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, 
         write_json(out / CONFIG_NAME, cfg.to_dict())
         write_json(out / STATE_NAME, {"step": at.step, "epoch": at.epoch, "samples_seen": at.samples_seen,
                                       "world_size": accelerator.num_processes,
-                                      "train_modules": list(cfg.train_modules),
+                                      "train_modules": list(cfg.train_modules), "trainable": trainable,
                                       "hidden_projector": PROJECTOR_DIR if projector is not None else None})
     accelerator.wait_for_everyone()

@@ -53,8 +53,8 @@ class TrainConfig:
         "dpt: projector only, caption cache, CE+MDist+RDist, lr 1e-3; sft: projector+LLM, CE only (teacher "
         "arrays ignored), lr 2e-5; dft: projector+LLM, CE+MDist+RDist, lr 2e-5."))
     student: str = _setting(help=(
-        "Saved LlavaForConditionalGeneration + processor to train (kd-train init-student, or the OUT of an "
-        "earlier stage)."))
+        "Student model + processor to train: a directory or hub id of a supported image-text-to-text family "
+        "(README: Supported model families), e.g. the OUT of kd-train init-student or of an earlier stage."))
     cache: str = _setting(resume=True, help=(
         "Teacher cache: a directory or fsspec URL written by kd-cache build."))
     out: str = _setting(help=(

@@ -1,9 +1,11 @@
 """The student's forward pass for distillation: hidden states in, loss *sums* out.
 
-``DistillStudent`` wraps a ``LlavaForConditionalGeneration`` so that everything that touches a
-parameter (vision tower, projector, language model, LM head, and the LLaVADI hidden-state projector
-when one is used) runs inside one ``forward``: that is what DDP and FSDP need (FSDP only un-shards a
-module's weights inside its forward). It runs the LLaVA *base* model for the final hidden states and
+``DistillStudent`` wraps a student of any supported family (``student.families``) so that everything
+that touches a parameter (vision tower, projector, language model, LM head, and the LLaVADI
+hidden-state projector when one is used) runs inside one ``forward``: that is what DDP and FSDP need
+(FSDP only un-shards a module's weights inside its forward). It runs the *base* model
+(``student.model``) on every input the student's processor made (``batch["model_inputs"]``: pixels,
+image sizes/grids, pixel masks, token types, ...) for the final hidden states, and
 applies the LM head only at the positions that carry a loss, chunk by chunk (``chunked_distill``), so
 fp32 ``[batch, seq, vocab]`` logits never exist.
 
@@ -13,7 +15,8 @@ divides by the step's global count of them):
 * ``ce``: cross-entropy on the response tokens;
 * ``mdist_response``/``mdist_visual``/``mdist_prompt``: MDist at the position kinds listed in
   ``LossSettings.kinds`` (LLaVA-KD: response + visual; LLaVADI: all three);
-* ``rdist``: relation distillation per image;
+* ``rdist``: relation distillation per image, each at its own size (``relation_index`` [R, N_max],
+  -1 padded; ``relation_target`` [R, N_max, N_max]: padded rows/columns count on neither side);
 * ``hidden``: LLaVADI hidden-state alignment, ``HiddenProjector(h_s)`` vs the teacher's stored
   final-layer states at the same positions (the ``kinds`` positions), one item per position;
 * ``affinity``: LLaVADI affinity, one item per sample with both visual and response positions.
@@ -31,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS
+from student.families import blank_image_inputs, image_feature_tensors, parameter_parts
 from student.losses import (
     Divergence,
     DivergenceOptions,
@@ -193,9 +197,18 @@ def _fuse_relation(batch: dict, relation_index: Tensor, visual_kd: bool, d: int)
     if not visual_kd or "visual_ids" not in batch:
         return False
     n_img, n = relation_index.shape
-    if n_img * n * n >= d * d or n_img * n != batch["visual_index"].shape[0]:
+    if n_img * n * n >= d * d or n_img * n != batch["visual_index"].shape[0] or bool((relation_index < 0).any()):
         return False
     return bool(torch.equal(relation_index.reshape(-1), batch["visual_index"]))
+
+
+def model_inputs(batch: dict, dtype: torch.dtype) -> dict[str, Tensor]:
+    """``batch["model_inputs"]`` (every tensor the student's processor returned, collated by
+    ``kd_cache.processing.collate``) with the floating ones (pixels) in the student's dtype."""
+    if "model_inputs" not in batch:
+        raise KeyError("the batch has no 'model_inputs' (the student processor's outputs, collated by "
+                       "kd_cache.processing.collate): build batches with StreamingKDDataset.collate")
+    return {k: v.to(dtype) if torch.is_floating_point(v) else v for k, v in batch["model_inputs"].items()}
 
 
 class DistillStudent(nn.Module):
@@ -210,6 +223,7 @@ class DistillStudent(nn.Module):
         self.student = student
         self.settings = settings
         self.hidden_projector: HiddenProjector | None = None
+        self._parts = parameter_parts(student)  # parameter name -> vision / projector / llm
         if settings.distill and settings.hidden_loss is not None:
             if teacher_hidden_size is None:
                 raise ValueError("hidden-state alignment needs the teacher's hidden size (the cache's "
@@ -218,30 +232,22 @@ class DistillStudent(nn.Module):
             self.hidden_projector = HiddenProjector(d_s, teacher_hidden_size).to(student.device)
 
     def _needs_vision_dummy(self) -> bool:
-        base = self.student.model
-        return any(p.requires_grad for m in (base.vision_tower, base.multi_modal_projector) for p in m.parameters())
+        return any(p.requires_grad for name, p in self.student.named_parameters()
+                   if self._parts[name] in ("vision", "projector"))
 
     def _dummy_image_term(self, like: Tensor) -> Tensor:
-        """0 * (projector(vision(zeros))).sum() for a micro-batch without images.
+        """0 * (projector(vision(blank image))).sum() for a micro-batch without images.
 
         Every rank then uses every trainable parameter in every micro-batch (DDP without
         find_unused_parameters) and runs the same modules (FSDP's all-gathers stay in step).
         """
-        vcfg = self.student.config.vision_config
-        size = vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0]
-        px = torch.zeros(1, vcfg.num_channels, size, size, device=like.device, dtype=self.student.dtype)
-        feats = self.student.model.get_image_features(pixel_values=px).pooler_output
+        feats = image_feature_tensors(self.student.model.get_image_features(**blank_image_inputs(self.student)))
         return 0.0 * sum(f.float().sum() for f in feats)
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         s = self.settings
-        pixel_values = batch.get("pixel_values")
-        out = self.student.model(
-            input_ids=batch["input_ids"],
-            attention_mask=batch["attention_mask"],
-            pixel_values=None if pixel_values is None else pixel_values.to(self.student.dtype),
-            use_cache=False,
-        )
+        inputs = model_inputs(batch, self.student.dtype)
+        out = self.student.model(**inputs, use_cache=False)
         hidden = out.last_hidden_state  # [B, T, d]
         flat = hidden.reshape(-1, hidden.shape[-1])
         head = self.student.get_output_embeddings().weight  # [V, d]
@@ -254,8 +260,13 @@ class DistillStudent(nn.Module):
             with torch.autocast(device_type=flat.device.type, enabled=False):
                 if r_s is None:
                     # R_s = H (W^T W) H^T per image, in fp32 (outside autocast): never the N x V logits.
-                    r_s = relation_from_hidden(flat[relation].float(), None, gram=head_gram(head))  # [I, N, N]
-                sums["rdist_sum"] = rdist(r_s, batch["relation_target"]).sum()
+                    r_s = relation_from_hidden(flat[relation.clamp_min(0)].float(), None, gram=head_gram(head))
+                # An image smaller than the batch's largest: its padded rows and columns are zero on both
+                # sides, so they add nothing to either norm or to the dot product of RDist's cosine.
+                real = relation >= 0  # [I, N]
+                pair = real[:, :, None] & real[:, None, :]
+                target = batch["relation_target"]
+                sums["rdist_sum"] = rdist(r_s * pair, torch.where(pair, target, target.new_zeros(()))).sum()
         if self.hidden_projector is not None:
             sums["hidden_sum"] = self._hidden_term(batch, flat)
         if s.distill and s.affinity:
@@ -265,7 +276,7 @@ class DistillStudent(nn.Module):
                 sums["affinity_sum"] = affinity_loss(
                     flat[batch["visual_index"]].float()[vi], flat[batch["response_index"]].float()[ri],
                     batch["visual_hidden"][vi], batch["response_hidden"][ri], vr >= 0, rr >= 0).sum()
-        if pixel_values is None and self._needs_vision_dummy():
+        if "pixel_values" not in inputs and self._needs_vision_dummy():
             sums["ce_sum"] = sums["ce_sum"] + self._dummy_image_term(flat)
         return sums
 

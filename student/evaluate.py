@@ -277,8 +277,6 @@ def evaluate_qa(model_path: str | Path, data: str, image_folder: str | None = No
     ``mc_accuracy``/``mc_questions`` (None/0 without ``options``), ``skipped`` and ``predictions``
     (one dict per question: id, turn, answer, prediction, correct[, choice]).
     """
-    from kd_cache.fingerprint import image_tokens_per_image
-
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"--batch-size and --max-new-tokens must be >= 1, got {batch_size} and {max_new_tokens}")
     if model is None:
@@ -288,8 +286,10 @@ def evaluate_qa(model_path: str | Path, data: str, image_folder: str | None = No
         records = records[:limit]
     if not records:
         raise ValueError(f"--data {data}: no records")
-    encoder = Encoder(processor, "chat", max_length, resolve_image_folder(image_folder),
-                      image_tokens_per_image(processor))
+    from kd_cache.processing import config_image_token_id
+
+    image_token_id = config_image_token_id(model.config) if getattr(processor, "image_processor", None) else None
+    encoder = Encoder(processor, "chat", max_length, resolve_image_folder(image_folder), image_token_id)
     items, skipped = build_items(records, encoder, _raw_options(data), strict=strict)
     if not items:
         raise ValueError(f"--data {data}: no usable question (skipped: {skipped[:3]})")
@@ -350,9 +350,9 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
     sums = {k: {"kl": 0.0, "agree": 0.0, "n": 0.0} for k in DEFAULT_KINDS}
     ce_sum = ce_n = 0.0
     for batch in ds:
-        px = batch.get("pixel_values")
-        out = model.model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
-                          pixel_values=None if px is None else px.to(dev, model.dtype), use_cache=False)
+        inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev)
+                  for k, v in batch["model_inputs"].items()}
+        out = model.model(**inputs, use_cache=False)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
         for kind in DEFAULT_KINDS:  # response (the headline numbers) and visual
             if f"{kind}_ids" not in batch:

@@ -1,8 +1,10 @@
 """Building, loading and checking the student.
 
-A student is a plain ``LlavaForConditionalGeneration`` checkpoint plus its ``LlavaProcessor``, so the
-result of every stage loads with ``from_pretrained`` and any tool that serves HF models.
-``compose_student`` makes one from parts as in LLaVA-KD: a vision tower (a SigLIP/CLIP vision model
+A student is a saved ``transformers`` image-text-to-text model of a supported family (``student.families``:
+LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, Idefics3, SmolVLM, Gemma3, PaliGemma, InternVL,
+Mistral3, VipLLaVA) plus its own processor. It is loaded and saved as its own class, so the result of
+every stage loads with ``from_pretrained`` and any tool that serves HF models.
+``compose_student`` makes a LLaVA-style one from parts as in LLaVA-KD: a vision tower (a SigLIP/CLIP vision model
 directory, or the vision tower of an existing LLaVA-style checkpoint), a causal LM, and a fresh
 two-layer GELU MLP projector. ``check_compatibility`` compares a cache manifest with a student before
 training and names both values of whatever differs.
@@ -11,18 +13,20 @@ training and names both values of whatever differs.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from kd_cache.encoding import CHATML_TEMPLATE
-from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+from kd_cache.fingerprint import tokenizer_hash
+from kd_cache.processing import config_image_token_id, encode
 from kd_cache.runtime import attn_implementation, dtype_from_name
 from kd_cache.schema import Manifest
+from student.families import UnsupportedModelError, family_of, supported
 
 DEFAULT_IMAGE_TOKEN = "<image>"
-
 
 
 class CompatibilityError(ValueError):
@@ -30,18 +34,24 @@ class CompatibilityError(ValueError):
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load ``(model, processor)`` from a saved student; fp32 master weights by default (autocast on GPU)."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load ``(model, processor)`` from a saved student of any family in ``student.families.FAMILIES``,
+    as its own class (``AutoModelForImageTextToText``) with its own processor; fp32 master weights by
+    default (autocast on GPU). A family not supported is refused with the list of supported ones."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"--student {path}: no config.json there; expected a saved "
-                                "LlavaForConditionalGeneration (make one with `kd-train init-student`)")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation())
+    local = Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path))  # else a hub id
+    if local and not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"--student {path}: no config.json there; expected a saved image-text-to-text model "
+                                f"of a supported family ({supported()}), or make one with `kd-train init-student`")
+    family = family_of(AutoConfig.from_pretrained(path), f"--student {path}")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation())
+    if type(model).__name__ != family.model_class:
+        raise UnsupportedModelError(f"--student {path}: loaded as {type(model).__name__}, expected "
+                                    f"{family.model_class} for a {family.name} model")
     processor = AutoProcessor.from_pretrained(path)
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
-        raise CompatibilityError(f"--student {path}: the saved processor is {type(processor).__name__}; "
-                                 "expected a LlavaProcessor with an image processor and a tokenizer")
+        raise CompatibilityError(f"--student {path}: the saved processor is {type(processor).__name__}; expected "
+                                 f"the {family.name} processor with an image processor and a tokenizer")
     return model, processor
 
 
@@ -202,14 +212,16 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
 
 
 def _check_image_geometry(model, processor) -> None:
-    """The processor must expand one image to exactly as many tokens as the vision tower yields features."""
+    """The processor must expand an image to exactly as many tokens as the vision tower yields features."""
     from PIL import Image
 
-    n_tokens = image_tokens_per_image(processor)
-    enc = processor.image_processor(images=[Image.new("RGB", (64, 64), "white")], return_tensors="pt")
+    conv = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}]
+    enc = encode(processor, config_image_token_id(model.config), conv, [Image.new("RGB", (64, 64), "white")],
+                 template="pretrain")
     with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=enc["pixel_values"].to(model.dtype)).pooler_output
-    n_feats = int(feats[0].shape[0])
+        pixels = enc.inputs["pixel_values"].to(model.dtype)
+        n_feats = int(model.model.get_image_features(pixel_values=pixels).pooler_output[0].shape[0])
+    n_tokens = enc.image_token_counts[0]
     if n_tokens != n_feats:
         raise CompatibilityError(
             f"processor expands one image to {n_tokens} image tokens but the vision tower yields {n_feats} "
@@ -228,18 +240,20 @@ def student_facts(model, processor) -> dict[str, Any]:
         "vocab_size": len(tok),
         "head_rows": int(model.get_output_embeddings().weight.shape[0]),
         "tokenizer_hash": tokenizer_hash(tok),
-        "image_token_id": int(model.config.image_token_id),
-        "visual_tokens_per_image": image_tokens_per_image(processor),
-        "max_position_embeddings": getattr(model.config.text_config, "max_position_embeddings", None),
+        # The token the model fills with image features (Gemma3's processor names another one, <start_of_image>).
+        "image_token_id": config_image_token_id(model.config),
+        "max_position_embeddings": getattr(model.config.get_text_config(), "max_position_embeddings", None),
     }
 
 
 def check_compatibility(manifest: Manifest, model, processor, *, template: str | None = None) -> None:
     """Raise ``CompatibilityError`` naming both values if the cache and the student disagree.
 
-    Checked: vocab size, tokenizer hash (identical token ids), image token id, visual tokens per image
-    (skipped for a text-only cache), the template the stage expects (``template``; None = any), and
-    that the cached sequence length fits the student's position embeddings.
+    Checked: vocab size, tokenizer hash (identical token ids), image token id (the model config's), the
+    template the stage expects (``template``; None = any), and that the cached sequence length fits the
+    student's position embeddings. How many tokens each image expands to depends on the image (dynamic
+    resolution, tiles) and on the processor, so it is checked per sample where the data stream
+    re-encodes a sample with the student's processor, not here.
     """
     s = student_facts(model, processor)
     problems = []
@@ -256,11 +270,6 @@ def check_compatibility(manifest: Manifest, model, processor, *, template: str |
     if manifest.image_token_id is not None and manifest.image_token_id != s["image_token_id"]:
         problems.append(f"cache image_token_id {manifest.image_token_id} != student image_token_id "
                         f"{s['image_token_id']}")
-    cache_vt = manifest.visual_tokens_per_image
-    if cache_vt is not None and cache_vt != s["visual_tokens_per_image"]:
-        problems.append(f"cache visual_tokens_per_image {cache_vt} != student visual_tokens_per_image "
-                        f"{s['visual_tokens_per_image']}: the student's image processor and vision tower must "
-                        "produce as many image tokens as the teacher's")
     if template is not None and manifest.template != template:
         problems.append(f"cache template {manifest.template!r} != stage template {template!r}: DPT expects "
                         "a 'pretrain' (caption) cache, SFT/DFT a 'chat' cache (pass --any-template to override)")

@@ -18,6 +18,8 @@ from enum import Enum
 
 import torch
 
+from student.families import PARTS, blank_image_inputs, image_feature_tensors, parameter_parts
+
 
 class Stage(str, Enum):
     DPT = "dpt"  # distilled pre-training (projector only, caption data)
@@ -25,7 +27,7 @@ class Stage(str, Enum):
     DFT = "dft"  # distilled fine-tuning
 
 
-MODULES = ("vision", "projector", "llm")
+MODULES = PARTS  # what --train-modules names
 
 
 @dataclass(frozen=True)
@@ -54,37 +56,27 @@ def parse_modules(spec: str | Iterable[str]) -> tuple[str, ...]:
     return tuple(m for m in MODULES if m in items)
 
 
-def module_of(param_name: str) -> str:
-    """Which of vision/projector/llm a ``LlavaForConditionalGeneration`` parameter belongs to."""
-    if ".vision_tower." in f".{param_name}":
-        return "vision"
-    if ".multi_modal_projector." in f".{param_name}":
-        return "projector"
-    return "llm"  # language model and lm_head
-
-
 def named_module_parameters(model: torch.nn.Module, module: str) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    """The parameters of one part (``vision``/``projector``/``llm``) of a student, by the family's name table."""
+    parts = parameter_parts(model)
     for name, p in model.named_parameters():
-        if module_of(name) == module:
+        if parts[name] == module:
             yield name, p
 
 
 def _unused_vision_parameters(model: torch.nn.Module) -> set[str]:
-    """Vision-tower parameters that LLaVA's image features never reach.
+    """Vision-tower parameters that the image features never reach.
 
     LLaVA reads a hidden layer of the vision tower, so the layers after ``vision_feature_layer``,
     the post-layernorm and SigLIP's pooling head get no gradient. Found by one probe backward on a
-    blank image rather than by name, so it holds for any vision tower.
+    blank image (``families.blank_image_inputs``) rather than by name, so it holds for any vision tower.
     """
-    vcfg = model.config.vision_config
-    size = vcfg.image_size if isinstance(vcfg.image_size, int) else vcfg.image_size[0]
-    px = torch.zeros(1, vcfg.num_channels, size, size, dtype=model.dtype, device=model.device)
     tower = dict(named_module_parameters(model, "vision"))
     saved = {n: p.requires_grad for n, p in tower.items()}
     for p in tower.values():
         p.requires_grad_(True)
         p.grad = None
-    feats = model.model.get_image_features(pixel_values=px).pooler_output
+    feats = image_feature_tensors(model.model.get_image_features(**blank_image_inputs(model)))
     sum(f.float().sum() for f in feats).backward()
     unused = {n for n, p in tower.items() if p.grad is None}
     for n, p in tower.items():
@@ -97,17 +89,40 @@ def _unused_vision_parameters(model: torch.nn.Module) -> set[str]:
 def set_trainable(model: torch.nn.Module, modules: Iterable[str]) -> list[str]:
     """Freeze everything except ``modules``; returns the names of the trainable parameters.
 
-    Frozen parameters never reach the optimizer, so neither AdamW nor weight decay can move them.
-    Vision-tower parameters that the image features do not depend on stay frozen even when the
-    vision tower trains (DDP requires every trainable parameter to receive a gradient).
+    Every parameter belongs to exactly one part (``families.parameter_parts``; a parameter no part
+    claims is refused by name). Frozen parameters never reach the optimizer, so neither AdamW nor
+    weight decay can move them. Vision-tower parameters that the image features do not depend on stay
+    frozen even when the vision tower trains (DDP requires every trainable parameter to receive a gradient).
     """
     modules = set(modules)
+    parts = parameter_parts(model)
     unused = _unused_vision_parameters(model) if "vision" in modules else set()
     trainable = []
     for name, p in model.named_parameters():
-        p.requires_grad_(module_of(name) in modules and name not in unused)
+        p.requires_grad_(parts[name] in modules and name not in unused)
         if p.requires_grad:
             trainable.append(name)
     if not trainable:
         raise ValueError(f"--train-modules {','.join(sorted(modules))}: selects no parameters of the student")
     return trainable
+
+
+def trainable_summary(model: torch.nn.Module) -> dict[str, dict[str, int]]:
+    """Per part: ``{"parameters": elements, "trainable": trainable elements, "tensors": count}``."""
+    parts = parameter_parts(model)
+    out = {m: {"parameters": 0, "trainable": 0, "tensors": 0} for m in MODULES}
+    for name, p in model.named_parameters():
+        row = out[parts[name]]
+        row["parameters"] += p.numel()
+        row["trainable"] += p.numel() if p.requires_grad else 0
+        row["tensors"] += 1
+    return out
+
+
+def describe_trainable(summary: dict[str, dict[str, int]]) -> str:
+    """One line per part: ``projector   trains   12,345 of 12,345 parameters``."""
+    lines = []
+    for part, row in summary.items():
+        state = "trains" if row["trainable"] else "frozen"
+        lines.append(f"  {part:<10} {state}  {row['trainable']:>14,} of {row['parameters']:>14,} parameters")
+    return "\n".join(lines)

@@ -22,9 +22,15 @@ Resumption. The state is ``(epoch, samples_seen)``: ``samples_seen`` counts the 
 order consumed by all ranks together (always a prefix of the order). A resumed stream starts right
 after that prefix; nothing is replayed.
 
-Batches. Images are read from the image folder and processed with the student's image processor in
-the workers. Sequences are right-padded; per-sample positions become flat indices into the padded
-``[B * T]`` hidden states; teacher arrays are concatenated over the batch with a batch index.
+Batches. In the workers, each sample's images are read from the image folder and the student's
+processor is run on the sample's ``processor_call`` (the text the teacher's processor was given, before
+placeholder expansion) and images (``kd_cache.processing.process``), so the model inputs are exactly the
+student processor's (tiles, ``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...). Its ids
+must equal the cached ids (the cache's distributions are at those positions): a sample whose ids or
+per-image visual counts differ is refused, naming it and both counts. ``batch["model_inputs"]`` holds
+every input, collated (``processing.collate``: right padding); per-sample positions become flat
+indices into the padded ``[B * T]`` hidden states; teacher arrays are concatenated over the batch with
+a batch index.
 
 Position kinds. ``response`` (CE and MDist), ``visual`` (MDist, RDist, affinity) and ``prompt`` (all
 other text, LLaVADI). Positions come from the cache for the kinds it holds (``manifest.positions``)
@@ -49,7 +55,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kd_cache import processing
 from kd_cache.format import CHUNK_BYTES
+from kd_cache.processing import ProcessedSample
 from kd_cache.reader import ChunkCache, open_cache
 from kd_cache.records import BadRecord, load_image
 from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, derive_positions
@@ -201,6 +209,7 @@ class StreamingKDDataset(IterableDataset):
                  affinity: bool = False, window: int = WINDOW, mix: int = MIX_WINDOWS, cache_bytes: int | None = None):
         super().__init__()
         self.cache = open_cache(cache, storage_options) if isinstance(cache, (str, Path)) else cache
+        self.processor = processor
         self.image_processor = getattr(processor, "image_processor", None)
         tok = getattr(processor, "tokenizer", processor)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -213,7 +222,6 @@ class StreamingKDDataset(IterableDataset):
         self.with_teacher = with_teacher
         m = self.cache.manifest
         self.image_token_id = m.image_token_id
-        self.tokens_per_image = m.visual_tokens_per_image
         unknown = sorted((set(kinds) | set(hidden_kinds)) - set(KINDS))
         if unknown:
             raise ValueError(f"unknown position kind(s) {unknown}: expected a subset of {', '.join(KINDS)}")
@@ -314,40 +322,62 @@ class StreamingKDDataset(IterableDataset):
             return np.asarray(s[f"{kind}_positions"], dtype=np.int64)
         return derive_positions(kind, ids, labels, self.image_token_id).astype(np.int64)
 
+    def _model_inputs(self, s: dict, ids: np.ndarray, labels: np.ndarray) -> ProcessedSample:
+        """The student processor's encoding of sample ``s``, checked against its cached ids.
+
+        A sample without a processor call (a text-only teacher's, or one written without it) and a
+        student without an image processor use the cached ids as they are; a sample with images then
+        has no way to its pixels and is refused."""
+        sid, call = s["id"], s.get("processor_call") or {}
+        if not (call and self.image_processor is not None):
+            if s["images"]:
+                raise ValueError(f"sample {sid!r} has images but " + (
+                    "the student's processor has no image processor" if self.image_processor is None else
+                    "no processor call: rebuild the cache with this version of kd-cache build"))
+            t = torch.from_numpy(ids)[None]
+            return ProcessedSample(ids, labels, {"input_ids": t, "attention_mask": torch.ones_like(t)})
+        try:
+            enc = processing.process(self.processor, self.image_token_id, call, self._load_images(s))
+        except ValueError as e:
+            raise ValueError(f"sample {sid!r}: the student's processor cannot encode the teacher's text and images "
+                             f"({e}): teacher and student must share the processor's tokens") from e
+        cut = enc.truncated(len(ids))  # the build cut at --max-length
+        counts = [int(c) for c in s["image_token_counts"]]
+        if cut is None or not np.array_equal(cut.input_ids, ids) or cut.image_token_counts != counts:
+            raise ValueError(
+                f"sample {sid!r}: the student's processor gives {len(enc.input_ids)} tokens with "
+                f"{enc.image_token_counts} visual tokens per image, the cache holds {len(ids)} tokens with {counts}"
+                + ("" if len(enc.input_ids) != len(ids) or cut is None else " (same length, different ids)")
+                + ": the student's processor must tokenize and expand images exactly as the teacher's did "
+                "(same tokenizer, same image processor settings)")
+        return cut
+
     def collate(self, samples: list[dict]) -> dict:
         """Right-padded batch with flat position indices and concatenated teacher arrays.
 
-        Keys: ``input_ids``/``attention_mask`` [B, T]; ``pixel_values`` [I, C, H, W] (images of the
-        batch in sample order; absent when none); ``response_index`` [P] flat ``b * T + t`` indices of
+        Keys: ``model_inputs``: every input of the student's processor for the batch, collated
+        (``input_ids``/``attention_mask`` [B, T], ``pixel_values``, ``image_sizes``, ...);
+        ``input_ids``/``attention_mask``: the same two tensors; ``response_index`` [P] flat ``b * T + t`` indices of
         response positions with ``response_targets`` [P] (the labelled token t + 1); ``visual_index``
         [Pv]; ``prompt_index`` [Pp] when prompt positions are used; ``{kind}_batch`` [P] sample index;
         with the teacher, for each of ``teacher_kinds``: ``{kind}_ids`` [P, K] (-1 pad),
         ``{kind}_logprobs`` [P, K] (top-k; sample mode only when the cache kept them), ``{kind}_tail``
         [P], ``{kind}_counts`` [P, K] and ``{kind}_logp_mean`` [P] (sample mode); for
         each of ``hidden_kinds``: ``{kind}_hidden`` [P, D] float32 (teacher final-layer states);
-        ``relation_index`` [R, N] flat indices of each image's visual positions and
-        ``relation_target`` [R, N, N]; with ``affinity``: ``affinity_visual_rows`` [A, Nv] and
+        ``relation_index`` [R, N] flat indices of each image's visual positions (N = the batch's largest
+        image; an image with fewer is padded with -1), ``relation_target`` [R, N, N] (zero padded) and
+        ``relation_counts`` [R] (each image's own count); with ``affinity``: ``affinity_visual_rows`` [A, Nv] and
         ``affinity_response_rows`` [A, Nr], rows into the batch's visual/response arrays (-1 pad) of
         the A samples having both kinds. Plus ``ids`` (sample ids) and ``n_samples``.
         """
         B = len(samples)
         T = max(len(s["input_ids"]) for s in samples)
-        input_ids = np.full((B, T), self.pad_id, dtype=np.int64)
-        attention = np.zeros((B, T), dtype=np.int64)
-        images, rel_index, rel_target = [], [], []
+        processed, rel_index, rel_target = [], [], []
         per_kind: dict[str, list[dict]] = {k: [] for k in self.index_kinds}
         for b, s in enumerate(samples):
             ids = np.asarray(s["input_ids"], dtype=np.int64)
             labels = np.asarray(s["labels"], dtype=np.int64)
-            L = len(ids)
-            input_ids[b, :L], attention[b, :L] = ids, 1
-            n_img = len(s["images"])
-            if n_img:
-                n_tok = int((ids == self.image_token_id).sum())
-                if self.tokens_per_image is not None and n_tok != n_img * self.tokens_per_image:
-                    raise ValueError(f"sample {s['id']!r}: {n_tok} image tokens for {n_img} image(s) of "
-                                     f"{self.tokens_per_image} tokens each: the cache is inconsistent")
-                images.extend(self._load_images(s))
+            processed.append(self._model_inputs(s, ids, labels))
             for kind in self.index_kinds:
                 pos = self._positions(s, kind, ids, labels)
                 entry = {"index": b * T + pos, "batch": np.full(len(pos), b, np.int64)}
@@ -370,30 +400,24 @@ class StreamingKDDataset(IterableDataset):
                     entry["hidden"] = h if h.ndim == 2 else h.reshape(len(pos), self.hidden_size or 0)
                 per_kind[kind].append(entry)
             if self.with_teacher and s.get("relation"):
-                vis = per_kind["visual"][-1]["index"] - b * T
-                start = 0
-                for R in s["relation"]:
-                    n = R.shape[0]
-                    if start + n > len(vis):
-                        raise ValueError(f"sample {s['id']!r}: relation matrices cover more positions "
-                                         f"than the {len(vis)} visual positions")
-                    rel_index.append(b * T + vis[start:start + n])
+                vis = per_kind["visual"][-1]["index"]
+                counts = [int(c) for c in s["image_token_counts"]]
+                sizes = [np.asarray(R).shape[0] for R in s["relation"]]
+                if sizes != counts or sum(counts) != len(vis):
+                    raise ValueError(f"sample {s['id']!r}: relation matrices of sizes {sizes} for images of "
+                                     f"{counts} visual tokens at {len(vis)} visual positions: the cache is inconsistent")
+                for v, R in zip(np.split(vis, np.cumsum(counts)[:-1]), s["relation"]):
+                    rel_index.append(v)
                     rel_target.append(np.asarray(R, dtype=np.float32))
-                    start += n
 
+        model_inputs = processing.collate(processed, self.pad_id)
         out: dict[str, Any] = {
-            "input_ids": torch.from_numpy(input_ids),
-            "attention_mask": torch.from_numpy(attention),
+            "model_inputs": model_inputs,
+            "input_ids": model_inputs["input_ids"],  # the same tensors, for the project's own indexing
+            "attention_mask": model_inputs["attention_mask"],
             "ids": [str(s["id"]) for s in samples],
             "n_samples": B,
         }
-        if images:
-            if self.image_processor is None:
-                raise ValueError("the cache has images but the student's processor has no image processor")
-            px = self.image_processor(images=images, return_tensors="pt")
-            for k, v in px.items():
-                if torch.is_tensor(v):
-                    out[k] = v
         for kind in self.index_kinds:
             entries = per_kind[kind]
             out[f"{kind}_index"] = torch.from_numpy(np.concatenate([e["index"] for e in entries]))
@@ -407,12 +431,27 @@ class StreamingKDDataset(IterableDataset):
                 out[f"{kind}_hidden"] = torch.from_numpy(
                     np.concatenate([e["hidden"].reshape(-1, width) for e in entries]))
         if self.with_teacher and rel_index:
-            out["relation_index"] = torch.from_numpy(np.stack(rel_index))
-            out["relation_target"] = torch.from_numpy(np.stack(rel_target))
+            out.update(_relation_batch(rel_index, rel_target))
         if self.affinity:
             out.update(_affinity_rows([len(e["index"]) for e in per_kind["visual"]],
                                       [len(e["index"]) for e in per_kind["response"]]))
         return out
+
+
+def _relation_batch(index: list[np.ndarray], target: list[np.ndarray]) -> dict[str, torch.Tensor]:
+    """Per-image relation indices and targets of a batch, padded to its largest image: ``relation_index``
+    [R, N] (-1 pad), ``relation_target`` [R, N, N] (0 pad), ``relation_counts`` [R]. A student relation
+    built from zero rows at the padding (``h[idx.clamp_min(0)] * (idx >= 0)``) is zero there, like the
+    target, so the cosine of the padded matrices is the cosine of each image's own block."""
+    counts = np.asarray([len(i) for i in index], dtype=np.int64)
+    N = int(counts.max())
+    idx = np.full((len(index), N), -1, dtype=np.int64)
+    tgt = np.zeros((len(index), N, N), dtype=np.float32)
+    for r, (i, R) in enumerate(zip(index, target)):
+        idx[r, :len(i)] = i
+        tgt[r, :len(i), :len(i)] = R
+    return {"relation_index": torch.from_numpy(idx), "relation_target": torch.from_numpy(tgt),
+            "relation_counts": torch.from_numpy(counts)}
 
 
 def _affinity_rows(n_visual: list[int], n_response: list[int]) -> dict[str, torch.Tensor]:

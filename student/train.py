@@ -78,8 +78,12 @@ def term_active(term: LossTerm, settings: LossSettings) -> bool:
     return True  # rdist
 
 
-def _to_device(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+def _to_device(batch: dict, device: torch.device) -> dict[str, Any]:
+    """The batch's tensors on ``device``, the nested ``model_inputs`` dict included; other values dropped."""
+    out: dict[str, Any] = {k: v.to(device, non_blocking=True) for k, v in batch.items() if torch.is_tensor(v)}
+    if "model_inputs" in batch:
+        out["model_inputs"] = {k: v.to(device, non_blocking=True) for k, v in batch["model_inputs"].items()}
+    return out
 
 
 def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, weights: LossWeights | None = None,
@@ -203,6 +207,7 @@ class _Run:
     settings: LossSettings
     total_steps: int
     teacher: str | None  # the cache's teacher, recorded beside a hidden projector
+    trainable: dict[str, dict[str, int]]  # per part: parameters, trainable, tensors (stages.trainable_summary)
 
 
 def _load(cfg: TrainConfig):
@@ -226,11 +231,15 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     """Student, optimizer, schedule and data stream, placed by ``accelerator``."""
     from transformers import get_cosine_schedule_with_warmup
 
-    from student.stages import set_trainable
+    from student.stages import describe_trainable, set_trainable, trainable_summary
     from student.stream import StreamingKDDataset, steps_per_epoch
 
     cache, model, processor, teacher_hidden_size = _load(cfg)
     set_trainable(model, cfg.train_modules)
+    trainable = trainable_summary(model)
+    if accelerator.is_main_process:
+        print(f"kd-train {cfg.stage.value}: {type(model).__name__}, trains {','.join(cfg.train_modules)}\n"
+              + describe_trainable(trainable), flush=True)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     model.config.use_cache = False
@@ -257,7 +266,7 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
                                  hidden_kinds=settings.kinds if settings.hidden_loss else (),
                                  affinity=settings.affinity)
     return _Run(accelerator, wrapper, optimizer, scheduler, dataset, processor, settings, total_steps,
-                cache.manifest.teacher.path)
+                cache.manifest.teacher.path, trainable)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -349,7 +358,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.init_trackers("kd-train", config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
     last = _loop(cfg, run, at)
-    save_final(accelerator, run.model, run.processor, cfg, at, run.teacher)
+    save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable)
     if tracking:
         accelerator.end_training()
     return {"step": at.step, "out": str(out), "metrics": last, "main_process": main}

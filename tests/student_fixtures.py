@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 from cache_fixtures import synthetic_manifest
+from PIL import Image
 
-from kd_cache import open_cache
-from kd_cache.fingerprint import image_tokens_per_image, tokenizer_hash
+from kd_cache import open_cache, processing
+from kd_cache.fingerprint import tokenizer_hash
 from kd_cache.writer import CacheWriter
 from kd_demo import tiny
 
@@ -118,9 +119,7 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
     tok = processor.tokenizer
     V = len(tok)
     image_id = tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN)
-    n_vis = image_tokens_per_image(processor)
-    special = set(tok.all_special_ids)
-    normal = np.array([i for i in range(V) if i not in special])
+    words = list(tiny.COLOURS) + tiny.SHAPES + tiny.POSITIONS + tiny.NUMBERS
     rng = np.random.default_rng(seed)
     t_rng = np.random.default_rng([seed, teacher_seed])
     colours, shapes, positions = list(tiny.COLOURS), tiny.SHAPES, tiny.POSITIONS
@@ -128,20 +127,24 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
     samples = []
     for i in range(n):
         has_image = bool(image_every) and i % image_every == 0
-        prompt = rng.choice(normal, size=int(rng.integers(2, 5)))
-        answer = rng.choice(normal, size=int(rng.integers(min_len // 2, max_len // 2)))
+        prompt = " ".join(rng.choice(words, size=int(rng.integers(2, 5))))
+        answer = " ".join(rng.choice(words, size=int(rng.integers(max(1, min_len // 4), max(2, max_len // 4)))))
         images: list[str] = []
+        pil = []
         if has_image:
             name = f"img-{seed}-{i:05d}.png"
             tiny.draw_shapes(img_dir / name, [(shapes[i % 3], colours[i % 6], positions[i % 5])])
             images = [name]
-            prompt = np.concatenate([prompt[:1], np.full(n_vis, image_id), prompt[1:]])
-        input_ids = np.concatenate([prompt, answer]).astype(np.int32)
-        labels = np.full_like(input_ids, -100)
-        labels[len(prompt):] = input_ids[len(prompt):]
+            pil = [Image.open(img_dir / name).convert("RGB")]
+            prompt = "<image>\n" + prompt
+        # The processor's own encoding, so a student's processor reproduces it from the stored call.
+        enc = processing.encode(processor, image_id, [{"role": "user", "content": prompt},
+                                                      {"role": "assistant", "content": answer}], pil)
+        input_ids, labels = enc.input_ids.astype(np.int32), enc.labels.astype(np.int32)
         resp = np.nonzero(labels[1:] != -100)[0].astype(np.int32)
         vis = np.nonzero(input_ids == image_id)[0].astype(np.int32)
         s = {"id": f"syn-{seed}-{i:05d}", "images": images, "input_ids": input_ids, "labels": labels,
+             "image_token_counts": np.asarray(enc.image_token_counts, np.int32), "processor_call": enc.call,
              "response_positions": resp, "visual_positions": vis}
         for kind, pos in (("response", resp), ("visual", vis)):
             logits = teacher_scale * t_rng.standard_normal((len(pos), V))
@@ -149,7 +152,7 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
                 s[f"{kind}_{f}"] = v
         rels = []
         if has_image and relation != "none":
-            z = t_rng.standard_normal((n_vis, V)).astype(np.float32)
+            z = t_rng.standard_normal((enc.image_token_counts[0], V)).astype(np.float32)
             r = z @ z.T
             rels.append((r / np.linalg.norm(r)).astype(np.float32))
         s["relation"] = rels
@@ -162,6 +165,6 @@ def write_synthetic_cache(root: str | Path, processor, *, n: int = 12, shard_siz
                                           relation=relation))
     writer.write_manifest(synthetic_manifest(
         entries, sparse_mode=sparse_mode, k=k, relation=relation, tokenizer_hash=tokenizer_hash(tok), vocab_size=V,
-        teacher_head_rows=V, image_token_id=image_id, visual_tokens_per_image=n_vis, template=template,
+        teacher_head_rows=V, image_token_id=image_id, template=template,
         build_config={"image_folder": str(img_dir), "data": "synthetic"}))
     return out

@@ -21,7 +21,6 @@ from cli.kd_cache_cli import app
 from kd_cache import open_cache
 from kd_cache.build import BuildConfig, build_cache
 from kd_cache.encoding import Encoder
-from kd_cache.fingerprint import image_tokens_per_image
 from kd_cache.records import load_records
 from kd_cache.schema import Manifest
 from kd_cache.teacher import TeacherRunner, load_teacher
@@ -41,7 +40,7 @@ def _build(teacher_dir, data, out, **kw):
 def _dense_logprobs(teacher_dir, data, template="chat"):
     """Per-sample fp32 log-softmax [L, V] from the teacher's own full forward pass (no cache code)."""
     model, proc = load_llava(teacher_dir)
-    enc = Encoder(proc, template, 2048, str(data[1]), image_tokens_per_image(proc))
+    enc = Encoder(proc, template, 2048, str(data[1]), proc.image_token_id)
     out = {}
     for rec in load_records(str(data[0])):
         e = enc.encode(rec)
@@ -94,7 +93,7 @@ def test_lowrank_relation_is_close(teacher_dir, chat_data, tmp_path):
 @pytest.mark.parametrize("scheme", ["systematic", "multinomial"])
 def test_sample_mode_is_unbiased(teacher_dir, chat_data, scheme):
     teacher = load_teacher(str(teacher_dir), "cpu", torch.float32)
-    enc = Encoder(teacher.processor, "chat", 2048, str(chat_data[1]), image_tokens_per_image(teacher.processor))
+    enc = Encoder(teacher.processor, "chat", 2048, str(chat_data[1]), teacher.image_token_id)
     e = enc.encode(load_records(str(chat_data[0]))[0])
     dense = _dense_logprobs(teacher_dir, chat_data)[e.id]
     p = torch.softmax(dense[torch.from_numpy(e.labels[1:] != -100).nonzero()[:, 0]], -1).numpy()
@@ -283,7 +282,7 @@ def test_causal_lm_teacher_on_text_only_data(causal_teacher_dir, tmp_path):
                                               {"from": "gpt", "value": "yes"}]} for i, c in enumerate(tiny.COLOURS)]
     (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     manifest = _build(causal_teacher_dir, (root / "d.jsonl", root), tmp_path / "c", top_k=5, relation="full")
-    assert manifest.visual_tokens_per_image is None and manifest.relation == "none"
+    assert manifest.image_token_id is None and manifest.relation == "none"
     model = AutoModelForCausalLM.from_pretrained(causal_teacher_dir).eval()
     tok = AutoTokenizer.from_pretrained(causal_teacher_dir)
     for s in open_cache(str(tmp_path / "c")):
@@ -336,7 +335,7 @@ def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
                       hidden=True, limit=4)
     assert manifest.positions == ("response", "visual", "prompt") and manifest.hidden.size == 64
     model, proc = load_llava(teacher_dir)
-    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
+    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), proc.image_token_id)
     records = {r.id: r for r in load_records(str(chat_data[0]))}
     for s in open_cache(str(tmp_path / "c")):
         L = len(s["input_ids"])
@@ -359,7 +358,7 @@ def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp
     _build(teacher_dir, chat_data, tmp_path / "g", top_k=4, generate=True, max_new_tokens=6, limit=3, batch_size=2)
     model, proc = load_llava(teacher_dir)
     tok = proc.tokenizer
-    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
+    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), proc.image_token_id)
     records = {r.id: r for r in load_records(str(chat_data[0]))}
     for s in open_cache(str(tmp_path / "g")):
         rec = records[s["id"]]
@@ -367,10 +366,10 @@ def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp
         assert s["meta"]["reference_answers"] == refs
         # Reproduce the first answer with a plain greedy generate on the unpadded prompt.
         prepared = enc.prepare(rec)
-        ids, imgs = enc.prompt_ids(prepared, 1)
-        gen = model.generate(**model_inputs(proc, ids, imgs), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
+        prompt = enc.prompt(prepared, 1)  # the processor's own encoding of the prompt
+        gen = model.generate(**prompt.inputs, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id,
                              eos_token_id=tok.eos_token_id)
-        first = tok.decode(gen[0, len(ids):], skip_special_tokens=True).strip()
+        first = tok.decode(gen[0, len(prompt.input_ids):], skip_special_tokens=True).strip()
         labelled = tok.decode(s["input_ids"][s["labels"] != -100])
         assert labelled.startswith(first + "<|im_end|>\n")
         assert labelled.count("<|im_end|>") == len(refs)  # every turn answered by the teacher
@@ -393,7 +392,7 @@ def test_padded_teacher_head_is_cut_to_the_tokenizer(teacher_dir, student_dir, c
     assert manifest.vocab_size == 400 and manifest.teacher_head_rows == 448
     dense = {}
     proc = AutoProcessor.from_pretrained(teacher_dir)
-    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), image_tokens_per_image(proc))
+    enc = Encoder(proc, "chat", 2048, str(chat_data[1]), proc.image_token_id)
     for rec in load_records(str(chat_data[0]))[:3]:
         e = enc.encode(rec)
         with torch.no_grad():

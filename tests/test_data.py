@@ -10,23 +10,18 @@ import numpy as np
 import pytest
 
 from kd_cache.encoding import Encoder
-from kd_cache.fingerprint import image_tokens_per_image
 from kd_cache.records import BadRecord, Record, dataset_fingerprint, load_records
 from kd_cache.schema import response_positions, visual_positions
 
 
 @pytest.fixture(scope="module")
 def encoder_factory(processor):
-    n = image_tokens_per_image(processor)
+    n = processor.image_token_id  # the tiny LLaVA's config and processor name the same token
 
     def make(template="chat", max_length=512, folder=None):
         return Encoder(processor, template, max_length, folder, n)
 
     return make
-
-
-def test_image_tokens_per_image(processor):
-    assert image_tokens_per_image(processor) == (32 // 8) ** 2
 
 
 def test_chat_labels_cover_assistant_turns_only(processor, chat_data, encoder_factory):
@@ -41,7 +36,8 @@ def test_chat_labels_cover_assistant_turns_only(processor, chat_data, encoder_fa
     m = e.labels != -100
     np.testing.assert_array_equal(e.labels[m], e.input_ids[m])
     n_img = int((e.input_ids == processor.image_token_id).sum())
-    assert n_img == 16 and (e.labels[e.input_ids == processor.image_token_id] == -100).all()
+    assert n_img == 16 == (32 // 8) ** 2 and e.image_token_counts == [16]
+    assert (e.labels[e.input_ids == processor.image_token_id] == -100).all()
     full = tok.decode(e.input_ids)
     assert full.startswith("<|im_start|>user\n<image><image>") and "What colour is the shape?" in full
     np.testing.assert_array_equal(response_positions(e.labels), np.nonzero(m)[0] - 1)

@@ -21,7 +21,8 @@ def _sample(rng, i: int, n_img: int, mode: str = "topk") -> dict:
     ids = rng.integers(10, 200, L)
     labels = ids.copy()
     labels[: L - 5] = -100
-    s = {"id": f"s{i}", "images": [f"{i}.png"] * n_img, "input_ids": ids, "labels": labels}
+    s = {"id": f"s{i}", "images": [f"{i}.png"] * n_img, "input_ids": ids, "labels": labels,
+         "image_token_counts": np.full(n_img, 6, np.int32)}
     for kind, pos in (("response", np.arange(L - 6, L - 1)), ("visual", np.arange(6 * n_img))):
         P = len(pos)
         s[f"{kind}_positions"] = pos

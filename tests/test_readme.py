@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from kd_demo import tiny
+from tests.vlm_families import FAMILIES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,10 +39,12 @@ def readme_commands() -> list[str]:
 
 def test_readme_lists_the_set_up_and_the_two_commands():
     cmds = readme_commands()
-    assert cmds[:4] == ["pip install torch==2.13.0", 'pip install -e ".[dev]"', "kd-demo --out demo-out",
-                        "python -m pytest -q"]
+    assert cmds[:4] == ["pip install torch==2.14.1 torchvision==0.29.1", 'pip install -e ".[dev]"',
+                        "kd-demo --out demo-out", "python -m pytest -q"]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "torch==2.13.0" in ci and "python -m pytest -q" in ci  # CI runs the README's test command
+    # CI installs the README's pinned pair first, into its own venv, and runs the README's test command.
+    assert "python3 -m venv" in ci and "pip install --quiet torch==2.14.1 torchvision==0.29.1" in ci
+    assert "python -m pytest -q" in ci
 
 
 @pytest.mark.slow
@@ -49,6 +52,8 @@ def test_every_readme_command_runs(tmp_path, processor, teacher_dir):
     work = tmp_path / "work"
     work.mkdir()
     llm = tiny.build_causal_lm(tmp_path / "llm", tokenizer=processor.tokenizer)
+    qwen = FAMILIES["qwen2_5_vl"]  # the Supported model families example, tiny and same-family
+    qwen_teacher, qwen_student = qwen.build(tmp_path / "qwen-t"), qwen.build(tmp_path / "qwen-s", student=True)
     cap, cap_images = tiny.make_llava_dataset(tmp_path / "cap", n=8, seed=3, caption=True)
     ift, ift_images = tiny.make_llava_dataset(tmp_path / "ift", n=8, seed=4)
     shutil.copy(cap, work / "blip_laion_cc_sbu_558k.json")
@@ -68,6 +73,9 @@ def test_every_readme_command_runs(tmp_path, processor, teacher_dir):
         (r"llava-hf/llava-interleave-qwen-7b-hf", str(teacher_dir)),
         (r"google/siglip-so400m-patch14-384", str(teacher_dir)),
         (r"Qwen/Qwen1\.5-0\.5B", str(llm)),
+        (r"Qwen/Qwen2\.5-VL-7B-Instruct", str(qwen_teacher)),
+        (r"Qwen/Qwen2\.5-VL-3B-Instruct", str(qwen_student)),
+        (r"--out caches/qwen-ift", "--max-length 1024 --out caches/qwen-ift"),  # the tiny student's positions
         (r"s3://my-bucket/", bucket.as_uri() + "/"),
         (r"--batch-size \d+", "--batch-size 2"),
         (r"--grad-accum \d+", "--grad-accum 1"),

@@ -11,6 +11,7 @@ from kd_cache.relation import (
     encoded_nbytes,
     normalise,
     parse_relation_spec,
+    resolve_relation_spec,
 )
 
 
@@ -98,8 +99,11 @@ def test_spec_parsing_and_errors():
     assert parse_relation_spec("full") == ("full", None)
     assert parse_relation_spec("none") == ("none", None)
     assert parse_relation_spec("lowrank:32") == ("lowrank", 32)
+    assert parse_relation_spec("auto") == ("auto", None)
+    assert resolve_relation_spec("auto", 576) == "full" and resolve_relation_spec("auto", 577) == "lowrank:32"
+    assert resolve_relation_spec("full", 4096) == "full"
     for bad in ("lowrank", "lowrank:", "lowrank:0", "lowrank:-3", "lowrank:2.5", "svd:4", "", "fulll"):
-        with pytest.raises(ValueError, match="expected 'full', 'none' or 'lowrank:R'"):
+        with pytest.raises(ValueError, match="expected 'auto', 'full', 'none' or 'lowrank:R'"):
             parse_relation_spec(bad)
     with pytest.raises(ValueError, match="lowrank:R"):
         encode_relation(np.eye(3, dtype=np.float32), "topk")

@@ -18,13 +18,14 @@ from kd_cache.relation import decode_relation, encode_relation, normalise
 from kd_cache.schema import FORMAT_VERSION, KINDS, SkippedRecord
 
 VOCAB = 500
-N_VIS = 6  # visual tokens per image (relation matrices are N_VIS x N_VIS)
+N_VIS = 6  # visual tokens of a sample's first image; image m has N_VIS + 2m (relation matrices at each size)
 
 
 def make_sample(rng: np.random.Generator, i: int, mode: str, k: int, n_images: int | None = None) -> dict:
     """A random sample in the writer's input format (ids padded with -1 in sample mode)."""
     n_img = int(rng.integers(0, 3)) if n_images is None else n_images
-    L = n_img * N_VIS + int(rng.integers(3, 30))
+    n_vis = [N_VIS + 2 * m for m in range(n_img)]
+    L = sum(n_vis) + int(rng.integers(3, 30))
     input_ids = rng.integers(0, VOCAB, L).astype(np.int64)
     labels = input_ids.copy()
     cut = int(rng.integers(1, L))
@@ -32,12 +33,14 @@ def make_sample(rng: np.random.Generator, i: int, mode: str, k: int, n_images: i
     if i % 4 == 3:
         labels[:] = -100  # no response positions at all
     resp = np.flatnonzero(labels[1:] != -100)
-    vis = np.arange(n_img * N_VIS)
+    vis = np.arange(sum(n_vis))
     s: dict = {
         "id": f"sample-{i}",
         "images": [f"img/{i}_{m}.png" for m in range(n_img)],
         "input_ids": input_ids,
         "labels": labels,
+        "image_token_counts": np.asarray(n_vis, np.int32),
+        "processor_call": {"text": f"<image> sample {i} \u00e9", "add_special_tokens": False} if i % 2 else {},
     }
     for kind, pos in (("response", resp), ("visual", vis)):
         P = len(pos)
@@ -57,8 +60,8 @@ def make_sample(rng: np.random.Generator, i: int, mode: str, k: int, n_images: i
                 lps[p, :n] = -rng.exponential(3.0, n)
             s[f"{kind}_ids"], s[f"{kind}_counts"], s[f"{kind}_logprobs"] = ids, counts, lps
     s["relation"] = []
-    for _ in range(n_img):
-        Z = rng.standard_normal((N_VIS, 16)).astype(np.float32) + 2.0
+    for n in n_vis:
+        Z = rng.standard_normal((n, 16)).astype(np.float32) + 2.0
         s["relation"].append(Z @ Z.T)
     return s
 
@@ -87,6 +90,8 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str,
     np.testing.assert_array_equal(got["labels"], want["labels"])
     assert got["input_ids"].dtype == np.int32 and got["labels"].dtype == np.int32
     assert got["meta"] == want.get("meta", {})
+    np.testing.assert_array_equal(got["image_token_counts"], want["image_token_counts"])
+    assert got["processor_call"] == want["processor_call"]
     for kind in KINDS:
         if f"{kind}_positions" not in want:  # a kind the sample did not cache reads back empty
             assert got[f"{kind}_positions"].shape == (0,) and got[f"{kind}_ids"].shape == (0, k)
@@ -475,3 +480,27 @@ def test_chunk_cache_budget_never_changes_what_is_read(tmp_path, cache_bytes):
     clone = pickle.loads(pickle.dumps(cache))
     assert len(clone.chunk_cache) == 0 and clone.chunk_cache.max_bytes == cache_bytes
     assert_sample_equal(clone[7], samples[7], "topk", 4, "full")
+
+
+def test_auto_relation_stores_small_images_full_and_large_ones_low_rank(tmp_path):
+    """``auto`` picks the encoding per image by its size: one sample with a 10-token and a 600-token image
+    (above ``AUTO_FULL_MAX``) reads back the small one exactly and the large one at rank 32."""
+    from kd_cache.relation import AUTO_FULL_MAX, AUTO_RANK
+
+    rng = np.random.default_rng(0)
+    sizes = [10, AUTO_FULL_MAX + 24]
+    s = make_sample(rng, 0, "topk", 4, n_images=0)
+    s["images"] = ["small.png", "large.png"]
+    s["image_token_counts"] = np.asarray(sizes, np.int32)
+    mats = []
+    for n in sizes:
+        Z = rng.standard_normal((n, 64)).astype(np.float32) + 1.0
+        mats.append(Z @ Z.T)
+    s["relation"] = mats
+    build_cache(str(tmp_path / "c"), [s], relation="auto", k=4)
+    got = open_cache(str(tmp_path / "c"))[0]
+    small, large = got["relation"]
+    np.testing.assert_allclose(small, normalise(mats[0]), atol=1e-3)
+    np.testing.assert_array_equal(large, decode_relation(encode_relation(mats[1], f"lowrank:{AUTO_RANK}"),
+                                                         sizes[1], f"lowrank:{AUTO_RANK}"))
+    assert got["relation_energy"][0] == 1.0 and 0.9 < got["relation_energy"][1] < 1.0

@@ -121,7 +121,10 @@ def test_collation_pads_right_and_offsets_positions_into_the_batch(mixed_cache, 
     assert (flat[batch["visual_index"]] == image_id).all()
     assert torch.equal(batch["response_index"] // T, batch["response_batch"])
     n_img = sum(len(s["images"]) for s in samples)
-    assert batch["pixel_values"].shape[0] == n_img == 3
+    # Every input of the student's processor, collated; the top-level ids/mask are the same tensors.
+    mi = batch["model_inputs"]
+    assert mi["input_ids"] is batch["input_ids"] and mi["attention_mask"] is batch["attention_mask"]
+    assert mi["pixel_values"].shape[0] == n_img == 3
     # Teacher arrays are the samples' arrays, concatenated in order.
     assert torch.equal(batch["response_ids"], torch.from_numpy(
         np.concatenate([s["response_ids"] for s in samples]).astype(np.int64)))
@@ -129,6 +132,7 @@ def test_collation_pads_right_and_offsets_positions_into_the_batch(mixed_cache, 
         np.concatenate([s["visual_tail"] for s in samples])))
     # One relation per image, indexing that image's own visual positions.
     assert batch["relation_index"].shape == (3, 16) and batch["relation_target"].shape == (3, 16, 16)
+    assert batch["relation_counts"].tolist() == [16, 16, 16]
     assert (flat[batch["relation_index"]] == image_id).all()
     assert torch.equal(batch["relation_index"][1] // T, torch.full((16,), 2))
 

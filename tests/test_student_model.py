@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from cli.kd_train_cli import app
 from kd_cache import open_cache
 from kd_cache.encoding import CHATML_TEMPLATE
-from kd_cache.fingerprint import image_tokens_per_image
+from kd_cache.processing import encode
 from kd_cache.runtime import attn_implementation
 from student.model import CompatibilityError, check_compatibility, compose_student, load_student
 
@@ -54,6 +54,7 @@ def parts(tmp_path_factory, processor):
 
 
 def test_compose_from_vision_model_and_llm(parts, tmp_path):
+    from PIL import Image
     from transformers import (
         AutoModelForCausalLM,
         AutoProcessor,
@@ -71,7 +72,9 @@ def test_compose_from_vision_model_and_llm(parts, tmp_path):
     n = src_lm.config.vocab_size
     assert proc.tokenizer.convert_tokens_to_ids("<image>") == n == model.config.image_token_id
     assert model.config.text_config.vocab_size == n + 1 == len(proc.tokenizer)
-    assert image_tokens_per_image(proc) == 16 == model.config.image_seq_length
+    conv = [{"role": "user", "content": "<image>"}, {"role": "assistant", "content": "a"}]
+    enc = encode(proc, model.config.image_token_id, conv, [Image.new("RGB", (40, 40))], template="pretrain")
+    assert enc.image_token_counts == [16] == [model.config.image_seq_length]
     assert model.config.vision_feature_layer == -2 and model.config.projector_hidden_act == "gelu"
     assert proc.chat_template == CHATML_TEMPLATE
 
@@ -86,8 +89,6 @@ def test_compose_from_vision_model_and_llm(parts, tmp_path):
     assert proj.linear_1.in_features == 32 and proj.linear_2.out_features == 32
 
     # A forward pass with an image through the saved processor works.
-    from PIL import Image
-
     enc = proc(text="<image>what colour", images=[Image.new("RGB", (40, 40), "red")], return_tensors="pt")
     with torch.no_grad():
         logits = model(**enc).logits
@@ -136,7 +137,6 @@ def test_compatibility_mismatches_name_both_values(tmp_path, processor, student_
         "vocab_size": (512, "cache vocab_size 512 != student vocab_size 400: logit distillation"),
         "tokenizer_hash": ("0123", "cache tokenizer_hash 0123 != student tokenizer_hash"),
         "image_token_id": (7, "cache image_token_id 7 != student image_token_id 3"),
-        "visual_tokens_per_image": (64, "cache visual_tokens_per_image 64 != student visual_tokens_per_image 16"),
         "template": ("pretrain", "cache template 'pretrain' != stage template 'chat'"),
         "max_length": (10 ** 6, "cache max_length 1000000 > student max_position_embeddings"),
     }

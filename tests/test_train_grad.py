@@ -103,8 +103,7 @@ def test_gradients_equal_the_dense_full_vocabulary_reference(student_dir, proces
     for p in model.parameters():
         p.grad = None
     batch = ds.collate(samples)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   pixel_values=batch["pixel_values"]).logits.float()
+    logits = model(**batch["model_inputs"]).logits.float()
     z = logits.reshape(-1, logits.shape[-1])
     ce = F.cross_entropy(z[batch["response_index"]], batch["response_targets"])
     kd = {}

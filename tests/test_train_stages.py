@@ -10,7 +10,7 @@ from student_fixtures import one_torch_thread, write_synthetic_cache  # noqa: F4
 
 from student.checkpoints import checkpoint_dirs
 from student.config import TrainConfig
-from student.stages import module_of
+from student.families import parameter_parts
 from student.train import train
 
 METRIC_KEYS = {"step", "loss", "ce", "mdist_response", "mdist_visual", "rdist", "lr", "samples_per_s"}
@@ -26,19 +26,22 @@ def caches(tmp_path_factory, processor):
     }
 
 
-def _params(path) -> dict[str, torch.Tensor]:
+def _model(path):
     from transformers import LlavaForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(path)
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    return LlavaForConditionalGeneration.from_pretrained(path)
 
 
-def _moved(before: dict, after: dict) -> dict[str, set[str]]:
+def _params(path) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in _model(path).named_parameters()}
+
+
+def _moved(before: dict, after: dict, parts: dict[str, str]) -> dict[str, set[str]]:
     """module -> names of parameters that changed."""
     out: dict[str, set[str]] = {"vision": set(), "projector": set(), "llm": set()}
     for name, value in before.items():
         if not torch.equal(value, after[name]):
-            out[module_of(name)].add(name)
+            out[parts[name]].add(name)
     return out
 
 
@@ -56,10 +59,11 @@ def _train(stage, student, cache, out, **kw):
 def test_stage_trains_only_its_modules(student_dir, caches, tmp_path, stage, template, expect):
     result = _train(stage, student_dir, caches[template], tmp_path / stage, save_every=1)
     before, after = _params(student_dir), _params(tmp_path / stage)
-    moved = _moved(before, after)
+    parts = parameter_parts(_model(student_dir))
+    moved = _moved(before, after, parts)
     assert {m for m, names in moved.items() if names} == expect
     # Every parameter of a trained module moves (nothing silently frozen); the vision tower never.
-    trained = {n for n in before if module_of(n) in expect}
+    trained = {n for n in before if parts[n] in expect}
     assert moved["projector"] | moved["llm"] == trained
     assert not moved["vision"]
 
@@ -99,7 +103,7 @@ def test_final_output_loads_with_plain_transformers_and_generates(student_dir, c
 
 def test_train_modules_override_can_train_the_vision_tower(student_dir, caches, tmp_path):
     _train("dft", student_dir, caches["chat"], tmp_path / "all", train_modules="vision,projector,llm", lr=1e-3)
-    moved = _moved(_params(student_dir), _params(tmp_path / "all"))
+    moved = _moved(_params(student_dir), _params(tmp_path / "all"), parameter_parts(_model(student_dir)))
     assert moved["vision"] and moved["projector"] and moved["llm"]
     # Parameters LLaVA never reads (SigLIP's pooling head, post-layernorm) stay put even then.
     assert not any(".head." in n or "post_layernorm" in n for n in moved["vision"])
