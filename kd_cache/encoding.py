@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kd_cache import processing
-from kd_cache.processing import ProcessedSample
+from kd_cache.processing import ProcessedSample, turn_role
 from kd_cache.records import (
     EMPTY_CONVERSATION,
     IMAGE_TAG_MISMATCH,
@@ -71,17 +71,6 @@ class Encoded:
     @property
     def image_token_counts(self) -> list[int]:
         return self.processed.image_token_counts
-
-
-def turn_role(src: str) -> str:
-    src = src.lower()
-    if src in ("human", "user"):
-        return "user"
-    if src in ("gpt", "assistant", "model"):
-        return "assistant"
-    if src == "system":
-        return "system"
-    raise ValueError(f"unknown conversation role {src!r} (expected human/gpt/system)")
 
 
 def _messages(conv: list[dict]) -> list[dict]:

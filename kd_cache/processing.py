@@ -111,7 +111,8 @@ def is_prefix_lm(processor) -> bool:
     return "suffix" in inspect.signature(type(processor).__call__).parameters
 
 
-def _role(src: str) -> str:
+def turn_role(src: str) -> str:
+    """A record's turn source (human/user, gpt/assistant/model, system) as a chat-template role."""
     src = src.lower()
     if src in ("human", "user"):
         return "user"
@@ -132,7 +133,7 @@ def _structured(messages: list[dict]) -> list[dict]:
                 parts.append({"type": "image"})
             if chunk:
                 parts.append({"type": "text", "text": chunk})
-        out.append({"role": _role(m["role"]), "content": parts})
+        out.append({"role": turn_role(m["role"]), "content": parts})
     return out
 
 
@@ -178,7 +179,7 @@ def image_placeholder(processor) -> str:
 def render_caption(processor, messages: list[dict], n_images: int) -> tuple[str, list[tuple[int, int]]]:
     """LLaVA's pre-training ("plain") text: the images, then the last assistant turn as a caption and
     a newline; the loss is on the caption."""
-    caption = next((str(m["content"]) for m in reversed(messages) if _role(m["role"]) == "assistant"), "").strip()
+    caption = next((str(m["content"]) for m in reversed(messages) if turn_role(m["role"]) == "assistant"), "").strip()
     prefix = image_placeholder(processor) * n_images
     text = prefix + caption + "\n"
     return text, [(len(prefix), len(text))] if caption else []
@@ -209,12 +210,12 @@ def render(processor, messages: list[dict], n_images: int, *, template: str = "c
     """
     call: dict[str, Any] = {}
     if is_prefix_lm(processor):
-        answers = [m for m in messages if _role(m["role"]) == "assistant"]
+        answers = [m for m in messages if turn_role(m["role"]) == "assistant"]
         if len(answers) != (0 if generation_prompt else 1):
             raise ValueError(f"{type(processor).__name__} takes one prompt and one answer; the conversation has "
                              f"{len(answers)} assistant turns")
         prompt = "\n".join(str(m["content"]).replace(IMAGE_TAG, "").strip() for m in messages
-                           if _role(m["role"]) == "user")
+                           if turn_role(m["role"]) == "user")
         call["text"] = processor.image_token * n_images + prompt
         if not generation_prompt:
             call["suffix"] = str(answers[0]["content"]).strip()

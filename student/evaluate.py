@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_cache.encoding import Encoder, turn_role
+from kd_cache.encoding import Encoder
+from kd_cache.processing import turn_role
 from kd_cache.records import BadRecord, Record, load_records, resolve_image_folder
 from kd_cache.runtime import resolve_device, resolve_dtype
 from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX
