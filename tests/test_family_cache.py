@@ -90,6 +90,7 @@ def family_cache(tmp_path_factory):
                 "model": AutoModelForImageTextToText.from_pretrained(teacher, dtype=torch.float32).eval(),
                 "processor": AutoProcessor.from_pretrained(teacher),
                 "student_processor": AutoProcessor.from_pretrained(student),
+                "student_path": student,
                 "cache": open_cache(str(root / "cache")),
                 "records": {r["id"]: r for r in recs},
                 "images": {n: Image.open(folder / n).convert("RGB") for n in SIZES},
@@ -216,3 +217,55 @@ def test_chat_template_required_unless_the_processor_takes_a_suffix(family_cache
         with pytest.raises(ValueError, match=r"has no chat template.*Supported image-text families: LLaVA, "
                                              r"LLaVA-NeXT, .*Mistral3"):
             check_template(t, "chat")
+
+
+def test_dft_step_on_the_cache_equals_the_dense_reference_of_the_two_models(fam):
+    """One DFT forward of the same-family student on the teacher's cache (the real loader, stream and
+    ``DistillStudent``) gives the loss sums of a dense reference computed from the two models directly:
+    CE at response positions, forward KL over the teacher's top-k ids + one tail bin at response and
+    visual positions (the teacher's bins from its own full log-softmax), and RDist per image from both
+    models' logits at that image's visual positions. Only the cache's fp16 storage separates them."""
+    from student.distill import DistillStudent, LossSettings
+    from student.model import load_student
+    from student.train import _to_device
+
+    name, f = fam
+    student, processor = load_student(f["student_path"])
+    student.eval()
+    cache = f["cache"]
+    samples = [cache[i] for i in range(len(cache))]
+    ds = StreamingKDDataset(cache, processor, image_folder=None, batch_size=len(samples), shuffle=False)
+    wrapper = DistillStudent(student, LossSettings())
+    with torch.no_grad():
+        sums = wrapper(_to_device(ds.collate(samples), torch.device("cpu")))
+
+    vocab = cache.manifest.vocab_size
+    ref = {"ce": 0.0, "response": 0.0, "visual": 0.0, "rdist": 0.0}
+    for s in samples:
+        with torch.no_grad():
+            zt = f["model"](**_encode(f, f["processor"], s).inputs).logits[0, :, :vocab].double()
+            zs = student(**_encode(f, processor, s).inputs).logits[0].double()
+        lt, ls = torch.log_softmax(zt, -1), torch.log_softmax(zs, -1)
+        resp = torch.from_numpy(s["response_positions"].astype(np.int64))
+        targets = torch.from_numpy(s["labels"].astype(np.int64))[resp + 1]
+        ref["ce"] -= ls[resp, targets].sum().item()
+        for kind in ("response", "visual"):
+            pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
+            top = lt[pos].topk(TOP_K)
+            p = torch.cat([top.values, torch.log1p(-top.values.exp().sum(-1, keepdim=True).clamp_max(1 - 1e-12))], -1)
+            q_ids = ls[pos].gather(1, top.indices)
+            q = torch.cat([q_ids, torch.log1p(-q_ids.exp().sum(-1, keepdim=True).clamp_max(1 - 1e-12))], -1)
+            ref[kind] += (p.exp() * (p - q)).sum().item()
+        offsets = np.cumsum([0, *s["image_token_counts"].tolist()])
+        vis = s["visual_positions"].astype(np.int64)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            idx = torch.from_numpy(vis[a:b])
+            rt, rs = zt[idx] @ zt[idx].T, zs[idx] @ zs[idx].T
+            ref["rdist"] += 1.0 - torch.nn.functional.cosine_similarity(rt.reshape(1, -1), rs.reshape(1, -1)).item()
+
+    got = {"ce": sums["ce_sum"].item(), "response": sums["mdist_response_sum"].item(),
+           "visual": sums["mdist_visual_sum"].item(), "rdist": sums["rdist_sum"].item()}
+    assert got["ce"] == pytest.approx(ref["ce"], rel=1e-4), name
+    for key in ("response", "visual"):  # teacher log-probs and tails are stored in fp16 / fp32
+        assert got[key] == pytest.approx(ref[key], rel=5e-3, abs=1e-4), (name, key, got, ref)
+    assert got["rdist"] == pytest.approx(ref["rdist"], rel=2e-3, abs=1e-5), (name, got, ref)
