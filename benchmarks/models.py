@@ -221,7 +221,8 @@ def n_params(model) -> int:
 
 def lm_params(model) -> int:
     """Parameters of the language model and head (what 'teacher ~8x student' refers to)."""
-    return sum(p.numel() for n, p in model.named_parameters() if ".vision_tower." not in f".{n}")
+    return sum(p.numel() for n, p in model.named_parameters()
+               if ".vision_tower." not in f".{n}" and ".visual." not in f".{n}")  # LLaVA's / Qwen-VL's tower
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -231,25 +232,30 @@ WORDS = list(tiny.COLOURS) + tiny.SHAPES + tiny.POSITIONS + tiny.NUMBERS + [
     "colour", "answer", "with", "near", "under", "above", "between", "objects", "one", "two", "three"]
 
 
-def write_jpeg(path: Path, size: int, seed: int, quality: int = 90) -> None:
-    """A Pillow-drawn picture at ``size`` x ``size`` with some texture (not a flat colour), saved as JPEG."""
+def write_jpeg(path: Path, size: int | tuple[int, int], seed: int, quality: int = 90) -> None:
+    """A Pillow-drawn picture at ``size`` x ``size`` (or ``(width, height)``) with some texture (not a
+    flat colour), saved as JPEG."""
     from PIL import Image, ImageDraw, ImageFilter
 
+    w, h = (size, size) if isinstance(size, int) else size
     rng = random.Random(seed)
-    img = Image.new("RGB", (size, size), tuple(rng.randrange(256) for _ in range(3)))
+    img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
     d = ImageDraw.Draw(img)
     for _ in range(24):
-        x0, y0 = rng.randrange(size), rng.randrange(size)
-        x1, y1 = x0 + rng.randrange(size // 8, size // 2), y0 + rng.randrange(size // 8, size // 2)
+        x0, y0 = rng.randrange(w), rng.randrange(h)
+        x1, y1 = x0 + rng.randrange(w // 8, w // 2), y0 + rng.randrange(h // 8, h // 2)
         fill = tuple(rng.randrange(256) for _ in range(3))
         (d.ellipse if rng.random() < 0.5 else d.rectangle)([x0, y0, x1, y1], fill=fill)
     img = img.filter(ImageFilter.GaussianBlur(1))
     img.save(path, format="JPEG", quality=quality)
 
 
-def make_records(root: Path, n: int, image_size: int, question_words: int, answer_words: int,
-                 seed: int = 0) -> tuple[Path, Path]:
-    """``n`` LLaVA chat records (one JPEG image each) with answers of ``answer_words`` words."""
+def make_records(root: Path, n: int, image_size: int | list[tuple[int, int]], question_words: int,
+                 answer_words: int, seed: int = 0) -> tuple[Path, Path]:
+    """``n`` LLaVA chat records (one JPEG image each) with answers of ``answer_words`` words.
+
+    ``image_size``: the side of every (square) image, or a list of ``(width, height)`` sizes used in
+    turn (record i gets size i mod len), for dynamic-resolution teachers."""
     root = Path(root)
     img_dir = root / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
@@ -257,7 +263,8 @@ def make_records(root: Path, n: int, image_size: int, question_words: int, answe
     records = []
     for i in range(n):
         name = f"img-{i:05d}.jpg"
-        write_jpeg(img_dir / name, image_size, seed * 100003 + i)
+        size = image_size if isinstance(image_size, int) else tuple(image_size[i % len(image_size)])
+        write_jpeg(img_dir / name, size, seed * 100003 + i)
         q = " ".join(rng.choice(WORDS) for _ in range(question_words))
         a = " ".join(rng.choice(WORDS) for _ in range(answer_words))
         records.append({"id": f"bench-{i:05d}", "image": name,

@@ -237,39 +237,59 @@ QWEN_PIXELS = dict(size={"shortest_edge": 16 * 16, "longest_edge": 64 * 64}, pat
                    temporal_patch_size=2)
 
 
-def _qwen(out: Path, s: Sizes, seed: int, *, model_cls, config_cls, vision, text_cls, processor_cls, video_cls) -> Path:
+def _qwen_parts(s: Sizes, *, config_cls, vision, text_cls, processor_cls, video_cls, pixels: dict = QWEN_PIXELS,
+                vocab: int | None = None, mrope_section: list[int] | None = None, text_kw: dict | None = None):
+    """(config, processor) of a Qwen-VL family model; ``vocab`` pads the tokenizer with never-used added
+    tokens to exactly that many tokens (the benchmarks' 32k vocabulary)."""
     from transformers import Qwen2VLImageProcessor
 
     tok = make_tokenizer(eos="<|im_end|>", pad="<|pad|>", named=QWEN_NAMED)
-    proc = processor_cls(Qwen2VLImageProcessor(**QWEN_PIXELS), tok, video_cls(**QWEN_PIXELS), chat_template=T_QWEN)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": MROPE[s.head_dim]}
+    if vocab is not None and len(tok) < vocab:
+        tok.add_tokens([f"<bench_unused_{i}>" for i in range(vocab - len(tok))])
+    proc = processor_cls(Qwen2VLImageProcessor(**pixels), tok, video_cls(**pixels), chat_template=T_QWEN)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": mrope_section or MROPE[s.head_dim]}
+    kw = dict(text_kw or {})
     if text_cls.__name__.startswith("Qwen3"):
         rope["mrope_interleaved"] = True
-        text = _text(text_cls, s, len(tok), tok.pad_token_id, head_dim=s.head_dim, rope_parameters=rope)
-    else:
-        text = _text(text_cls, s, len(tok), tok.pad_token_id, rope_parameters=rope)
+        kw["head_dim"] = s.head_dim
+    text = _text(text_cls, s, vocab or len(tok), tok.pad_token_id, rope_parameters=rope, **kw)
     start, end, img, vid = _ids(tok, "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
     cfg = config_cls(text_config=text.to_dict(), vision_config=vision(s), image_token_id=img, video_token_id=vid,
                      vision_start_token_id=start, vision_end_token_id=end)
+    return cfg, proc
+
+
+def _qwen(out: Path, s: Sizes, seed: int, *, model_cls, **parts) -> Path:
+    cfg, proc = _qwen_parts(s, **parts)
     return _save(model_cls, cfg, proc, out, seed)
 
 
-def build_qwen2_vl(out: Path, s: Sizes, seed: int) -> Path:
+def qwen2_vl_parts(s: Sizes, *, vision: dict | None = None, **kw):
+    """(Qwen2VLConfig, Qwen2VLProcessor) at sizes ``s``: the ``build_qwen2_vl`` model without saving it
+    (``benchmarks.bench_teacher`` builds a larger one in memory). ``vision``: Qwen2VLVisionConfig
+    fields overriding the tiny tower's; ``kw``: see ``_qwen_parts``."""
     from transformers import (
         Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
         Qwen2VLProcessor,
         Qwen2VLTextConfig,
         Qwen2VLVideoProcessor,
         Qwen2VLVisionConfig,
     )
 
-    def vision(s: Sizes):
-        return Qwen2VLVisionConfig(depth=2, embed_dim=32, hidden_size=s.hidden, num_heads=2, mlp_ratio=2,
-                                   patch_size=8, spatial_merge_size=2, temporal_patch_size=2).to_dict()
+    def vision_cfg(s: Sizes):
+        fields = dict(depth=2, embed_dim=32, hidden_size=s.hidden, num_heads=2, mlp_ratio=2, patch_size=8,
+                      spatial_merge_size=2, temporal_patch_size=2)
+        return Qwen2VLVisionConfig(**{**fields, **(vision or {})}).to_dict()
 
-    return _qwen(out, s, seed, model_cls=Qwen2VLForConditionalGeneration, config_cls=Qwen2VLConfig, vision=vision,
-                 text_cls=Qwen2VLTextConfig, processor_cls=Qwen2VLProcessor, video_cls=Qwen2VLVideoProcessor)
+    return _qwen_parts(s, config_cls=Qwen2VLConfig, vision=vision_cfg, text_cls=Qwen2VLTextConfig,
+                       processor_cls=Qwen2VLProcessor, video_cls=Qwen2VLVideoProcessor, **kw)
+
+
+def build_qwen2_vl(out: Path, s: Sizes, seed: int) -> Path:
+    from transformers import Qwen2VLForConditionalGeneration
+
+    cfg, proc = qwen2_vl_parts(s)
+    return _save(Qwen2VLForConditionalGeneration, cfg, proc, out, seed)
 
 
 def build_qwen2_5_vl(out: Path, s: Sizes, seed: int) -> Path:
