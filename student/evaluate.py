@@ -228,22 +228,30 @@ def _chunks(seq: list, size: int):
 
 
 @torch.no_grad()
-def generate_answers(model, processor, items: list[QAItem], *, batch_size: int = 16,
-                     max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers (decoded, special tokens removed) for each item, in batches of the items' prompts
-    collated with left padding (``kd_cache.processing.collate``: every model input the processor
-    returned for each prompt, so each family gets its own image inputs and per-token inputs)."""
-    tok = processor.tokenizer
-    pad = _pad_id(tok)
-    stop = stop_token_ids(model, tok)
-    out: list[str] = []
+def generate_ids(model, processor, items: list[QAItem], *, batch_size: int = 16,
+                 max_new_tokens: int = 16) -> list[list[int]]:
+    """Greedy answer tokens for each item (up to and including the first stop token), in batches of the
+    items' prompts collated with left padding (``kd_cache.processing.collate``: every model input the
+    processor returned for each prompt, so each family gets its own image and per-token inputs)."""
+    pad = _pad_id(processor.tokenizer)
+    stop = stop_token_ids(model, processor.tokenizer)
+    out: list[list[int]] = []
     for batch in _chunks(items, batch_size):
         inputs = _on(model, collate([it.prompt for it in batch], pad, padding_side="left"))
         gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                              temperature=None, top_p=None, top_k=None, eos_token_id=stop, pad_token_id=pad)
-        new = gen[:, inputs["input_ids"].shape[1]:]
-        out.extend(tok.decode(row, skip_special_tokens=True).strip() for row in new.tolist())
+        for row in gen[:, inputs["input_ids"].shape[1]:].tolist():
+            end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))  # then only padding
+            out.append(row[:end])
     return out
+
+
+def generate_answers(model, processor, items: list[QAItem], *, batch_size: int = 16,
+                     max_new_tokens: int = 16) -> list[str]:
+    """Greedy answers (``generate_ids``, decoded, special tokens removed, stripped) for each item."""
+    tok = processor.tokenizer
+    return [tok.decode(row, skip_special_tokens=True).strip()
+            for row in generate_ids(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens)]
 
 
 @torch.no_grad()
