@@ -26,7 +26,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Evaluate a saved LLaVA checkpoint: exact-match accuracy of greedy answers on LLaVA-format QA data "
+    help="Evaluate a saved image-text-to-text model of a supported family (LLaVA, Qwen-VL, Idefics3, Gemma3, ...): "
+         "exact-match accuracy of greedy answers on LLaVA-format QA data "
          "(--data), multiple-choice accuracy for records with `options`, and forward KL / top-1 agreement "
          "with the teacher on a kd-cache (--cache).",
 )
@@ -36,7 +37,7 @@ app = typer.Typer(
 class EvalConfig:
     """The settings of one ``kd-eval`` run (each field's help is its flag's)."""
 
-    model: str = field(metadata={"help": "Saved LlavaForConditionalGeneration + processor (e.g. a kd-train OUT)."})
+    model: str = field(metadata={"help": "Saved image-text-to-text model of a supported family + its processor (e.g. a kd-train OUT)."})
     data: str | None = field(default=None, metadata={"help": (
         "LLaVA-format QA data (JSON/JSONL, parquet or a datasets dir); every assistant turn is one question.")})
     image_folder: str | None = field(default=None, metadata={"help": "Folder the records' image paths are relative to."})

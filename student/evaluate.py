@@ -1,22 +1,31 @@
 """``kd-eval``: how good is a student, and how close to its teacher.
 
-Two independent measurements of a saved ``LlavaForConditionalGeneration`` (+ processor):
+Two independent measurements of a saved image-text-to-text model of any supported family
+(``student.families``: LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3, SmolVLM, Gemma3,
+PaliGemma, InternVL, Mistral3, VipLLaVA; loaded with ``student.model.load_student``) and its processor:
 
 * ``evaluate_qa`` (``--data``): exact-match accuracy of greedy-generated answers on LLaVA-format QA
   data. Every assistant turn is one question: the prompt is the conversation up to that turn (earlier
-  answers are the reference ones), tokenised by the *same* ``kd_cache.encoding.Encoder`` that built the
-  training caches, so the model sees exactly the token layout it was trained on. A generated answer
-  counts as correct when it equals the reference after normalisation (case, surrounding whitespace,
-  trailing ``.``). Records with an ``options`` list also get a multiple-choice score for their last
-  assistant turn: the option with the highest log-likelihood (its tokens plus the end-of-turn token)
-  is the model's choice, the way lm-eval-harness scores multiple choice; the reference answer is an
-  option's text or its letter (``A``, ``B``, ...).
+  answers are the reference ones) plus the generation prompt, encoded through the model's own
+  processor (``kd_cache.processing.encode_prompt`` via ``Encoder.prompt``, as ``--generate`` does), so
+  the model gets exactly the ids and inputs its processor makes (image wrappers and tiles, Qwen's
+  ``image_grid_thw``/``mm_token_type_ids``, Idefics3's ``pixel_attention_mask``, Gemma3/PaliGemma's
+  ``token_type_ids``, ``image_sizes``, ...). Prompts are batched with ``processing.collate`` and left
+  padding, and every collated input goes to ``model.generate``. Generation stops at the tokenizer's EOS
+  or the generation config's EOS ids. A generated answer counts as correct when it equals the
+  reference after normalisation (case, surrounding whitespace, trailing ``.``). Records with an
+  ``options`` list also get a multiple-choice score for their last assistant turn: each option is
+  encoded as that turn's answer (``processing.encode``, as for training), and the option whose tokens
+  (the turn's labelled tokens up to and including its first stop token) have the highest summed
+  log-likelihood is the model's choice, the way lm-eval-harness scores multiple choice; the reference
+  answer is an option's text or its letter (``A``, ``B``, ...).
 * ``evaluate_cache`` (``--cache``): forward KL to the teacher and top-1 agreement at a cache's
   response positions (and visual positions, reported separately), against the teacher's stored
   sparse distributions, with ``student.losses.sparse_divergence``: the coarsened KL over the stored
   k ids plus one tail bin (the KL training minimises), which equals the full-vocabulary KL when k
   covers the vocabulary. For a sampled cache it is the unbiased sampled estimate. Top-1 agreement
-  compares the model's argmax with the teacher's most likely stored id.
+  compares the model's argmax with the teacher's most likely stored id. The model runs on the
+  stream's ``model_inputs`` (its own processor's inputs for each cached sample).
 """
 
 from __future__ import annotations
@@ -30,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from kd_cache.encoding import Encoder
-from kd_cache.processing import turn_role
-from kd_cache.records import BadRecord, Record, load_records, resolve_image_folder
+from kd_cache.encoding import Encoder, Prepared
+from kd_cache.processing import IMAGE_TAG, ProcessedSample, collate, config_image_token_id, turn_role
+from kd_cache.records import NO_ASSISTANT_TOKENS, BadRecord, Record, load_records, resolve_image_folder
 from kd_cache.runtime import resolve_device, resolve_dtype
 from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX
 from student.distill import teacher_arrays
@@ -40,7 +49,8 @@ from student.losses import ce_reference, sparse_divergence, teacher_row_mask
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
-    """``(model, processor)`` from a saved LLaVA checkpoint, in eval mode on ``device``."""
+    """``(model, processor)`` of a saved student of any supported family (``student.model.load_student``),
+    in eval mode on ``device``."""
     from student.model import load_student
 
     device = resolve_device(device)
@@ -61,16 +71,23 @@ def normalise_answer(text: str) -> str:
 
 @dataclass
 class QAItem:
-    """One assistant turn to answer: the prompt tokens (up to the assistant header) and the reference."""
+    """One assistant turn to answer: the processor's encoding of the prompt (the conversation before
+    the turn plus the generation prompt, with the images it refers to) and the reference answer."""
 
     record_id: str
     turn: int
-    prompt_ids: np.ndarray  # int64 [L]
-    images: list[Any]  # PIL images in placeholder order
+    prompt: ProcessedSample  # ids and every model input, as the processor gives them for this prompt
     answer: str
     options: list[str] | None = None
-    option_ids: list[np.ndarray] = field(default_factory=list)  # tokens of each option's answer block
+    # Each option as the answer of the turn, encoded (the conversation up to it, then the option) ...
+    option_samples: list[ProcessedSample] = field(default_factory=list)
+    # ... and the positions whose tokens are scored (labels[t] is predicted by the logits at t - 1).
+    option_positions: list[np.ndarray] = field(default_factory=list)
     correct_option: int | None = None
+
+    @property
+    def prompt_ids(self) -> np.ndarray:
+        return self.prompt.input_ids
 
 
 def _last_block(labels: np.ndarray) -> int:
@@ -85,6 +102,27 @@ def _last_block(labels: np.ndarray) -> int:
     return int(j)
 
 
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The ids that end an answer: the tokenizer's EOS and the model's generation-config EOS ids (a chat
+    model may end its turn with a token other than the tokenizer's EOS, e.g. Gemma's ``<end_of_turn>``)."""
+    ids = [tokenizer.eos_token_id]
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += list(gen) if isinstance(gen, (list, tuple)) else [gen]
+    return list(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def scored_positions(labels: np.ndarray, stop_ids: list[int]) -> np.ndarray:
+    """Positions of an option's scored tokens: the last labelled block (the answer turn) up to and including
+    its first stop token; what the template writes after it (ChatML's newline) is not the answer's."""
+    start = _last_block(labels)
+    end = start
+    while end < len(labels) and labels[end] != IGNORE_INDEX:
+        end += 1
+    block = labels[start:end]
+    hits = np.nonzero(np.isin(block, stop_ids))[0]
+    return np.arange(start, start + (int(hits[0]) + 1 if len(hits) else len(block)), dtype=np.int64)
+
+
 def _option_index(answer: str, options: list[str]) -> int | None:
     norm = [normalise_answer(o) for o in options]
     a = normalise_answer(answer)
@@ -96,25 +134,40 @@ def _option_index(answer: str, options: list[str]) -> int | None:
     return None
 
 
+def _upto(prepared: Prepared, conv: list[dict]) -> Prepared:
+    """The part of a prepared record with conversation ``conv`` (a prefix of it): the images its tags refer to."""
+    rec = prepared.record
+    n_img = sum(str(t.get("value", "")).count(IMAGE_TAG) for t in conv)
+    return Prepared(Record(rec.id, conv, rec.images[:n_img]), prepared.pil_images[:n_img])
+
+
 def build_items(records: list[Record], encoder: Encoder, raw_options: dict[str, list[str]] | None = None,
-                strict: bool = False) -> tuple[list[QAItem], list[dict]]:
+                strict: bool = False, stop_ids: list[int] | None = None) -> tuple[list[QAItem], list[dict]]:
     """Turn records into one ``QAItem`` per assistant turn; returns ``(items, skipped)``.
 
-    A turn's prompt is obtained by encoding the conversation up to and including that turn and cutting
-    at the start of its labelled tokens, so prompt and training tokenisation cannot drift apart.
+    A turn's prompt is ``Encoder.prompt`` (``kd_cache.processing.encode_prompt``: the processor's own
+    chat template with the generation prompt, the processor's ids and model inputs), the way the
+    teacher answers with ``--generate``. The conversation up to and including the turn is encoded too,
+    as for training, so a record that ``--max-length`` would cut is skipped with the same reason.
+    ``stop_ids`` (default: the tokenizer's EOS) end an option's scored tokens (``scored_positions``).
     """
+    if stop_ids is None:
+        eos = encoder.tokenizer.eos_token_id
+        stop_ids = [] if eos is None else [int(eos)]
     items, skipped = [], []
     for rec in records:
-        turns = [t for t in rec.conversations if str(t.get("value", "")).strip() or turn_role(t.get("from", "")) == "system"]
-        answer_turns = [i for i, t in enumerate(turns) if turn_role(t.get("from", "")) == "assistant"]
         options = (raw_options or {}).get(rec.id)
         try:
+            prepared = encoder.prepare(rec)
+            turns = prepared.record.conversations
+            answer_turns = [i for i, t in enumerate(turns) if turn_role(t.get("from", "")) == "assistant"]
             for n, i in enumerate(answer_turns):
-                sub = Record(rec.id, turns[: i + 1], rec.images)
-                enc = encoder.encode(sub)
-                start = _last_block(enc.labels)
-                item = QAItem(rec.id, n, enc.input_ids[:start].astype(np.int64), enc.pil_images,
-                              str(turns[i].get("value", "")))
+                encoder.encode_prepared(_upto(prepared, turns[: i + 1]))  # refuses what --max-length cuts
+                prompt = encoder.prompt(_upto(prepared, turns[:i]), i)
+                if len(prompt.input_ids) > encoder.max_length:
+                    raise BadRecord(rec.id, NO_ASSISTANT_TOKENS, f"--max-length {encoder.max_length}: the prompt "
+                                    f"of turn {n} has {len(prompt.input_ids)} tokens")
+                item = QAItem(rec.id, n, prompt, str(turns[i].get("value", "")))
                 if options and i == answer_turns[-1]:
                     item.options = [str(o) for o in options]
                     item.correct_option = _option_index(item.answer, item.options)
@@ -122,12 +175,10 @@ def build_items(records: list[Record], encoder: Encoder, raw_options: dict[str, 
                         raise BadRecord(rec.id, "answer_not_in_options",
                                         f"answer {item.answer!r} is neither an option nor an option letter")
                     for opt in item.options:
-                        alt = Record(rec.id, [*turns[:i], {"from": "gpt", "value": opt}], rec.images)
-                        e = encoder.encode(alt)
-                        s = _last_block(e.labels)
-                        if not np.array_equal(e.input_ids[:s], enc.input_ids[:start]):
-                            raise ValueError(f"record {rec.id!r}: option {opt!r} changes the prompt tokens")
-                        item.option_ids.append(e.input_ids[s:].astype(np.int64))
+                        conv = [*turns[:i], {**turns[i], "value": opt}]
+                        sample = encoder.encode_prepared(_upto(prepared, conv)).processed
+                        item.option_samples.append(sample)
+                        item.option_positions.append(scored_positions(sample.labels, stop_ids))
                 items.append(item)
         except BadRecord as e:
             if strict:
@@ -159,63 +210,48 @@ def _raw_options(data: str) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------------------- generation
 
 
-def _left_pad(seqs: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for b, s in enumerate(seqs):
-        ids[b, T - len(s):] = torch.from_numpy(s)
-        mask[b, T - len(s):] = 1
-    return ids, mask
+def _pad_id(tok) -> int:
+    if tok.pad_token_id is not None:
+        return int(tok.pad_token_id)
+    return int(tok.eos_token_id) if tok.eos_token_id is not None else 0
 
 
-def _pixels(processor, images: list, device, dtype) -> dict[str, torch.Tensor]:
-    if not images:
-        return {}
-    px = processor.image_processor(images=images, return_tensors="pt")
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device))
-            for k, v in px.items() if torch.is_tensor(v)}
+def _on(model, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model inputs on the model's device, floating ones (pixels) in its dtype."""
+    return {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
+            for k, v in inputs.items()}
 
 
-def _batches(items: list[QAItem], batch_size: int):
-    """Consecutive items with the same number of images (a batch's images must line up with its rows)."""
-    batch: list[QAItem] = []
-    for it in items:
-        if batch and (len(batch) == batch_size or len(batch[0].images) != len(it.images)):
-            yield batch
-            batch = []
-        batch.append(it)
-    if batch:
-        yield batch
+def _chunks(seq: list, size: int):
+    for a in range(0, len(seq), size):
+        yield seq[a: a + size]
 
 
 @torch.no_grad()
+def generate_ids(model, processor, items: list[QAItem], *, batch_size: int = 16,
+                 max_new_tokens: int = 16) -> list[list[int]]:
+    """Greedy answer tokens for each item (up to and including the first stop token), in batches of the
+    items' prompts collated with left padding (``kd_cache.processing.collate``: every model input the
+    processor returned for each prompt, so each family gets its own image and per-token inputs)."""
+    pad = _pad_id(processor.tokenizer)
+    stop = stop_token_ids(model, processor.tokenizer)
+    out: list[list[int]] = []
+    for batch in _chunks(items, batch_size):
+        inputs = _on(model, collate([it.prompt for it in batch], pad, padding_side="left"))
+        gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                             temperature=None, top_p=None, top_k=None, eos_token_id=stop, pad_token_id=pad)
+        for row in gen[:, inputs["input_ids"].shape[1]:].tolist():
+            end = next((j + 1 for j, t in enumerate(row) if t in stop), len(row))  # then only padding
+            out.append(row[:end])
+    return out
+
+
 def generate_answers(model, processor, items: list[QAItem], *, batch_size: int = 16,
                      max_new_tokens: int = 16) -> list[str]:
-    """Greedy answers (decoded, special tokens removed) for each item, batched with left padding."""
+    """Greedy answers (``generate_ids``, decoded, special tokens removed, stripped) for each item."""
     tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    device, dtype = model.device, model.dtype
-    out: list[str] = []
-    for batch in _batches(items, batch_size):
-        ids, mask = _left_pad([it.prompt_ids for it in batch], pad)
-        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                             **_pixels(processor, [im for it in batch for im in it.images], device, dtype),
-                             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                             eos_token_id=tok.eos_token_id, pad_token_id=pad)
-        new = gen[:, ids.shape[1]:]
-        out.extend(tok.decode(row, skip_special_tokens=True).strip() for row in new.tolist())
-    return out
-
-
-def _option_tokens(item: QAItem, eos: int | None) -> list[np.ndarray]:
-    """Each option's scored tokens: its answer block up to and including the end-of-turn token."""
-    out = []
-    for opt in item.option_ids:
-        hits = np.nonzero(opt == eos)[0] if eos is not None else []
-        # The newline after <|im_end|> belongs to the template, not to the answer.
-        out.append(opt[: int(hits[0]) + 1] if len(hits) else opt)
-    return out
+    return [tok.decode(row, skip_special_tokens=True).strip()
+            for row in generate_ids(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens)]
 
 
 @torch.no_grad()
@@ -223,48 +259,35 @@ def option_scores(model, processor, items: list[QAItem], *, batch_size: int = 16
                   chunk_size: int = 1024) -> dict[int, list[float]]:
     """``item index -> log-likelihood of each option`` for the items that have options.
 
-    All (item, option) sequences are scored in right-padded batches; the LM head is applied only at
-    the positions that predict an option token, so no [batch, seq, vocab] logits are formed.
+    Each (item, option) encoding (every model input its processor returned) is scored in right-padded
+    batches (``collate``); the LM head (and the text config's logit softcapping, if any) is applied only
+    at the positions that predict a scored token, so no [batch, seq, vocab] logits are formed.
     """
-    tok = processor.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    head = model.get_output_embeddings().weight
-    entries = []  # (item index, sequence, first scored position, images)
-    for k, it in enumerate(items):
-        for opt in _option_tokens(it, tok.eos_token_id) if it.options else []:
-            entries.append((k, np.concatenate([it.prompt_ids, opt]), len(it.prompt_ids), it.images))
+    pad = _pad_id(processor.tokenizer)
+    head = model.get_output_embeddings()
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    entries = [(k, s, pos) for k, it in enumerate(items) if it.options
+               for s, pos in zip(it.option_samples, it.option_positions)]
     scores: dict[int, list[float]] = {}
-    i = 0
-    while i < len(entries):
-        n_img = len(entries[i][3])
-        batch = [entries[i]]
-        while i + len(batch) < len(entries) and len(batch) < batch_size and len(entries[i + len(batch)][3]) == n_img:
-            batch.append(entries[i + len(batch)])
-        i += len(batch)
-        T = max(len(e[1]) for e in batch)
-        ids = torch.full((len(batch), T), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        index, targets, rows = [], [], []
-        for b, (_, seq, a, _) in enumerate(batch):
-            ids[b, : len(seq)], mask[b, : len(seq)] = torch.from_numpy(seq), 1
-            pos = np.arange(a - 1, len(seq) - 1)  # logits at t predict token t + 1
-            index.append(b * T + pos)
-            targets.append(seq[pos + 1])
-            rows.append(np.full(len(pos), b))
-        out = model.model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                          **_pixels(processor, [im for e in batch for im in e[3]], model.device, model.dtype),
-                          use_cache=False)
+    for batch in _chunks(entries, batch_size):
+        inputs = _on(model, collate([s for _, s, _ in batch], pad))
+        T = inputs["input_ids"].shape[1]
+        index = np.concatenate([b * T + pos - 1 for b, (_, _, pos) in enumerate(batch)])  # logits at t-1 predict t
+        targets = np.concatenate([s.input_ids[pos] for _, s, pos in batch])
+        rows = np.concatenate([np.full(len(pos), b) for b, (_, _, pos) in enumerate(batch)])
+        out = model.model(**inputs, use_cache=False)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        index_t = torch.from_numpy(np.concatenate(index)).to(model.device)
-        target_t = torch.from_numpy(np.concatenate(targets)).to(model.device)
-        row_t = torch.from_numpy(np.concatenate(rows)).to(model.device)
+        index_t, target_t, row_t = (torch.from_numpy(a).to(model.device) for a in (index, targets, rows))
         total = torch.zeros(len(batch), dtype=torch.float64, device=model.device)
         for c in range(0, len(index_t), chunk_size):
             sl = slice(c, c + chunk_size)
-            logp = (flat[index_t[sl]] @ head.T).float().log_softmax(-1)
+            z = head(flat[index_t[sl]]).float()
+            if softcap is not None:
+                z = torch.tanh(z / softcap) * softcap
+            logp = z.log_softmax(-1)
             total.index_add_(0, row_t[sl], logp.gather(-1, target_t[sl, None])[:, 0].double())
-        for b, e in enumerate(batch):
-            scores.setdefault(e[0], []).append(float(total[b]))
+        for b, (k, _, _) in enumerate(batch):
+            scores.setdefault(k, []).append(float(total[b]))
     return scores
 
 
@@ -287,11 +310,10 @@ def evaluate_qa(model_path: str | Path, data: str, image_folder: str | None = No
         records = records[:limit]
     if not records:
         raise ValueError(f"--data {data}: no records")
-    from kd_cache.processing import config_image_token_id
-
     image_token_id = config_image_token_id(model.config) if getattr(processor, "image_processor", None) else None
     encoder = Encoder(processor, "chat", max_length, resolve_image_folder(image_folder), image_token_id)
-    items, skipped = build_items(records, encoder, _raw_options(data), strict=strict)
+    items, skipped = build_items(records, encoder, _raw_options(data), strict=strict,
+                                 stop_ids=stop_token_ids(model, processor.tokenizer))
     if not items:
         raise ValueError(f"--data {data}: no usable question (skipped: {skipped[:3]})")
     answers = generate_answers(model, processor, items, batch_size=batch_size, max_new_tokens=max_new_tokens)
