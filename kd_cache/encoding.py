@@ -157,19 +157,7 @@ class Encoder:
 
         if generation_prompt:
             return render(messages, True), []
-        full, spans = render(messages, False), []
-        for i, m in enumerate(messages):
-            if m["role"] != "assistant":
-                continue
-            prefix, upto = render(messages[:i], True) if i else "", render(messages[: i + 1], False)
-            if not (full.startswith(upto) and upto.startswith(prefix)):
-                raise ValueError(
-                    "the chat template is not prefix-stable (rendering the first turns does not give a "
-                    "prefix of the whole conversation), so assistant spans cannot be located; "
-                    "use a template that renders turns independently"
-                )
-            spans.append((len(prefix), len(upto)))
-        return full, spans
+        return processing.assistant_spans(render, messages)
 
     def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> ProcessedSample:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -44,6 +44,7 @@ tiles/pixels from ``image_sizes``, ``pixel_attention_mask`` or all-zero padding 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -148,13 +149,19 @@ def render_chat(processor, messages: list[dict]) -> tuple[str, list[tuple[int, i
     def render(ms: list[dict], gen: bool) -> str:
         return processor.apply_chat_template(ms, tokenize=False, add_generation_prompt=gen)
 
-    full = render(msgs, False)
+    return assistant_spans(render, msgs)
+
+
+def assistant_spans(render: Callable[[list[dict], bool], str], messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """``render(messages, add_generation_prompt)``'s text of the whole conversation and the character
+    spans of its assistant turns, found by rendering prefixes (any prefix-stable chat template)."""
+    full = render(messages, False)
     spans = []
-    for i, m in enumerate(msgs):
+    for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prefix = render(msgs[:i], True) if i else ""
-        upto = render(msgs[: i + 1], False)
+        prefix = render(messages[:i], True) if i else ""
+        upto = render(messages[: i + 1], False)
         if not (full.startswith(upto) and upto.startswith(prefix)):
             raise ValueError(
                 "the chat template is not prefix-stable (rendering the first turns does not give a prefix of "

@@ -19,7 +19,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from typer.testing import CliRunner
 
 from cli.kd_eval_cli import app
@@ -39,7 +39,7 @@ from student.evaluate import (
     scored_positions,
     stop_token_ids,
 )
-from tests.vlm_families import FAMILIES
+from tests.vlm_families import FAMILIES, draw_images
 
 pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
@@ -72,10 +72,7 @@ def family_eval(tmp_path_factory):
 
     logging.set_verbosity_error()
     folder = tmp_path_factory.mktemp("eval-family-images")
-    for name, (w, h, colour) in SIZES.items():
-        img = Image.new("RGB", (w, h), "white")
-        ImageDraw.Draw(img).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=colour)
-        img.save(folder / name)
+    draw_images(folder, SIZES)
     built: dict[str, dict] = {}
 
     def get(name: str) -> dict:

@@ -16,14 +16,14 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from kd_cache import open_cache, processing
 from kd_cache.build import build_cache
 from kd_cache.build_config import BuildConfig
 from kd_cache.processing import config_image_token_id
 from student.stream import StreamingKDDataset
-from tests.vlm_families import FAMILIES
+from tests.vlm_families import FAMILIES, draw_images
 
 pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
@@ -67,10 +67,7 @@ def family_cache(tmp_path_factory):
 
     logging.set_verbosity_error()
     folder = tmp_path_factory.mktemp("family-images")
-    for name, (w, h, colour) in SIZES.items():
-        img = Image.new("RGB", (w, h), "white")
-        ImageDraw.Draw(img).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=colour)
-        img.save(folder / name)
+    draw_images(folder, SIZES)
     built: dict[str, dict] = {}
 
     def get(name: str) -> dict:

@@ -489,3 +489,14 @@ FAMILIES = {f.name: f for f in [
     Family("internvl", build_internvl),
     Family("mistral3", build_mistral3),
 ]}
+
+
+def draw_images(folder: Path, sizes: dict[str, tuple[int, int, str]]) -> Path:
+    """``name -> (width, height, colour)``: a filled ellipse on white per image, saved in ``folder``."""
+    from PIL import Image, ImageDraw
+
+    for name, (w, h, colour) in sizes.items():
+        img = Image.new("RGB", (w, h), "white")
+        ImageDraw.Draw(img).ellipse([w // 4, h // 4, 3 * w // 4, 3 * h // 4], fill=colour)
+        img.save(Path(folder) / name)
+    return Path(folder)
