@@ -17,7 +17,7 @@ from student.families import FAMILIES as STUDENT_FAMILIES
 from student.families import UnsupportedModelError, parameter_parts
 from student.model import load_student
 from student.stages import RECIPES, Stage, set_trainable, trainable_summary
-from tests.vlm_families import FAMILIES, STUDENT, T_LLAVA, make_tokenizer
+from tests.vlm_families import FAMILIES, STUDENT
 
 pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
 from tests.test_families import IMAGES, records  # noqa: E402  (after the torchvision check)
@@ -26,20 +26,16 @@ from tests.test_families import IMAGES, records  # noqa: E402  (after the torchv
 def build_vipllava(out, s, seed):
     """VipLLaVA: LLaVA's processor, a projector with a layernorm over several vision layers."""
     from transformers import (
-        CLIPImageProcessor,
         CLIPVisionConfig,
         LlamaConfig,
-        LlavaProcessor,
         VipLlavaConfig,
         VipLlavaForConditionalGeneration,
     )
 
-    from tests.vlm_families import VISION, _save, _text
+    from tests.vlm_families import VISION, _save, _text, llava_processor
 
-    tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>")
-    ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
-                          num_additional_image_tokens=1, chat_template=T_LLAVA)
+    proc = llava_processor()
+    tok = proc.tokenizer
     cfg = VipLlavaConfig(vision_config=CLIPVisionConfig(**VISION, image_size=32, patch_size=8),
                          text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id),
                          image_token_index=proc.image_token_id, vision_feature_layers=[-2, -1], image_seq_length=16)

@@ -159,20 +159,21 @@ def _ids(tok, *names: str) -> list[int]:
 
 # -- the families ----------------------------------------------------------------------------------
 
-def build_llava(out: Path, s: Sizes, seed: int) -> Path:
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+def llava_processor():
+    """LLaVA-1.5's processor at the tiny geometry (CLIP 32 px, patch 8: 16 image tokens), also VipLLaVA's."""
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
     tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>")
     ip = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
+    return LlavaProcessor(ip, tok, patch_size=8, vision_feature_select_strategy="default",
                           num_additional_image_tokens=1, chat_template=T_LLAVA)
+
+
+def build_llava(out: Path, s: Sizes, seed: int) -> Path:
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    proc = llava_processor()
+    tok = proc.tokenizer
     cfg = LlavaConfig(vision_config=CLIPVisionConfig(**VISION, image_size=32, patch_size=8),
                       text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id),
                       image_token_id=proc.image_token_id, vision_feature_select_strategy="default",
