@@ -47,7 +47,11 @@ their low bits). ``--sample-logprobs`` keeps the per-entry log-probs too (for an
 
 ``<kind>`` is each of ``kd_cache.schema.KINDS`` (every shard stores all three; a kind the build did not
 distil has no positions). Every array is Blosc/zstd compressed (``default_compressors``) in chunks of
-about ``CHUNK_BYTES`` raw bytes.
+about ``CHUNK_BYTES`` raw bytes, and every chunk ends with a CRC32C of its stored bytes (``stored_codecs``):
+zarr checks it each time it decodes the chunk, so a flipped or truncated chunk raises instead of decoding to
+other numbers. Every chunk is written, fill values included (``ARRAY_CONFIG``), so each chunk file of an
+array exists and a missing one is a missing file (the reader compares each shard's files with its
+``ShardEntry.files`` when it opens the shard), never a silent chunk of zeros.
 
 ``pack_samples`` turns samples (``CacheSample.to_dict`` form) into these arrays and attributes;
 ``unpack_sample`` is its inverse for one sample. Each part of a sample (tokens, one kind's arrays,
@@ -62,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
 
 from kd_cache.relation import (
     decode_relation,
@@ -114,6 +118,19 @@ def default_compressors(dtype: np.dtype) -> list:
     """
     del dtype  # one choice fits every dtype the format stores (measured)
     return [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle", blocksize=CHUNK_BYTES)]
+
+
+def stored_codecs(compressors: list) -> list:
+    """The bytes-to-bytes codecs of every stored array: ``compressors``, then a CRC32C of the result.
+
+    Whatever compressors a writer chooses, each chunk carries its checksum, verified by zarr on every
+    decode (measured cost: benchmarks/RESULTS.md, loader)."""
+    return [*compressors, Crc32cCodec()]
+
+
+# Array settings of every stored array: chunks equal to the fill value are written too, so that every
+# chunk file exists and a missing one is detected (zarr would otherwise read it as fill values).
+ARRAY_CONFIG = {"write_empty_chunks": True}
 
 
 def chunks_for(shape: tuple[int, ...], dtype: np.dtype, chunk_bytes: int) -> tuple[int, ...]:

@@ -3,15 +3,29 @@
 ``open_cache(url)`` is the public reader: ``len()``, ``.manifest`` (a ``kd_cache.schema.Manifest``),
 iteration and random access, yielding one dict of numpy arrays per sample (``CacheSample.to_dict``;
 unpacked by ``kd_cache.format.unpack_sample``).
+
+Integrity. Nothing read from a cache is used unchecked:
+
+* opening a shard compares its files with the manifest's ``ShardEntry`` (every listed file present,
+  none extra, the total size, the sha256 of each ``zarr.json``), so a deleted or truncated file, or
+  altered metadata, raises before any of the shard's samples is read;
+* every chunk carries a CRC32C (``kd_cache.format.stored_codecs``) that zarr checks on decode: a
+  changed chunk raises ``CorruptCacheError`` naming the shard, the array and the chunk file;
+* ``KDCache.check()`` is the cheap whole-cache check a trainer runs before its first step (one listing,
+  sizes, the shard metadata and sample counts against the manifest); ``KDCache.verify_shards()``
+  re-hashes every file. Both return a ``CacheCheck``: one ``ShardCheck`` per shard, with its problems.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import os
 import posixpath
+import re
 from collections import OrderedDict
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
@@ -19,13 +33,115 @@ import numpy as np
 import zarr
 
 from kd_cache import storage
-from kd_cache.format import COMPLETE_SUFFIX, MANIFEST_NAME, SHARDS_DIR, ShardAttrs, unpack_sample
-from kd_cache.schema import Manifest
+from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, MANIFEST_NAME, SHARDS_DIR, ShardAttrs, unpack_sample
+from kd_cache.schema import Manifest, ShardEntry
 
 READER_CACHE_BYTES = 64 << 20  # decoded chunks a reader keeps (all arrays and open shards together)
 INCOMPLETE_HINT = "cache incomplete: run kd-cache build again to finish it"
+DAMAGED_HINT = "the cache is damaged: `kd-cache verify` lists every problem; rebuild the shards it names"
+METADATA_NAME = "zarr.json"  # zarr v3 metadata of a group or an array
+_SHARD_DIR = re.compile(r"^\d{5}$")
+_SHARD_MARKER = re.compile(r"^(\d{5})" + re.escape(COMPLETE_SUFFIX) + "$")
 
 _OPENINGS = itertools.count()  # shard openings in this process (chunk cache keys)
+
+
+class CorruptCacheError(ValueError):
+    """A cache file that is missing, truncated or altered; the message names the shard and the file."""
+
+
+@dataclass
+class ShardCheck:
+    """The problems found in one shard (``index``: its place in the manifest; None for a shard on disk
+    that the manifest does not list)."""
+
+    name: str
+    index: int | None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "index": self.index, "ok": self.ok, "problems": list(self.problems)}
+
+
+@dataclass
+class CacheCheck:
+    """The result of ``KDCache.check`` / ``KDCache.verify_shards``: one ``ShardCheck`` per shard (the
+    manifest's, in order, then any shard on disk it does not list) and the cache-level problems."""
+
+    url: str
+    shards: list[ShardCheck]
+    problems: list[str] = field(default_factory=list)  # about the manifest itself (e.g. its sample count)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(s.ok for s in self.shards)
+
+    @property
+    def failing(self) -> list[str]:
+        """Names of the shards with problems (those listed in the manifest and those it misses)."""
+        return [s.name for s in self.shards if not s.ok]
+
+    def lines(self) -> list[str]:
+        """One readable line per problem (empty: nothing found)."""
+        return list(self.problems) + [f"shard {s.name}: {p}" for s in self.shards for p in s.problems]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "ok": self.ok, "problems": list(self.problems), "failing": self.failing,
+                "shards": [s.to_dict() for s in self.shards]}
+
+
+def _listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    """Size of every file under ``root``, by path relative to it (empty when ``root`` is missing)."""
+    fs.invalidate_cache(root)
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    prefix = root.rstrip("/") + "/"
+    return {p[len(prefix):]: int(info.get("size") or 0) for p, info in found.items()
+            if p.startswith(prefix) and info.get("type", "file") == "file"}
+
+
+def _sha256(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    return hashlib.sha256(fs.cat_file(path)).hexdigest()
+
+
+def file_problems(fs: fsspec.AbstractFileSystem, path: str, entry: ShardEntry, files: dict[str, int], *,
+                  metadata: str = "all") -> list[str]:
+    """How the shard's files (``files``: size by relative path) differ from its manifest entry.
+
+    Every file the entry lists must be there and no other, their sizes must add up to ``entry.bytes``
+    (a truncated or deleted chunk), and the zarr metadata must be unchanged: ``metadata="all"`` hashes
+    every ``zarr.json``, ``"root"`` only the shard's own and ``tokens/offsets``'s (the sample count).
+    """
+    shown = storage.display(fs, path)
+    problems = []
+    if not files:
+        return [f"shard directory {shown} is missing or empty"]
+    expected = entry.files
+    missing = sorted(set(expected) - set(files))
+    extra = sorted(set(files) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} file(s) missing from {shown}: " + ", ".join(missing[:5])
+                        + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        problems.append(f"{len(extra)} unexpected file(s) in {shown}: " + ", ".join(extra[:5])
+                        + (" ..." if len(extra) > 5 else ""))
+    nbytes = sum(files.values())
+    if nbytes != entry.bytes:
+        problems.append(f"{shown} holds {nbytes} bytes, the manifest says {entry.bytes} (a file was truncated, "
+                        "extended or replaced)")
+    wanted = [rel for rel in expected if rel.endswith(METADATA_NAME) and rel in files]
+    if metadata == "root":
+        wanted = [rel for rel in wanted if rel in (METADATA_NAME, f"tokens/offsets/{METADATA_NAME}")]
+    for rel in sorted(wanted):
+        if _sha256(fs, posixpath.join(path, rel)) != expected[rel]:
+            problems.append(f"{posixpath.join(shown, rel)} (zarr metadata) changed since the shard was written")
+    return problems
 
 
 class ChunkCache:
@@ -73,11 +189,30 @@ class _ChunkReader:
     are not cached (each run of missing chunks is one zarr call).
     """
 
-    def __init__(self, arr, key: tuple):
+    def __init__(self, arr, key: tuple, where: str = "", name: str = ""):
         self.arr = arr
         self.key = key
+        self.where, self.name = where, name  # the shard (as shown) and the array's path in it
         self.n = int(arr.shape[0])
         self.rows = int(arr.chunks[0])
+
+    def _decode(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``lo:hi`` (whole chunks); a chunk that fails its checksum or does not decode raises
+        ``CorruptCacheError`` naming it."""
+        try:
+            return np.asarray(self.arr[lo:hi])
+        except Exception as e:  # zarr/numcodecs raise ValueError, RuntimeError, ... for a damaged chunk
+            bad = lo // self.rows
+            for c in range(lo // self.rows, -(-hi // self.rows)):  # find the first chunk that fails
+                try:
+                    np.asarray(self.arr[c * self.rows:min((c + 1) * self.rows, self.n)])
+                except Exception:
+                    bad = c
+                    break
+            key = "/".join(["c", str(bad)] + ["0"] * (self.arr.ndim - 1))
+            raise CorruptCacheError(
+                f"shard {self.where}: array {self.name}: chunk {bad} ({posixpath.join(self.where, self.name, key)}) "
+                f"is corrupt ({type(e).__name__}: {e}); {DAMAGED_HINT}") from e
 
     def get(self, start: int, stop: int, cache: ChunkCache) -> np.ndarray:
         start, stop = int(start), int(stop)
@@ -94,7 +229,7 @@ class _ChunkReader:
             while j + 1 < len(pieces) and pieces[j + 1] is None:
                 j += 1
             lo, hi = (c0 + i) * self.rows, min((c0 + j + 1) * self.rows, self.n)
-            block = np.asarray(self.arr[lo:hi])
+            block = self._decode(lo, hi)
             for m in range(i, j + 1):
                 pieces[m] = block[(m - i) * self.rows : (m + 1 - i) * self.rows]
                 cache.put((self.key, c0 + m), pieces[m])
@@ -111,23 +246,39 @@ class _ShardReader:
     Decoded chunks live in the ``ChunkCache`` handed to ``sample`` (the reading ``KDCache``'s).
     """
 
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str):
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, entry: ShardEntry | None = None):
+        """``entry``: the shard's manifest entry; its files are checked against it before anything is read."""
         self.path = path
         self.token = next(_OPENINGS)  # names this opening in chunk cache keys
         self.display = storage.display(fs, path)
-        if not fs.exists(posixpath.join(path, "zarr.json")):
+        if not fs.exists(posixpath.join(path, METADATA_NAME)):
             raise FileNotFoundError(f"shard {self.display} is missing: {INCOMPLETE_HINT}")
+        if entry is not None:
+            problems = file_problems(fs, path, entry, _listing(fs, path))
+            if problems:
+                raise CorruptCacheError(f"shard {self.display}: " + "; ".join(problems) + f": {DAMAGED_HINT}")
         self.group = zarr.open_group(store=storage.zarr_store(fs, path, read_only=True), mode="r", zarr_format=3)
         self.attrs = ShardAttrs.from_attrs(dict(self.group.attrs), self.display)
         self.n = self.attrs.n_samples
-        self.index = {name: np.asarray(self.group[name][...]) for name in self.attrs.index_arrays()}
         self._readers: dict[str, _ChunkReader] = {}
+        self._index: dict[str, np.ndarray] | None = None
 
-    def _get(self, cache: ChunkCache, name: str, start: int, stop: int) -> np.ndarray:
+    @property
+    def index(self) -> dict[str, np.ndarray]:
+        """The index arrays (``ShardAttrs.index_arrays``), decoded on first use."""
+        if self._index is None:
+            self._index = {name: self._reader(name)._decode(0, self._reader(name).n)
+                           for name in self.attrs.index_arrays()}
+        return self._index
+
+    def _reader(self, name: str) -> _ChunkReader:
         r = self._readers.get(name)
         if r is None:
-            r = self._readers[name] = _ChunkReader(self.group[name], (self.token, name))
-        return r.get(start, stop, cache)
+            r = self._readers[name] = _ChunkReader(self.group[name], (self.token, name), self.display, name)
+        return r
+
+    def _get(self, cache: ChunkCache, name: str, start: int, stop: int) -> np.ndarray:
+        return self._reader(name).get(start, stop, cache)
 
     def sample(self, j: int, cache: ChunkCache) -> dict:
         if not 0 <= j < self.n:
@@ -160,8 +311,13 @@ class KDCache:
             raise FileNotFoundError(f"no cache at {storage.display(fs, root)}: run kd-cache build to create it")
         raw = storage.read_json(fs, path)
         if raw is None:
-            raise FileNotFoundError(f"{storage.display(fs, path)} not found: {INCOMPLETE_HINT}")
+            if fs.exists(posixpath.join(root, BUILD_NAME)) or fs.exists(posixpath.join(root, SHARDS_DIR)):
+                raise FileNotFoundError(f"{storage.display(fs, path)} not found: {INCOMPLETE_HINT}")
+            raise FileNotFoundError(f"{storage.display(fs, root)} is not a kd cache (no {MANIFEST_NAME}): "
+                                    "pass the --out folder of kd-cache build")
         self.manifest: Manifest = Manifest.from_dict(raw, storage.display(fs, path))
+        # what the file says beside its shard list (checked by ``check``)
+        self._declared_samples = raw.get("num_samples") if isinstance(raw, dict) else None
         self.shard_sizes: list[int] = [e.samples for e in self.manifest.shards]
         self._cum = np.concatenate([[0], np.cumsum(self.shard_sizes, dtype=np.int64)])
         self._fs, self._root = fs, root
@@ -228,12 +384,11 @@ class KDCache:
                 f"shard {self.shard_name(shard_index)} has no completion marker {storage.display(fs, marker)}: "
                 f"{INCOMPLETE_HINT}"
             )
-        reader = _ShardReader(fs, self.shard_path(shard_index))
+        reader = _ShardReader(fs, self.shard_path(shard_index), self.manifest.shards[shard_index])
         if reader.n != self.shard_sizes[shard_index]:
-            raise ValueError(
+            raise CorruptCacheError(
                 f"shard {reader.display} holds {reader.n} samples but the manifest says "
-                f"{self.shard_sizes[shard_index]}: the shard was rewritten after the manifest; "
-                "run kd-cache build again"
+                f"{self.shard_sizes[shard_index]}: the shard was rewritten after the manifest; {DAMAGED_HINT}"
             )
         self._reader = (shard_index, reader)
         return reader
@@ -255,49 +410,108 @@ class KDCache:
             yield from self.shard_samples(s)
 
     # checks and stats -------------------------------------------------------------------------
-    def verify(self) -> list[str]:
-        """Re-hash every shard; one readable line per problem (empty list: the cache is intact)."""
+    def content_digest(self) -> str:
+        """sha256 naming the cache's content (every shard's name, sample count and checksum, in order):
+        equal for a byte-identical copy at any path, different for a cache rebuilt from other data or
+        by another teacher. Cheap: it reads the manifest only (``check``/``verify_shards`` tie the
+        manifest to the files)."""
+        h = hashlib.sha256()
+        for e in self.manifest.shards:
+            h.update(f"{e.name}\0{e.samples}\0{e.checksum}\n".encode())
+        return h.hexdigest()
+
+    def _check_manifest(self, fs, listing: dict[str, int]) -> tuple[list[str], list[ShardCheck]]:
+        """Cache-level problems and the shards on disk that the manifest does not list."""
+        problems = []
+        names = [e.name for e in self.manifest.shards]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            problems.append(f"{MANIFEST_NAME} lists shard(s) {', '.join(dup)} more than once")
+        if self._declared_samples is not None and self._declared_samples != self.manifest.num_samples:
+            problems.append(f"{MANIFEST_NAME} says num_samples {self._declared_samples}, its shards hold "
+                            f"{self.manifest.num_samples}")
+        on_disk = set()
+        for rel in listing:
+            top = rel.split("/", 1)[0]
+            m = _SHARD_MARKER.match(top)
+            if m:
+                on_disk.add(m.group(1))
+            elif "/" in rel and _SHARD_DIR.match(top):
+                on_disk.add(top)
+        unlisted = [ShardCheck(n, None, [f"on disk ({storage.display(fs, posixpath.join(self._root, SHARDS_DIR, n))}) "
+                                         f"but not listed in {MANIFEST_NAME}: its samples would never be read"])
+                    for n in sorted(on_disk - set(names))]
+        return problems, unlisted
+
+    def _shard_counts(self, fs, idx: int) -> list[str]:
+        """The shard's own sample count (its attributes and ``tokens/offsets``) against the manifest's."""
+        entry, path = self.manifest.shards[idx], self.shard_path(idx)
+        try:
+            meta = storage.read_json(fs, posixpath.join(path, METADATA_NAME)) or {}
+            offsets = storage.read_json(fs, posixpath.join(path, "tokens", "offsets", METADATA_NAME)) or {}
+        except ValueError as e:
+            return [str(e)]
+        n = (meta.get("attributes") or {}).get("n_samples")
+        shape = offsets.get("shape") or [None]
+        found = {"attribute n_samples": n, "tokens/offsets": None if shape[0] is None else shape[0] - 1}
+        return [f"{what} says {v} samples, the manifest says {entry.samples}" for what, v in found.items()
+                if v != entry.samples]
+
+    def check(self) -> CacheCheck:
+        """The whole cache, cheaply, before training uses it: every shard complete (marker present), the
+        files each manifest entry lists present with the listed total size, its metadata unchanged, its
+        sample count equal to the manifest's, no shard on disk missing from the manifest, and the
+        manifest's ``num_samples`` its shards' sum. One listing of ``shards/`` and two small reads per
+        shard; chunk contents are checked as they are decoded (their CRC32C)."""
         fs = self._filesystem()
-        problems: list[str] = []
+        shards_root = posixpath.join(self._root, SHARDS_DIR)
+        listing = _listing(fs, shards_root)
+        problems, unlisted = self._check_manifest(fs, listing)
+        checks = []
         for idx, entry in enumerate(self.manifest.shards):
-            name = entry.name
+            c = ShardCheck(entry.name, idx)
+            checks.append(c)
+            if entry.name + COMPLETE_SUFFIX not in listing:
+                c.problems.append(f"completion marker {storage.display(fs, self.marker_path(idx))} is missing")
+            prefix = entry.name + "/"
+            files = {rel[len(prefix):]: size for rel, size in listing.items() if rel.startswith(prefix)}
+            c.problems += file_problems(fs, self.shard_path(idx), entry, files, metadata="root")
+            if files and METADATA_NAME in files:
+                c.problems += self._shard_counts(fs, idx)
+        return CacheCheck(self.url, checks + unlisted, problems)
+
+    def verify_shards(self) -> CacheCheck:
+        """``check`` plus a re-hash of every file of every shard against the manifest and the markers."""
+        fs = self._filesystem()
+        result = self.check()
+        for c in result.shards:
+            if c.index is None:
+                continue
+            idx, entry = c.index, self.manifest.shards[c.index]
             path, marker_path = self.shard_path(idx), self.marker_path(idx)
             shown = storage.display(fs, path)
             try:
-                marker = storage.read_json(fs, marker_path)
+                marker = storage.read_json(fs, marker_path) or {}
             except ValueError as e:
-                problems.append(f"shard {name}: unreadable completion marker: {e}")
+                c.problems.append(f"unreadable completion marker: {e}")
                 marker = {}
-            if marker is None:
-                problems.append(f"shard {name}: completion marker {storage.display(fs, marker_path)} is missing")
-                marker = {}
-            if not fs.exists(path):
-                problems.append(f"shard {name}: shard directory {shown} is missing")
-                continue
-            checksum, nbytes, files = storage.shard_digest(fs, path)
-            if checksum != entry.checksum:
-                changed = []
-                expected_files = marker.get("files") or {}
-                for rel in sorted(set(expected_files) | set(files)):
-                    if rel not in files:
-                        changed.append(f"{posixpath.join(shown, rel)} (missing)")
-                    elif rel not in expected_files:
-                        changed.append(f"{posixpath.join(shown, rel)} (unexpected file)")
-                    elif files[rel] != expected_files[rel]:
-                        changed.append(f"{posixpath.join(shown, rel)} (content changed)")
-                detail = ("; files: " + ", ".join(changed)) if changed else ""
-                problems.append(
-                    f"shard {name}: checksum mismatch in {shown}: manifest {entry.checksum}, "
-                    f"recomputed {checksum}{detail}"
-                )
             if marker and marker.get("checksum") != entry.checksum:
-                problems.append(
-                    f"shard {name}: completion marker {storage.display(fs, marker_path)} has checksum "
-                    f"{marker.get('checksum')} but the manifest has {entry.checksum}"
-                )
-            if nbytes != entry.bytes:
-                problems.append(f"shard {name}: {shown} holds {nbytes} bytes, manifest says {entry.bytes}")
-        return problems
+                c.problems.append(f"completion marker {storage.display(fs, marker_path)} has checksum "
+                                  f"{marker.get('checksum')} but the manifest has {entry.checksum}")
+            if not fs.exists(path):
+                continue
+            checksum, _, files = storage.shard_digest(fs, path)
+            if checksum != entry.checksum:
+                changed = [f"{posixpath.join(shown, rel)} (content changed)" for rel in sorted(files)
+                           if rel in entry.files and files[rel] != entry.files[rel]]
+                detail = ("; files: " + ", ".join(changed)) if changed else ""
+                c.problems.append(f"checksum mismatch in {shown}: manifest {entry.checksum}, recomputed "
+                                  f"{checksum}{detail}")
+        return result
+
+    def verify(self) -> list[str]:
+        """Re-hash every shard; one readable line per problem (empty list: the cache is intact)."""
+        return self.verify_shards().lines()
 
     def shard_status(self, shard_index: int, check: bool = True) -> dict:
         """Completion and (optionally) checksum status of one shard."""

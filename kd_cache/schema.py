@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 IGNORE_INDEX = -100
 
 KINDS = ("response", "visual", "prompt")
@@ -311,6 +311,7 @@ class ShardEntry:
     checksum: str  # sha256 over the shard's files (``kd_cache.storage.shard_digest``)
     format_version: int = FORMAT_VERSION
     files: dict[str, str] = field(default_factory=dict)  # sha256 of each file, by path in the shard
+    max_tokens: int = 0  # the token count of the shard's longest sample
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -353,6 +354,11 @@ class Manifest:
         return sum(e.samples for e in self.shards)
 
     @property
+    def longest_sample(self) -> int:
+        """Tokens of the longest cached sample (a student needs that many positions, not ``max_length``)."""
+        return max((e.max_tokens for e in self.shards), default=0)
+
+    @property
     def skipped_counts(self) -> dict[str, int]:
         return dict(sorted(Counter(x.reason for x in self.skipped).items()))
 
@@ -382,6 +388,7 @@ class Manifest:
             "dataset_fingerprint": self.dataset_fingerprint,
             "build_config": dict(self.build_config),
             "num_samples": self.num_samples,
+            "longest_sample": self.longest_sample,
             "shards": [e.to_dict() for e in self.shards],
             "skipped": [asdict(x) for x in self.skipped],
             "skipped_counts": self.skipped_counts,

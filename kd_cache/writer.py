@@ -15,6 +15,7 @@ import zarr
 
 from kd_cache import storage
 from kd_cache.format import (
+    ARRAY_CONFIG,
     CHUNK_BYTES,
     COMPLETE_SUFFIX,
     MANIFEST_NAME,
@@ -24,6 +25,7 @@ from kd_cache.format import (
     default_compressors,
     pack_samples,
     shard_name,
+    stored_codecs,
 )
 from kd_cache.schema import Manifest, ShardEntry
 
@@ -115,13 +117,16 @@ class CacheWriter:
                 leaf,
                 data=data,
                 chunks=chunks_for(data.shape, data.dtype, self.chunk_bytes),
-                compressors=self.compressors(data.dtype),
+                compressors=stored_codecs(self.compressors(data.dtype)),
+                config=ARRAY_CONFIG,
                 overwrite=True,
             )
         group.attrs.update(attrs)
 
         checksum, nbytes, files = storage.shard_digest(self.fs, path)
-        entry = ShardEntry(name=shard_name(index), samples=len(samples), bytes=nbytes, checksum=checksum, files=files)
+        offsets = arrays["tokens/offsets"]
+        entry = ShardEntry(name=shard_name(index), samples=len(samples), bytes=nbytes, checksum=checksum, files=files,
+                           max_tokens=int(np.diff(offsets).max()) if len(offsets) > 1 else 0)
         storage.write_json(self.fs, marker, entry.to_dict())
         return entry
 
