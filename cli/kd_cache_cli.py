@@ -74,19 +74,29 @@ def inspect_shard(
 
 
 @app.command()
-def verify(cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")]):
-    """Re-check every shard's checksum and completeness; exit 1 on any problem."""
-    from kd_cache.report import verify_cache
+def verify(
+    cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the per-shard result as JSON on stdout "
+                                                         "(kd_cache.reader.CacheCheck.to_dict).")] = False,
+):
+    """Re-check every shard against the manifest (files, sizes, checksums, sample counts, shards the
+    manifest misses); list each problem and exit 1 on any."""
+    from kd_cache.reader import open_cache
 
     try:
-        problems = verify_cache(cache)
-    except (ValueError, FileNotFoundError) as e:
+        result = open_cache(cache).verify_shards()
+    except (ValueError, FileNotFoundError, TypeError) as e:
         _fail(str(e))
-    if problems:
-        for p in problems:
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=1))
+    if not result.ok:
+        for p in result.lines():
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        typer.secho(f"{len(result.failing)} failing shard(s): {' '.join(result.failing) or '-'}",
+                    fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-    typer.echo(f"OK {cache}: all shards complete and checksums match")
+    if not as_json:
+        typer.echo(f"OK {cache}: {len(result.shards)} shards complete, checksums and sample counts match the manifest")
 
 
 def main():  # console script `kd-cache`

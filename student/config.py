@@ -1,7 +1,12 @@
 """``TrainConfig``: every setting of a ``kd-train train`` run, written once.
 
 Each field carries its ``--flag`` help in ``metadata["help"]`` (``cli.options`` builds the command
-from it) and ``metadata["resume"]`` when a resumed run must match it (``RESUME_KEYS``).
+from it) and ``metadata["resume"]`` when a resumed run must match it (``RESUME_KEYS``; a ``path``
+field is compared as an absolute path). The resume rule of each field: everything that decides which
+samples a step sees, its loss, the update or the numerics is checked; memory and speed knobs
+(``--chunk-size``, ``--head-memory-mb``, ``--num-workers``, ``--gradient-checkpointing``), where
+checkpoints go (``--save-every``) and what is shown (``--progress``, ``--report-to``) may change. The
+student and the cache are checked by content, not by path (``student.checkpoints.check_resume``).
 ``__post_init__`` validates and resolves the values (against the stage's recipe) with messages that
 name the flag; ``to_dict`` is what ``OUT/train_config.json`` and every checkpoint hold.
 """
@@ -55,12 +60,12 @@ class TrainConfig:
     student: str = _setting(help=(
         "Student model + processor to train: a directory or hub id of a supported image-text-to-text family "
         "(README: Supported model families), e.g. the OUT of kd-train init-student or of an earlier stage."))
-    cache: str = _setting(resume=True, help=(
+    cache: str = _setting(help=(
         "Teacher cache: a directory or fsspec URL written by kd-cache build."))
     out: str = _setting(help=(
         "Output directory: metrics.jsonl, checkpoints/step-N/, and the final model + processor + "
         "train_config.json."))
-    image_folder: str | None = _setting(None, help=(
+    image_folder: str | None = _setting(None, resume=True, path=True, help=(
         "Where the cache's relative image paths resolve (default: the folder recorded in the cache)."))
     epochs: int = _setting(1, resume=True, help="Passes over the cache (ignored when --max-steps is given).")
     max_steps: int | None = _setting(None, resume=True, help=(
@@ -75,7 +80,7 @@ class TrainConfig:
         "Fraction of the steps spent in linear warmup before cosine decay."))
     weight_decay: float = _setting(0.0, resume=True, help=(
         "AdamW weight decay (not applied to biases and norm scales)."))
-    max_grad_norm: float = _setting(1.0, help="Gradient clipping norm (0 disables clipping).")
+    max_grad_norm: float = _setting(1.0, resume=True, help="Gradient clipping norm (0 disables clipping).")
     seed: int = _setting(0, resume=True, help="Seed for the data order and initialisation.")
     alpha: float = _setting(1.0, resume=True, help="Weight of MDist on response positions.")
     beta: float = _setting(1.0, resume=True, help="Weight of MDist on visual positions.")
@@ -125,11 +130,14 @@ class TrainConfig:
     save_every: int = _setting(0, help="Save a checkpoint every N optimizer steps (0: only the final model).")
     resume: bool = _setting(False, help=(
         "Continue from the newest complete checkpoint in OUT/checkpoints (same next samples, same losses)."))
+    overwrite: bool = _setting(False, help=(
+        "Replace the finished run (or the checkpoints of an earlier run) in OUT: its files are deleted once the "
+        "new run's checks pass, before its first step. Without it such an OUT is refused."))
     report_to: ReportTo = _setting(ReportTo.none, help="Experiment tracker (metrics.jsonl is always written).")
     train_modules: str | tuple[str, ...] | None = _setting(None, resume=True, type=str | None, help=(
         "Override the trained parts, comma-separated subset of vision,projector,llm (default: the stage's)."))
     gradient_checkpointing: bool = _setting(False, help="Recompute LLM activations in backward to save memory.")
-    mixed_precision: Precision = _setting(Precision.auto, help="auto: bf16 autocast on GPU, fp32 on CPU.")
+    mixed_precision: Precision = _setting(Precision.auto, resume=True, help="auto: bf16 autocast on GPU, fp32 on CPU.")
     any_template: bool = _setting(False, help=(
         "Allow a cache whose template is not the stage's (pretrain for dpt, chat for sft/dft)."))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={
@@ -175,6 +183,8 @@ class TrainConfig:
                             ("--head-memory-mb", self.head_memory_mb)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
         self.train_modules = parse_modules(recipe.train_modules if self.train_modules is None else self.train_modules)
 
     @property
@@ -206,5 +216,7 @@ class TrainConfig:
         return d
 
 
-# Settings that decide which samples a step sees and what its loss is: a resumed run must match them.
+# Settings that decide which samples a step sees, its loss and its update: a resumed run must match them.
 RESUME_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("resume"))
+# Resume keys that name a local path: compared as absolute paths (a relative and an absolute spelling match).
+PATH_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata.get("path"))

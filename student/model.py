@@ -250,7 +250,7 @@ def check_compatibility(manifest: Manifest, model, processor, *, template: str |
     """Raise ``CompatibilityError`` naming both values if the cache and the student disagree.
 
     Checked: vocab size, tokenizer hash (identical token ids), image token id (the model config's), the
-    template the stage expects (``template``; None = any), and that the cached sequence length fits the
+    template the stage expects (``template``; None = any), and that the longest cached sample fits the
     student's position embeddings. How many tokens each image expands to depends on the image (dynamic
     resolution, tiles) and on the processor, so it is checked per sample where the data stream
     re-encodes a sample with the student's processor, not here.
@@ -273,8 +273,9 @@ def check_compatibility(manifest: Manifest, model, processor, *, template: str |
     if template is not None and manifest.template != template:
         problems.append(f"cache template {manifest.template!r} != stage template {template!r}: DPT expects "
                         "a 'pretrain' (caption) cache, SFT/DFT a 'chat' cache (pass --any-template to override)")
-    max_len, max_pos = manifest.max_length, s["max_position_embeddings"]
-    if max_pos is not None and max_len > max_pos:
-        problems.append(f"cache max_length {max_len} > student max_position_embeddings {max_pos}")
+    longest, max_pos = manifest.longest_sample, s["max_position_embeddings"]
+    if max_pos is not None and longest > max_pos:
+        problems.append(f"the cache's longest sample has {longest} tokens > student max_position_embeddings "
+                        f"{max_pos} (built with --max-length {manifest.max_length})")
     if problems:
         raise CompatibilityError("cache and student are incompatible:\n  " + "\n  ".join(problems))

@@ -48,8 +48,11 @@ from student.cache_checks import check_cache_options
 from student.checkpoints import (
     CONFIG_NAME,
     METRICS_NAME,
+    OutputError,
     Position,
-    checkpoint_dirs,
+    check_free_space,
+    check_output,
+    clear_run,
     resume,
     save_checkpoint,
     save_final,
@@ -208,6 +211,7 @@ class _Run:
     total_steps: int
     teacher: str | None  # the cache's teacher, recorded beside a hidden projector
     trainable: dict[str, dict[str, int]]  # per part: parameters, trainable, tensors (stages.trainable_summary)
+    identity: dict[str, str]  # content digests of the student and the cache, checked on --resume
 
 
 def _load(cfg: TrainConfig):
@@ -217,6 +221,14 @@ def _load(cfg: TrainConfig):
 
     cache = open_cache(cfg.cache, cfg.storage_options or None)
     manifest = cache.manifest
+    # The whole cache, before step 1: a damaged shard stops the run here, not mid-epoch.
+    checked = cache.check()
+    if not checked.ok:
+        lines = checked.lines()
+        raise ValueError(f"--cache {cfg.cache}: the cache is damaged ({len(lines)} problem(s), shards "
+                         f"{' '.join(checked.failing) or '-'}):\n  " + "\n  ".join(lines[:20])
+                         + ("\n  ..." if len(lines) > 20 else "")
+                         + f"\n`kd-cache verify {cfg.cache}` lists every problem; rebuild the shards it names")
     model, processor = load_student(cfg.student)
     check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template)
     if cfg.image_folder is None:
@@ -265,8 +277,12 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
                                  block_shards=cfg.block_shards, with_teacher=cfg.distill, kinds=settings.kinds,
                                  hidden_kinds=settings.kinds if settings.hidden_loss else (),
                                  affinity=settings.affinity)
+    from kd_cache.fingerprint import config_hash, tokenizer_hash
+
+    identity = {"cache": cache.content_digest(),
+                "student": f"{config_hash(model.config)}-{tokenizer_hash(getattr(processor, 'tokenizer', processor))}"}
     return _Run(accelerator, wrapper, optimizer, scheduler, dataset, processor, settings, total_steps,
-                cache.manifest.teacher.path, trainable)
+                cache.manifest.teacher.path, trainable, identity)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -320,14 +336,18 @@ def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
             n_samples = sum(b["n_samples"] for b in micro) * world
             last = _metrics_line(at, m, n_samples, time.perf_counter() - t0)
             if main:
-                with (out / METRICS_NAME).open("a") as f:
-                    f.write(json.dumps(last) + "\n")
+                try:
+                    with (out / METRICS_NAME).open("a") as f:
+                        f.write(json.dumps(last) + "\n")
+                except OSError as e:
+                    raise OutputError(f"--out {out}: cannot append to {out / METRICS_NAME} ({e.strerror or e})") from e
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}")
             if cfg.report_to is not ReportTo.none:
                 accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))}, step=at.step)
             if cfg.save_every and at.step % cfg.save_every == 0:
-                save_checkpoint(accelerator, out, at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen}, cfg)
+                save_checkpoint(accelerator, out, at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen}, cfg,
+                                identity=run.identity)
         del batches
         if at.step < run.total_steps:
             at.epoch, at.samples_seen = at.epoch + 1, 0
@@ -335,30 +355,41 @@ def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
     return last
 
 
+def write_json_lines(path: Path) -> None:
+    """An empty ``metrics.jsonl`` (atomically: a kill leaves the old file or the new one)."""
+    from kd_cache.storage import atomic_write
+
+    atomic_write(None, str(path), b"")
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Run one stage; returns ``{"step", "out", "metrics" (the last step's), "main_process"}``."""
     from accelerate.utils import set_seed
 
     out = Path(cfg.out)
-    if not cfg.resume and checkpoint_dirs(out):
-        raise ValueError(f"--out {out} already holds checkpoints of an earlier run ({checkpoint_dirs(out)[-1].name}): "
-                         "pass --resume to continue it, or choose another --out")
+    check_output(cfg)  # a finished run, the student itself, an unwritable OUT: refused before any work
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # before the hidden projector is created
     run = _prepare(cfg, accelerator)
-    at = resume(accelerator, cfg) if cfg.resume else Position()
+    at = resume(accelerator, cfg, run.identity) if cfg.resume else Position()
+    check_free_space(out, accelerator.unwrap_model(run.model), cfg, at, run.total_steps)
+    accelerator.wait_for_everyone()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG_NAME, cfg.to_dict())
-        if at.step == 0:
-            (out / METRICS_NAME).write_text("")
+        try:
+            if cfg.overwrite:
+                clear_run(out)  # every check passed: the earlier run goes now, model first
+            write_json(out / CONFIG_NAME, cfg.to_dict())
+            if at.step == 0:
+                write_json_lines(out / METRICS_NAME)
+        except OSError as e:
+            raise OutputError(f"--out {out}: cannot write there ({e.strerror or e})") from e
     tracking = cfg.report_to is not ReportTo.none
     if tracking:
         accelerator.init_trackers("kd-train", config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
     last = _loop(cfg, run, at)
-    save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable)
+    save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable, run.identity)
     if tracking:
         accelerator.end_training()
     return {"step": at.step, "out": str(out), "metrics": last, "main_process": main}

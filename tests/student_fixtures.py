@@ -46,8 +46,8 @@ def kill_after_checkpoint(monkeypatch, step: int) -> None:
 
     real_save = train_mod.save_checkpoint
 
-    def save_then_die(accelerator, out, at_step, data_state, cfg):
-        path = real_save(accelerator, out, at_step, data_state, cfg)
+    def save_then_die(accelerator, out, at_step, data_state, cfg, **kw):
+        path = real_save(accelerator, out, at_step, data_state, cfg, **kw)
         if at_step == step:
             raise Killed
         return path

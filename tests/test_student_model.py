@@ -138,13 +138,18 @@ def test_compatibility_mismatches_name_both_values(tmp_path, processor, student_
         "tokenizer_hash": ("0123", "cache tokenizer_hash 0123 != student tokenizer_hash"),
         "image_token_id": (7, "cache image_token_id 7 != student image_token_id 3"),
         "template": ("pretrain", "cache template 'pretrain' != stage template 'chat'"),
-        "max_length": (10 ** 6, "cache max_length 1000000 > student max_position_embeddings"),
+        "shards": ([dataclasses.replace(cache.manifest.shards[0], max_tokens=10 ** 6)],
+                   "the cache's longest sample has 1000000 tokens > student max_position_embeddings"),
     }
     for key, (value, message) in cases.items():
         manifest = dataclasses.replace(cache.manifest, **{key: value})
         with pytest.raises(CompatibilityError) as err:
             check_compatibility(manifest, model, proc, template="chat")
         assert message in str(err.value), (key, str(err.value))
+    # A build's --max-length above the student's positions is fine when every cached sample fits.
+    longest = cache.manifest.longest_sample
+    assert 0 < longest == max(len(s["input_ids"]) for s in cache)
+    check_compatibility(dataclasses.replace(cache.manifest, max_length=10 ** 6), model, proc, template="chat")
 
 
 def test_cli_init_student_and_mismatched_train(parts, tmp_path, processor):
