@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from kd_cache.reader import CorruptCacheError
 from student.cache_checks import check_cache_options
 from student.checkpoints import (
     CONFIG_NAME,
@@ -327,7 +328,10 @@ def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
         batches = iter(make_loader(run.dataset, cfg.num_workers))
         while at.step < run.total_steps:
             t0 = time.perf_counter()
-            micro = list(islice(batches, cfg.grad_accum))  # a step never spans two epochs
+            try:
+                micro = list(islice(batches, cfg.grad_accum))  # a step never spans two epochs
+            except CorruptCacheError as e:
+                raise _stop_on_damage(cfg, run, at, e) from e
             if not micro:
                 break
             m = _optimizer_step(cfg, run, params, micro)
@@ -360,6 +364,21 @@ def write_json_lines(path: Path) -> None:
     from kd_cache.storage import atomic_write
 
     atomic_write(None, str(path), b"")
+
+
+def _stop_on_damage(cfg: TrainConfig, run: _Run, at: Position, err: Exception) -> ValueError:
+    """A chunk failed its checksum while a step's data was read (the up-front check does not decode
+    chunks): nothing of it was used. A single process keeps the steps done so far as a checkpoint
+    (the model is at a step boundary) so that the run resumes once the cache is repaired."""
+    kept = ""
+    if run.accelerator.num_processes == 1 and at.step > 0:
+        out = Path(cfg.out)
+        ckpt = out / "checkpoints" / f"step-{at.step}"
+        if not (ckpt / "COMPLETE").is_file():
+            save_checkpoint(run.accelerator, out, at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen}, cfg,
+                            identity=run.identity)
+        kept = f"; the {at.step} steps done are kept in {ckpt}: repair the cache and rerun with --resume"
+    return ValueError(f"{err}{kept}")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:

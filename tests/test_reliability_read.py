@@ -128,6 +128,18 @@ def test_every_single_byte_flip_of_a_logprob_chunk_raises(cache, tmp_path):
     print(f"flipped bytes tried: {len(raw)}, all detected")
 
 
+def test_changed_array_metadata_is_detected_when_the_shard_opens(cache, tmp_path):
+    """A same-size edit of an array's zarr.json (its dtype) passes the listing and sizes, not the hash."""
+    work = _copy(cache, tmp_path)
+    meta = work / "shards" / "00000" / "response" / "logprobs" / "zarr.json"
+    text = meta.read_text()
+    assert '"float16"' in text
+    meta.write_text(text.replace('"float16"', '"float32"'))
+    with pytest.raises(CorruptCacheError, match="response/logprobs/zarr.json \\(zarr metadata\\) changed"):
+        _read_shard(work, 0)
+    assert open_cache(str(work)).verify_shards().failing == ["00000"]
+
+
 def test_missing_chunk_of_fill_values_is_a_missing_file_not_zeros(tmp_path, processor):
     """Chunks equal to the fill value are written too: deleting one is detected, never read as zeros."""
     from kd_cache.writer import CacheWriter
@@ -223,6 +235,34 @@ def test_kd_train_refuses_a_damaged_cache_before_step_1(student_dir, cache, tmp_
     assert "the cache is damaged" in res.output and "00002" in res.output and "response/logprobs" in res.output
     assert "Traceback" not in res.output
     assert not (out / "metrics.jsonl").exists()  # refused before the first step
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_a_flipped_chunk_met_mid_run_stops_it_and_keeps_the_steps_done(student_dir, cache, tmp_path, num_workers):
+    """The up-front check does not decode chunks: a flipped byte (same size) is found by its checksum
+    when the step's data is read. No number of it is used; the steps done are kept as a checkpoint,
+    and the run resumes once the cache is repaired, ending as an uninterrupted run does."""
+    work = _copy(cache, tmp_path)
+    # unshuffled, batch 2: shard 00002 (sample 6) is first read by step 4
+    chunk = _chunk_files(work / "shards" / "00002" / "response" / "logprobs")[0]
+    good = chunk.read_bytes()
+    _corrupt(chunk, "flip")
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    kw = dict(save_every=0, max_steps=None, epochs=1, shuffle=False, num_workers=num_workers)
+    with pytest.raises(ValueError) as err:
+        train(_cfg(student_dir, work, out, **kw))
+    msg = str(err.value)
+    assert "array response/logprobs: chunk 0" in msg and str(chunk) in msg
+    assert f"the 3 steps done are kept in {out / 'checkpoints' / 'step-3'}" in msg
+    assert [c.name for c in checkpoint_dirs(out)] == ["step-3"]
+    chunk.write_bytes(good)  # repaired (bit-identical, as a rebuild of the shard is)
+    assert train(_cfg(student_dir, work, out, resume=True, **kw))["step"] == 4
+    train(_cfg(student_dir, cache, ref, **kw))
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(x) for x in (ref / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    for a, b in zip(lines, expected, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
 
 
 def test_kd_train_names_a_folder_that_is_not_a_cache(student_dir, tmp_path):
