@@ -288,6 +288,17 @@ def process(processor, image_token_id: int, call: dict[str, Any], images: list[A
     return ProcessedSample(ids, labels, inputs, visual, image_spans, dict(call))
 
 
+def model_inputs(processor, call: dict[str, Any], images: list[Any] | None = None) -> tuple[np.ndarray, dict]:
+    """The processor's ids (int64 [L]) and model inputs for ``call`` (``ProcessedSample.call``) and the
+    images, without the offset bookkeeping ``process`` asks for (labels and visual positions come from
+    elsewhere, e.g. a cache). About 1 ms cheaper per LLaVA sample than ``process``."""
+    images = list(images or [])
+    kwargs = {k: v for k, v in call.items() if k != "text"}
+    out = processor(text=[call["text"]], images=[images] if images else None, return_tensors="pt", **kwargs)
+    ids = out["input_ids"][0].numpy().astype(np.int64)
+    return ids, {k: v for k, v in out.items() if k not in NOT_MODEL_INPUTS and torch.is_tensor(v)}
+
+
 def encode(processor, image_token_id: int, messages: list[dict], images: list[Any] | None = None, *,
            template: str = "chat") -> ProcessedSample:
     """Encode one conversation (``[{"role", "content"}]``, ``<image>`` tags in the content, images in

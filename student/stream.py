@@ -24,10 +24,12 @@ after that prefix; nothing is replayed.
 
 Batches. In the workers, each sample's images are read from the image folder and the student's
 processor is run on the sample's ``processor_call`` (the text the teacher's processor was given, before
-placeholder expansion) and images (``kd_cache.processing.process``), so the model inputs are exactly the
-student processor's (tiles, ``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...). Its ids
-must equal the cached ids (the cache's distributions are at those positions): a sample whose ids or
-per-image visual counts differ is refused, naming it and both counts. ``batch["model_inputs"]`` holds
+placeholder expansion) and images (``kd_cache.processing.model_inputs``: ids and inputs, without the
+offset bookkeeping the teacher pass needs), so the model inputs are exactly the student processor's
+(tiles, ``image_sizes``, ``image_grid_thw``, ``mm_token_type_ids``, ...). Its ids must equal the cached
+ids (the cache's distributions are at those positions; where the build cut at ``--max-length``, the
+cached ids are a prefix that keeps every image token): a sample whose ids differ is refused, naming it
+and both counts. ``batch["model_inputs"]`` holds
 every input, collated (``processing.collate``: right padding); per-sample positions become flat
 indices into the padded ``[B * T]`` hidden states; teacher arrays are concatenated over the batch with
 a batch index.
@@ -337,20 +339,25 @@ class StreamingKDDataset(IterableDataset):
             t = torch.from_numpy(ids)[None]
             return ProcessedSample(ids, labels, {"input_ids": t, "attention_mask": torch.ones_like(t)})
         try:
-            enc = processing.process(self.processor, self.image_token_id, call, self._load_images(s))
+            # ids and model inputs only: the labels and visual positions are the cache's
+            full, inputs = processing.model_inputs(self.processor, call, self._load_images(s))
         except ValueError as e:
             raise ValueError(f"sample {sid!r}: the student's processor cannot encode the teacher's text and images "
                              f"({e}): teacher and student must share the processor's tokens") from e
-        cut = enc.truncated(len(ids))  # the build cut at --max-length
-        counts = [int(c) for c in s["image_token_counts"]]
-        if cut is None or not np.array_equal(cut.input_ids, ids) or cut.image_token_counts != counts:
+        n, counts = len(ids), [int(c) for c in s["image_token_counts"]]
+        same = len(full) >= n and np.array_equal(full[:n], ids)
+        # the build cut at --max-length: never through an image (its features would lose their tokens)
+        if not same or (self.image_token_id is not None and (full[n:] == self.image_token_id).any()):
+            # the refusal only: the processor's own per-image counts, for the message
+            enc = processing.process(self.processor, self.image_token_id, call, self._load_images(s))
             raise ValueError(
-                f"sample {sid!r}: the student's processor gives {len(enc.input_ids)} tokens with "
-                f"{enc.image_token_counts} visual tokens per image, the cache holds {len(ids)} tokens with {counts}"
-                + ("" if len(enc.input_ids) != len(ids) or cut is None else " (same length, different ids)")
+                f"sample {sid!r}: the student's processor gives {len(full)} tokens with "
+                f"{enc.image_token_counts} visual tokens per image, the cache holds {n} tokens with {counts}"
+                + (" (same length, different ids)" if len(full) == n and not same else "")
                 + ": the student's processor must tokenize and expand images exactly as the teacher's did "
                 "(same tokenizer, same image processor settings)")
-        return cut
+        cut = {k: v[:, :n] if k in processing.TOKEN_INPUTS else v for k, v in inputs.items()}
+        return ProcessedSample(ids, labels, cut)
 
     def collate(self, samples: list[dict]) -> dict:
         """Right-padded batch with flat position indices and concatenated teacher arrays.
