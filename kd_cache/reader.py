@@ -252,7 +252,7 @@ class _ShardReader:
         self.token = next(_OPENINGS)  # names this opening in chunk cache keys
         self.display = storage.display(fs, path)
         if not fs.exists(posixpath.join(path, METADATA_NAME)):
-            raise FileNotFoundError(f"shard {self.display} is missing: {INCOMPLETE_HINT}")
+            raise FileNotFoundError(f"shard {self.display} is missing: {DAMAGED_HINT}")
         if entry is not None:
             problems = file_problems(fs, path, entry, _listing(fs, path))
             if problems:
@@ -382,7 +382,7 @@ class KDCache:
         if not fs.exists(marker):
             raise FileNotFoundError(
                 f"shard {self.shard_name(shard_index)} has no completion marker {storage.display(fs, marker)}: "
-                f"{INCOMPLETE_HINT}"
+                f"{DAMAGED_HINT}"
             )
         reader = _ShardReader(fs, self.shard_path(shard_index), self.manifest.shards[shard_index])
         if reader.n != self.shard_sizes[shard_index]:

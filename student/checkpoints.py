@@ -136,6 +136,11 @@ def check_resume(saved: dict, cfg: TrainConfig, ckpt: Path, saved_identity: dict
                          + "\nResume with the original settings, or train into another --out.")
 
 
+def reset_metrics(path: Path) -> None:
+    """An empty ``metrics.jsonl`` for a run that starts at step 0 (atomically, as every rewrite)."""
+    atomic_write(None, str(path), b"")
+
+
 def truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from (the run died past it); the file is
     replaced atomically, so a kill during the rewrite leaves the old lines."""

@@ -47,6 +47,7 @@ import torch
 from kd_cache.reader import CorruptCacheError
 from student.cache_checks import check_cache_options
 from student.checkpoints import (
+    COMPLETE_MARKER,
     CONFIG_NAME,
     METRICS_NAME,
     OutputError,
@@ -54,6 +55,7 @@ from student.checkpoints import (
     check_free_space,
     check_output,
     clear_run,
+    reset_metrics,
     resume,
     save_checkpoint,
     save_final,
@@ -359,13 +361,6 @@ def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
     return last
 
 
-def write_json_lines(path: Path) -> None:
-    """An empty ``metrics.jsonl`` (atomically: a kill leaves the old file or the new one)."""
-    from kd_cache.storage import atomic_write
-
-    atomic_write(None, str(path), b"")
-
-
 def _stop_on_damage(cfg: TrainConfig, run: _Run, at: Position, err: Exception) -> ValueError:
     """A chunk failed its checksum while a step's data was read (the up-front check does not decode
     chunks): nothing of it was used. A single process keeps the steps done so far as a checkpoint
@@ -374,7 +369,7 @@ def _stop_on_damage(cfg: TrainConfig, run: _Run, at: Position, err: Exception) -
     if run.accelerator.num_processes == 1 and at.step > 0:
         out = Path(cfg.out)
         ckpt = out / "checkpoints" / f"step-{at.step}"
-        if not (ckpt / "COMPLETE").is_file():
+        if not (ckpt / COMPLETE_MARKER).is_file():
             save_checkpoint(run.accelerator, out, at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen}, cfg,
                             identity=run.identity)
         kept = f"; the {at.step} steps done are kept in {ckpt}: repair the cache and rerun with --resume"
@@ -400,7 +395,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 clear_run(out)  # every check passed: the earlier run goes now, model first
             write_json(out / CONFIG_NAME, cfg.to_dict())
             if at.step == 0:
-                write_json_lines(out / METRICS_NAME)
+                reset_metrics(out / METRICS_NAME)
         except OSError as e:
             raise OutputError(f"--out {out}: cannot write there ({e.strerror or e})") from e
     tracking = cfg.report_to is not ReportTo.none
