@@ -29,6 +29,9 @@ LABELS = {
     "dft-no-visual": "  DFT without visual MDist",
     "dft-no-rdist": "  DFT without RDist",
 }
+SHORT = {"baseline": "PT\nSFT", "dpt-sft": "DPT\nSFT", "pt-sft-dft": "PT\nSFT\nDFT",
+         "distilled": "DPT\nSFT\nDFT\n(LLaVA-KD)", "dft-no-response": "DFT w/o\nresponse\nMDist",
+         "dft-no-visual": "DFT w/o\nvisual\nMDist", "dft-no-rdist": "DFT w/o\nRDist"}
 # The paper's rows (average over its benchmarks, LLaVA-KD-1B): DPT-SFT-DFT 57.9 vs PT-SFT 54.7.
 PAPER = {"baseline": 54.7, "distilled": 57.9}
 METRICS = ("accuracy", *(f"acc_{q}" for q in QUESTIONS), "kl_to_teacher", "top1_agreement")
@@ -80,7 +83,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
     except ImportError:
         return False
     arms = list(LABELS)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for ax, key, title in ((axes[0], "accuracy", "test accuracy (higher is better)"),
                            (axes[1], "kl_to_teacher", "KL to the teacher (lower is better)")):
         for i, arm in enumerate(arms):
@@ -94,8 +97,7 @@ def plot(summary: dict[str, Any], path: Path) -> bool:
             lo = min(v for arm in arms for v in summary["test"][arm][key]["values"])
             ax.set_ylim(max(0.0, lo - 0.05), 1.0)
             ax.legend(fontsize=8)
-        ax.set_xticks(range(len(arms)), [LABELS[a].strip().replace(" (LLaVA-KD)", "\n(LLaVA-KD)")
-                                          .replace("DFT without ", "DFT w/o\n") for a in arms], fontsize=7)
+        ax.set_xticks(range(len(arms)), [SHORT[a] for a in arms], fontsize=7)
         ax.set_title(title)
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
