@@ -6,4 +6,6 @@
 - ``config``: ``DemoConfig``, the sizes and schedule of one demo run.
 - ``run``: ``run_demo``, every step of the demo (the ``kd-demo`` command).
 - ``report``: the demo's loss curves, per-question accuracy and printed table.
+- ``verdict``: per-question KL, and the distilled student's margins over the baseline in standard errors.
+- ``ablation``: ``kd-demo --ablation``, the paper's ablation over seeds (table and plot).
 """

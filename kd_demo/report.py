@@ -98,5 +98,11 @@ def log_summary(results: dict[str, Any], out: Path, plotted: bool, log: Callable
     ratio = results["teacher"]["llm_params"] / results["baseline"]["llm_params"]
     log(f"\nteacher LLM / student LLM parameters: {ratio:.1f}x; {results['teacher']['questions']} test questions; "
         f"total {results['total_s']:.0f}s")
+    v = results["verdict"]
+    won = "yes" if v["verdict"] else "NO"
+    log(f"distilled - baseline on the test set (paired, {results['teacher']['questions']} questions): accuracy "
+        f"{v['accuracy_gain']:+.3f} +- {v['accuracy_gain_se']:.3f} ({v['accuracy_gain_z']:+.1f} SE), KL to the teacher "
+        f"{-v['kl_reduction']:+.4f} +- {v['kl_reduction_se']:.4f} ({v['kl_reduction_z']:+.1f} SE); "
+        f"more accurate and closer by more than 2 SE: {won}")
     log(f"results: {out / 'results.json'}" + (f"; curves: {out / 'curves.png'}" if plotted else
                                                " (pip install matplotlib for curves.png)"))

@@ -3,29 +3,34 @@
 Steps (each one is the real tool, called in-process):
 
 1. The synthetic visual task (``kd_demo.task``): caption records for pre-training, three-question
-   conversations for fine-tuning, a held-out test set with one question per image.
+   conversations for fine-tuning, held-out test and validation sets with one question per image.
 2. A tokenizer and processor trained on the spot (``kd_demo.tiny``), a teacher whose language model
    has 8x the student's parameters (as 4B vs 0.5B in the paper), and a student composed with
    ``compose_student`` (= ``kd-train init-student``) from the *trained* teacher's vision tower and a
    fresh small Qwen2 LM, so both share the vision tower as in the paper.
-3. The teacher is trained on its own, 10x larger QA set with ``kd-train --stage sft`` (vision +
-   projector + LLM from scratch). ``kd-train`` reads a cache, so that QA set is first cached with
-   the *untrained* teacher (``--top-k 1 --relation none``): SFT only uses its tokens and labels.
+3. The teacher is trained as LLaVA teachers are, on its own 20x larger image set: caption
+   pre-training, then instructions, both with ``kd-train --stage sft`` (vision + projector + LLM from
+   scratch). ``kd-train`` reads caches, so these are first built with the *untrained* teacher
+   (``--top-k 1 --relation none``): its SFT only uses their tokens and labels.
 4. ``kd-cache build`` with the trained teacher: the captions (``--template pretrain``), the
-   student's instruction data, and the test set (``top_k`` = vocabulary, so its KL is exact).
-5. One student checkpoint is trained twice. Distilled: DPT -> SFT -> DFT (paper losses; the demo
-   turns the visual-position MDist off, ``DemoConfig.beta``, see there).
-   Baseline: PT (DPT's recipe with CE only) -> SFT -> SFT, the second SFT leg as long as DFT, with
-   the same learning rates and per-leg schedules: the teacher signal is the only difference. The
-   demo's student LLM starts from random weights, so PT and DPT train projector + LLM (see
-   ``DemoConfig.pretrain_modules``). The two students train side by side, one process each.
-6. ``kd-eval`` metrics for teacher, baseline and distilled on the test set.
+   student's instruction data, and the test and validation sets (``top_k`` = vocabulary, so their
+   KL is exact).
+5. One student checkpoint is trained twice. Distilled: DPT -> SFT -> DFT with the paper's losses and
+   weights (alpha = beta = gamma = 1). Baseline: PT (DPT's recipe with CE only) -> SFT -> SFT, the
+   second SFT leg as long as DFT, with the same learning rates and per-leg schedules: the teacher
+   signal is the only difference. The demo's student LLM starts from random weights, so PT and DPT
+   train projector + LLM (see ``DemoConfig.pretrain_modules``). Legs run two at a time, one process
+   each; ``--ablation`` adds the arms of ``ABLATION_ARMS`` (``kd_demo.ablation``).
+6. ``kd-eval`` metrics for every model on the test and validation sets, and the verdict
+   (``kd_demo.verdict``): the distilled student's margins over the baseline in standard errors.
 
-Writes ``OUT/results.json`` (``{"teacher": {...}, "baseline": {...}, "distilled": {...}}`` with
-``accuracy`` (exact match of greedy answers), ``mc_accuracy``, ``accuracy_by_question``,
-``kl_to_teacher`` and ``top1_agreement`` (response positions of the test cache), ``kl_visual`` ...),
-``OUT/curves.png`` (training losses of every stage, when matplotlib is installed) and prints a table.
-Measured on 2 CPU cores: about 6 minutes; seeds 0, 1 and 2 are in benchmarks/RESULTS.md.
+Writes ``OUT/results.json`` (``{"teacher": {...}, "baseline": {...}, "distilled": {...}}`` on the test
+set with ``accuracy`` (exact match of greedy answers), ``mc_accuracy``, ``accuracy_by_question``,
+``kl_to_teacher`` and ``top1_agreement`` (response positions of the test cache), ``kl_visual``; the
+same under ``"val"``; ``verdict`` and ``verdict_val``), ``OUT/predictions-<split>-<model>.jsonl``
+(per question: the answer, whether it is right, its KL sum), ``OUT/curves.png`` (training losses of
+every stage, when matplotlib is installed) and prints a table. Measured times and seeds 0-4 are in
+benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -172,8 +177,8 @@ def train_teacher(cfg: DemoConfig, data: dict[str, Path], teacher_init: Path, ca
 
 
 def build_student_caches(cfg: DemoConfig, teacher: Path, data: dict[str, Path], caches: Path, vocab_size: int) -> None:
-    """The trained teacher's caches: captions (pretrain), instructions (chat) and the test set (chat, the
-    whole vocabulary so its KL is exact); with ``--method llavadi`` also the instructions at every
+    """The trained teacher's caches: captions (pretrain), instructions (chat) and the test and validation
+    sets (chat, the whole vocabulary so their KL is exact); with ``--method llavadi`` also the instructions at every
     position with hidden states."""
     from kd_cache.build import BuildConfig, build_cache
 
@@ -182,15 +187,31 @@ def build_student_caches(cfg: DemoConfig, teacher: Path, data: dict[str, Path], 
                             template="pretrain", top_k=cfg.top_k, **build))
     build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(caches / "instruct"),
                             top_k=cfg.top_k, **build))
-    build_cache(BuildConfig(teacher=str(teacher), data=str(data["test"]), out=str(caches / "test"),
-                            top_k=vocab_size, relation="none", **build))
+    for split in ("test", "val"):
+        build_cache(BuildConfig(teacher=str(teacher), data=str(data[split]), out=str(caches / split),
+                                top_k=vocab_size, relation="none", **build))
     if cfg.method is DemoMethod.llavadi:
         build_cache(BuildConfig(teacher=str(teacher), data=str(data["train"]), out=str(caches / "instruct-all"),
                                 top_k=cfg.top_k, positions="response,visual,prompt", hidden=True, **build))
 
 
+# Arms of the ablation beyond the demo's two students: (name, pre-training, third leg, DFT weights
+# switched off). Every arm is three legs of the same lengths from the same student checkpoint, so all
+# take pt_steps + sft_steps + dft_steps optimizer steps; an arm without DFT runs SFT again for DFT's
+# steps (its own warmup and cosine, as each leg has). Legs two arms share are trained once.
+TERM_OF_WEIGHT = {"alpha": "response", "beta": "visual", "gamma": "rdist"}
+ABLATION_ARMS = (
+    ("dpt-sft", "dpt", "sft", ()),
+    ("pt-sft-dft", "pt", "dft", ()),
+    ("dft-no-response", "dpt", "dft", ("alpha",)),
+    ("dft-no-visual", "dpt", "dft", ("beta",)),
+    ("dft-no-rdist", "dpt", "dft", ("gamma",)),
+)
+
+
 def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> dict[str, list[dict[str, Any]]]:
-    """The legs of every student, by arm name (``baseline``, ``distilled``, ``llavadi``).
+    """The legs of every student, by arm name (``baseline``, ``distilled``; ``llavadi`` with
+    ``--method llavadi``; the ``ABLATION_ARMS`` with ``--ablation``).
 
     The baseline mirrors the distilled schedule leg by leg (PT = DPT's steps, SFT = SFT's steps, then
     SFT again for DFT's steps, same learning rates and warmup/cosine per leg): the teacher signal is
@@ -200,17 +221,24 @@ def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> di
     pre = dict(max_steps=cfg.pt_steps, lr=cfg.pt_lr, train_modules=cfg.pretrain_modules, **_train_options(cfg))
     fine = dict(lr=cfg.lr, **_train_options(cfg))
     captions, instruct = caches / "captions", caches / "instruct"
-    arms = {
-        "baseline": [
-            _leg("sft", student, captions, runs / "baseline-pt", any_template=True, **pre),
-            _leg("sft", runs / "baseline-pt", instruct, runs / "baseline-sft", max_steps=cfg.sft_steps, **fine),
-            _leg("sft", runs / "baseline-sft", instruct, runs / "baseline-sft2", max_steps=cfg.dft_steps, **fine)],
-        "distilled": [
-            _leg("dpt", student, captions, runs / "distilled-dpt", **kd, **pre),
-            _leg("sft", runs / "distilled-dpt", instruct, runs / "distilled-sft", max_steps=cfg.sft_steps, **fine),
-            _leg("dft", runs / "distilled-sft", instruct, runs / "distilled-dft", max_steps=cfg.dft_steps, **kd,
-                 **fine)],
-    }
+    first = {"pt": _leg("sft", student, captions, runs / "baseline-pt", any_template=True, **pre),
+             "dpt": _leg("dpt", student, captions, runs / "distilled-dpt", **kd, **pre)}
+    prefix = {"pt": "baseline", "dpt": "distilled"}
+
+    def arm(pre_stage: str, third: str, off: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+        p = prefix[pre_stage]
+        sft = _leg("sft", runs / f"{p}-{pre_stage}", instruct, runs / f"{p}-sft", max_steps=cfg.sft_steps, **fine)
+        if third == "sft":
+            last = _leg("sft", runs / f"{p}-sft", instruct, runs / f"{p}-sft2", max_steps=cfg.dft_steps, **fine)
+        else:
+            weights = {**kd, **dict.fromkeys(off, 0.0)}
+            name = f"{p}-dft" + "".join(f"-no-{TERM_OF_WEIGHT[w]}" for w in off)
+            last = _leg("dft", runs / f"{p}-sft", instruct, runs / name, max_steps=cfg.dft_steps, **weights, **fine)
+        return [first[pre_stage], sft, last]
+
+    arms = {"baseline": arm("pt", "sft"), "distilled": arm("dpt", "dft")}
+    if cfg.ablation:
+        arms.update({name: arm(pre_stage, third, off) for name, pre_stage, third, off in ABLATION_ARMS})
     if cfg.method is DemoMethod.llavadi:
         # Same schedule as the LLaVA-KD student; the DFT leg distils logits on every token and the final
         # hidden states (LLaVADI's best combination) instead of response/visual logits + RDist.
@@ -224,8 +252,8 @@ def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> di
     return arms
 
 
-def _train_arm(legs: list[dict], threads: int) -> None:
-    """Run ``kd-train`` legs one after the other (also the entry point of a worker process)."""
+def _train_leg(leg: dict, threads: int) -> None:
+    """One ``kd-train`` run (also the entry point of a worker process)."""
     _quiet()
     import torch
 
@@ -233,47 +261,94 @@ def _train_arm(legs: list[dict], threads: int) -> None:
     from student.train import train
 
     torch.set_num_threads(threads)
-    for leg in legs:
-        train(TrainConfig(**leg))
+    train(TrainConfig(**leg))
 
 
 def train_students(cfg: DemoConfig, arms: dict[str, list[dict]], steps: _Steps) -> None:
-    if cfg.parallel:
-        # The students are independent: train them side by side, one process (and core) each.
+    """Train every leg of every arm once (a leg two arms share, once), each after the leg it starts
+    from; with ``parallel``, two at a time in worker processes (one core each)."""
+    legs = list({leg["out"]: leg for legs in arms.values() for leg in legs}.values())  # a topological order
+    with steps(f"students: {len(legs)} kd-train legs of {', '.join(arms)}" + (", two at a time" if cfg.parallel
+                                                                              else "")):
+        if not cfg.parallel:
+            for leg in legs:
+                _train_leg(leg, cfg.threads)
+            return
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-        with steps("students: baseline PT -> SFT -> SFT and distilled DPT -> SFT -> DFT, in parallel"):
-            with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
-                for f in [pool.submit(_train_arm, legs, cfg.threads) for legs in arms.values()]:
+        outs = {leg["out"] for leg in legs}
+        done: set[str] = set()
+        running: dict[Any, str] = {}
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+            while legs or running:
+                for leg in [x for x in legs if x["student"] not in outs or x["student"] in done][:2 - len(running)]:
+                    legs.remove(leg)
+                    running[pool.submit(_train_leg, leg, cfg.threads)] = leg["out"]
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                for f in finished:
                     f.result()
-        return
-    with steps("baseline: PT (CE only) -> SFT (two legs: the distilled SFT's and DFT's steps)"):
-        _train_arm(arms["baseline"], cfg.threads)
-    with steps("distilled: DPT -> SFT -> DFT"):
-        _train_arm(arms["distilled"], cfg.threads)
-    if "llavadi" in arms:
-        with steps("llavadi: DPT -> SFT -> DFT (all-token logits + hidden states)"):
-            _train_arm(arms["llavadi"], cfg.threads)
+                    done.add(running.pop(f))
 
 
 # ------------------------------------------------------------------------------------------ evaluation
 
 
-def evaluate_model(path: Path, data: dict[str, Path], test_cache: Path) -> tuple[dict[str, Any], list[dict]]:
-    """``kd-eval`` of one model on the test set (answers) and its cache (KL): (metrics, predictions)."""
-    from student.evaluate import evaluate_cache, evaluate_qa, load_model
+def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: int = 1,
+                   batch_size: int = 64) -> tuple[dict[str, Any], list[dict]]:
+    """``kd-eval`` of one model on a question file (answers) and its full-vocabulary cache (KL):
+    (metrics, predictions with each question's KL sum ``kl`` over its ``kl_positions``)."""
+    _quiet()
+    import torch
 
+    from kd_demo.verdict import per_question_kl
+    from student.evaluate import evaluate_qa, load_model
+
+    torch.set_num_threads(threads)
     model, proc = load_model(path, "cpu")
-    qa = evaluate_qa(path, str(data["test"]), str(data["images"]), batch_size=32, max_new_tokens=6, model=model,
+    qa = evaluate_qa(path, str(data), str(images), batch_size=batch_size, max_new_tokens=6, model=model,
                      processor=proc)
-    kl = evaluate_cache(path, str(test_cache), batch_size=32, model=model, processor=proc)
-    metrics = {"accuracy": qa["accuracy"], "mc_accuracy": qa["mc_accuracy"], "kl_to_teacher": kl["kl_to_teacher"],
-               "top1_agreement": kl["top1_agreement"], "kl_visual": kl["kl_visual"],
-               "top1_visual": kl["top1_visual"], "ce": kl["ce"], "questions": qa["questions"],
-               "llm_params": llm_params(model), "accuracy_by_question": accuracy_by_question(qa["predictions"],
-                                                                                             data["test"])}
-    return metrics, qa["predictions"]
+    kl = per_question_kl(model, proc, cache, batch_size=batch_size)
+    at = {rid: i for i, rid in enumerate(kl["ids"])}
+    predictions = [{**p, "kl": float(kl["response_kl"][at[p["id"]]]),
+                    "kl_positions": int(kl["response_n"][at[p["id"]]])} for p in qa["predictions"]]
+    n_resp, n_vis = kl["response_n"].sum(), kl["visual_n"].sum()
+    metrics = {"accuracy": qa["accuracy"], "mc_accuracy": qa["mc_accuracy"],
+               "kl_to_teacher": float(kl["response_kl"].sum() / n_resp),
+               "top1_agreement": float(kl["response_agree"].sum() / n_resp),
+               "kl_visual": float(kl["visual_kl"].sum() / n_vis) if n_vis else None,
+               "questions": qa["questions"], "llm_params": llm_params(model),
+               "accuracy_by_question": accuracy_by_question(qa["predictions"], data)}
+    return metrics, predictions
+
+
+def evaluate_all(cfg: DemoConfig, models: dict[str, Path], data: dict[str, Path], caches: Path,
+                 out: Path) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every model on the test and validation sets: ``{"test": {name: metrics}, "val": {...}}``;
+    writes ``OUT/predictions-<split>-<name>.jsonl``. Two worker processes with ``parallel``."""
+    jobs = [(split, name, path) for split in ("test", "val") for name, path in models.items()]
+
+    def args(split, path):
+        return (path, data[split], data["images"], caches / split, cfg.threads, cfg.eval_batch_size)
+
+    if cfg.parallel:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(max_workers=2, mp_context=mp.get_context("spawn")) as pool:
+            got = list(pool.map(evaluate_model, *zip(*[args(split, path) for split, _, path in jobs])))
+    else:
+        got = [evaluate_model(*args(split, path)) for split, _, path in jobs]
+    results: dict[str, dict[str, dict[str, Any]]] = {"test": {}, "val": {}}
+    for (split, name, _), (metrics, predictions) in zip(jobs, got):
+        results[split][name] = metrics
+        with open(out / f"predictions-{split}-{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(p) + "\n" for p in predictions)
+    return results
+
+
+def read_predictions(out: Path, split: str, name: str) -> list[dict]:
+    return [json.loads(x) for x in (out / f"predictions-{split}-{name}.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------------------ the demo
@@ -284,6 +359,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     _quiet()
     import torch
 
+    from student.evaluate import evaluate_cache
     from student.model import compose_student
 
     torch.manual_seed(cfg.seed)
@@ -303,18 +379,20 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         teacher = train_teacher(cfg, data, teacher_init, caches, runs)
     with steps("student: kd-train init-student (teacher's vision tower + fresh projector + small LLM)"):
         student = compose_student(teacher, student_llm, models / "student-init", seed=cfg.seed)
-    with steps("kd-cache build: captions (pretrain), instructions (chat), test (chat, full vocabulary)"):
+    with steps("kd-cache build: captions (pretrain), instructions (chat), test and val (chat, full vocabulary)"):
         build_student_caches(cfg, teacher, data, caches, len(tok))
     arms = student_arms(cfg, student, caches, runs)
     train_students(cfg, arms, steps)
 
-    results: dict[str, Any] = {}
-    with steps("kd-eval: teacher, baseline, distilled on the held-out test set"):
+    with steps(f"kd-eval: teacher and {len(arms)} students on the test and validation sets"):
         finals = {"teacher": teacher, **{name: Path(legs[-1]["out"]) for name, legs in arms.items()}}
-        for name, path in finals.items():
-            results[name], predictions = evaluate_model(path, data, caches / "test")
-            with open(out / f"predictions-{name}.jsonl", "w") as f:
-                f.writelines(json.dumps(p) + "\n" for p in predictions)
+        evaluated = evaluate_all(cfg, finals, data, caches, out)
+        # What the teacher's outputs at caption (and image) positions are worth: its caption CE.
+        captions = evaluate_cache(teacher, str(caches / "captions"), batch_size=cfg.eval_batch_size)
+    results: dict[str, Any] = dict(evaluated["test"])
+    results["val"] = evaluated["val"]
+    results["teacher"]["caption_ce"] = captions["ce"]
+    results.update(verdicts(out))
     plotted = plot_curves({k: runs / k for k in STAGE_RUNS}, out / "curves.png")
     results["config"] = asdict(cfg)
     results["teacher_to_student_llm_params"] = round(results["teacher"]["llm_params"]
@@ -324,6 +402,24 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     log_summary(results, out, plotted, log)
     return results
+
+
+def verdicts(out: Path) -> dict[str, dict[str, Any]]:
+    """``verdict`` (test set) and ``verdict_val``: the distilled student against the baseline, from the
+    predictions a demo wrote in ``out`` (``kd_demo.verdict.compare``)."""
+    from kd_demo.verdict import compare
+
+    found = {}
+    for split, key in (("test", "verdict"), ("val", "verdict_val")):
+        per = {name: _per_question(read_predictions(out, split, name)) for name in ("distilled", "baseline")}
+        found[key] = compare(per["distilled"], per["baseline"])
+    return found
+
+
+def _per_question(predictions: list[dict]) -> dict[str, Any]:
+    """``verdict.compare``'s view of one model's predictions on a split."""
+    return {"ids": [p["id"] for p in predictions], "correct": [p["correct"] for p in predictions],
+            "response_kl": [p["kl"] for p in predictions], "response_n": [p["kl_positions"] for p in predictions]}
 
 
 if __name__ == "__main__":  # pragma: no cover

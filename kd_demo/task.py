@@ -4,7 +4,8 @@ One shape per 32x32 image, with a kind (circle/square/triangle), a hue drawn uni
 wheel and named after the nearest of six anchor hues, and a place (left/right/top/bottom/center,
 jittered). ``make_task`` writes the LLaVA-format files: caption records feed pre-training (DPT / PT),
 three-question conversations (colour, shape, place) the fine-tuning stages, and the held-out test set
-has one question per image, with its ``options``.
+and the validation set (every choice of the demo's configuration) have one question per image,
+with its ``options``.
 """
 
 from __future__ import annotations
@@ -117,10 +118,10 @@ def _qa_records(rng: random.Random, cfg: DemoConfig, images: Path, prefix: str, 
     return out
 
 
-def _test_records(rng: random.Random, cfg: DemoConfig, images: Path, n: int) -> list[dict]:
+def _test_records(rng: random.Random, cfg: DemoConfig, images: Path, n: int, prefix: str = "test") -> list[dict]:
     """One random question per image, with its ``question_type`` and multiple-choice ``options``."""
     out = []
-    for rid, name, sc in _scenes(rng, cfg, images, "test", n):
+    for rid, name, sc in _scenes(rng, cfg, images, prefix, n):
         kind = rng.choice(list(QUESTIONS))
         q, options = QUESTIONS[kind]
         conv = [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": sc.answer(kind)}]
@@ -141,6 +142,8 @@ def make_task(root: Path, cfg: DemoConfig) -> dict[str, Path]:
         "captions": [caption_record(*r) for r in _scenes(rng, cfg, images, "caption", cfg.n_caption)],
         "train": _qa_records(rng, cfg, images, "train", cfg.n_train),
         "test": _test_records(rng, cfg, images, cfg.n_test),
+        # drawn after the others so that adding it left every other file of a seed as it was
+        "val": _test_records(rng, cfg, images, cfg.n_val, "val"),
     }
     paths = {}
     for key, rows in files.items():

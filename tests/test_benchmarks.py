@@ -42,17 +42,23 @@ def test_run_all_smoke_writes_every_key(tmp_path):
         assert key in proc.stdout
 
 
-def test_demo_seeds_table_counts_wins():
+def test_demo_seeds_table_counts_verdicts():
     sys.path.insert(0, str(REPO))
     from benchmarks.demo_seeds import table
 
-    def res(t, b, d):
-        return {m: {"accuracy": a, "kl_to_teacher": kl, "top1_agreement": 0.9}
-                for m, (a, kl) in zip(("teacher", "baseline", "distilled"), (t, b, d))}
+    def res(t, b, d, gain_z, red_z):
+        out = {m: {"accuracy": a, "kl_to_teacher": kl, "questions": 100}
+               for m, (a, kl) in zip(("teacher", "baseline", "distilled"), (t, b, d))}
+        out["verdict"] = {"accuracy_gain": d[0] - b[0], "accuracy_gain_se": 0.01, "accuracy_gain_z": gain_z,
+                          "kl_reduction": b[1] - d[1], "kl_reduction_se": 0.02, "kl_reduction_z": red_z,
+                          "verdict": gain_z > 2 and red_z > 2}
+        return out
 
-    runs = [{"seed": 0, "wall_s": 60.0, "results": res((0.9, 0.0), (0.7, 0.2), (0.8, 0.1))},
-            {"seed": 1, "wall_s": 120.0, "results": res((0.9, 0.0), (0.8, 0.1), (0.7, 0.3))}]
+    runs = [{"seed": 0, "wall_s": 60.0, "cpu_s": 90.0, "results": res((0.9, 0.0), (0.7, 0.2), (0.8, 0.1), 10.0, 5.0)},
+            {"seed": 1, "wall_s": 120.0, "cpu_s": None, "results": res((0.9, 0.0), (0.8, 0.1), (0.7, 0.3), -10.0, -10.0)}]
     text = table(runs)
-    assert "| 0 | 0.900 | 0.700 | 0.800 | 0.0000 | 0.2000 | 0.1000 |" in text
-    assert "| mean | 0.900 | 0.750 | 0.750 | 0.0000 | 0.1500 | 0.2000 |" in text
-    assert "accuracy for 1 of 2 seeds; lower KL to the teacher for 1 of 2" in text
+    assert "| 0 | 0.900 | 0.700 | 0.800 | +0.100 ± 0.010 (+10.0) | 0.2000 | 0.1000 | +0.1000 ± 0.0200 (+5.0) | yes | " \
+           "1.0 min | 1.5 min |" in text
+    assert "| NO | 2.0 min | - |" in text
+    assert "| mean | 0.900 | 0.750 | 0.750 | | 0.1500 | 0.2000 |" in text
+    assert "more than 2 standard errors of the 100-question test set on 1 of 2 seeds" in text
