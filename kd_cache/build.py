@@ -236,16 +236,18 @@ def build_cache(cfg: BuildConfig) -> Manifest:
 
     n_shards = math.ceil(n_records / cfg.shard_size)
     dist.barrier()
+    listed = _gather(cfg, writer, n_shards)
+    check_skips(listed[1], sum(e.samples for e in listed[0]), cfg.max_skip_share)  # on every rank: all stop
     if dist.main:
-        manifest = _finish(cfg, writer, n_shards, teacher, k, runner.relation)
+        manifest = _finish(cfg, writer, listed, teacher, k, runner.relation)
     dist.barrier()
     if not dist.main:
         manifest = writer.read_manifest()
     return manifest
 
 
-def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: int, relation: str) -> Manifest:
-    """Gather the completion markers and skip lists of every shard and write the manifest."""
+def _gather(cfg: BuildConfig, writer: CacheWriter, n_shards: int) -> tuple[list, list[dict], list[dict]]:
+    """Every shard's completion marker, and the records the build skipped and cut, in shard order."""
     entries, skipped, truncated = [], [], []
     for s in range(n_shards):
         entry = writer.read_marker(s)
@@ -255,7 +257,12 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: in
         listed = storage.read_json(writer.fs, writer.skipped_path(s)) or {}
         skipped.extend(listed.get("skipped", []))
         truncated.extend(listed.get("truncated", []))
-    check_skips(skipped, sum(e.samples for e in entries), cfg.max_skip_share)
+    return entries, skipped, truncated
+
+
+def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: int, relation: str) -> Manifest:
+    """Write the manifest from the gathered shards (``_gather``)."""
+    entries, skipped, truncated = listed
     model_cfg = teacher.model.config
     head = teacher.model.get_output_embeddings().weight
     sample_mode = cfg.sparse == SparseMode.sample.value

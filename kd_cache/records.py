@@ -332,33 +332,16 @@ class _Unparsed:
         self.error = error
 
 
-def _undecoded(ds):
-    """The dataset with every ``datasets.Image`` column read as ``{"bytes", "path"}`` (the original file
-    bytes, no decode/re-encode)."""
+def _undecoded_rows(ds) -> Iterator[dict]:
+    """The rows of a dataset with every ``datasets.Image`` left undecoded: ``{"bytes", "path"}``, the
+    original file bytes (no decode, no re-encode, no copy of the dataset)."""
     import datasets
 
-    features = getattr(ds, "features", None)
-    if not features:
-        return ds
-
-    def off(f):
-        if isinstance(f, datasets.Image):
-            return datasets.Image(decode=False)
-        if isinstance(f, dict):
-            return {k: off(v) for k, v in f.items()}
-        if isinstance(f, list):
-            return [off(f[0])]
-        for seq in ("Sequence", "List", "LargeList"):
-            cls = getattr(datasets, seq, None)
-            if cls is not None and isinstance(f, cls):
-                return type(f)(off(f.feature), **({"length": f.length} if hasattr(f, "length") else {}))
-        return f
-
-    for name, f in features.items():
-        g = off(f)
-        if g != f:
-            ds = ds.cast_column(name, g)
-    return ds
+    if isinstance(ds, datasets.Dataset):
+        for batch in ds.with_format("arrow").iter(batch_size=64):
+            yield from batch.to_pylist()
+    else:
+        yield from ds.decode(False)
 
 
 def _dataset_rows(src: DataSource) -> tuple[Iterator[tuple[str, Any]], int | None]:
@@ -375,20 +358,17 @@ def _dataset_rows(src: DataSource) -> tuple[Iterator[tuple[str, Any]], int | Non
         if src.streaming:
             ds = ds.to_iterable_dataset()
     else:
-        kind = p.suffix.lower().lstrip(".") if p.suffix.lower() in (".parquet",) or "*" in src.data else None
-        if kind is not None or "*" in src.data:
-            ds = datasets.load_dataset("parquet", data_files=src.data, split=src.split if kind is None else "train",
-                                       streaming=src.streaming)
-        else:  # a Hub dataset id, or a local folder laid out like one
-            try:
+        try:
+            if p.suffix.lower() == ".parquet" or "*" in src.data:  # parquet file(s): one "train" split
+                ds = datasets.load_dataset("parquet", data_files=src.data, split="train", streaming=src.streaming)
+            else:  # a Hub dataset id, or a local folder laid out like one
                 ds = datasets.load_dataset(src.data, src.subset, split=src.split, streaming=src.streaming)
-            except (FileNotFoundError, ValueError) as e:
-                raise ValueError(f"--data {src.data}: cannot load it as a dataset (subset {src.subset!r}, "
-                                 f"split {src.split!r}): {e}") from e
-    ds = _undecoded(ds)
+        except (OSError, ValueError) as e:  # FileNotFoundError, DatasetNotFoundError, a split that is not there
+            raise ValueError(f"--data {src.data}: cannot load it as a dataset (subset {src.subset!r}, "
+                             f"split {src.split!r}): {e}") from e
     name = p.name or src.data
     length = len(ds) if isinstance(ds, datasets.Dataset) else None
-    return ((f"{name}:{i}", row) for i, row in enumerate(ds)), length
+    return ((f"{name}:{i}", row) for i, row in enumerate(_undecoded_rows(ds))), length
 
 
 class RecordStream:

@@ -275,3 +275,20 @@ def test_content_ids_differ_with_the_image_bytes(files):
     assert a.id != b.id and a.id == to_record({"messages": conv, "images": [blobs["a.png"]]}, "r:9").id
     assert hashlib.sha256(blobs["a.png"]).hexdigest()[:16] == a.images[0].digest()
     assert len(load_records(str(_write_sharegpt(files["root"])))) == len(RECORDS)
+
+
+def test_parquet_glob_and_a_missing_dataset(files, tmp_path):
+    import shutil
+
+    first = _write_trl_vsft(tmp_path, files["blobs"])
+    (tmp_path / "parts").mkdir()
+    shutil.copy(first, tmp_path / "parts" / "train-00000-of-00002.parquet")
+    shutil.copy(first, tmp_path / "parts" / "train-00001-of-00002.parquet")
+    recs = load_records(str(tmp_path / "parts" / "train-*.parquet"))
+    assert len(recs) == 2 * len(RECORDS)
+    # the two copies hold the same content: the second copy's records are duplicates of the first's
+    assert [r.problem.reason for r in recs[len(RECORDS):]] == ["duplicate_id"] * len(RECORDS)
+    with pytest.raises(FileNotFoundError, match="no-such-dataset-dir"):
+        load_records(str(tmp_path / "no-such-dataset-dir" / "x.parquet"))
+    with pytest.raises(ValueError, match="cannot load it as a dataset"):
+        load_records(str(tmp_path / "parts" / "nothing-*.parquet"))
