@@ -49,7 +49,10 @@ def _topk(rng, P: int, K: int, vocab: int, id_pool: np.ndarray) -> dict:
     return {"ids": ids, "logprobs": np.log(p).astype(np.float32), "tail": np.log(tail_mass)}
 
 
-def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0) -> tuple[Path, Path, dict]:
+def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0,
+                store_images: bool = False) -> tuple[Path, Path, dict]:
+    """The synthetic cache (``store_images``: each sample's JPEG bytes in the shard, a self-contained
+    cache; otherwise read by path from the image folder) -> (cache, image folder, shape)."""
     from PIL import Image
 
     from kd_cache import processing
@@ -83,6 +86,7 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
         vis = np.nonzero(ids == image_id)[0].astype(np.int32)
         n_vis = len(vis)
         s = {"id": f"ld-{i:05d}", "images": [name], "input_ids": ids, "labels": labels,
+             "image_bytes": [(img_dir / name).read_bytes() if store_images else None],
              "image_token_counts": np.asarray(enc.image_token_counts, np.int32), "processor_call": enc.call,
              "response_positions": resp, "visual_positions": vis}
         for kind, pos in (("response", resp), ("visual", vis)):
@@ -93,7 +97,7 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
         z += 8.0 * rng.standard_normal(64).astype(np.float32)
         s["relation"] = [z @ z.T]
         samples.append(s)
-    out = root / "cache"
+    out = root / ("cache-stored" if store_images else "cache")
     shutil.rmtree(out, ignore_errors=True)
     w = CacheWriter(str(out))
     per_shard = profile.ld_shard_size or max(1, profile.ld_samples // 4)
@@ -187,7 +191,10 @@ def _epoch(ds, workers: int, epoch: int) -> dict:
             "samples_timed": n_after_first, "page_faults_per_sample": faults / max(1, n_cpu)}
 
 
-def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log=print) -> dict:
+def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log=print,
+        store_images: bool = False) -> dict:
+    """The loader benchmark; ``store_images``: on a self-contained cache (images decoded from the shard,
+    no image folder) instead of one whose images are read from files."""
     from benchmarks.models import VisionSize, processor_for
     from student.stream import make_loader
 
@@ -196,7 +203,8 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
                         patch_size=profile.ld_patch)
     processor = processor_for(vision, vocab)
     t0 = time.perf_counter()
-    cache, img_dir, shape = write_cache(workdir / "ld", profile, processor, vocab)
+    cache, img_dir, shape = write_cache(workdir / "ld", profile, processor, vocab, store_images=store_images)
+    folder = None if store_images else str(img_dir)
     log(f"  loader cache: {profile.ld_samples} samples of {shape['tokens']} tokens ({shape['visual_tokens']} visual, "
         f"{shape['response_positions']} response positions), {shape['bytes_per_sample'] / 2**20:.2f} MiB/sample "
         f"on disk ({time.perf_counter() - t0:.0f} s to write)")
@@ -204,7 +212,7 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
     for workers in profile.ld_workers:
         runs = []
         for e in range(profile.ld_epochs):
-            ds = Stamped(str(cache), processor, image_folder=str(img_dir), batch_size=profile.ld_batch,
+            ds = Stamped(str(cache), processor, image_folder=folder, batch_size=profile.ld_batch,
                          seed=0, shuffle=True, with_teacher=True)
             runs.append(_epoch(ds, workers, e))
         results[workers] = {k: [r[k] for r in runs] for k in runs[0]}
@@ -215,7 +223,7 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
     # shard read + decode, image decode + processing, collation (teacher arrays, relation), and the
     # hand-over to the main process.
     Breakdown = _breakdown_dataset_class()  # noqa: N806
-    ds = Breakdown(str(cache), processor, image_folder=str(img_dir), batch_size=profile.ld_batch, seed=0,
+    ds = Breakdown(str(cache), processor, image_folder=folder, batch_size=profile.ld_batch, seed=0,
                    shuffle=True, with_teacher=True)
     steps = list(make_loader(ds, 1))[1:]  # steady state: without the first batch (shard opening)
     n_steps = max(1, sum(t["n"] for t in steps))
@@ -232,7 +240,7 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
                     "definition": "cpu: samples per CPU-second of a worker process, first to last batch of each "
                                   "worker (a worker with a core to itself); wall: samples/s reaching the main "
                                   "process after the first batch, / workers", "per_workers": {str(k): v for k, v in results.items()},
-                    "batch_size": profile.ld_batch, "shape": shape, "image_size": profile.ld_image_size,
+                    "batch_size": profile.ld_batch, "shape": shape, "images_stored_in_cache": store_images, "image_size": profile.ld_image_size,
                     "cpu_ms_per_sample_in_worker": {"shard_read_and_decode": per_sample["read"],
                                                     "image_decode_and_process": per_sample["image"],
                                                     "collate_without_image": per_sample["collate"],
@@ -244,11 +252,32 @@ def run(profile: Profile, workdir: Path, vocab: int, basis_cpu: bool = True, log
     }
 
 
+def compare_image_sources(profile: Profile, workdir: Path, vocab: int, log=print) -> dict:
+    """Bytes per sample and loader rate (samples per worker CPU-second) with the images read from files
+    and with them stored in the cache (``kd-cache build --store-images``, or embedded data)."""
+    out = {}
+    for stored in (False, True):
+        log(f"images {'stored in the cache' if stored else 'read from files'}:")
+        r = run(profile, workdir, vocab, log=log, store_images=stored)
+        d = r["details"]
+        out["stored" if stored else "files"] = {
+            "bytes_per_sample": d["shape"]["bytes_per_sample"],
+            "samples_per_worker_cpu_s": {w: float(np.median(v["cpu_per_worker"])) for w, v in d["per_workers"].items()},
+            "image_ms_per_sample": d["cpu_ms_per_sample_in_worker"]["image_decode_and_process"],
+            "read_ms_per_sample": d["cpu_ms_per_sample_in_worker"]["shard_read_and_decode"]}
+    return out
+
+
 if __name__ == "__main__":  # pragma: no cover - manual run
+    import json
     import sys
 
     from benchmarks.models import PROFILES
 
+    profile = PROFILES[sys.argv[1] if len(sys.argv) > 1 else "quick"]
     wd = Path(sys.argv[2] if len(sys.argv) > 2 else "/tmp/ld-bench")
     wd.mkdir(parents=True, exist_ok=True)
-    print(run(PROFILES[sys.argv[1] if len(sys.argv) > 1 else "quick"], wd, 32768))
+    if "--compare-images" in sys.argv:
+        print(json.dumps(compare_image_sources(profile, wd, 32768), indent=1))
+    else:
+        print(run(profile, wd, 32768))

@@ -13,6 +13,7 @@ they overlap with the teacher instead of following it.
 
 from __future__ import annotations
 
+import itertools
 import math
 import posixpath
 import sys
@@ -27,7 +28,7 @@ from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
 from kd_cache.encoding import Encoder
 from kd_cache.format import BUILD_NAME
-from kd_cache.records import BadRecord, dataset_fingerprint, load_records
+from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_fingerprint, iter_records
 from kd_cache.runtime import resolve_dtype
 from kd_cache.schema import (
     GeneratedInfo,
@@ -92,6 +93,11 @@ def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_
                     raise
                 skipped.append({"id": e.record_id, "reason": e.reason, "detail": e.detail})
                 continue
+            except Exception as e:  # one record's failure never ends the build: listed with its error
+                if strict:
+                    raise
+                skipped.append({"id": rec.id, "reason": RECORD_ERROR, "detail": f"{type(e).__name__}: {e}"})
+                continue
             if len(batch) == batch_size:
                 put(batch)
                 batch = []
@@ -141,35 +147,52 @@ def build_cache(cfg: BuildConfig) -> Manifest:
             print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
         return manifest
 
-    records = load_records(cfg.data)
+    stream = iter_records(DataSource(cfg.data, split=cfg.split, subset=cfg.subset, streaming=cfg.streaming,
+                                     columns=Columns(cfg.id_column, cfg.image_column, cfg.conversation_column)))
+    records = iter(stream)
     if cfg.limit is not None:
-        records = records[: cfg.limit]
-    if not records:
+        records = itertools.islice(records, cfg.limit)
+    first = next(records, None)
+    if first is None:
         raise ValueError(f"--data {cfg.data}: no records")
-    n_shards = math.ceil(len(records) / cfg.shard_size)
-    mine = [s for s in range(n_shards) if s % dist.world == dist.rank and not writer.is_complete(s)]
+    records = itertools.chain([first], records)
+    n_known = None if stream.length is None else min(stream.length, cfg.limit or stream.length)
 
     dtype = resolve_dtype(cfg.dtype, dist.device)
     teacher = load_teacher(cfg.teacher, dist.device, dtype)
     check_template(teacher, cfg.template)
-    encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id)
+    encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id,
+                      store_images=cfg.store_images)
     runner = TeacherRunner(teacher, sparse=cfg.sparse, top_k=cfg.top_k, samples=cfg.samples,
                            sample_scheme=cfg.sample_scheme,
                            relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed,
                            positions=parse_positions(cfg.positions), hidden=cfg.hidden)
     k = min(cfg.top_k, runner.vocab) if cfg.sparse == "topk" else cfg.samples
 
-    todo = sum(len(records[s * cfg.shard_size : (s + 1) * cfg.shard_size]) for s in mine)
+    def mine(s: int) -> bool:
+        return s % dist.world == dist.rank and not writer.is_complete(s)
+
+    todo = None
+    if n_known is not None:
+        todo = sum(min(cfg.shard_size, n_known - s * cfg.shard_size)
+                   for s in range(math.ceil(n_known / cfg.shard_size)) if mine(s))
     from tqdm.auto import tqdm
 
     bar = tqdm(total=todo, unit="sample", desc=f"teacher pass (rank {dist.rank})" if dist.world > 1 else "teacher pass",
                disable=not cfg.progress, position=dist.rank, dynamic_ncols=True)
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-cache-write")
     pending: list[Future] = []
-    n_skipped = 0
+    n_skipped = n_records = 0
     try:
-        for s in mine:
-            shard_records = records[s * cfg.shard_size : (s + 1) * cfg.shard_size]
+        # Shard s holds input records [s * shard_size, (s + 1) * shard_size), read in order (a stream is
+        # read once; the records of other ranks' or complete shards are passed over).
+        for s in itertools.count():
+            shard_records = list(itertools.islice(records, cfg.shard_size))
+            if not shard_records:
+                break
+            n_records += len(shard_records)
+            if not mine(s):
+                continue
             skipped: list[dict] = []
             q: Queue = Queue(maxsize=4)
             producer = threading.Thread(
@@ -180,6 +203,7 @@ def build_cache(cfg: BuildConfig) -> Manifest:
             )
             producer.start()
             samples: list[dict] = []
+            truncated: list[dict] = []
             while True:
                 item = q.get()
                 if item is None:
@@ -190,6 +214,7 @@ def build_cache(cfg: BuildConfig) -> Manifest:
                 n_in = len(item)
                 if cfg.generate:  # LLaVADI: the teacher answers, then is distilled on its own answers
                     item = _teacher_answers(runner, encoder, item, cfg, skipped)
+                truncated += [{"id": e.id, "tokens": e.full_length} for e in item if e.full_length is not None]
                 if item:
                     samples.extend(runner.run(item, prepared))
                 bar.update(n_in)
@@ -198,7 +223,7 @@ def build_cache(cfg: BuildConfig) -> Manifest:
             n_skipped += len(skipped)
             bar.set_postfix(skipped=n_skipped, shard=s)
             # The skip list goes next to the shard before its data: a complete shard always has one.
-            storage.write_json(fs, writer.skipped_path(s), {"skipped": skipped}, sort_keys=True)
+            storage.write_json(fs, writer.skipped_path(s), {"skipped": skipped, "truncated": truncated}, sort_keys=True)
             while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
                 pending.pop(0).result()
             pending.append(io.submit(writer.write_shard, s, samples, sparse_mode=cfg.sparse, k=k,
@@ -209,24 +234,35 @@ def build_cache(cfg: BuildConfig) -> Manifest:
         io.shutdown(wait=True)
         bar.close()
 
+    n_shards = math.ceil(n_records / cfg.shard_size)
     dist.barrier()
+    listed = _gather(cfg, writer, n_shards)
+    check_skips(listed[1], sum(e.samples for e in listed[0]), cfg.max_skip_share)  # on every rank: all stop
     if dist.main:
-        manifest = _finish(cfg, writer, n_shards, teacher, k, runner.relation)
+        manifest = _finish(cfg, writer, listed, teacher, k, runner.relation)
     dist.barrier()
     if not dist.main:
         manifest = writer.read_manifest()
     return manifest
 
 
-def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: int, relation: str) -> Manifest:
-    """Gather the completion markers and skip lists of every shard and write the manifest."""
-    entries, skipped = [], []
+def _gather(cfg: BuildConfig, writer: CacheWriter, n_shards: int) -> tuple[list, list[dict], list[dict]]:
+    """Every shard's completion marker, and the records the build skipped and cut, in shard order."""
+    entries, skipped, truncated = [], [], []
     for s in range(n_shards):
         entry = writer.read_marker(s)
         if entry is None:
             raise RuntimeError(f"{cfg.out}: shard {writer.shard_name(s)} is not complete after the build")
         entries.append(entry)
-        skipped.extend((storage.read_json(writer.fs, writer.skipped_path(s)) or {}).get("skipped", []))
+        listed = storage.read_json(writer.fs, writer.skipped_path(s)) or {}
+        skipped.extend(listed.get("skipped", []))
+        truncated.extend(listed.get("truncated", []))
+    return entries, skipped, truncated
+
+
+def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: int, relation: str) -> Manifest:
+    """Write the manifest from the gathered shards (``_gather``)."""
+    entries, skipped, truncated = listed
     model_cfg = teacher.model.config
     head = teacher.model.get_output_embeddings().weight
     sample_mode = cfg.sparse == SparseMode.sample.value
@@ -252,9 +288,36 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: in
         build_config={key: v for key, v in asdict(cfg).items() if key != "storage_options"},
         shards=entries,
         skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in skipped],
+        truncated=[x["id"] for x in truncated],
     )
     writer.write_manifest(manifest)
     return manifest
+
+
+class TooManySkipped(ValueError):
+    """The build cached nothing, or skipped more than ``--max-skip-share`` of the records."""
+
+
+def check_skips(skipped: list[dict], n_samples: int, max_share: float, show: int = 5) -> None:
+    """Raise ``TooManySkipped`` (counts by reason, the first ``show`` records of each) when the build
+    cached no sample or skipped more than ``max_share`` of its records: a data format the tool does not
+    read must never pass as an empty success."""
+    total = n_samples + len(skipped)
+    share = len(skipped) / total if total else 1.0
+    if n_samples and share <= max_share:
+        return
+    by_reason: dict[str, list[dict]] = {}
+    for x in skipped:
+        by_reason.setdefault(x["reason"], []).append(x)
+    head = (f"every one of the {total} records was skipped" if not n_samples else
+            f"{len(skipped)} of {total} records skipped ({share:.0%} > --max-skip-share {max_share:g})")
+    lines = [f"{head}; no manifest written. Skipped, by reason:"]
+    for reason, xs in sorted(by_reason.items(), key=lambda kv: -len(kv[1])):
+        lines.append(f"  {reason}: {len(xs)}")
+        lines += [f"    {x['id']}" + (f": {x['detail']}" if x.get("detail") else "") for x in xs[:show]]
+    lines.append("Check the data's format (--conversation-column/--image-column/--id-column), --image-folder and "
+                 "--max-length; the shards' *.skipped.json list every record. Raise --max-skip-share to accept.")
+    raise TooManySkipped("\n".join(lines))
 
 
 def summary(manifest: Manifest) -> str:
@@ -268,4 +331,6 @@ def summary(manifest: Manifest) -> str:
         lines += [f"  {reason}: {n}" for reason, n in manifest.skipped_counts.items()]
     else:
         lines.append("skipped 0 records")
+    if manifest.truncated:
+        lines.append(f"{len(manifest.truncated)} samples cut by --max-length (ids in manifest.json under 'truncated')")
     return "\n".join(lines)

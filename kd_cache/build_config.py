@@ -28,9 +28,25 @@ class BuildConfig:
 
     teacher: str = _setting(identity=True, help=(
         "Teacher model directory or hub id (image-text-to-text or causal LM)."))
-    data: str = _setting(identity=True, help="LLaVA JSON/JSONL file, parquet file or a `datasets` save_to_disk dir.")
+    data: str = _setting(identity=True, help=(
+        "The records: a JSON/JSONL file, parquet file(s) (path or glob), a `datasets` save_to_disk dir, or a Hub "
+        "dataset id (read with `datasets`; --split, --subset, --streaming). LLaVA conversations, role/content "
+        "messages (TRL) and The Cauldron's texts are recognised; images as paths or embedded."))
     out: str = _setting(help="Cache directory or fsspec URL (e.g. s3://bucket/cache).")
+    split: str = _setting("train", identity=True, help="Split of a Hub dataset or a DatasetDict.")
+    subset: str | None = _setting(None, identity=True, help="Configuration (subset) of a Hub dataset.")
+    streaming: bool = _setting(False, help=(
+        "Read the dataset as a stream (nothing downloaded up front; for sets that do not fit on disk)."))
+    id_column: str | None = _setting(None, identity=True, help="Column holding the record id (default: id; a record "
+                                     "without one gets an id derived from its content).")
+    image_column: str | None = _setting(None, identity=True, help="Column holding the images (default: images or "
+                                        "image).")
+    conversation_column: str | None = _setting(None, identity=True, help=(
+        "Column holding the conversation (default: conversations, messages or texts; prompt + completion)."))
     image_folder: str | None = _setting(None, identity=True, help="Folder the records' image paths are relative to.")
+    store_images: bool = _setting(False, identity=True, help=(
+        "Store each image's original file bytes in the shards (embedded images are always stored), so training "
+        "needs only the cache."))
     template: str = _setting(Template.chat.value, identity=True, choices=Template, help=(
         "chat: the processor's chat template, loss on assistant turns; pretrain: image + caption, loss on the "
         "caption (DPT)."))
@@ -57,6 +73,9 @@ class BuildConfig:
         "Teacher dtype; auto = bf16 on GPU, fp32 on CPU."))
     device: str = _setting("auto", help="auto (the accelerate process's device), cpu, cuda, cuda:1 ...")
     strict: bool = _setting(False, help="Stop at the first bad record instead of skipping and listing it.")
+    max_skip_share: float = _setting(0.5, help=(
+        "Fail the build (exit non-zero, no manifest) when more than this share of the records is skipped; a "
+        "build that cached nothing always fails."))
     limit: int | None = _setting(None, identity=True, help="Use only the first N records.")
     seed: int = _setting(0, identity=True, help="Seed for sample mode draws and sampled generation.")
     positions: str = _setting(",".join(DEFAULT_KINDS), identity=True, help=(
@@ -92,6 +111,8 @@ class BuildConfig:
         if self.generate_temperature < 0:
             raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
         self.image_folder = resolve_image_folder(self.image_folder)
+        if not 0.0 <= self.max_skip_share <= 1.0:
+            raise ValueError(f"--max-skip-share must lie in [0, 1], got {self.max_skip_share}")
 
     def identity(self) -> dict:
         """The ``CONTENT_KEYS`` settings (``build.json``); the draw settings count in sample mode only."""

@@ -27,9 +27,13 @@ from kd_cache.records import (
     IMAGE_TAG_MISMATCH,
     IMAGE_TRUNCATED,
     NO_ASSISTANT_TOKENS,
+    UNSUPPORTED_CONVERSATION,
     BadRecord,
+    ImageRef,
     Record,
-    load_image,
+    decode_image,
+    normalise_turns,
+    read_image_bytes,
 )
 from kd_cache.schema import IGNORE_INDEX, Template, choice
 
@@ -47,7 +51,7 @@ CHATML_TEMPLATE = (
 
 @dataclass
 class Prepared:
-    record: Record  # image tags normalised, empty turns dropped
+    record: Record  # image tags normalised, empty turns dropped; images carry the bytes to store
     pil_images: list[Any]
     meta: dict = field(default_factory=dict)  # stored with the sample (e.g. replaced reference answers)
 
@@ -56,9 +60,10 @@ class Prepared:
 class Encoded:
     id: str
     processed: ProcessedSample  # ids, labels, every model input, visual positions per image, the processor call
-    images: list[str]  # paths as given in the data
+    images: list[ImageRef]  # paths as given in the data; ``data``: the encoded bytes the cache stores
     pil_images: list[Any]  # loaded RGB images, in placeholder order
     meta: dict = field(default_factory=dict)
+    full_length: int | None = None  # tokens before ``--max-length`` cut the sample (None: not cut)
 
     @property
     def input_ids(self) -> np.ndarray:
@@ -82,11 +87,12 @@ class Encoder:
 
     ``processor`` is a multimodal processor (with an ``image_processor``; ``image_token_id`` is then
     the model config's, ``processing.config_image_token_id``) or a plain tokenizer (causal-LM
-    teacher, text-only data).
+    teacher, text-only data). An image without a file (embedded in the data) keeps its encoded bytes
+    for the cache; ``store_images`` keeps the file bytes of path images too (a self-contained cache).
     """
 
     def __init__(self, processor, template: str = "chat", max_length: int = 2048,
-                 image_folder: str | None = None, image_token_id: int | None = None):
+                 image_folder: str | None = None, image_token_id: int | None = None, store_images: bool = False):
         choice(Template, template, "--template")
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
@@ -97,6 +103,7 @@ class Encoder:
         if self.multimodal and image_token_id is None:
             raise ValueError(f"{type(processor).__name__} processes images: give the model config's image token id")
         self.image_token_id = image_token_id
+        self.store_images = store_images
 
     # -- records -----------------------------------------------------------------------------------
     def encode(self, record: Record) -> Encoded:
@@ -105,41 +112,54 @@ class Encoder:
     def prepare(self, record: Record) -> Prepared:
         """Validate a record, normalise its image tags and load its images (no tokenisation yet)."""
         rid = record.id
-        conv = [t for t in record.conversations if str(t.get("value", "")).strip() or turn_role(t.get("from", "")) == "system"]
+        if record.problem is not None:
+            raise record.problem
+        conv = [t for t in normalise_turns(record.conversations, rid) if str(t.get("value", "")).strip() or turn_role(t.get("from", "")) == "system"]
         if not any(turn_role(t.get("from", "")) == "assistant" for t in conv):
             raise BadRecord(rid, EMPTY_CONVERSATION, "no assistant turn with text")
         n_tags = sum(str(t.get("value", "")).count("<image>") for t in conv)
         if record.images and not self.multimodal:
             raise BadRecord(rid, IMAGE_TAG_MISMATCH, "record has an image but the teacher has no image processor")
         if record.images and n_tags == 0 and self.template == "chat":
-            # LLaVA convention: an image without a placeholder goes before the first user text.
+            # LLaVA convention: images without placeholders go before the first user text.
             conv = [dict(t) for t in conv]
-            first = next(i for i, t in enumerate(conv) if turn_role(t.get("from", "")) == "user")
-            conv[first]["value"] = "<image>\n" + conv[first]["value"]
-            n_tags = 1
+            first = next((i for i, t in enumerate(conv) if turn_role(t.get("from", "")) == "user"), None)
+            if first is None:
+                raise BadRecord(rid, IMAGE_TAG_MISMATCH, "images but no user turn to place them in")
+            conv[first]["value"] = "<image>\n" * len(record.images) + conv[first]["value"]
+            n_tags = len(record.images)
         if self.template == "pretrain":
             n_tags = len(record.images)  # the caption template places the images itself
         if n_tags != len(record.images):
             raise BadRecord(rid, IMAGE_TAG_MISMATCH, f"{n_tags} <image> tags, {len(record.images)} images")
 
-        pil = [load_image(rel, self.image_folder, rid) for rel in record.images]
-        return Prepared(Record(rid, conv, list(record.images)), pil)
+        images, pil = [], []
+        for ref in record.images:
+            data = read_image_bytes(ref, self.image_folder, rid)
+            where = "" if ref.data is not None else str(self.image_folder / ref.path if self.image_folder else ref.path)
+            pil.append(decode_image(data, rid, where))
+            images.append(ImageRef(ref.path, data if (ref.data is not None or self.store_images) else None))
+        return Prepared(Record(rid, conv, images), pil)
 
     def encode_prepared(self, prepared: Prepared) -> Encoded:
         """Encode a prepared record (ids, labels, model inputs), truncated to ``max_length``."""
         rid, pil = prepared.record.id, prepared.pil_images
         messages = _messages(prepared.record.conversations)
-        if self.multimodal:
-            sample = processing.encode(self.processor, self.image_token_id, messages, pil, template=self.template)
-        else:
-            sample = self._encode_text(messages)
+        try:
+            if self.multimodal:
+                sample = processing.encode(self.processor, self.image_token_id, messages, pil, template=self.template)
+            else:
+                sample = self._encode_text(messages)
+        except ValueError as e:  # the processor refuses this conversation (e.g. PaliGemma: one answer only)
+            raise BadRecord(rid, UNSUPPORTED_CONVERSATION, str(e)) from e
         cut = sample.truncated(self.max_length)
         if cut is None:
             raise BadRecord(rid, IMAGE_TRUNCATED, f"--max-length {self.max_length} cuts through an image "
                             f"({len(sample.input_ids)} tokens)")
         if not (cut.labels[1:] != IGNORE_INDEX).any():
             raise BadRecord(rid, NO_ASSISTANT_TOKENS, f"--max-length {self.max_length}")
-        return Encoded(rid, cut, list(prepared.record.images), pil, dict(prepared.meta))
+        full = len(sample.input_ids) if cut is not sample else None
+        return Encoded(rid, cut, list(prepared.record.images), pil, dict(prepared.meta), full_length=full)
 
     # -- a causal LM's tokenizer (no images) -------------------------------------------------------
     def _render_text(self, messages: list[dict], generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:

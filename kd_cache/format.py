@@ -25,6 +25,8 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
     tokens/offsets int64 [S+1]       tokens/input_ids int32 [T]      tokens/labels int32 [T]
     tokens/image_offsets int64 [S+1] tokens/image_token_counts int32 [sum n_img]   (each image's visual count)
     tokens/call_offsets int64 [S+1]  tokens/call uint8 [bytes]       (each sample's processor_call, JSON utf-8)
+    images/data_offsets int64 [I+1]  images/data uint8 [bytes]       (per image, in tokens/image_offsets order:
+                                     its original encoded file bytes; an empty range = not stored, read by path)
     <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
       topk:    <kind>/ids int32 [P, K]        <kind>/logprobs float16 [P, K]
       sample:  <kind>/n_entries uint16 [P]    <kind>/entry_offsets int64 [S+1]
@@ -188,7 +190,8 @@ class ShardAttrs:
 
     def index_arrays(self) -> list[str]:
         """The small arrays a reader keeps in memory: offsets, and the per-matrix relation sizes."""
-        names = ["tokens/offsets", "tokens/image_offsets", "tokens/image_token_counts", "tokens/call_offsets"]
+        names = ["tokens/offsets", "tokens/image_offsets", "tokens/image_token_counts", "tokens/call_offsets",
+                 "images/data_offsets"]
         for kind in KINDS:
             names.append(f"{kind}/offsets")
             if self.sparse_mode == SparseMode.sample.value:
@@ -276,6 +279,26 @@ def _unpack_tokens(index: dict[str, np.ndarray], read: ReadRows,
     call = json.loads(read("tokens/call", c0, c1).tobytes().decode()) if c1 > c0 else {}
     return (read("tokens/input_ids", t0, t1), read("tokens/labels", t0, t1),
             np.asarray(index["tokens/image_token_counts"][i0:i1], dtype=np.int32), call)
+
+
+# --------------------------------------------------------------------------------------------------
+# stored images (the original encoded bytes: the pixels the teacher saw, with no image folder)
+
+
+def _image_arrays(samples: list[CacheSample]) -> dict[str, np.ndarray]:
+    blobs = [b or b"" for s in samples for b in (s.image_bytes or [None] * len(s.images))]
+    return {"images/data_offsets": _offsets([len(b) for b in blobs]),
+            "images/data": np.frombuffer(b"".join(blobs), dtype=np.uint8)}
+
+
+def _unpack_images(index: dict[str, np.ndarray], read: ReadRows, j: int) -> list[bytes | None]:
+    """Sample ``j``'s stored image bytes, one entry per image (None: not stored)."""
+    off = index["images/data_offsets"]
+    out = []
+    for m in range(*_rows(index, "tokens/image_offsets", j)):
+        a, b = int(off[m]), int(off[m + 1])
+        out.append(read("images/data", a, b).tobytes() if b > a else None)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -564,6 +587,7 @@ def pack_samples(
         typed.append(s)
 
     arrays = _token_arrays(tokens)
+    arrays.update(_image_arrays(typed))
     for columns in kinds.values():
         arrays.update(columns.arrays())
     arrays.update(relations.arrays())
@@ -586,7 +610,8 @@ def unpack_sample(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRow
     input_ids, labels, image_token_counts, call = _unpack_tokens(index, read, j)
     relation, energy = _unpack_relations(attrs, index, read, j)
     return CacheSample(
-        id=attrs.sample_ids[j], images=list(attrs.images[j]), input_ids=input_ids, labels=labels,
+        id=attrs.sample_ids[j], images=list(attrs.images[j]), image_bytes=_unpack_images(index, read, j),
+        input_ids=input_ids, labels=labels,
         image_token_counts=image_token_counts, processor_call=call,
         meta=dict(attrs.meta[j]) if attrs.meta else {},
         kinds={kind: _unpack_kind(attrs, index, read, kind, j) for kind in KINDS},

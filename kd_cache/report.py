@@ -60,6 +60,14 @@ def kind_stats(ids: np.ndarray, logprobs: np.ndarray | None, tail: np.ndarray,
     }
 
 
+def image_sources(sample: dict) -> list[str]:
+    """Where each image of a sample comes from: ``stored <size>`` (its bytes are in the shard) or
+    ``path <path>`` (read from the image folder at training time)."""
+    data = sample.get("image_bytes") or [None] * len(sample["images"])
+    return [f"stored {_bytes(len(b))}" + (f" ({p})" if p else "") if b is not None else f"path {p}"
+            for p, b in zip(sample["images"], data)]
+
+
 def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
     """Per-sample summary: lengths, visual tokens per image, per-kind distribution statistics, relation
     energy (1.0 for a matrix stored in full, the kept share for a low-rank one), response text."""
@@ -67,6 +75,7 @@ def sample_stats(sample: dict, tokenizer=None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": sample["id"],
         "images": len(sample["images"]),
+        "image_sources": image_sources(sample),
         "image_token_counts": [int(c) for c in sample.get("image_token_counts", [])],
         "seq_len": int(labels.shape[0]),
         "labelled_tokens": int(np.sum(labels != IGNORE_INDEX)),
@@ -122,6 +131,8 @@ def sample_key(array: str) -> str:
         return (
             "relation_energy" if leaf == "energy" else "(index)" if leaf.endswith("offsets") else "relation"
         )
+    if group == "images":
+        return "(index)" if leaf.endswith("offsets") else "image_bytes"
     if group in KINDS:
         if leaf in ("offsets", "entry_offsets", "n_entries"):
             return "(index)"
@@ -204,7 +215,7 @@ def inspect_cache(
         "total_bytes": m.total_bytes,
         "sparse": m.sparse.to_dict(),
         "relation": m.relation,
-        "build": {k: v for k, v in m.to_dict().items() if k not in ("shards", "skipped")},
+        "build": {k: v for k, v in m.to_dict().items() if k not in ("shards", "skipped", "truncated")},
         "skipped": {"count": len(m.skipped), "by_reason": dict(Counter(s.reason for s in m.skipped))},
         "decoding": decoding,
     }
@@ -276,6 +287,7 @@ def _header_lines(info: dict[str, Any]) -> list[str]:
         f"  sparse {info.get('sparse')}, relation {info.get('relation')}",
         f"  skipped records: {info['skipped']['count']}"
         + (f" {info['skipped']['by_reason']}" if info["skipped"]["count"] else ""),
+        f"  samples cut by --max-length: {info['build'].get('truncated_count', 0)}",
     ]
     teacher = (info.get("build") or {}).get("teacher")
     if teacher:
@@ -336,6 +348,10 @@ def _sample_lines(info: dict[str, Any]) -> list[str]:
     out = ["", f"samples{more}; entropy is an estimate (stored ids + tail as one bin, nats);",
            "tail = probability mass outside the stored ids, exp(tail)",
            _table(_SAMPLE_COLUMNS, [_sample_row(r) for r in rows])]
+    sources = [(r["id"], r["image_sources"]) for r in rows if r.get("image_sources")]
+    if sources:
+        out += ["", "image sources (stored in the shard, or read by path from the image folder)"]
+        out += [f"  [{sid}] " + "; ".join(src) for sid, src in sources]
     texts = [(r["id"], r["response_text"]) for r in rows if "response_text" in r]
     if texts:
         out += ["", "response text (tokens with a label)"] + [f"  [{sid}] {text!r}" for sid, text in texts]

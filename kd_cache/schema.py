@@ -15,7 +15,9 @@ The shard layout that stores these (arrays, offsets, codecs) is ``kd_cache.forma
 A sample, as a flat dict (``CacheSample.to_dict``)::
 
     id               str
-    images           list[str]       image paths as given in the data, in placeholder order
+    images           list[str]       image paths as given in the data, in placeholder order ("" = none)
+    image_bytes      list[bytes|None] per image: its original encoded file bytes when the cache stores it
+                                     (embedded images always, path images with --store-images), else None
     input_ids        int32 [L]       token ids exactly as the teacher saw them
     labels           int32 [L]       labels[t] is the target of the logits at t - 1; IGNORE_INDEX = no loss
     image_token_counts int32 [n_img] per image, in order: its visual positions (tokens the model fills with
@@ -59,7 +61,7 @@ KINDS = ("response", "visual", "prompt")
 DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
 # Per-kind fields with a meaning of their own; any other ``<kind>_<name>`` array is an extra.
 KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts", "logp_mean")
-SAMPLE_FIELDS = ("id", "images", "input_ids", "labels", "image_token_counts", "processor_call", "relation",
+SAMPLE_FIELDS = ("id", "images", "image_bytes", "input_ids", "labels", "image_token_counts", "processor_call", "relation",
                  "relation_energy", "meta")
 
 
@@ -197,6 +199,7 @@ class CacheSample:
     input_ids: np.ndarray
     labels: np.ndarray
     images: list[str] = field(default_factory=list)
+    image_bytes: list[bytes | None] = field(default_factory=list)  # [] = none stored
     image_token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     processor_call: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)
@@ -205,7 +208,9 @@ class CacheSample:
     relation_energy: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"id": self.id, "images": list(self.images), "input_ids": self.input_ids,
+        stored = list(self.image_bytes) or [None] * len(self.images)
+        out: dict[str, Any] = {"id": self.id, "images": list(self.images), "image_bytes": stored,
+                               "input_ids": self.input_ids,
                                "labels": self.labels, "image_token_counts": self.image_token_counts,
                                "processor_call": dict(self.processor_call), "meta": dict(self.meta)}
         for kind in KINDS:
@@ -236,13 +241,17 @@ class CacheSample:
         call = d.get("processor_call") or {}
         if not isinstance(call, dict) or (call and not isinstance(call.get("text"), str)):
             raise TypeError(f"sample {sid!r}: processor_call must be a dict with the processor's 'text', found {call!r}")
+        data = list(d.get("image_bytes") or [])
+        if data and (len(data) != len(images) or not all(b is None or isinstance(b, bytes) for b in data)):
+            raise ValueError(f"sample {sid!r}: image_bytes must hold one bytes object or None per image "
+                             f"({len(images)}), found {[type(b).__name__ for b in data]}")
         counts = np.asarray(d.get("image_token_counts", []), dtype=np.int64)
         if counts.ndim != 1 or len(counts) != len(images) or (counts < 0).any():
             raise ValueError(f"sample {sid!r}: image_token_counts must hold one count >= 0 per image ({len(images)}), "
                              f"found {counts.tolist()}")
         kinds = {k: a for k in KINDS if (a := KindArrays.from_dict(d, k)) is not None}
         return cls(id=str(d["id"]), input_ids=np.asarray(d["input_ids"]), labels=np.asarray(d["labels"]),
-                   images=[str(p) for p in images], image_token_counts=counts.astype(np.int32), processor_call=call,
+                   images=[str(p) for p in images], image_bytes=data, image_token_counts=counts.astype(np.int32), processor_call=call,
                    meta=meta, kinds=kinds,
                    relation=list(d.get("relation") or []), relation_energy=list(d.get("relation_energy") or []))
 
@@ -347,6 +356,8 @@ class Manifest:
     build_config: dict[str, Any]
     shards: list[ShardEntry]
     skipped: list[SkippedRecord] = field(default_factory=list)
+    # ids of the samples whose text ``--max-length`` cut (kept, with the end of the answer missing)
+    truncated: list[str] = field(default_factory=list)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -392,6 +403,8 @@ class Manifest:
             "shards": [e.to_dict() for e in self.shards],
             "skipped": [asdict(x) for x in self.skipped],
             "skipped_counts": self.skipped_counts,
+            "truncated": list(self.truncated),
+            "truncated_count": len(self.truncated),
         }
 
     def to_json(self) -> str:
@@ -427,6 +440,7 @@ class Manifest:
                 build_config=dict(d["build_config"]),
                 shards=[ShardEntry.from_dict(e) for e in d["shards"]],
                 skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in d.get("skipped", [])],
+                truncated=[str(x) for x in d.get("truncated", [])],
                 format_version=int(found),
             )
         except KeyError as e:

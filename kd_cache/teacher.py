@@ -289,7 +289,8 @@ class TeacherRunner:
         """One cache sample; ``pre`` holds its distributions when they were computed batch-wide."""
         where = pre.pop("_positions") if pre is not None else self._positions(e)
         vis = where["visual"]
-        out = {"id": e.id, "images": list(e.images), "input_ids": e.input_ids.astype(np.int32),
+        out = {"id": e.id, "images": [im.path for im in e.images], "image_bytes": [im.data for im in e.images],
+               "input_ids": e.input_ids.astype(np.int32),
                "labels": e.labels.astype(np.int32), "image_token_counts": np.asarray(e.image_token_counts, np.int32),
                "processor_call": e.processed.call}
         if e.meta:

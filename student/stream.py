@@ -22,7 +22,8 @@ Resumption. The state is ``(epoch, samples_seen)``: ``samples_seen`` counts the 
 order consumed by all ranks together (always a prefix of the order). A resumed stream starts right
 after that prefix; nothing is replayed.
 
-Batches. In the workers, each sample's images are read from the image folder and the student's
+Batches. In the workers, each sample's images are decoded from the bytes the cache stores (a
+self-contained cache) or read from the image folder, and the student's
 processor is run on the sample's ``processor_call`` (the text the teacher's processor was given, before
 placeholder expansion) and images (``kd_cache.processing.model_inputs``: ids and inputs, without the
 offset bookkeeping the teacher pass needs), so the model inputs are exactly the student processor's
@@ -61,7 +62,7 @@ from kd_cache import processing
 from kd_cache.format import CHUNK_BYTES
 from kd_cache.processing import ProcessedSample
 from kd_cache.reader import ChunkCache, open_cache
-from kd_cache.records import BadRecord, load_image
+from kd_cache.records import BadRecord, decode_image, load_image
 from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, derive_positions
 
 # Read locality of the shuffled order (see ``epoch_order``): windows of WINDOW consecutive samples of a
@@ -304,18 +305,24 @@ class StreamingKDDataset(IterableDataset):
 
     # ------------------------------------------------------------------------------------ collation
     def _load_images(self, sample: dict) -> list:
+        """A sample's images: decoded from the bytes the cache stores, or read by path from the image folder."""
         sid = sample["id"]
+        stored = sample.get("image_bytes") or [None] * len(sample["images"])
         out = []
-        for rel in sample["images"]:
-            if self.image_folder is None and not Path(rel).is_absolute():
-                raise FileNotFoundError(
-                    f"sample {sid!r}: image {rel!r} is relative and no image folder is known; "
-                    "pass --image-folder (the cache records none)")
+        for rel, data in zip(sample["images"], stored):
             try:
+                if data is not None:
+                    out.append(decode_image(data, sid, f"the image stored in the cache ({rel or 'embedded'})"))
+                    continue
+                if self.image_folder is None and not Path(rel).is_absolute():
+                    raise FileNotFoundError(
+                        f"sample {sid!r}: image {rel!r} is relative and no image folder is known; "
+                        "pass --image-folder (the cache records none)")
                 out.append(load_image(rel, self.image_folder, sid))
             except BadRecord as e:
                 raise FileNotFoundError(f"sample {sid!r}: cannot read image {e.detail} ({e.reason}); "
-                                        "check --image-folder") from e
+                                        + ("the cache's stored bytes are damaged" if data is not None
+                                           else "check --image-folder")) from e
         return out
 
     def _positions(self, s: dict, kind: str, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -258,7 +258,13 @@ def _bad_dataset(root: Path):
 
 def test_bad_records_are_counted_and_listed(teacher_dir, tmp_path):
     data = _bad_dataset(tmp_path / "bad")
+    # 5 of 8 records are bad: above the default --max-skip-share 0.5, so the build fails without a manifest ...
     res = CliRunner().invoke(app, _cli_build(teacher_dir, data, tmp_path / "c", "--max-length", "120", "--top-k", "4")[3:])
+    assert res.exit_code != 0 and not (tmp_path / "c/manifest.json").exists()
+    assert "5 of 8 records skipped (62% > --max-skip-share 0.5)" in res.output and "missing_image: 1" in res.output
+    # ... and rerun with a higher threshold, it finishes from the same (complete) shards.
+    res = CliRunner().invoke(app, _cli_build(teacher_dir, data, tmp_path / "c", "--max-length", "120", "--top-k", "4",
+                                             "--max-skip-share", "0.7")[3:])
     assert res.exit_code == 0, res.output
     manifest = Manifest.from_json((tmp_path / "c/manifest.json").read_text())
     assert manifest.num_samples == 3

@@ -155,9 +155,11 @@ TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cos
                  "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"], "--sparse-mode": ["tail", "renorm"],
                  "--report-to": ["none", "tensorboard", "wandb"], "--mixed-precision": ["auto", "no", "bf16"]}
 BUILD_FLAGS = [
-    "--teacher", "--data", "--out", "--image-folder", "--template", "--sparse", "--top-k", "--samples",
+    "--teacher", "--data", "--out", "--split", "--subset", "--streaming", "--no-streaming", "--id-column",
+    "--image-column", "--conversation-column", "--image-folder", "--store-images", "--no-store-images",
+    "--template", "--sparse", "--top-k", "--samples",
     "--sample-scheme", "--sample-logprobs", "--no-sample-logprobs", "--relation", "--batch-size", "--shard-size",
-    "--max-length", "--dtype", "--device", "--strict", "--no-strict", "--limit", "--seed", "--positions", "--hidden",
+    "--max-length", "--dtype", "--device", "--strict", "--no-strict", "--max-skip-share", "--limit", "--seed", "--positions", "--hidden",
     "--no-hidden", "--generate", "--no-generate", "--max-new-tokens", "--generate-temperature", "--progress",
     "--no-progress"]
 BUILD_CHOICES = {"--template": ["chat", "pretrain"], "--sparse": ["topk", "sample"],

@@ -138,4 +138,4 @@ def test_causal_tokenizer_text_only(processor):
 def test_tiny_dataset_images_exist(chat_data):
     for r in load_records(str(chat_data[0])):
         for im in r.images:
-            assert (chat_data[1] / im).is_file()
+            assert (chat_data[1] / im.path).is_file() and im.data is None
