@@ -36,13 +36,15 @@ def _fail(msg: str | Exception, code: int = 2):
 def build(cfg: BuildConfig):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
     from kd_cache.build import build_cache, summary
+    from kd_cache.build_lock import BuildLocked
     from kd_cache.records import BadRecord
+    from kd_cache.storage import StorageError
 
     try:
         manifest = build_cache(cfg)
     except BadRecord as e:
         _fail(f"{e} (--strict stops at the first bad record; drop --strict to skip and list them)")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
         _fail(str(e))
     from accelerate import PartialState
 
@@ -74,7 +76,13 @@ def inspect_shard(
 
 
 @app.command()
-def verify(cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")]):
+def verify(
+    cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")],
+    repair: Annotated[bool, typer.Option(help=(
+        "Rebuild the shards that fail (with the settings, data and teacher recorded in the cache's build.json), "
+        "keep the good ones, then verify again."))] = False,
+    device: Annotated[str, typer.Option(help="With --repair: the teacher's device (as kd-cache build --device).")] = "auto",
+):
     """Re-check every shard's checksum and completeness; exit 1 on any problem."""
     from kd_cache.report import verify_cache
 
@@ -82,6 +90,20 @@ def verify(cache: Annotated[str, typer.Argument(help="Cache directory or fsspec 
         problems = verify_cache(cache)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    if problems and repair:
+        from kd_cache.build import repair_cache
+        from kd_cache.build_lock import BuildLocked
+        from kd_cache.storage import StorageError
+
+        for p in problems:
+            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        try:
+            repair_cache(cache, device=device, progress=False)
+        except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
+            _fail(f"repair failed: {e}")
+        problems = verify_cache(cache)
+        if not problems:
+            typer.echo(f"repaired {cache}")
     if problems:
         for p in problems:
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)

@@ -14,6 +14,7 @@ they overlap with the teacher instead of following it.
 from __future__ import annotations
 
 import math
+import os
 import posixpath
 import sys
 import threading
@@ -25,11 +26,13 @@ import torch
 
 from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
+from kd_cache.build_lock import BuildLock
 from kd_cache.encoding import Encoder
-from kd_cache.format import BUILD_NAME
+from kd_cache.format import BUILD_NAME, MANIFEST_NAME, SHARDS_DIR
 from kd_cache.records import BadRecord, dataset_fingerprint, load_records
 from kd_cache.runtime import resolve_dtype
 from kd_cache.schema import (
+    FORMAT_VERSION,
     GeneratedInfo,
     HiddenInfo,
     Manifest,
@@ -43,15 +46,98 @@ from kd_cache.teacher import TeacherRunner, check_template, load_teacher
 from kd_cache.writer import CacheWriter
 
 
+def _stored_config(cfg: BuildConfig) -> dict:
+    """The settings a repair reruns the build with (``build.json``'s ``config``)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "storage_options", "repair", "overwrite")}
+
+
+def _read_build_json(fs, path: str, out: str) -> dict | None:
+    """``build.json`` of the cache at ``out``, None when absent; unreadable or foreign: a ValueError that says
+    how to rebuild."""
+    redo = "Rebuild it with --overwrite (deletes the cache there), or choose another --out."
+    try:
+        d = storage.read_json(fs, path)
+    except ValueError as e:
+        raise ValueError(f"{e}: the settings the cache at {out} was built with are unknown. {redo}") from e
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not {"settings", "data", "teacher", "config"} <= set(d):
+        raise ValueError(f"{storage.display(fs, path)} is not a build.json of this tool. {redo}")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{out} holds a cache of format {d.get('format_version')}; this version writes "
+                         f"format {FORMAT_VERSION}. {redo}")
+    return d
+
+
+def _identity(cfg: BuildConfig, teacher_dir: str, previous: dict | None) -> dict:
+    """What makes the cache what it is: the content settings, the data's bytes, the teacher's files."""
+    if not os.path.exists(cfg.data):
+        raise FileNotFoundError(f"--data {cfg.data}: no such file or directory")
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": cfg.identity(),
+        "data": {"fingerprint": dataset_fingerprint(cfg.data)},
+        "teacher": fingerprint.teacher_identity(teacher_dir, (previous or {}).get("teacher")),
+        "config": _stored_config(cfg),
+    }
+
+
 def _check_identity(previous: dict, current: dict, out: str) -> None:
-    diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
+    """Refuse to add to (or to call complete) a cache built with other settings, data or teacher weights."""
+    before, now = previous["settings"], current["settings"]
+    diffs = [k for k in CONTENT_KEYS if before.get(k) != now.get(k)]
     if diffs:
-        lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"
+        lines = [f"  --{k.replace('_', '-')}: cache has {before.get(k)!r}, this run asks for {now.get(k)!r}"
                  for k in diffs]
         raise ValueError(
             f"{out} already holds a cache built with different settings:\n" + "\n".join(lines)
             + "\nRerun with the original settings to resume, or choose another --out."
         )
+    redo = (f"Its shards would mix two versions. Restore the original, or rebuild from scratch with --overwrite "
+            f"(deletes the cache at {out}), or choose another --out.")
+    if previous["data"] != current["data"]:
+        raise ValueError(
+            f"--data {now['data']} changed since the cache at {out} was built from it (content fingerprint "
+            f"{previous['data'].get('fingerprint')} -> {current['data'].get('fingerprint')}). {redo}"
+        )
+    if previous["teacher"].get("digest") != current["teacher"].get("digest"):
+        changed = fingerprint.changed_files(previous["teacher"], current["teacher"])
+        raise ValueError(
+            f"--teacher {now['teacher']} changed since the cache at {out} was built with it: "
+            + ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            + f". {redo}"
+        )
+
+
+def _clear(writer: CacheWriter) -> None:
+    """``--overwrite``: delete the cache's own files (manifest, build.json, shards), nothing else."""
+    fs = writer.fs
+    for name in (MANIFEST_NAME, BUILD_NAME):
+        path = posixpath.join(writer.root, name)
+        if fs.exists(path):
+            fs.rm(path)
+    storage.remove_tree(fs, posixpath.join(writer.root, SHARDS_DIR))
+    fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
+    print(f"{writer.url}: deleted the cache there (--overwrite)", file=sys.stderr)
+
+
+def _repair(writer: CacheWriter, manifest: Manifest | None, n_shards: int) -> list[int]:
+    """Find the shards that fail their checks, remove their markers (and the manifest) so the build
+    rewrites exactly them; return their indices."""
+    expected = manifest.shards if manifest is not None and len(manifest.shards) == n_shards else None
+    bad = []
+    for s in range(n_shards):
+        why = writer.shard_problem(s, expected[s] if expected else None)
+        if why is not None:
+            print(f"{writer.url}: shard {writer.shard_name(s)}: {why}: rebuilding it", file=sys.stderr)
+            bad.append(s)
+    if bad or (manifest is not None and expected is None):
+        # The manifest goes first: a repair killed half-way leaves an incomplete cache, never a stale manifest.
+        if writer.fs.exists(writer.manifest_path):
+            writer.fs.rm(writer.manifest_path)
+        for s in bad:
+            writer.forget(s)
+    return bad
 
 
 class _Dist:
@@ -118,28 +204,44 @@ def _teacher_answers(runner: TeacherRunner, encoder: Encoder, prepared: list, cf
 
 
 def build_cache(cfg: BuildConfig) -> Manifest:
-    """Build (or finish) the cache described by ``cfg``; returns the manifest."""
+    """Build (or finish, or ``--repair``) the cache described by ``cfg``; returns the manifest.
+
+    Rank 0 holds the cache's ``BuildLock`` for the whole build (the ranks of one launch share it); a
+    second build into the same ``--out`` is refused while it runs.
+    """
     dist = _Dist(cfg.device)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
+    lock = BuildLock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
+    try:
+        return _build(cfg, dist, writer, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None) -> Manifest:
     fs = writer.fs
-    identity = cfg.identity()
     build_json = posixpath.join(writer.root, BUILD_NAME)
-
+    teacher_dir = fingerprint.resolve_teacher(cfg.teacher)
+    identity = None
     if dist.main:
-        previous = storage.read_json(fs, build_json)
-        if previous is not None:
-            _check_identity(previous, identity, cfg.out)
-        else:
+        removed = writer.remove_temp_files()  # leftovers of killed atomic writes; we hold the lock
+        if removed:
+            print(f"{cfg.out}: removed {len(removed)} temporary files of an interrupted build", file=sys.stderr)
+        if cfg.overwrite:
+            _clear(writer)
+        previous = _read_build_json(fs, build_json, cfg.out)
+        identity = _identity(cfg, teacher_dir, previous)
+        if previous is None:
             storage.write_json(fs, build_json, identity, sort_keys=True)
+        else:
+            _check_identity(previous, identity, cfg.out)
+            if previous["teacher"] != identity["teacher"]:  # same content, new (size, mtime): remember them
+                storage.write_json(fs, build_json, {**previous, "teacher": identity["teacher"]}, sort_keys=True)
     dist.barrier()
-    if not dist.main:
-        _check_identity(storage.read_json(fs, build_json) or {}, identity, cfg.out)
-
-    manifest = writer.read_manifest()
-    if manifest is not None:
-        if dist.main:
-            print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
-        return manifest
+    if not dist.main:  # rank 0 checked the content; the other ranks check that they were given the same settings
+        previous = _read_build_json(fs, build_json, cfg.out)
+        _check_identity(previous, {**previous, "settings": cfg.identity()}, cfg.out)
 
     records = load_records(cfg.data)
     if cfg.limit is not None:
@@ -147,10 +249,24 @@ def build_cache(cfg: BuildConfig) -> Manifest:
     if not records:
         raise ValueError(f"--data {cfg.data}: no records")
     n_shards = math.ceil(len(records) / cfg.shard_size)
+
+    manifest = writer.read_manifest()
+    repaired = None
+    if cfg.repair and dist.main:
+        repaired = _repair(writer, manifest, n_shards)
+        if not repaired and manifest is not None:
+            print(f"{cfg.out}: all {n_shards} shards intact, nothing to repair", file=sys.stderr)
+    dist.barrier()
+    manifest = writer.read_manifest()
+    if manifest is not None:
+        if dist.main and repaired is None:
+            print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
+        return manifest
+
     mine = [s for s in range(n_shards) if s % dist.world == dist.rank and not writer.is_complete(s)]
 
     dtype = resolve_dtype(cfg.dtype, dist.device)
-    teacher = load_teacher(cfg.teacher, dist.device, dtype)
+    teacher = load_teacher(teacher_dir, dist.device, dtype)
     check_template(teacher, cfg.template)
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id)
     runner = TeacherRunner(teacher, sparse=cfg.sparse, top_k=cfg.top_k, samples=cfg.samples,
@@ -199,6 +315,8 @@ def build_cache(cfg: BuildConfig) -> Manifest:
             bar.set_postfix(skipped=n_skipped, shard=s)
             # The skip list goes next to the shard before its data: a complete shard always has one.
             storage.write_json(fs, writer.skipped_path(s), {"skipped": skipped}, sort_keys=True)
+            if lock is not None:
+                lock.check()  # a build whose lock was taken over must not write another shard
             while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
                 pending.pop(0).result()
             pending.append(io.submit(writer.write_shard, s, samples, sparse_mode=cfg.sparse, k=k,
@@ -211,14 +329,16 @@ def build_cache(cfg: BuildConfig) -> Manifest:
 
     dist.barrier()
     if dist.main:
-        manifest = _finish(cfg, writer, n_shards, teacher, k, runner.relation)
+        lock.check()
+        manifest = _finish(cfg, writer, n_shards, teacher, k, runner.relation, identity)
     dist.barrier()
     if not dist.main:
         manifest = writer.read_manifest()
     return manifest
 
 
-def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: int, relation: str) -> Manifest:
+def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: int, relation: str,
+            identity: dict) -> Manifest:
     """Gather the completion markers and skip lists of every shard and write the manifest."""
     entries, skipped = [], []
     for s in range(n_shards):
@@ -232,8 +352,9 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: in
     sample_mode = cfg.sparse == SparseMode.sample.value
     manifest = Manifest(
         teacher=TeacherInfo(path=cfg.teacher, model_type=model_cfg.model_type,
-                            revision=getattr(model_cfg, "_commit_hash", None),
-                            config_hash=fingerprint.config_hash(model_cfg), multimodal=teacher.multimodal),
+                            revision=identity["teacher"]["revision"] or getattr(model_cfg, "_commit_hash", None),
+                            config_hash=fingerprint.config_hash(model_cfg), multimodal=teacher.multimodal,
+                            weights=identity["teacher"]["digest"]),
         tokenizer_hash=fingerprint.tokenizer_hash(teacher.tokenizer),
         vocab_size=len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
         teacher_head_rows=int(head.shape[0]),
@@ -248,8 +369,8 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, n_shards: int, teacher, k: in
         hidden=HiddenInfo(stored=True, size=int(head.shape[1]), dtype="float16") if cfg.hidden else HiddenInfo(),
         generated=GeneratedInfo(max_new_tokens=cfg.max_new_tokens, temperature=cfg.generate_temperature)
         if cfg.generate else None,
-        dataset_fingerprint=dataset_fingerprint(cfg.data),
-        build_config={key: v for key, v in asdict(cfg).items() if key != "storage_options"},
+        dataset_fingerprint=identity["data"]["fingerprint"],
+        build_config={key: v for key, v in asdict(cfg).items() if key not in ("storage_options", "repair", "overwrite")},
         shards=entries,
         skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in skipped],
     )
@@ -269,3 +390,16 @@ def summary(manifest: Manifest) -> str:
     else:
         lines.append("skipped 0 records")
     return "\n".join(lines)
+
+
+def repair_cache(url: str, storage_options: dict | None = None, **overrides) -> Manifest:
+    """Rebuild the shards of the cache at ``url`` that fail their checks, with the settings, data and teacher
+    recorded in its ``build.json`` (``overrides``: e.g. ``device``, ``batch_size``, ``progress``)."""
+    fs, root = storage.open_fs(url, storage_options)
+    previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
+    if previous is None:
+        raise FileNotFoundError(f"{url}: no build.json, so no record of how the cache was built: run kd-cache "
+                                "build with its settings (add --overwrite to start over)")
+    cfg = BuildConfig(**{**previous["config"], **overrides, "out": url, "repair": True,
+                         "storage_options": dict(storage_options or {})})
+    return build_cache(cfg)

@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 IGNORE_INDEX = -100
 
 KINDS = ("response", "visual", "prompt")
@@ -257,6 +257,8 @@ class TeacherInfo:
     revision: str | None
     config_hash: str
     multimodal: bool
+    # Content identity of the teacher's files (``fingerprint.teacher_identity``: sha256 or Hub blob ids).
+    weights: str | None = None
 
 
 @dataclass
