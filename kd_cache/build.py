@@ -6,6 +6,12 @@ when its completion marker exists; a rerun skips done shards and rebuilds the re
 killed build resumable and the result identical to an uninterrupted one. The manifest is written
 last, by rank 0, once every shard is complete.
 
+A cache is identified by its content, not its paths: ``build.json`` records the content settings,
+the data's fingerprint and the teacher's file hashes, and a rerun whose data or teacher weights
+changed at the same path is refused (``--overwrite`` starts over). One build at a time writes a cache
+(``kd_cache.build_lock``); the next build deletes the temporary files of killed atomic writes.
+``--repair`` re-checks every shard and rebuilds exactly the failing ones.
+
 The teacher forward is the only step on the accelerator; tokenisation and image decoding run one
 batch ahead in a thread, and compression + writes of a finished shard run in another thread, so
 they overlap with the teacher instead of following it.
@@ -28,7 +34,7 @@ from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
 from kd_cache.build_lock import BuildLock
 from kd_cache.encoding import Encoder
-from kd_cache.format import BUILD_NAME, MANIFEST_NAME, SHARDS_DIR
+from kd_cache.format import BUILD_NAME, SHARDS_DIR
 from kd_cache.records import BadRecord, dataset_fingerprint, load_records
 from kd_cache.runtime import resolve_dtype
 from kd_cache.schema import (
@@ -112,12 +118,13 @@ def _check_identity(previous: dict, current: dict, out: str) -> None:
 def _clear(writer: CacheWriter) -> None:
     """``--overwrite``: delete the cache's own files (manifest, build.json, shards), nothing else."""
     fs = writer.fs
-    for name in (MANIFEST_NAME, BUILD_NAME):
-        path = posixpath.join(writer.root, name)
-        if fs.exists(path):
-            fs.rm(path)
+    # build.json goes last: a kill half-way leaves shards only next to the build.json that describes them.
+    if fs.exists(writer.manifest_path):
+        fs.rm(writer.manifest_path)
     storage.remove_tree(fs, posixpath.join(writer.root, SHARDS_DIR))
     fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
+    if fs.exists(posixpath.join(writer.root, BUILD_NAME)):
+        fs.rm(posixpath.join(writer.root, BUILD_NAME))
     print(f"{writer.url}: deleted the cache there (--overwrite)", file=sys.stderr)
 
 
@@ -233,6 +240,9 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
         previous = _read_build_json(fs, build_json, cfg.out)
         identity = _identity(cfg, teacher_dir, previous)
         if previous is None:
+            if writer.read_manifest() is not None or writer.complete_shards():
+                raise ValueError(f"{cfg.out} holds a cache but no build.json, so what it was built from is unknown. "
+                                 "Rebuild it with --overwrite, or choose another --out.")
             storage.write_json(fs, build_json, identity, sort_keys=True)
         else:
             _check_identity(previous, identity, cfg.out)

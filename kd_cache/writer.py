@@ -89,6 +89,16 @@ class CacheWriter:
     def is_complete(self, index: int) -> bool:
         return self.read_marker(index) is not None
 
+    def complete_shards(self) -> list[str]:
+        """Names of the completion markers present (any index)."""
+        folder = posixpath.join(self.root, SHARDS_DIR)
+        self.fs.invalidate_cache(folder)
+        try:
+            names = [posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(COMPLETE_SUFFIX) and not n.startswith("."))
+
     def shard_problem(self, index: int, expected: ShardEntry | None = None) -> str | None:
         """Why shard ``index`` is not intact, or None: its completion marker is missing or disagrees with
         ``expected`` (the manifest's entry, when there is one), or its files do not hash to the checksum."""
