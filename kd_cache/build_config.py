@@ -98,8 +98,6 @@ class BuildConfig:
         if self.generate_temperature < 0:
             raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
         self.image_folder = resolve_image_folder(self.image_folder)
-        if self.repair and self.overwrite:
-            raise ValueError("--repair keeps the good shards and --overwrite deletes them all: choose one")
 
     def identity(self) -> dict:
         """The ``CONTENT_KEYS`` settings (``build.json``); the draw settings count in sample mode only."""

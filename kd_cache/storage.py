@@ -58,7 +58,7 @@ def zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool):
     return FsspecStore(fs=_async_fs(fs), path=path, read_only=read_only)
 
 
-class StorageError(RuntimeError):
+class StorageError(OSError):
     """A cache file could not be written (full or read-only storage); the message names the path."""
 
 
