@@ -36,13 +36,15 @@ def _fail(msg: str | Exception, code: int = 2):
 def build(cfg: BuildConfig):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
     from kd_cache.build import build_cache, summary
+    from kd_cache.build_lock import BuildLocked
     from kd_cache.records import BadRecord
+    from kd_cache.storage import StorageError
 
     try:
         manifest = build_cache(cfg)
     except BadRecord as e:
         _fail(f"{e} (--strict stops at the first bad record; drop --strict to skip and list them)")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
         _fail(str(e))
     from accelerate import PartialState
 
@@ -78,15 +80,38 @@ def verify(
     cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-shard result as JSON on stdout "
                                                          "(kd_cache.reader.CacheCheck.to_dict).")] = False,
+    repair: Annotated[bool, typer.Option(help=(
+        "Rebuild the shards that fail (with the settings, data and teacher recorded in the cache's build.json), "
+        "keep the good ones, then verify again."))] = False,
+    device: Annotated[str, typer.Option(help="With --repair: the teacher's device (as kd-cache build --device).")] = "auto",
 ):
     """Re-check every shard against the manifest (files, sizes, checksums, sample counts, shards the
-    manifest misses); list each problem and exit 1 on any."""
+    manifest misses); list each problem and exit 1 on any. --repair rebuilds the failing shards."""
     from kd_cache.reader import open_cache
 
-    try:
-        result = open_cache(cache).verify_shards()
-    except (ValueError, FileNotFoundError, TypeError) as e:
-        _fail(str(e))
+    def check():
+        try:
+            return open_cache(cache).verify_shards(), None
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            return None, str(e)
+
+    result, error = check()
+    if repair and (error is not None or not result.ok):
+        from kd_cache.build import repair_cache
+        from kd_cache.build_lock import BuildLocked
+        from kd_cache.storage import StorageError
+
+        for p in ([error] if error is not None else result.lines()):
+            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
+        try:
+            repair_cache(cache, device=device, progress=False)
+        except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
+            _fail(f"repair failed: {e}")
+        result, error = check()
+        if error is None and result.ok:
+            typer.echo(f"repaired {cache}")
+    if error is not None:
+        _fail(error)
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=1))
     if not result.ok:

@@ -6,6 +6,12 @@ when its completion marker exists; a rerun skips done shards and rebuilds the re
 killed build resumable and the result identical to an uninterrupted one. The manifest is written
 last, by rank 0, once every shard is complete.
 
+A cache is identified by its content, not its paths: ``build.json`` records the content settings,
+the data's fingerprint and the teacher's file hashes, and a rerun whose data or teacher weights
+changed at the same path is refused (``--overwrite`` starts over). One build at a time writes a cache
+(``kd_cache.build_lock``); the next build deletes the temporary files of killed atomic writes.
+``--repair`` re-checks every shard and rebuilds exactly the failing ones.
+
 The teacher forward is the only step on the accelerator; tokenisation and image decoding run one
 batch ahead in a thread, and compression + writes of a finished shard run in another thread, so
 they overlap with the teacher instead of following it.
@@ -26,11 +32,13 @@ import torch
 
 from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
+from kd_cache.build_lock import BuildLock
 from kd_cache.encoding import Encoder
-from kd_cache.format import BUILD_NAME
+from kd_cache.format import BUILD_NAME, SHARDS_DIR
 from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_fingerprint, iter_records
 from kd_cache.runtime import resolve_dtype
 from kd_cache.schema import (
+    FORMAT_VERSION,
     GeneratedInfo,
     HiddenInfo,
     Manifest,
@@ -44,15 +52,97 @@ from kd_cache.teacher import TeacherRunner, check_template, load_teacher
 from kd_cache.writer import CacheWriter
 
 
+def _stored_config(cfg: BuildConfig) -> dict:
+    """The settings a repair reruns the build with (``build.json``'s ``config``)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "storage_options", "repair", "overwrite")}
+
+
+def _read_build_json(fs, path: str, out: str) -> dict | None:
+    """``build.json`` of the cache at ``out``, None when absent; unreadable or foreign: a ValueError that says
+    how to rebuild."""
+    redo = "Rebuild it with --overwrite (deletes the cache there), or choose another --out."
+    try:
+        d = storage.read_json(fs, path)
+    except ValueError as e:
+        raise ValueError(f"{e}: the settings the cache at {out} was built with are unknown. {redo}") from e
+    if d is None:
+        return None
+    if not isinstance(d, dict) or not {"settings", "data", "teacher", "config"} <= set(d):
+        raise ValueError(f"{storage.display(fs, path)} is not a build.json of this tool. {redo}")
+    if d.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{out} holds a cache of format {d.get('format_version')}; this version writes "
+                         f"format {FORMAT_VERSION}. {redo}")
+    return d
+
+
+def _identity(cfg: BuildConfig, teacher_dir: str, previous: dict | None) -> dict:
+    """What makes the cache what it is: the content settings, the data's bytes, the teacher's files."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "settings": cfg.identity(),
+        "data": {"fingerprint": dataset_fingerprint(cfg.data)},
+        "teacher": fingerprint.teacher_identity(teacher_dir, (previous or {}).get("teacher")),
+        "config": _stored_config(cfg),
+    }
+
+
 def _check_identity(previous: dict, current: dict, out: str) -> None:
-    diffs = [k for k in CONTENT_KEYS if previous.get(k) != current.get(k)]
+    """Refuse to add to (or to call complete) a cache built with other settings, data or teacher weights."""
+    before, now = previous["settings"], current["settings"]
+    diffs = [k for k in CONTENT_KEYS if before.get(k) != now.get(k)]
     if diffs:
-        lines = [f"  --{k.replace('_', '-')}: cache has {previous.get(k)!r}, this run asks for {current.get(k)!r}"
+        lines = [f"  --{k.replace('_', '-')}: cache has {before.get(k)!r}, this run asks for {now.get(k)!r}"
                  for k in diffs]
         raise ValueError(
             f"{out} already holds a cache built with different settings:\n" + "\n".join(lines)
             + "\nRerun with the original settings to resume, or choose another --out."
         )
+    redo = (f"Its shards would mix two versions. Restore the original, or rebuild from scratch with --overwrite "
+            f"(deletes the cache at {out}), or choose another --out.")
+    if previous["data"] != current["data"]:
+        raise ValueError(
+            f"--data {now['data']} changed since the cache at {out} was built from it (content fingerprint "
+            f"{previous['data'].get('fingerprint')} -> {current['data'].get('fingerprint')}). {redo}"
+        )
+    if previous["teacher"].get("digest") != current["teacher"].get("digest"):
+        changed = fingerprint.changed_files(previous["teacher"], current["teacher"])
+        raise ValueError(
+            f"--teacher {now['teacher']} changed since the cache at {out} was built with it: "
+            + ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+            + f". {redo}"
+        )
+
+
+def _clear(writer: CacheWriter) -> None:
+    """``--overwrite``: delete the cache's own files (manifest, build.json, shards), nothing else."""
+    fs = writer.fs
+    # build.json goes last: a kill half-way leaves shards only next to the build.json that describes them.
+    if fs.exists(writer.manifest_path):
+        fs.rm(writer.manifest_path)
+    storage.remove_tree(fs, posixpath.join(writer.root, SHARDS_DIR))
+    fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
+    if fs.exists(posixpath.join(writer.root, BUILD_NAME)):
+        fs.rm(posixpath.join(writer.root, BUILD_NAME))
+    print(f"{writer.url}: deleted the cache there (--overwrite)", file=sys.stderr)
+
+
+def _repair(writer: CacheWriter, manifest: Manifest | None, n_shards: int) -> list[int]:
+    """Find the shards that fail their checks, remove their markers (and the manifest) so the build
+    rewrites exactly them; return their indices."""
+    expected = manifest.shards if manifest is not None and len(manifest.shards) == n_shards else None
+    bad = []
+    for s in range(n_shards):
+        why = writer.shard_problem(s, expected[s] if expected else None)
+        if why is not None:
+            print(f"{writer.url}: shard {writer.shard_name(s)}: {why}: rebuilding it", file=sys.stderr)
+            bad.append(s)
+    if bad or (manifest is not None and expected is None):
+        # The manifest goes first: a repair killed half-way leaves an incomplete cache, never a stale manifest.
+        if writer.fs.exists(writer.manifest_path):
+            writer.fs.rm(writer.manifest_path)
+        for s in bad:
+            writer.forget(s)
+    return bad
 
 
 class _Dist:
@@ -124,26 +214,62 @@ def _teacher_answers(runner: TeacherRunner, encoder: Encoder, prepared: list, cf
 
 
 def build_cache(cfg: BuildConfig) -> Manifest:
-    """Build (or finish) the cache described by ``cfg``; returns the manifest."""
+    """Build (or finish, or ``--repair``) the cache described by ``cfg``; returns the manifest.
+
+    Rank 0 holds the cache's ``BuildLock`` for the whole build (the ranks of one launch share it); a
+    second build into the same ``--out`` is refused while it runs.
+    """
     dist = _Dist(cfg.device)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
-    fs = writer.fs
-    identity = cfg.identity()
-    build_json = posixpath.join(writer.root, BUILD_NAME)
+    lock = BuildLock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
+    try:
+        return _build(cfg, dist, writer, lock)
+    finally:
+        if lock is not None:
+            lock.release()
 
+
+def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None) -> Manifest:
+    fs = writer.fs
+    build_json = posixpath.join(writer.root, BUILD_NAME)
+    teacher_dir = fingerprint.resolve_teacher(cfg.teacher)
+    identity = None
     if dist.main:
-        previous = storage.read_json(fs, build_json)
-        if previous is not None:
-            _check_identity(previous, identity, cfg.out)
-        else:
+        removed = writer.remove_temp_files()  # leftovers of killed atomic writes; we hold the lock
+        if removed:
+            print(f"{cfg.out}: removed {len(removed)} temporary files of an interrupted build", file=sys.stderr)
+        if cfg.overwrite:
+            _clear(writer)
+        previous = _read_build_json(fs, build_json, cfg.out)
+        identity = _identity(cfg, teacher_dir, previous)
+        if previous is None:
+            if writer.read_manifest() is not None or writer.complete_shards():
+                raise ValueError(f"{cfg.out} holds a cache but no build.json, so what it was built from is unknown. "
+                                 "Rebuild it with --overwrite, or choose another --out.")
             storage.write_json(fs, build_json, identity, sort_keys=True)
+        else:
+            _check_identity(previous, identity, cfg.out)
+            if previous["teacher"] != identity["teacher"]:  # same content, new (size, mtime): remember them
+                storage.write_json(fs, build_json, {**previous, "teacher": identity["teacher"]}, sort_keys=True)
     dist.barrier()
-    if not dist.main:
-        _check_identity(storage.read_json(fs, build_json) or {}, identity, cfg.out)
+    if not dist.main:  # rank 0 checked the content; the other ranks check that they were given the same settings
+        previous = _read_build_json(fs, build_json, cfg.out)
+        _check_identity(previous, {**previous, "settings": cfg.identity()}, cfg.out)
 
     manifest = writer.read_manifest()
+    repaired = None
+    if cfg.repair and dist.main:
+        # Records are read lazily, so the shards to check are the manifest's, or else those with a marker;
+        # a shard with neither is rebuilt by the pass below anyway.
+        n_check = len(manifest.shards) if manifest is not None else max(
+            (int(name[:len(writer.shard_name(0))]) + 1 for name in writer.complete_shards()), default=0)
+        repaired = _repair(writer, manifest, n_check)
+        if not repaired and manifest is not None:
+            print(f"{cfg.out}: all {n_check} shards intact, nothing to repair", file=sys.stderr)
+    dist.barrier()
+    manifest = writer.read_manifest()
     if manifest is not None:
-        if dist.main:
+        if dist.main and repaired is None:
             print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
         return manifest
 
@@ -159,7 +285,7 @@ def build_cache(cfg: BuildConfig) -> Manifest:
     n_known = None if stream.length is None else min(stream.length, cfg.limit or stream.length)
 
     dtype = resolve_dtype(cfg.dtype, dist.device)
-    teacher = load_teacher(cfg.teacher, dist.device, dtype)
+    teacher = load_teacher(teacher_dir, dist.device, dtype)
     check_template(teacher, cfg.template)
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id,
                       store_images=cfg.store_images)
@@ -224,6 +350,8 @@ def build_cache(cfg: BuildConfig) -> Manifest:
             bar.set_postfix(skipped=n_skipped, shard=s)
             # The skip list goes next to the shard before its data: a complete shard always has one.
             storage.write_json(fs, writer.skipped_path(s), {"skipped": skipped, "truncated": truncated}, sort_keys=True)
+            if lock is not None:
+                lock.check()  # a build whose lock was taken over must not write another shard
             while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
                 pending.pop(0).result()
             pending.append(io.submit(writer.write_shard, s, samples, sparse_mode=cfg.sparse, k=k,
@@ -239,7 +367,8 @@ def build_cache(cfg: BuildConfig) -> Manifest:
     listed = _gather(cfg, writer, n_shards)
     check_skips(listed[1], sum(e.samples for e in listed[0]), cfg.max_skip_share)  # on every rank: all stop
     if dist.main:
-        manifest = _finish(cfg, writer, listed, teacher, k, runner.relation)
+        lock.check()
+        manifest = _finish(cfg, writer, listed, teacher, k, runner.relation, identity)
     dist.barrier()
     if not dist.main:
         manifest = writer.read_manifest()
@@ -260,7 +389,8 @@ def _gather(cfg: BuildConfig, writer: CacheWriter, n_shards: int) -> tuple[list,
     return entries, skipped, truncated
 
 
-def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: int, relation: str) -> Manifest:
+def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: int, relation: str,
+            identity: dict) -> Manifest:
     """Write the manifest from the gathered shards (``_gather``)."""
     entries, skipped, truncated = listed
     model_cfg = teacher.model.config
@@ -268,8 +398,9 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: in
     sample_mode = cfg.sparse == SparseMode.sample.value
     manifest = Manifest(
         teacher=TeacherInfo(path=cfg.teacher, model_type=model_cfg.model_type,
-                            revision=getattr(model_cfg, "_commit_hash", None),
-                            config_hash=fingerprint.config_hash(model_cfg), multimodal=teacher.multimodal),
+                            revision=identity["teacher"]["revision"] or getattr(model_cfg, "_commit_hash", None),
+                            config_hash=fingerprint.config_hash(model_cfg), multimodal=teacher.multimodal,
+                            weights=identity["teacher"]["digest"]),
         tokenizer_hash=fingerprint.tokenizer_hash(teacher.tokenizer),
         vocab_size=len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
         teacher_head_rows=int(head.shape[0]),
@@ -284,8 +415,8 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: in
         hidden=HiddenInfo(stored=True, size=int(head.shape[1]), dtype="float16") if cfg.hidden else HiddenInfo(),
         generated=GeneratedInfo(max_new_tokens=cfg.max_new_tokens, temperature=cfg.generate_temperature)
         if cfg.generate else None,
-        dataset_fingerprint=dataset_fingerprint(cfg.data),
-        build_config={key: v for key, v in asdict(cfg).items() if key != "storage_options"},
+        dataset_fingerprint=identity["data"]["fingerprint"],
+        build_config={key: v for key, v in asdict(cfg).items() if key not in ("storage_options", "repair", "overwrite")},
         shards=entries,
         skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in skipped],
         truncated=[x["id"] for x in truncated],
@@ -334,3 +465,16 @@ def summary(manifest: Manifest) -> str:
     if manifest.truncated:
         lines.append(f"{len(manifest.truncated)} samples cut by --max-length (ids in manifest.json under 'truncated')")
     return "\n".join(lines)
+
+
+def repair_cache(url: str, storage_options: dict | None = None, **overrides) -> Manifest:
+    """Rebuild the shards of the cache at ``url`` that fail their checks, with the settings, data and teacher
+    recorded in its ``build.json`` (``overrides``: e.g. ``device``, ``batch_size``, ``progress``)."""
+    fs, root = storage.open_fs(url, storage_options)
+    previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
+    if previous is None:
+        raise FileNotFoundError(f"{url}: no build.json, so no record of how the cache was built: run kd-cache "
+                                "build with its settings (add --overwrite to start over)")
+    cfg = BuildConfig(**{**previous["config"], **overrides, "out": url, "repair": True,
+                         "storage_options": dict(storage_options or {})})
+    return build_cache(cfg)

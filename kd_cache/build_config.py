@@ -90,6 +90,12 @@ class BuildConfig:
     max_new_tokens: int = _setting(128, identity=True, help="Longest teacher answer with --generate.")
     generate_temperature: float = _setting(0.0, identity=True, help="Sampling temperature with --generate; 0 = greedy.")
     progress: bool = _setting(True, help="Show a progress bar.")
+    repair: bool = _setting(False, help=(
+        "Re-check every shard already at --out and rebuild exactly those that fail (missing, incomplete, "
+        "checksum mismatch); good shards are kept. Same settings, data and teacher as the cache's build."))
+    overwrite: bool = _setting(False, help=(
+        "Delete the cache at --out (its build.json, manifest and shards; nothing else) and build it anew: "
+        "the way to rebuild after the data or the teacher changed."))
     # fsspec options of a remote --out (Python API; not a flag, not written into the manifest).
     storage_options: dict[str, Any] = field(default_factory=dict)
 

@@ -2,8 +2,11 @@
 
 A cache is a directory or any fsspec URL (``memory://x``, ``file:///tmp/x``, ``s3://bucket/x``)::
 
-    <root>/build.json                   the build's content settings (``BuildConfig.identity``), written
-                                        first; a rerun against the same root must match them to resume
+    <root>/build.json                   the build's identity, written first: its content settings
+                                        (``BuildConfig.identity``), the data's fingerprint, the teacher's
+                                        file hashes (``fingerprint.teacher_identity``) and the full config
+                                        (for ``--repair``); a rerun against the same root must match it
+    <root>/build.lock                   present while a build runs: its holder (``kd_cache.build_lock``)
     <root>/shards/00000/                one Zarr v3 group per shard, immutable once complete
     <root>/shards/00000.complete.json   completion marker, written last for that shard: the shard's
                                         ``ShardEntry`` (name, samples, bytes, checksum, format_version,
@@ -15,6 +18,8 @@ A cache is a directory or any fsspec URL (``memory://x``, ``file:///tmp/x``, ``s
 
 A shard without its completion marker is incomplete: readers never use it and ``CacheWriter.write_shard``
 deletes its leftovers before writing it again. Every writer (process, rank) owns whole shards.
+Every JSON file is written atomically (``storage.atomic_write``: ``.<name>.tmp-<hex>``, then a rename);
+the next build deletes the temporary files a killed one left.
 
 Inside a shard group (S samples; T tokens, P positions of one kind, I relation matrices in total)::
 
@@ -81,6 +86,7 @@ from kd_cache.schema import FORMAT_VERSION, KINDS, CacheSample, KindArrays, Spar
 
 MANIFEST_NAME = "manifest.json"
 BUILD_NAME = "build.json"
+LOCK_NAME = "build.lock"
 SHARDS_DIR = "shards"
 COMPLETE_SUFFIX = ".complete.json"
 SKIPPED_SUFFIX = ".skipped.json"

@@ -266,6 +266,8 @@ class TeacherInfo:
     revision: str | None
     config_hash: str
     multimodal: bool
+    # Content identity of the teacher's files (``fingerprint.teacher_identity``: sha256 or Hub blob ids).
+    weights: str | None = None
 
 
 @dataclass

@@ -8,12 +8,15 @@ the files hold is ``kd_cache.format``; who writes and reads them, ``kd_cache.wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
+import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -55,28 +58,79 @@ def zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool):
     return FsspecStore(fs=_async_fs(fs), path=path, read_only=read_only)
 
 
+class StorageError(OSError):
+    """A cache file could not be written (full or read-only storage); the message names the path."""
+
+
+@contextlib.contextmanager
+def writing(fs: fsspec.AbstractFileSystem | None, path: str) -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into a ``StorageError`` that names the path
+    and says what to do (a full disk, a read-only folder: not a traceback)."""
+    try:
+        yield
+    except (FileExistsError, FileNotFoundError, StorageError):
+        raise
+    except OSError as e:
+        where = display(fs, path) if fs is not None else str(path)
+        reason = e.strerror or str(e) or type(e).__name__
+        raise StorageError(
+            f"cannot write {where}: {reason}. Free space or make the location writable, then rerun the same "
+            "command: the build resumes where it stopped"
+        ) from e
+
+
+# ``atomic_write``'s temporary names: ``.<name>.tmp-<32 hex>`` next to the target.
+_TMP = re.compile(r"^\..+\.tmp-[0-9a-f]{32}$")
+
+
 def atomic_write(fs: fsspec.AbstractFileSystem | None, path: str, data: bytes) -> None:
     """Write ``data`` to a temporary name next to ``path``, then rename it into place.
 
-    ``fs=None`` is the local disk. A reader sees the old file or the new one, never a part of it.
+    ``fs=None`` is the local disk. A reader sees the old file or the new one, never a part of it; a
+    failed write (full disk) removes its temporary file and raises ``StorageError`` naming ``path``.
+    A killed process can leave the temporary file: ``remove_temp_files`` deletes such leftovers.
     """
     parent = posixpath.dirname(str(path))
     tmp = posixpath.join(parent, f".{posixpath.basename(str(path))}.tmp-{uuid.uuid4().hex}")
-    if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX
-        return
-    fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(tmp, data)
+    with writing(fs, path):
+        if is_local(fs):
+            os.makedirs(parent, exist_ok=True)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # atomic on POSIX
+            finally:
+                if os.path.lexists(tmp):
+                    os.unlink(tmp)
+            return
+        fs.makedirs(parent, exist_ok=True)
+        try:
+            fs.pipe_file(tmp, data)
+            fs.mv(tmp, path)
+        finally:
+            if fs.exists(tmp):
+                fs.rm(tmp)
+
+
+def remove_temp_files(fs: fsspec.AbstractFileSystem, folder: str) -> list[str]:
+    """Delete ``atomic_write`` leftovers (``.<name>.tmp-<hex>``) directly in ``folder``; return their names.
+
+    Only call it while no other writer uses ``folder`` (the build holds its lock).
+    """
+    fs.invalidate_cache(folder)
     try:
-        fs.mv(tmp, path)
-    finally:
-        if fs.exists(tmp):
-            fs.rm(tmp)
+        entries = fs.ls(folder, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    removed = []
+    for p in entries:
+        name = posixpath.basename(str(p).rstrip("/"))
+        if _TMP.match(name):
+            fs.rm(str(p))
+            removed.append(name)
+    return removed
 
 
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:

@@ -94,6 +94,29 @@ def _sample_seed(seed: int, sample_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
 
 
+class _PerSampleSampler:
+    """A ``generate`` logits processor that samples each row from ``softmax(scores / temperature)`` with
+    that row's own generator (Gumbel-max: the argmax of ``scores / T + Gumbel noise`` is such a draw), so
+    greedy decoding picks the sampled token. Row ``r``'s ``t``-th token uses its generator's ``t``-th
+    draw whatever else is in the batch."""
+
+    def __init__(self, seeds: list[int], temperature: float, device: torch.device):
+        self.temperature = temperature
+        self.generators = []
+        for seed in seeds:
+            g = torch.Generator(device=device)
+            g.manual_seed(seed)
+            self.generators.append(g)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, dim=-1)
+        out = torch.empty_like(logp)
+        for r, g in enumerate(self.generators):
+            u = torch.rand(logp.shape[-1], generator=g, device=logp.device).clamp_(1e-20, 1.0)
+            out[r] = logp[r] - torch.log(-torch.log(u))
+        return out
+
+
 def draw_ids(logp: torch.Tensor, n: int, scheme: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """``n`` token draws per row of ``logp`` [P, V] (log-probabilities), sorted ascending: [P, n].
 
@@ -312,6 +335,8 @@ class TeacherRunner:
                  temperature: float = 0.0) -> list[Prepared]:
         """Replace every answer (assistant turn) with the teacher's own, turn by turn, batched over
         samples with left padding; the reference answers go to ``meta["reference_answers"]``."""
+        from transformers import LogitsProcessorList
+
         tok = self.t.tokenizer
         convs = [[dict(t) for t in p.record.conversations] for p in batch]
         turns = [encoder.assistant_turns(p) for p in batch]
@@ -326,11 +351,13 @@ class TeacherRunner:
                 prompts.append(encoder.prompt(cur, turns[i][step]))
             inputs = self._on_device(processing.collate(prompts, pad, padding_side="left"))
             L = inputs["input_ids"].shape[1]
-            if temperature > 0:
-                torch.manual_seed(_sample_seed(self.seed, f"generate/{batch[todo[0]].record.id}/{step}") % (2**31))
-            gen = self.t.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                                        temperature=temperature if temperature > 0 else None, top_p=None, top_k=None,
-                                        pad_token_id=pad, eos_token_id=tok.eos_token_id)
+            # Sampling draws from one generator per sample (seeded by the sample's id and turn), never from
+            # the global RNG: an answer does not depend on the other samples of its batch.
+            sampler = (_PerSampleSampler([_sample_seed(self.seed, f"generate/{batch[i].record.id}/{step}") for i in todo],
+                                         temperature, inputs["input_ids"].device) if temperature > 0 else None)
+            gen = self.t.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, temperature=None,
+                                        top_p=None, top_k=None, pad_token_id=pad, eos_token_id=tok.eos_token_id,
+                                        logits_processor=LogitsProcessorList([sampler] if sampler is not None else []))
             for r, i in enumerate(todo):
                 text = tok.decode(gen[r, L:], skip_special_tokens=True).strip()
                 if encoder.template == "pretrain":

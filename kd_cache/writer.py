@@ -52,7 +52,8 @@ class CacheWriter:
         self.chunk_bytes = int(chunk_bytes)
         # The layout exists as soon as a writer does (a no-op on object stores), so files the build
         # puts next to shards (the per-shard skip lists) can be written before the first shard.
-        self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
+        with storage.writing(self.fs, self.root):
+            self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
 
     # paths ------------------------------------------------------------------------------------
     def shard_name(self, index: int) -> str:
@@ -90,6 +91,44 @@ class CacheWriter:
     def is_complete(self, index: int) -> bool:
         return self.read_marker(index) is not None
 
+    def complete_shards(self) -> list[str]:
+        """Names of the completion markers present (any index)."""
+        folder = posixpath.join(self.root, SHARDS_DIR)
+        self.fs.invalidate_cache(folder)
+        try:
+            names = [posixpath.basename(str(p).rstrip("/")) for p in self.fs.ls(folder, detail=False)]
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n.endswith(COMPLETE_SUFFIX) and not n.startswith("."))
+
+    def shard_problem(self, index: int, expected: ShardEntry | None = None) -> str | None:
+        """Why shard ``index`` is not intact, or None: its completion marker is missing or disagrees with
+        ``expected`` (the manifest's entry, when there is one), or its files do not hash to the checksum."""
+        marker = self.read_marker(index)
+        if marker is None:
+            return "incomplete (no readable completion marker)"
+        expected = expected or marker
+        if marker.checksum != expected.checksum or marker.samples != expected.samples:
+            return f"its completion marker disagrees with the manifest (checksum {marker.checksum} vs {expected.checksum})"
+        path = self.shard_path(index)
+        if not self.fs.exists(path):
+            return "its data folder is missing"
+        checksum, _, _ = storage.shard_digest(self.fs, path)
+        if checksum != expected.checksum:
+            return f"checksum mismatch (recorded {expected.checksum}, recomputed {checksum})"
+        return None
+
+    def forget(self, index: int) -> None:
+        """Remove shard ``index``'s completion marker: the next build rewrites the shard."""
+        with storage.writing(self.fs, self.marker_path(index)):
+            if self.fs.exists(self.marker_path(index)):
+                self.fs.rm(self.marker_path(index))
+
+    def remove_temp_files(self) -> list[str]:
+        """Delete the temporary files of interrupted atomic writes (root and shard folder)."""
+        return (storage.remove_temp_files(self.fs, self.root)
+                + storage.remove_temp_files(self.fs, posixpath.join(self.root, SHARDS_DIR)))
+
     # shards -----------------------------------------------------------------------------------
     def write_shard(
         self, index: int, samples: list[dict], *, sparse_mode: str, k: int, relation: str,
@@ -103,6 +142,10 @@ class CacheWriter:
         """
         arrays, attrs = pack_samples(samples, sparse_mode=sparse_mode, k=k, relation=relation,
                                      sample_logprobs=sample_logprobs)
+        with storage.writing(self.fs, self.shard_path(index)):
+            return self._write_shard(index, arrays, attrs, len(samples))
+
+    def _write_shard(self, index: int, arrays: dict, attrs: dict, n: int) -> ShardEntry:
         path, marker = self.shard_path(index), self.marker_path(index)
         if self.fs.exists(marker):
             self.fs.rm(marker)
@@ -125,7 +168,7 @@ class CacheWriter:
 
         checksum, nbytes, files = storage.shard_digest(self.fs, path)
         offsets = arrays["tokens/offsets"]
-        entry = ShardEntry(name=shard_name(index), samples=len(samples), bytes=nbytes, checksum=checksum, files=files,
+        entry = ShardEntry(name=shard_name(index), samples=n, bytes=nbytes, checksum=checksum, files=files,
                            max_tokens=int(np.diff(offsets).max()) if len(offsets) > 1 else 0)
         storage.write_json(self.fs, marker, entry.to_dict())
         return entry

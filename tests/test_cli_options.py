@@ -161,7 +161,7 @@ BUILD_FLAGS = [
     "--sample-scheme", "--sample-logprobs", "--no-sample-logprobs", "--relation", "--batch-size", "--shard-size",
     "--max-length", "--dtype", "--device", "--strict", "--no-strict", "--max-skip-share", "--limit", "--seed", "--positions", "--hidden",
     "--no-hidden", "--generate", "--no-generate", "--max-new-tokens", "--generate-temperature", "--progress",
-    "--no-progress"]
+    "--no-progress", "--repair", "--no-repair", "--overwrite", "--no-overwrite"]
 BUILD_CHOICES = {"--template": ["chat", "pretrain"], "--sparse": ["topk", "sample"],
                  "--sample-scheme": ["systematic", "multinomial"], "--dtype": ["auto", "float32", "bfloat16", "float16"]}
 
