@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -198,8 +199,6 @@ def _fsdp_on_cpu(accelerator) -> None:
     the state is switched to it here; ``prepare`` then shards the model as it would on GPUs. This is
     what lets the FSDP path run in CI (tests/test_train_fsdp.py).
     """
-    import os
-
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
@@ -208,7 +207,7 @@ def _fsdp_on_cpu(accelerator) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         return
     plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* settings
-    if plugin.fsdp_version != 2:
+    if getattr(plugin, "fsdp_version", 1) != 2:
         raise ValueError("an FSDP launch on CPU needs FSDP2 (fsdp_version: 2 in the accelerate config): "
                          "FSDP1 needs a GPU")
     # Both shared states: a later AcceleratorState() copies PartialState's type over its own.
@@ -275,7 +274,7 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
               + describe_trainable(trainable), flush=True)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    if accelerator.is_fsdp2:
+    if getattr(accelerator, "is_fsdp2", False):
         # FSDP2 all-gathers a layer's weights again in backward, a collective every rank must join; with
         # the embeddings frozen (DPT) a text-only micro-batch would skip the language model's backward on
         # its rank and the other ranks would wait forever. Inputs that require grad keep backward in step.
