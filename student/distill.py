@@ -231,15 +231,30 @@ class DistillStudent(nn.Module):
             d_s = student.config.get_text_config().hidden_size
             self.hidden_projector = HiddenProjector(d_s, teacher_hidden_size).to(student.device)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The student's layer classes present in it: what FSDP's transformer-based wrap policy shards one
+        by one (accelerate reads this attribute of the prepared model when the config names no classes)."""
+        names = getattr(self.student, "_no_split_modules", None)
+        if names is None:
+            return None
+        present = {type(m).__name__ for m in self.student.modules()}
+        return sorted(n for n in names if n in present)
+
     def _needs_vision_dummy(self) -> bool:
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self, FSDPModule):
+            return True  # frozen or not, a sharded vision tower's all-gathers must run on every rank
         return any(p.requires_grad for name, p in self.student.named_parameters()
                    if self._parts[name] in ("vision", "projector"))
 
-    def _dummy_image_term(self, like: Tensor) -> Tensor:
+    def _dummy_image_term(self) -> Tensor:
         """0 * (projector(vision(blank image))).sum() for a micro-batch without images.
 
         Every rank then uses every trainable parameter in every micro-batch (DDP without
-        find_unused_parameters) and runs the same modules (FSDP's all-gathers stay in step).
+        find_unused_parameters) and runs the same modules in the same order (FSDP2's all-gathers are
+        collectives issued in module order: it runs before the language model, where the images would).
         """
         feats = image_feature_tensors(self.student.model.get_image_features(**blank_image_inputs(self.student)))
         return 0.0 * sum(f.float().sum() for f in feats)
@@ -247,6 +262,7 @@ class DistillStudent(nn.Module):
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         s = self.settings
         inputs = model_inputs(batch, self.student.dtype)
+        dummy = self._dummy_image_term() if "pixel_values" not in inputs and self._needs_vision_dummy() else None
         out = self.student.model(**inputs, use_cache=False)
         hidden = out.last_hidden_state  # [B, T, d]
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -276,8 +292,8 @@ class DistillStudent(nn.Module):
                 sums["affinity_sum"] = affinity_loss(
                     flat[batch["visual_index"]].float()[vi], flat[batch["response_index"]].float()[ri],
                     batch["visual_hidden"][vi], batch["response_hidden"][ri], vr >= 0, rr >= 0).sum()
-        if "pixel_values" not in inputs and self._needs_vision_dummy():
-            sums["ce_sum"] = sums["ce_sum"] + self._dummy_image_term(flat)
+        if dummy is not None:
+            sums["ce_sum"] = sums["ce_sum"] + dummy
         return sums
 
     def _head_terms(self, batch: dict[str, Tensor], flat: Tensor, head: Tensor, relation: Tensor | None,

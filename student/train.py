@@ -23,17 +23,21 @@ as ``OUT/hidden_projector/``), ``--affinity-weight`` (visual x response similari
 ``--zscore`` (logit standardisation, see ``student.losses``). Every option is refused with a message
 when the cache lacks what it needs.
 
-Distributed runs: ``accelerate launch`` (or torchrun). DDP is tested (2 CPU processes over gloo equal
-one process). FSDP and DeepSpeed go through the same code (loss computed inside the wrapped module's
-forward, full state dict gathered for the final save, DeepSpeed's engine stepped only at the
-accumulation boundary) but have not been run in this repository's tests: no GPU there. With FSDP
-and a partly frozen model use ``use_orig_params``; with DeepSpeed set clipping in its config.
+Distributed runs: ``accelerate launch`` (or torchrun). DDP and FSDP2 are tested on 2 CPU processes over
+gloo, each equal to one process (tests/test_train_ddp.py, tests/test_train_fsdp.py with
+``docs/accelerate/fsdp2.yaml``: losses, final weights, resume from a sharded checkpoint, DPT's frozen
+parts). Under FSDP the loss is computed inside the wrapped module's forward, every rank runs the same
+modules in the same order (``DistillStudent``'s blank-image pass, inputs that require grad), and the
+full state dict is gathered for the final save. DeepSpeed goes through the same code (its engine
+stepped only at the accumulation boundary; set clipping in its config) but needs a GPU to run; see
+SCALING.md.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -174,7 +178,7 @@ def _accelerator(cfg: TrainConfig):
             import wandb  # noqa: F401
         except ImportError:
             raise ValueError("--report-to wandb needs the wandb package: pip install wandb") from None
-    return Accelerator(
+    accelerator = Accelerator(
         # Without a GPU run on CPU, data-parallel over gloo when launched with several processes
         # (`accelerate launch --multi_gpu --num_processes N` or torchrun set the rank environment).
         cpu=not torch.cuda.is_available(),
@@ -188,6 +192,34 @@ def _accelerator(cfg: TrainConfig):
         # skip its per-step search for unused parameters.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)],
     )
+    _fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _fsdp_on_cpu(accelerator) -> None:
+    """Run an FSDP launch on CPU ranks as FSDP.
+
+    ``accelerate launch`` with an FSDP config sets ``ACCELERATE_USE_FSDP``, but accelerate selects FSDP
+    only on accelerator devices: on CPU processes it silently runs plain data parallelism (MULTI_CPU).
+    PyTorch's FSDP2 (``fully_shard``) itself runs on CPU over gloo, so when the launch asked for FSDP2
+    the state is switched to it here; ``prepare`` then shards the model as it would on GPUs. This is
+    what lets the FSDP path run in CI (tests/test_train_fsdp.py).
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* settings
+    if getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError("an FSDP launch on CPU needs FSDP2 (fsdp_version: 2 in the accelerate config): "
+                         "FSDP1 needs a GPU")
+    # Both shared states: a later AcceleratorState() copies PartialState's type over its own.
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -257,6 +289,11 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
               + describe_trainable(trainable), flush=True)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    if getattr(accelerator, "is_fsdp2", False):
+        # FSDP2 all-gathers a layer's weights again in backward, a collective every rank must join; with
+        # the embeddings frozen (DPT) a text-only micro-batch would skip the language model's backward on
+        # its rank and the other ranks would wait forever. Inputs that require grad keep backward in step.
+        model.enable_input_require_grads()
     model.config.use_cache = False
     settings = cfg.loss_settings()
     wrapper = DistillStudent(model, settings, teacher_hidden_size=teacher_hidden_size)  # seeded by the caller
