@@ -296,9 +296,20 @@ def existing_run(out: Path) -> str | None:
     return None
 
 
+def _existing(path: Path) -> Path:
+    """``path`` or its nearest existing parent (where OUT will be created)."""
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def check_output(cfg: TrainConfig) -> None:
-    """Refuse an OUT that would lose work or cannot be written, before anything is loaded or written."""
+    """Refuse an OUT that would lose work or cannot be written, before anything is loaded or written
+    (OUT itself is created only once every check has passed)."""
     out = Path(cfg.out)
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
     student = Path(cfg.student)
     if student.exists():
         s, o = student.resolve(), out.resolve()
@@ -313,9 +324,11 @@ def check_output(cfg: TrainConfig) -> None:
     elif kept is not None and not cfg.overwrite:
         raise ValueError(f"--out {out} already holds {kept}: pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --out")
+    where = _existing(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=out)
+        if not where.is_dir():
+            raise NotADirectoryError(f"{where} is not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=where)
         os.close(fd)
         os.remove(probe)
     except OSError as e:
@@ -348,7 +361,7 @@ def check_free_space(out: Path, model: torch.nn.Module, cfg: TrainConfig, at: Po
     final, ckpt = save_sizes(model)
     n_ckpt = (total_steps // cfg.save_every - at.step // cfg.save_every) if cfg.save_every else 0
     need = int((final + n_ckpt * ckpt) * SPACE_MARGIN)
-    free = shutil.disk_usage(out).free
+    free = shutil.disk_usage(_existing(out)).free
     if free < need:
         mib = 1 << 20
         raise OutputError(

@@ -183,8 +183,6 @@ class TrainConfig:
                             ("--head-memory-mb", self.head_memory_mb)):
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
-        if self.resume and self.overwrite:
-            raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
         self.train_modules = parse_modules(recipe.train_modules if self.train_modules is None else self.train_modules)
 
     @property

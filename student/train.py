@@ -428,6 +428,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     if main:
         try:
+            out.mkdir(parents=True, exist_ok=True)
             if cfg.overwrite:
                 clear_run(out)  # every check passed: the earlier run goes now, model first
             write_json(out / CONFIG_NAME, cfg.to_dict())

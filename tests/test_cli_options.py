@@ -148,7 +148,7 @@ TRAIN_FLAGS = [
     "--grad-accum", "--warmup-ratio", "--weight-decay", "--max-grad-norm", "--seed", "--alpha", "--beta", "--gamma",
     "--positions", "--delta", "--hidden-weight", "--hidden-loss", "--affinity-weight", "--zscore", "--no-zscore",
     "--divergence", "--jsd-beta", "--skew", "--temperature", "--sparse-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
-    "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--report-to", "--train-modules",
+    "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--overwrite", "--no-overwrite", "--report-to", "--train-modules",
     "--gradient-checkpointing", "--no-gradient-checkpointing", "--mixed-precision", "--any-template",
     "--no-any-template", "--storage-options", "--progress", "--no-progress"]
 TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cosine"],
