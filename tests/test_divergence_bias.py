@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from cache_fixtures import synthetic_manifest
+
 from student.cache_checks import TopKBiasWarning, check_cache_options
 from student.config import TrainConfig
 
