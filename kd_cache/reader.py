@@ -38,7 +38,8 @@ from kd_cache.schema import Manifest, ShardEntry
 
 READER_CACHE_BYTES = 64 << 20  # decoded chunks a reader keeps (all arrays and open shards together)
 INCOMPLETE_HINT = "cache incomplete: run kd-cache build again to finish it"
-DAMAGED_HINT = "the cache is damaged: `kd-cache verify` lists every problem; rebuild the shards it names"
+DAMAGED_HINT = ("the cache is damaged: `kd-cache verify CACHE` lists every problem; `kd-cache verify --repair CACHE` "
+                "rebuilds the shards it names")
 METADATA_NAME = "zarr.json"  # zarr v3 metadata of a group or an array
 _SHARD_DIR = re.compile(r"^\d{5}$")
 _SHARD_MARKER = re.compile(r"^(\d{5})" + re.escape(COMPLETE_SUFFIX) + "$")

@@ -263,7 +263,8 @@ def _load(cfg: TrainConfig):
         raise ValueError(f"--cache {cfg.cache}: the cache is damaged ({len(lines)} problem(s), shards "
                          f"{' '.join(checked.failing) or '-'}):\n  " + "\n  ".join(lines[:20])
                          + ("\n  ..." if len(lines) > 20 else "")
-                         + f"\n`kd-cache verify {cfg.cache}` lists every problem; rebuild the shards it names")
+                         + f"\n`kd-cache verify {cfg.cache}` lists every problem; `kd-cache verify --repair {cfg.cache}` "
+                         "rebuilds the shards it names")
     model, processor = load_student(cfg.student)
     check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template)
     if cfg.image_folder is None:
