@@ -3,6 +3,7 @@
 
     python benchmarks/bench_scale.py --out benchmarks/results/scale.json          # ~10 min on 2 cores
     python benchmarks/bench_scale.py --smoke --out /tmp/scale.json                # plumbing, ~2 min
+    python benchmarks/bench_scale.py --only consumers --out /tmp/consumers.json   # one curve, ~4 min
 
 Tiny real models (kd_demo.tiny) on CPU: the *shape* of each curve is the point, not its level (the
 levels at real shapes are in benchmarks/RESULTS.md's main table). Curves:
