@@ -3,6 +3,7 @@
 
     python benchmarks/bench_scale.py --out benchmarks/results/scale.json          # ~10 min on 2 cores
     python benchmarks/bench_scale.py --smoke --out /tmp/scale.json                # plumbing, ~2 min
+    python benchmarks/bench_scale.py --only consumers --out /tmp/consumers.json   # one curve, ~4 min
 
 Tiny real models (kd_demo.tiny) on CPU: the *shape* of each curve is the point, not its level (the
 levels at real shapes are in benchmarks/RESULTS.md's main table). Curves:
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     ap.add_argument("--smoke", action="store_true", help="small counts: checks the plumbing (~2 min)")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--only", choices=["consumers"], default=None,
+                    help="run one curve only (its cache is built as in the full run)")
     args = ap.parse_args(argv)
     from benchmarks.common import machine_info, now_iso, versions
 
@@ -281,13 +284,17 @@ def main(argv: list[str] | None = None) -> dict:
         from transformers import AutoProcessor
 
         processor = AutoProcessor.from_pretrained(models["student"])
-        log("build: seconds per sample against samples")
         b = 8 if smoke else 32
-        build_rows = curve_build(models, work, [b, 4 * b, 16 * b], log)
-        base, images, _ = build(models, work, 32, shard_size=SHARD_SAMPLES, tag="tiny-shards")
-        log("shards: open, manifest, first batch, resume, per-batch read against the number of shards")
-        counts = [10, 100] if smoke else [10, 100, 1000, 10000]
-        shard_rows = curve_shards(base, images, processor, work, counts, memory_max=1000, log=log)
+        build_rows, shard_rows, trainer_rows = [], [], []
+        if args.only is None:
+            log("build: seconds per sample against samples")
+            build_rows = curve_build(models, work, [b, 4 * b, 16 * b], log)
+            base, images, _ = build(models, work, 32, shard_size=SHARD_SAMPLES, tag="tiny-shards")
+            log("shards: open, manifest, first batch, resume, per-batch read against the number of shards")
+            counts = [10, 100] if smoke else [10, 100, 1000, 10000]
+            shard_rows = curve_shards(base, images, processor, work, counts, memory_max=1000, log=log)
+        else:
+            build(models, work, 16 * b, shard_size=16, tag=f"b{16 * b}")
         log("consumers: samples per worker-CPU-second against ranks x workers on one cache")
         # The consumer and trainer curves read shards of 16 samples (the 16x build's), so a sample's
         # cost is its own and not that of opening a 2-sample shard.
@@ -296,13 +303,14 @@ def main(argv: list[str] | None = None) -> dict:
         consumer_cache = work / "consumers"
         clone_cache(base16, str(consumer_cache), 8 if smoke else 32)
         consumer_rows = curve_consumers(consumer_cache, images16, models["student"], configs, log)
-        log("trainer: peak RSS and step time against cache size")
-        trainer_rows = curve_trainer(base16, images16, models["student"], work,
-                                     [2, 32] if smoke else [2, 32, 512], 4 if smoke else 8, log)
+        if args.only is None:
+            log("trainer: peak RSS and step time against cache size")
+            trainer_rows = curve_trainer(base16, images16, models["student"], work,
+                                         [2, 32] if smoke else [2, 32, 512], 4 if smoke else 8, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"date": now_iso(), "machine": machine_info("cpu"), "versions": versions(),
-           "settings": {"mode": "smoke" if smoke else "full", "shard_samples": SHARD_SAMPLES},
+           "settings": {"mode": "smoke" if smoke else "full", "only": args.only, "shard_samples": SHARD_SAMPLES},
            "build": build_rows, "shards": shard_rows, "consumers": consumer_rows, "trainer": trainer_rows,
            "wall_s": time.perf_counter() - t_all}
     if args.out:

@@ -23,6 +23,10 @@ the next build deletes the temporary files a killed one left.
 
 Inside a shard group (S samples; T tokens, P positions of one kind, I relation matrices in total)::
 
+    zarr.json: the group's attributes and, consolidated (``zarr.consolidate_metadata``), the metadata of
+           every array and sub-group below: a reader reads this one document (its sha256 checked
+           against the manifest) instead of one per array; each array's own zarr.json is written too
+           (standard zarr layout, re-hashed by ``verify``)
     attrs: format_version, n_samples, sparse_mode ("topk" | "sample"), k, relation (spec string),
            sample_logprobs (bool; True in top-k mode), sample_ids [S] (str), images [S][*] (str),
            extras {kind: {name: {dtype, shape}}},

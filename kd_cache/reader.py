@@ -7,8 +7,10 @@ unpacked by ``kd_cache.format.unpack_sample``).
 Integrity. Nothing read from a cache is used unchecked:
 
 * opening a shard compares its files with the manifest's ``ShardEntry`` (every listed file present,
-  none extra, the total size, the sha256 of each ``zarr.json``), so a deleted or truncated file, or
-  altered metadata, raises before any of the shard's samples is read;
+  none extra, the total size, the sha256 of the shard's ``zarr.json``, which holds the metadata of
+  all its arrays: the only metadata document a reader reads), so a deleted or truncated file, or
+  altered metadata, raises before any of the shard's samples is read (``verify_shards`` re-hashes the
+  arrays' own ``zarr.json`` too);
 * every chunk carries a CRC32C (``kd_cache.format.stored_codecs``) that zarr checks on decode: a
   changed chunk raises ``CorruptCacheError`` naming the shard, the array and the chunk file;
 * ``KDCache.check()`` is the cheap whole-cache check a trainer runs before its first step (one listing,
@@ -18,6 +20,7 @@ Integrity. Nothing read from a cache is used unchecked:
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import itertools
 import os
@@ -31,6 +34,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import zarr
+from zarr.core.sync import sync as zarr_sync
 
 from kd_cache import storage
 from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, MANIFEST_NAME, SHARDS_DIR, ShardAttrs, unpack_sample
@@ -117,7 +121,8 @@ def file_problems(fs: fsspec.AbstractFileSystem, path: str, entry: ShardEntry, f
 
     Every file the entry lists must be there and no other, their sizes must add up to ``entry.bytes``
     (a truncated or deleted chunk), and the zarr metadata must be unchanged: ``metadata="all"`` hashes
-    every ``zarr.json``, ``"root"`` only the shard's own and ``tokens/offsets``'s (the sample count).
+    every ``zarr.json``, ``"root"`` only the shard's own, the one a reader uses: it holds the metadata
+    of every array of the shard (consolidated, ``kd_cache.format``).
     """
     shown = storage.display(fs, path)
     problems = []
@@ -138,7 +143,7 @@ def file_problems(fs: fsspec.AbstractFileSystem, path: str, entry: ShardEntry, f
                         "extended or replaced)")
     wanted = [rel for rel in expected if rel.endswith(METADATA_NAME) and rel in files]
     if metadata == "root":
-        wanted = [rel for rel in wanted if rel in (METADATA_NAME, f"tokens/offsets/{METADATA_NAME}")]
+        wanted = [rel for rel in wanted if rel == METADATA_NAME]
     for rel in sorted(wanted):
         if _sha256(fs, posixpath.join(path, rel)) != expected[rel]:
             problems.append(f"{posixpath.join(shown, rel)} (zarr metadata) changed since the shard was written")
@@ -255,12 +260,16 @@ class _ShardReader:
         if not fs.exists(posixpath.join(path, METADATA_NAME)):
             raise FileNotFoundError(f"shard {self.display} is missing: {DAMAGED_HINT}")
         if entry is not None:
-            problems = file_problems(fs, path, entry, _listing(fs, path))
+            problems = file_problems(fs, path, entry, _listing(fs, path), metadata="root")
             if problems:
                 raise CorruptCacheError(f"shard {self.display}: " + "; ".join(problems) + f": {DAMAGED_HINT}")
-        self.group = zarr.open_group(store=storage.zarr_store(fs, path, read_only=True), mode="r", zarr_format=3)
+        # Every array's metadata comes from the shard's zarr.json (consolidated): one read, hash-checked above.
+        self.group = zarr.open_group(store=storage.zarr_store(fs, path, read_only=True), mode="r", zarr_format=3,
+                                     use_consolidated=True)
         self.attrs = ShardAttrs.from_attrs(dict(self.group.attrs), self.display)
         self.n = self.attrs.n_samples
+        # every array at once, from the consolidated metadata (one call instead of one per array)
+        self._arrays = {name: a for name, a in self.group.members(max_depth=None) if isinstance(a, zarr.Array)}
         self._readers: dict[str, _ChunkReader] = {}
         self._index: dict[str, np.ndarray] | None = None
 
@@ -268,14 +277,25 @@ class _ShardReader:
     def index(self) -> dict[str, np.ndarray]:
         """The index arrays (``ShardAttrs.index_arrays``), decoded on first use."""
         if self._index is None:
-            self._index = {name: self._reader(name)._decode(0, self._reader(name).n)
-                           for name in self.attrs.index_arrays()}
+            names = self.attrs.index_arrays()
+            readers = [self._reader(name) for name in names]
+
+            async def read_all():  # one round trip through zarr's event loop for all of them
+                return await asyncio.gather(*(r.arr.async_array.getitem(slice(None)) for r in readers),
+                                            return_exceptions=True)
+
+            found = zarr_sync(read_all())
+            self._index = {name: (r._decode(0, r.n) if isinstance(a, BaseException) else np.asarray(a))
+                           for name, r, a in zip(names, readers, found, strict=True)}  # _decode names a bad chunk
         return self._index
 
     def _reader(self, name: str) -> _ChunkReader:
         r = self._readers.get(name)
         if r is None:
-            r = self._readers[name] = _ChunkReader(self.group[name], (self.token, name), self.display, name)
+            arr = self._arrays.get(name)
+            if arr is None:
+                raise CorruptCacheError(f"shard {self.display}: array {name} is missing from its metadata; {DAMAGED_HINT}")
+            r = self._readers[name] = _ChunkReader(arr, (self.token, name), self.display, name)
         return r
 
     def _get(self, cache: ChunkCache, name: str, start: int, stop: int) -> np.ndarray:
@@ -287,9 +307,7 @@ class _ShardReader:
         return unpack_sample(self.attrs, self.index, lambda name, a, b: self._get(cache, name, a, b), j)
 
     def arrays(self) -> Iterator[tuple[str, Any]]:
-        for name, obj in sorted(self.group.members(max_depth=None), key=lambda x: x[0]):
-            if isinstance(obj, zarr.Array):
-                yield name, obj
+        yield from sorted(self._arrays.items())
 
 
 class KDCache:
@@ -449,9 +467,9 @@ class KDCache:
         entry, path = self.manifest.shards[idx], self.shard_path(idx)
         try:
             meta = storage.read_json(fs, posixpath.join(path, METADATA_NAME)) or {}
-            offsets = storage.read_json(fs, posixpath.join(path, "tokens", "offsets", METADATA_NAME)) or {}
         except ValueError as e:
             return [str(e)]
+        offsets = ((meta.get("consolidated_metadata") or {}).get("metadata") or {}).get("tokens/offsets") or {}
         n = (meta.get("attributes") or {}).get("n_samples")
         shape = offsets.get("shape") or [None]
         found = {"attribute n_samples": n, "tokens/offsets": None if shape[0] is None else shape[0] - 1}

@@ -8,6 +8,7 @@ write synthetic caches with exactly the build's layout.
 from __future__ import annotations
 
 import posixpath
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -152,7 +153,8 @@ class CacheWriter:
         storage.remove_tree(self.fs, path)
         self.fs.invalidate_cache(posixpath.dirname(path))
 
-        group = zarr.open_group(store=storage.zarr_store(self.fs, path, read_only=False), mode="w", zarr_format=3)
+        store = storage.zarr_store(self.fs, path, read_only=False)
+        group = zarr.open_group(store=store, mode="w", zarr_format=3)
         for key, data in arrays.items():
             parent, _, leaf = key.rpartition("/")
             g = group.require_group(parent) if parent else group
@@ -165,6 +167,10 @@ class CacheWriter:
                 overwrite=True,
             )
         group.attrs.update(attrs)
+        # Every array's metadata into the shard's zarr.json too: a reader opens the shard with one read.
+        with warnings.catch_warnings():  # "not part of the Zarr 3 specification yet": zarr-python reads it
+            warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+            zarr.consolidate_metadata(store)
 
         checksum, nbytes, files = storage.shard_digest(self.fs, path)
         offsets = arrays["tokens/offsets"]

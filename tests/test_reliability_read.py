@@ -129,14 +129,32 @@ def test_every_single_byte_flip_of_a_logprob_chunk_raises(cache, tmp_path):
 
 
 def test_changed_array_metadata_is_detected_when_the_shard_opens(cache, tmp_path):
-    """A same-size edit of an array's zarr.json (its dtype) passes the listing and sizes, not the hash."""
+    """A same-size edit of an array's metadata (its dtype) passes the listing and sizes, not the hash.
+
+    A reader takes every array's metadata from the shard's zarr.json (consolidated): an edit there is
+    refused when the shard opens. The array's own zarr.json is never read (an edit there changes no
+    sample) and ``verify_shards`` finds it."""
+    reference = _read_shard(cache, 0)
     work = _copy(cache, tmp_path)
+    root = work / "shards" / "00000" / "zarr.json"
+    doc = json.loads(root.read_text())
+    assert doc["consolidated_metadata"]["metadata"]["response/logprobs"]["data_type"] == "float16"
+    text = root.read_text()
+    at = text.index('"response/logprobs"')
+    root.write_text(text[:at] + text[at:].replace('"float16"', '"float32"', 1))
+    with pytest.raises(CorruptCacheError, match="00000/zarr.json \\(zarr metadata\\) changed"):
+        _read_shard(work, 0)
+    assert not open_cache(str(work)).check().ok  # the up-front check hashes it too
+    assert open_cache(str(work)).verify_shards().failing == ["00000"]
+
+    work = _copy(cache, tmp_path, "own")
     meta = work / "shards" / "00000" / "response" / "logprobs" / "zarr.json"
     text = meta.read_text()
     assert '"float16"' in text
     meta.write_text(text.replace('"float16"', '"float32"'))
-    with pytest.raises(CorruptCacheError, match="response/logprobs/zarr.json \\(zarr metadata\\) changed"):
-        _read_shard(work, 0)
+    for a, b in zip(reference, _read_shard(work, 0), strict=True):
+        np.testing.assert_array_equal(a["response_logprobs"], b["response_logprobs"])
+        assert b["response_logprobs"].dtype == np.float16
     assert open_cache(str(work)).verify_shards().failing == ["00000"]
 
 

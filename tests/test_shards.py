@@ -226,6 +226,33 @@ def test_random_access_matches_iteration(tmp_path):
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_a_shard_opens_with_one_metadata_read(tmp_path, memory_url, scheme, monkeypatch):
+    """Opening a shard reads its zarr.json only (every array's metadata is consolidated in it), not one
+    document per array: the per-shard cost every consumer (rank x loader worker) pays."""
+    import zarr.storage
+
+    url = memory_url if scheme == "memory" else str(tmp_path / "c")
+    rng = np.random.default_rng(5)
+    samples = [make_sample(rng, i, "topk", 4) for i in range(6)]
+    build_cache(url, samples, k=4, relation="full", per_shard=3)
+    read: list[str] = []
+    store_cls = zarr.storage.FsspecStore if scheme == "memory" else zarr.storage.LocalStore
+    get = store_cls.get
+
+    async def spy(self, key, *args, **kwargs):
+        read.append(key)
+        return await get(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(store_cls, "get", spy)
+    cache = open_cache(url)
+    assert_sample_equal(cache.read_sample(1, 2), samples[5], "topk", 4, "full")
+    metadata = [k for k in read if k.endswith("zarr.json")]
+    assert metadata == ["zarr.json"], metadata
+    arrays = {k.split("/c/")[0] for k in read if "/c/" in k}
+    assert len(read) == 1 + sum(1 for k in read if "/c/" in k) and "relation/upper" in arrays
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
 def test_url_stores(tmp_path, memory_url, scheme):
     url = memory_url if scheme == "memory" else f"file://{tmp_path}/cache"
     rng = np.random.default_rng(3)
