@@ -11,7 +11,7 @@ cannot see. For each divergence and k this prints ``mean(top-k) / mean(dense) - 
 Distributions (V = 400, the demo's vocabulary):
 
 * ``demo`` (with ``--demo DIR``, a finished ``kd-demo`` output): the teacher's full-vocabulary
-  distributions at the response positions of DIR's validation cache against the baseline student's
+  distributions at the response and at the visual positions of DIR's validation cache against the baseline student's
   (``runs/baseline-sft2``) and the distilled student's (``runs/distilled-dft``) logits there: real
   pairs, trained students.
 * ``synthetic``: 4096 positions, teacher logits ``3 * N(0, 1)`` with a boosted argmax (top-1 mass
@@ -73,8 +73,9 @@ def synthetic(n: int = 4096, vocab: int = 400, seed: int = 0) -> tuple[torch.Ten
 
 
 @torch.no_grad()
-def demo_pairs(demo: Path, run: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(student logits, teacher log-probs) at the response positions of DEMO's validation cache."""
+def demo_pairs(demo: Path, run: str, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student logits, teacher log-probs) at the ``kind`` (response or visual) positions of DEMO's
+    validation cache."""
     from kd_cache.reader import open_cache
     from student.distill import teacher_arrays
     from student.evaluate import load_model
@@ -89,9 +90,9 @@ def demo_pairs(demo: Path, run: str) -> tuple[torch.Tensor, torch.Tensor]:
     students, teachers = [], []
     for batch in StreamingKDDataset(kd, proc, image_folder=None, batch_size=64, shuffle=False, with_teacher=True):
         h = model.model(**batch["model_inputs"], use_cache=False).last_hidden_state
-        idx = batch["response_index"]
+        idx = batch[f"{kind}_index"]
         students.append((h.reshape(-1, h.shape[-1])[idx] @ head.T).float()[:, :vocab])
-        got = teacher_arrays(batch, "response")
+        got = teacher_arrays(batch, kind)
         dense = torch.full((len(idx), vocab), -math.inf)
         dense.scatter_(1, got.ids.long().clamp_min(0), got.logprobs.float())
         teachers.append(dense)
@@ -119,10 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     tables = {"synthetic (V = 400)": bias_table(*synthetic(), args.k)}
     if args.demo:
-        for run, label in (("baseline-sft2", "baseline"), ("distilled-dft", "distilled")):
-            s, t = demo_pairs(args.demo, run)
-            tables[f"kd-demo teacher vs {label} student, {len(s)} validation response positions (V = {s.shape[1]})"] = \
-                bias_table(s, t, args.k)
+        for kind in ("response", "visual"):
+            for run, label in (("baseline-sft2", "baseline"), ("distilled-dft", "distilled")):
+                s, t = demo_pairs(args.demo, run, kind)
+                tables[f"kd-demo teacher vs {label} student, {len(s)} validation {kind} positions (V = {s.shape[1]})"] \
+                    = bias_table(s, t, args.k)
     print(markdown(tables, args.k))
     if args.json:
         args.json.write_text(json.dumps(tables, indent=1))
