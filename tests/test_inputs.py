@@ -81,7 +81,7 @@ def _write_trl_vsft(root: Path, blobs) -> Path:
     import datasets
 
     rows = {"messages": [], "images": []}
-    for rid, names, q, a in RECORDS:
+    for _rid, names, q, a in RECORDS:
         parts = [{"index": i, "text": None, "type": "image"} for i in range(len(names))]
         parts.append({"index": None, "text": q, "type": "text"})
         rows["messages"].append([{"role": "user", "content": parts},
@@ -101,7 +101,7 @@ def _write_trl_prompt_completion(root: Path, blobs) -> Path:
     import datasets
 
     rows = {"images": [], "prompt": [], "completion": []}
-    for rid, names, q, a in RECORDS:
+    for _rid, names, q, a in RECORDS:
         parts = [{"type": "image", "text": None}] * len(names) + [{"type": "text", "text": q}]
         rows["images"].append(_embedded(names, blobs))
         rows["prompt"].append([{"role": "user", "content": parts}])
