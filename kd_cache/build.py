@@ -34,8 +34,9 @@ from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
 from kd_cache.build_lock import BuildLock
 from kd_cache.encoding import Encoder
-from kd_cache.format import BUILD_NAME, SHARDS_DIR
-from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_fingerprint, iter_records
+from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, SHARDS_DIR
+from kd_cache.reader import CacheCheck, KDCache, ShardCheck, check_shards
+from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_identity, iter_records
 from kd_cache.runtime import resolve_dtype
 from kd_cache.schema import (
     FORMAT_VERSION,
@@ -76,12 +77,15 @@ def _read_build_json(fs, path: str, out: str) -> dict | None:
 
 
 def _identity(cfg: BuildConfig, teacher_dir: str, previous: dict | None) -> dict:
-    """What makes the cache what it is: the content settings, the data's bytes, the teacher's files."""
+    """What makes the cache what it is: the content settings, the data's files, the teacher's files. Both
+    sets of files are identified by ``fingerprint.files_identity``: the hashes ``previous`` recorded are
+    kept for every file whose (size, mtime) is unchanged, so a rerun reads neither again."""
+    previous = previous or {}
     return {
         "format_version": FORMAT_VERSION,
         "settings": cfg.identity(),
-        "data": {"fingerprint": dataset_fingerprint(cfg.data)},
-        "teacher": fingerprint.teacher_identity(teacher_dir, (previous or {}).get("teacher")),
+        "data": dataset_identity(cfg.data, previous.get("data")),
+        "teacher": fingerprint.teacher_identity(teacher_dir, previous.get("teacher")),
         "config": _stored_config(cfg),
     }
 
@@ -99,18 +103,15 @@ def _check_identity(previous: dict, current: dict, out: str) -> None:
         )
     redo = (f"Its shards would mix two versions. Restore the original, or rebuild from scratch with --overwrite "
             f"(deletes the cache at {out}), or choose another --out.")
-    if previous["data"] != current["data"]:
-        raise ValueError(
-            f"--data {now['data']} changed since the cache at {out} was built from it (content fingerprint "
-            f"{previous['data'].get('fingerprint')} -> {current['data'].get('fingerprint')}). {redo}"
-        )
-    if previous["teacher"].get("digest") != current["teacher"].get("digest"):
-        changed = fingerprint.changed_files(previous["teacher"], current["teacher"])
-        raise ValueError(
-            f"--teacher {now['teacher']} changed since the cache at {out} was built with it: "
-            + ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-            + f". {redo}"
-        )
+    for key in ("data", "teacher"):
+        if previous[key].get("digest") != current[key].get("digest"):
+            changed = (fingerprint.changed_files(previous[key], current[key])
+                       or [f"content {previous[key].get('digest')} -> {current[key].get('digest')}"])
+            raise ValueError(
+                f"--{key} {now[key]} changed since the cache at {out} was built from it: "
+                + ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+                + f". {redo}"
+            )
 
 
 def _clear(writer: CacheWriter) -> None:
@@ -126,17 +127,34 @@ def _clear(writer: CacheWriter) -> None:
     print(f"{writer.url}: deleted the cache there (--overwrite)", file=sys.stderr)
 
 
-def _repair(writer: CacheWriter, manifest: Manifest | None, n_shards: int) -> list[int]:
-    """Find the shards that fail their checks, remove their markers (and the manifest) so the build
-    rewrites exactly them; return their indices."""
-    expected = manifest.shards if manifest is not None and len(manifest.shards) == n_shards else None
+def _repair_check(cfg: BuildConfig, writer: CacheWriter, manifest: Manifest | None) -> CacheCheck:
+    """``--repair`` without an earlier check: re-hash every shard once (``kd_cache.reader.check_shards``)
+    against the manifest, or, with no manifest (a build or repair stopped before writing it), every
+    shard that has a completion marker against that marker; a shard with neither is rebuilt by the
+    build pass anyway."""
+    if manifest is not None:
+        return KDCache(cfg.out, cfg.storage_options or None).verify_shards()
+    entries, unreadable = [], []
+    for marker_name in writer.complete_shards():
+        name = marker_name[:-len(COMPLETE_SUFFIX)]
+        entry = writer.read_marker(int(name))
+        if entry is None:
+            unreadable.append(ShardCheck(name, int(name), ["incomplete (unreadable completion marker)"]))
+        else:
+            entries.append(entry)
+    checks = check_shards(writer.fs, writer.root, entries, rehash=True, indices=[int(e.name) for e in entries])
+    return CacheCheck(cfg.out, checks + unreadable)
+
+
+def _repair(writer: CacheWriter, check: CacheCheck) -> list[int]:
+    """Remove the markers of the shards ``check`` found failing (and the manifest, when any shard or the
+    manifest itself failed) so the build rewrites exactly them; return their indices."""
     bad = []
-    for s in range(n_shards):
-        why = writer.shard_problem(s, expected[s] if expected else None)
-        if why is not None:
-            print(f"{writer.url}: shard {writer.shard_name(s)}: {why}: rebuilding it", file=sys.stderr)
-            bad.append(s)
-    if bad or (manifest is not None and expected is None):
+    for c in check.shards:
+        if not c.ok:
+            print(f"{writer.url}: shard {c.name}: {'; '.join(c.problems)}: rebuilding it", file=sys.stderr)
+            bad.append(int(c.name))
+    if bad or check.problems:
         # The manifest goes first: a repair killed half-way leaves an incomplete cache, never a stale manifest.
         if writer.fs.exists(writer.manifest_path):
             writer.fs.rm(writer.manifest_path)
@@ -213,23 +231,26 @@ def _teacher_answers(runner: TeacherRunner, encoder: Encoder, prepared: list, cf
     return encoded
 
 
-def build_cache(cfg: BuildConfig) -> Manifest:
+def build_cache(cfg: BuildConfig, check: CacheCheck | None = None) -> Manifest:
     """Build (or finish, or ``--repair``) the cache described by ``cfg``; returns the manifest.
 
     Rank 0 holds the cache's ``BuildLock`` for the whole build (the ranks of one launch share it); a
-    second build into the same ``--out`` is refused while it runs.
+    second build into the same ``--out`` is refused while it runs. ``check``: with ``--repair``, a
+    ``KDCache.verify_shards`` result of this cache (``kd-cache verify --repair``'s), so the shards are
+    not hashed again; it is used only while the manifest it checked is still the cache's.
     """
     dist = _Dist(cfg.device)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
     lock = BuildLock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
     try:
-        return _build(cfg, dist, writer, lock)
+        return _build(cfg, dist, writer, lock, check)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None) -> Manifest:
+def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None,
+           check: CacheCheck | None) -> Manifest:
     fs = writer.fs
     build_json = posixpath.join(writer.root, BUILD_NAME)
     teacher_dir = fingerprint.resolve_teacher(cfg.teacher)
@@ -249,8 +270,10 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
             storage.write_json(fs, build_json, identity, sort_keys=True)
         else:
             _check_identity(previous, identity, cfg.out)
-            if previous["teacher"] != identity["teacher"]:  # same content, new (size, mtime): remember them
-                storage.write_json(fs, build_json, {**previous, "teacher": identity["teacher"]}, sort_keys=True)
+            if (previous["data"], previous["teacher"]) != (identity["data"], identity["teacher"]):
+                # same content, new (size, mtime): remember them
+                storage.write_json(fs, build_json, {**previous, "data": identity["data"],
+                                                    "teacher": identity["teacher"]}, sort_keys=True)
     dist.barrier()
     if not dist.main:  # rank 0 checked the content; the other ranks check that they were given the same settings
         previous = _read_build_json(fs, build_json, cfg.out)
@@ -259,13 +282,12 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
     manifest = writer.read_manifest()
     repaired = None
     if cfg.repair and dist.main:
-        # Records are read lazily, so the shards to check are the manifest's, or else those with a marker;
-        # a shard with neither is rebuilt by the pass below anyway.
-        n_check = len(manifest.shards) if manifest is not None else max(
-            (int(name[:len(writer.shard_name(0))]) + 1 for name in writer.complete_shards()), default=0)
-        repaired = _repair(writer, manifest, n_check)
-        if not repaired and manifest is not None:
-            print(f"{cfg.out}: all {n_check} shards intact, nothing to repair", file=sys.stderr)
+        # Records are read lazily, so the shards to check are the manifest's, or else those with a marker.
+        if check is None or manifest is None or check.manifest != manifest:
+            check = _repair_check(cfg, writer, manifest)
+        repaired = _repair(writer, check)
+        if not repaired and check.ok and manifest is not None:
+            print(f"{cfg.out}: all {len(check.shards)} shards intact, nothing to repair", file=sys.stderr)
     dist.barrier()
     manifest = writer.read_manifest()
     if manifest is not None:
@@ -415,7 +437,7 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: in
         hidden=HiddenInfo(stored=True, size=int(head.shape[1]), dtype="float16") if cfg.hidden else HiddenInfo(),
         generated=GeneratedInfo(max_new_tokens=cfg.max_new_tokens, temperature=cfg.generate_temperature)
         if cfg.generate else None,
-        dataset_fingerprint=identity["data"]["fingerprint"],
+        dataset_fingerprint=identity["data"]["digest"],
         build_config={key: v for key, v in asdict(cfg).items() if key not in ("storage_options", "repair", "overwrite")},
         shards=entries,
         skipped=[SkippedRecord(id=x["id"], reason=x["reason"]) for x in skipped],
@@ -467,9 +489,11 @@ def summary(manifest: Manifest) -> str:
     return "\n".join(lines)
 
 
-def repair_cache(url: str, storage_options: dict | None = None, **overrides) -> Manifest:
+def repair_cache(url: str, storage_options: dict | None = None, check: CacheCheck | None = None,
+                 **overrides) -> Manifest:
     """Rebuild the shards of the cache at ``url`` that fail their checks, with the settings, data and teacher
-    recorded in its ``build.json`` (``overrides``: e.g. ``device``, ``batch_size``, ``progress``)."""
+    recorded in its ``build.json`` (``check``: a ``verify_shards`` result to act on instead of checking
+    again; ``overrides``: e.g. ``device``, ``batch_size``, ``progress``)."""
     fs, root = storage.open_fs(url, storage_options)
     previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
     if previous is None:
@@ -477,4 +501,4 @@ def repair_cache(url: str, storage_options: dict | None = None, **overrides) -> 
                                 "build with its settings (add --overwrite to start over)")
     cfg = BuildConfig(**{**previous["config"], **overrides, "out": url, "repair": True,
                          "storage_options": dict(storage_options or {})})
-    return build_cache(cfg)
+    return build_cache(cfg, check)

@@ -3,9 +3,11 @@
 A cache is a directory or any fsspec URL (``memory://x``, ``file:///tmp/x``, ``s3://bucket/x``)::
 
     <root>/build.json                   the build's identity, written first: its content settings
-                                        (``BuildConfig.identity``), the data's fingerprint, the teacher's
-                                        file hashes (``fingerprint.teacher_identity``) and the full config
-                                        (for ``--repair``); a rerun against the same root must match it
+                                        (``BuildConfig.identity``), the data's and the teacher's files
+                                        ({"digest", "files": {name: {size, mtime_ns, content}}},
+                                        ``fingerprint.files_identity``; the teacher's adds "revision") and
+                                        the full config (for ``--repair``); a rerun against the same root
+                                        must match it (format 6)
     <root>/build.lock                   present while a build runs: its holder (``kd_cache.build_lock``)
     <root>/shards/00000/                one Zarr v3 group per shard, immutable once complete
     <root>/shards/00000.complete.json   completion marker, written last for that shard: the shard's

@@ -16,6 +16,7 @@ Integrity. Nothing read from a cache is used unchecked:
 * ``KDCache.check()`` is the cheap whole-cache check a trainer runs before its first step (one listing,
   sizes, the shard metadata and sample counts against the manifest); ``KDCache.verify_shards()``
   re-hashes every file. Both return a ``CacheCheck``: one ``ShardCheck`` per shard, with its problems.
+  ``check_shards`` is the one definition of a shard's check, for these and for ``kd-cache build --repair``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class ShardCheck:
     name: str
     index: int | None
     problems: list[str] = field(default_factory=list)
+    # The entry this shard's files were re-hashed against, with no problem found (None: not re-hashed,
+    # or it failed): a later ``verify_shards(trusted=...)`` need not re-hash it while that entry stands.
+    verified: ShardEntry | None = None
 
     @property
     def ok(self) -> bool:
@@ -80,6 +84,7 @@ class CacheCheck:
     url: str
     shards: list[ShardCheck]
     problems: list[str] = field(default_factory=list)  # about the manifest itself (e.g. its sample count)
+    manifest: Manifest | None = None  # the manifest checked (a repair acts on this result only while it stands)
 
     @property
     def ok(self) -> bool:
@@ -148,6 +153,85 @@ def file_problems(fs: fsspec.AbstractFileSystem, path: str, entry: ShardEntry, f
         if _sha256(fs, posixpath.join(path, rel)) != expected[rel]:
             problems.append(f"{posixpath.join(shown, rel)} (zarr metadata) changed since the shard was written")
     return problems
+
+
+def _shard_counts(fs: fsspec.AbstractFileSystem, path: str, entry: ShardEntry) -> list[str]:
+    """The shard's own sample count (its attributes and ``tokens/offsets``) against ``entry``'s."""
+    try:
+        meta = storage.read_json(fs, posixpath.join(path, METADATA_NAME)) or {}
+    except ValueError as e:
+        return [str(e)]
+    offsets = ((meta.get("consolidated_metadata") or {}).get("metadata") or {}).get("tokens/offsets") or {}
+    n = (meta.get("attributes") or {}).get("n_samples")
+    shape = offsets.get("shape") or [None]
+    found = {"attribute n_samples": n, "tokens/offsets": None if shape[0] is None else shape[0] - 1}
+    return [f"{what} says {v} samples, the manifest says {entry.samples}" for what, v in found.items()
+            if v != entry.samples]
+
+
+def _rehash_problems(fs: fsspec.AbstractFileSystem, path: str, marker_path: str, entry: ShardEntry,
+                     present: bool) -> list[str]:
+    """The shard's completion marker and the sha256 of every file of it against ``entry``."""
+    problems = []
+    shown = storage.display(fs, path)
+    try:
+        marker = storage.read_json(fs, marker_path) or {}
+    except ValueError as e:
+        problems.append(f"unreadable completion marker: {e}")
+        marker = {}
+    if marker and marker.get("checksum") != entry.checksum:
+        problems.append(f"completion marker {storage.display(fs, marker_path)} has checksum "
+                        f"{marker.get('checksum')} but the manifest has {entry.checksum}")
+    if not present:
+        return problems
+    checksum, _, files = storage.shard_digest(fs, path)
+    if checksum != entry.checksum:
+        changed = [f"{posixpath.join(shown, rel)} (content changed)" for rel in sorted(files)
+                   if rel in entry.files and files[rel] != entry.files[rel]]
+        detail = ("; files: " + ", ".join(changed)) if changed else ""
+        problems.append(f"checksum mismatch in {shown}: manifest {entry.checksum}, recomputed {checksum}{detail}")
+    return problems
+
+
+def shards_listing(fs: fsspec.AbstractFileSystem, root: str) -> dict[str, int]:
+    """Size of every file under the cache's ``shards/`` folder (one listing serves ``check_shards``)."""
+    return _listing(fs, posixpath.join(root, SHARDS_DIR))
+
+
+def check_shards(fs: fsspec.AbstractFileSystem, root: str, entries: list[ShardEntry], *, rehash: bool = False,
+                 trusted: dict[str, ShardEntry] | None = None, listing: dict[str, int] | None = None,
+                 indices: list[int | None] | None = None) -> list[ShardCheck]:
+    """The one check of a shard against its entry (the manifest's, or, for a build that has no manifest
+    yet, the shard's own completion marker), for every entry of the cache at ``root``.
+
+    Always (cheap): the completion marker is present, the files the entry lists are there with its total
+    size and no other, the shard's ``zarr.json`` hashes to the entry's, its sample count is the entry's.
+    With ``rehash``: the marker's checksum is the entry's and every file is re-hashed against the entry's
+    checksum, except for a shard whose entry equals the one ``trusted`` names for it (its files were
+    re-hashed against that same entry by an earlier check; the cheap checks above still run).
+    ``listing``: ``shards_listing(fs, root)``, when the caller has one.
+    """
+    listing = shards_listing(fs, root) if listing is None else listing
+    trusted = trusted or {}
+    checks = []
+    for entry, index in zip(entries, indices or [None] * len(entries), strict=True):
+        c = ShardCheck(entry.name, index)
+        path = posixpath.join(root, SHARDS_DIR, entry.name)
+        marker_path = path + COMPLETE_SUFFIX
+        if entry.name + COMPLETE_SUFFIX not in listing:
+            c.problems.append(f"completion marker {storage.display(fs, marker_path)} is missing")
+        prefix = entry.name + "/"
+        files = {rel[len(prefix):]: size for rel, size in listing.items() if rel.startswith(prefix)}
+        c.problems += file_problems(fs, path, entry, files, metadata="root")
+        if files and METADATA_NAME in files:
+            c.problems += _shard_counts(fs, path, entry)
+        known = trusted.get(entry.name) == entry
+        if rehash and not known:
+            c.problems += _rehash_problems(fs, path, marker_path, entry, present=bool(files))
+        if (rehash or known) and c.ok:
+            c.verified = entry
+        checks.append(c)
+    return checks
 
 
 class ChunkCache:
@@ -462,78 +546,37 @@ class KDCache:
                     for n in sorted(on_disk - set(names))]
         return problems, unlisted
 
-    def _shard_counts(self, fs, idx: int) -> list[str]:
-        """The shard's own sample count (its attributes and ``tokens/offsets``) against the manifest's."""
-        entry, path = self.manifest.shards[idx], self.shard_path(idx)
-        try:
-            meta = storage.read_json(fs, posixpath.join(path, METADATA_NAME)) or {}
-        except ValueError as e:
-            return [str(e)]
-        offsets = ((meta.get("consolidated_metadata") or {}).get("metadata") or {}).get("tokens/offsets") or {}
-        n = (meta.get("attributes") or {}).get("n_samples")
-        shape = offsets.get("shape") or [None]
-        found = {"attribute n_samples": n, "tokens/offsets": None if shape[0] is None else shape[0] - 1}
-        return [f"{what} says {v} samples, the manifest says {entry.samples}" for what, v in found.items()
-                if v != entry.samples]
-
     def check(self) -> CacheCheck:
         """The whole cache, cheaply, before training uses it: every shard complete (marker present), the
         files each manifest entry lists present with the listed total size, its metadata unchanged, its
         sample count equal to the manifest's, no shard on disk missing from the manifest, and the
         manifest's ``num_samples`` its shards' sum. One listing of ``shards/`` and two small reads per
         shard; chunk contents are checked as they are decoded (their CRC32C)."""
-        fs = self._filesystem()
-        shards_root = posixpath.join(self._root, SHARDS_DIR)
-        listing = _listing(fs, shards_root)
-        problems, unlisted = self._check_manifest(fs, listing)
-        checks = []
-        for idx, entry in enumerate(self.manifest.shards):
-            c = ShardCheck(entry.name, idx)
-            checks.append(c)
-            if entry.name + COMPLETE_SUFFIX not in listing:
-                c.problems.append(f"completion marker {storage.display(fs, self.marker_path(idx))} is missing")
-            prefix = entry.name + "/"
-            files = {rel[len(prefix):]: size for rel, size in listing.items() if rel.startswith(prefix)}
-            c.problems += file_problems(fs, self.shard_path(idx), entry, files, metadata="root")
-            if files and METADATA_NAME in files:
-                c.problems += self._shard_counts(fs, idx)
-        return CacheCheck(self.url, checks + unlisted, problems)
+        return self._checks(rehash=False)
 
-    def verify_shards(self) -> CacheCheck:
-        """``check`` plus a re-hash of every file of every shard against the manifest and the markers."""
+    def verify_shards(self, trusted: CacheCheck | None = None) -> CacheCheck:
+        """``check`` plus a re-hash of every file of every shard against the manifest and the markers.
+
+        ``trusted``: an earlier result for this cache. A shard it re-hashed without a problem against the
+        very entry the manifest lists now is not re-hashed again (``check_shards``); a ``verify --repair``
+        passes its first result, so its final verify re-hashes the rebuilt shards only."""
+        return self._checks(rehash=True, trusted=trusted)
+
+    def _checks(self, rehash: bool, trusted: CacheCheck | None = None) -> CacheCheck:
         fs = self._filesystem()
-        result = self.check()
-        for c in result.shards:
-            if c.index is None:
-                continue
-            idx, entry = c.index, self.manifest.shards[c.index]
-            path, marker_path = self.shard_path(idx), self.marker_path(idx)
-            shown = storage.display(fs, path)
-            try:
-                marker = storage.read_json(fs, marker_path) or {}
-            except ValueError as e:
-                c.problems.append(f"unreadable completion marker: {e}")
-                marker = {}
-            if marker and marker.get("checksum") != entry.checksum:
-                c.problems.append(f"completion marker {storage.display(fs, marker_path)} has checksum "
-                                  f"{marker.get('checksum')} but the manifest has {entry.checksum}")
-            if not fs.exists(path):
-                continue
-            checksum, _, files = storage.shard_digest(fs, path)
-            if checksum != entry.checksum:
-                changed = [f"{posixpath.join(shown, rel)} (content changed)" for rel in sorted(files)
-                           if rel in entry.files and files[rel] != entry.files[rel]]
-                detail = ("; files: " + ", ".join(changed)) if changed else ""
-                c.problems.append(f"checksum mismatch in {shown}: manifest {entry.checksum}, recomputed "
-                                  f"{checksum}{detail}")
-        return result
+        listing = shards_listing(fs, self._root)
+        problems, unlisted = self._check_manifest(fs, listing)
+        known = {c.name: c.verified for c in trusted.shards if c.verified is not None} if trusted else None
+        checks = check_shards(fs, self._root, self.manifest.shards, rehash=rehash, trusted=known, listing=listing,
+                              indices=list(range(len(self.manifest.shards))))
+        return CacheCheck(self.url, checks + unlisted, problems, manifest=self.manifest)
 
     def verify(self) -> list[str]:
         """Re-hash every shard; one readable line per problem (empty list: the cache is intact)."""
         return self.verify_shards().lines()
 
     def shard_status(self, shard_index: int, check: bool = True) -> dict:
-        """Completion and (optionally) checksum status of one shard."""
+        """Completion and (optionally) checksum status of one shard (``check_shards``, re-hashing it)."""
         fs = self._filesystem()
         entry = self.manifest.shards[shard_index]
         path = self.shard_path(shard_index)
@@ -543,11 +586,9 @@ class KDCache:
             marker = None
         status = {"complete": marker is not None, "path": storage.display(fs, path), "checksum": "not checked"}
         if check:
-            if not fs.exists(path):
-                status["checksum"] = "missing"
-            else:
-                checksum, _, _ = storage.shard_digest(fs, path)
-                status["checksum"] = "ok" if checksum == entry.checksum else "mismatch"
+            c = check_shards(fs, self._root, [entry], rehash=True, indices=[shard_index])[0]
+            status["checksum"] = "ok" if c.ok else "missing" if not fs.exists(path) else "mismatch"
+            status["problems"] = c.problems
         return status
 
     def array_stats(self, shard_index: int) -> dict[str, dict]:

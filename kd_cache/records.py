@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from kd_cache import fingerprint
+
 # Reasons a record is skipped (the manifest counts them by these names).
 MISSING_IMAGE = "missing_image"
 UNREADABLE_IMAGE = "unreadable_image"
@@ -414,30 +416,23 @@ def load_records(data: DataSource | str) -> list[Record]:
     return list(iter_records(data))
 
 
-def dataset_fingerprint(data: str) -> str:
-    """SHA-256 (16 hex) of the data file bytes, or of every file of a dataset directory; of the id for a
-    Hub dataset (its revision is the Hub's)."""
-    h = hashlib.sha256()
+def dataset_identity(data: str, known: dict | None = None) -> dict:
+    """The content identity of ``--data`` (``kd_cache.fingerprint.files_identity``): of the data file, of
+    every file of a dataset folder, or of the parquet files a glob matches (named relative to their
+    common folder); ``known`` (an earlier result) spares re-reading files whose (size, mtime) is
+    unchanged. A Hub dataset is identified by its id (its revision is the Hub's): no files."""
     p = Path(data)
-    if "*" in data:  # parquet files by glob: their names (relative to the glob's folder) and bytes
+    if "*" in data:
         import glob
 
-        files = sorted(Path(f) for f in glob.glob(data, recursive=True) if os.path.isfile(f))
-        base = Path(os.path.commonpath([str(f.parent) for f in files])) if files else p.parent
-        for f in files:
-            h.update(str(f.relative_to(base)).encode())
-            h.update(f.read_bytes())
-        return h.hexdigest()[:16]
-    if not p.exists():
-        h.update(data.encode())
-        return h.hexdigest()[:16]
-    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
-    for f in files:
-        h.update(str(f.relative_to(p) if p.is_dir() else f.name).encode())
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+        found = sorted(Path(f) for f in glob.glob(data, recursive=True) if os.path.isfile(f))
+        base = Path(os.path.commonpath([str(f.parent) for f in found])) if found else p.parent
+        files = {str(f.relative_to(base)): str(f) for f in found}
+    elif not p.exists():
+        return {"digest": hashlib.sha256(data.encode()).hexdigest()[:16], "files": {}}
+    else:
+        files = fingerprint.list_files(data) if p.is_dir() else {p.name: data}
+    return fingerprint.files_identity(files, known)
 
 
 def resolve_image_folder(image_folder: str | None) -> str | None:

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 IGNORE_INDEX = -100
 
 KINDS = ("response", "visual", "prompt")

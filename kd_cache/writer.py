@@ -102,23 +102,6 @@ class CacheWriter:
             return []
         return sorted(n for n in names if n.endswith(COMPLETE_SUFFIX) and not n.startswith("."))
 
-    def shard_problem(self, index: int, expected: ShardEntry | None = None) -> str | None:
-        """Why shard ``index`` is not intact, or None: its completion marker is missing or disagrees with
-        ``expected`` (the manifest's entry, when there is one), or its files do not hash to the checksum."""
-        marker = self.read_marker(index)
-        if marker is None:
-            return "incomplete (no readable completion marker)"
-        expected = expected or marker
-        if marker.checksum != expected.checksum or marker.samples != expected.samples:
-            return f"its completion marker disagrees with the manifest (checksum {marker.checksum} vs {expected.checksum})"
-        path = self.shard_path(index)
-        if not self.fs.exists(path):
-            return "its data folder is missing"
-        checksum, _, _ = storage.shard_digest(self.fs, path)
-        if checksum != expected.checksum:
-            return f"checksum mismatch (recorded {expected.checksum}, recomputed {checksum})"
-        return None
-
     def forget(self, index: int) -> None:
         """Remove shard ``index``'s completion marker: the next build rewrites the shard."""
         with storage.writing(self.fs, self.marker_path(index)):

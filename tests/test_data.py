@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kd_cache.encoding import Encoder
-from kd_cache.records import BadRecord, Record, dataset_fingerprint, load_records
+from kd_cache.records import BadRecord, Record, dataset_identity, load_records
 from kd_cache.schema import response_positions, visual_positions
 
 
@@ -110,20 +110,20 @@ def test_dataset_fingerprint_follows_the_bytes_not_the_place(tmp_path, chat_data
     import datasets
 
     # A data file: a copy in another folder keeps the fingerprint, one changed byte changes it.
-    original = dataset_fingerprint(str(chat_data[0]))
+    original = dataset_identity(str(chat_data[0]))["digest"]
     (tmp_path / "elsewhere").mkdir()
     copy = Path(shutil.copy(chat_data[0], tmp_path / "elsewhere"))
-    assert dataset_fingerprint(str(copy)) == original
+    assert dataset_identity(str(copy))["digest"] == original
     _flip_one_byte(copy)
-    assert dataset_fingerprint(str(copy)) != original
+    assert dataset_identity(str(copy))["digest"] != original
 
     # A dataset directory: the same for a byte in any of its files.
     datasets.Dataset.from_list(json.loads(chat_data[0].read_text())).save_to_disk(str(tmp_path / "ds"))
-    original = dataset_fingerprint(str(tmp_path / "ds"))
+    original = dataset_identity(str(tmp_path / "ds"))["digest"]
     moved = Path(shutil.copytree(tmp_path / "ds", tmp_path / "elsewhere" / "ds-copy"))
-    assert dataset_fingerprint(str(moved)) == original
+    assert dataset_identity(str(moved))["digest"] == original
     _flip_one_byte(max(moved.rglob("*.arrow")))
-    assert dataset_fingerprint(str(moved)) != original
+    assert dataset_identity(str(moved))["digest"] != original
 
 
 def test_causal_tokenizer_text_only(processor):

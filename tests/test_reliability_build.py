@@ -7,7 +7,9 @@ shard); the kills here hit every write the build makes, each at an exact point."
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import json
 import os
 import shutil
@@ -22,7 +24,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.kd_cache_cli import app
-from kd_cache import fingerprint, open_cache
+from kd_cache import fingerprint, open_cache, storage
 from kd_cache.build import BuildConfig, build_cache
 from kd_cache.build_lock import BuildLock, BuildLocked
 from kd_cache.storage import StorageError, open_fs
@@ -185,17 +187,38 @@ def _copy_data(data, root: Path):
     return root / "data.json", data[1]
 
 
-def test_changed_data_is_refused_even_when_complete(teacher_dir, data7, tmp_path):
+def test_changed_data_is_refused_even_when_complete(teacher_dir, data7, tmp_path, monkeypatch):
     data = _copy_data(data7, tmp_path / "d")
     out = tmp_path / "c"
     assert CliRunner().invoke(app, _cli(teacher_dir, data, out)).exit_code == 0
     shutil.copytree(out, tmp_path / "first")
+    # A rerun on the complete cache opens neither the data file nor a teacher file: (size, mtime) unchanged.
+    opened = []
+    real_open = builtins.open
+
+    def spy(file, *a, **k):
+        if isinstance(file, (str, os.PathLike)) and Path(file).parent in (data[0].parent, Path(teacher_dir)):
+            opened.append(Path(file).name)
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", spy)
+    monkeypatch.setattr(io, "open", spy)  # pathlib's
+    res = CliRunner().invoke(app, _cli(teacher_dir, data, out))
+    assert res.exit_code == 0 and "already complete" in res.output and opened == [], (res.output, opened)
+    # Touched, same bytes: read once more, accepted, and the new mtime remembered.
+    os.utime(data[0])
+    assert CliRunner().invoke(app, _cli(teacher_dir, data, out)).exit_code == 0 and opened == ["data.json"]
+    opened.clear()
+    assert CliRunner().invoke(app, _cli(teacher_dir, data, out)).exit_code == 0 and opened == []
     recs = json.loads(data[0].read_text())
     recs[4]["conversations"][1]["value"] = "a different answer"
     data[0].write_text(json.dumps(recs))
+    opened.clear()
     # Complete: the stale cache is not called complete.
     res = CliRunner().invoke(app, _cli(teacher_dir, data, out))
     assert res.exit_code == 2 and "changed since" in res.output and "--overwrite" in res.output
+    assert "data.json (changed)" in res.output and opened == ["data.json"]
+    monkeypatch.undo()
     assert "already complete" not in res.output
     # Half-built (the manifest and one marker gone, as after a kill): the resume is refused too.
     (out / "manifest.json").unlink()
@@ -340,15 +363,33 @@ def test_concurrent_builds_second_is_refused(teacher_dir, data7, reference, tmp_
 
 
 # ------------------------------------------------------------------------------------------ repair
-def test_verify_repair_rebuilds_exactly_the_damaged_shards(teacher_dir, chat_data, tmp_path):
+def _count_shard_hashes(monkeypatch) -> dict[tuple[str, str], int]:
+    """Count every full re-hash of a shard's files (``storage.shard_digest``) by (calling module, shard):
+    ``kd_cache.reader`` checks a shard, ``kd_cache.writer`` computes a shard's checksum as it writes it."""
+    counts: dict[tuple[str, str], int] = {}
+    real = storage.shard_digest
+
+    def counted(fs, root):
+        key = (sys._getframe(1).f_globals["__name__"], Path(root).name)
+        counts[key] = counts.get(key, 0) + 1
+        return real(fs, root)
+
+    monkeypatch.setattr(storage, "shard_digest", counted)
+    return counts
+
+
+def test_verify_repair_rebuilds_exactly_the_damaged_shards(teacher_dir, chat_data, tmp_path, monkeypatch):
     out, clean = tmp_path / "c", tmp_path / "clean"
     cfg = dict(teacher=str(teacher_dir), data=str(chat_data[0]), image_folder=str(chat_data[1]), device="cpu",
                progress=False, top_k=4, shard_size=2, batch_size=3)
     build_cache(BuildConfig(out=str(out), **cfg))  # 10 samples, 5 shards
     shutil.copytree(out, clean)
     runner = CliRunner()
+    hashes = _count_shard_hashes(monkeypatch)
     res = runner.invoke(app, ["verify", str(out), "--repair", "--device", "cpu"])
     assert res.exit_code == 0 and "repaired" not in res.output  # intact: nothing rebuilt
+    assert hashes == {("kd_cache.reader", f"0000{i}"): 1 for i in range(5)}  # each shard read once
+    hashes.clear()
     stamp = {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (out / "shards").rglob("*") if p.is_file()}
     shutil.rmtree(out / "shards/00001")  # a deleted shard
     chunk = next(p for p in sorted((out / "shards/00002").rglob("*")) if p.is_file() and p.name != "zarr.json")
@@ -360,16 +401,39 @@ def test_verify_repair_rebuilds_exactly_the_damaged_shards(teacher_dir, chat_dat
     (out / "shards/00004.complete.json").unlink()  # an incomplete shard
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 1
+    hashes.clear()
     res = runner.invoke(app, ["verify", str(out), "--repair", "--device", "cpu"])
     assert res.exit_code == 0 and f"repaired {out}" in res.output, res.output
     for name in ("00001", "00002", "00003", "00004"):
         assert f"shard {name}:" in res.output and "rebuilding it" in res.output
     assert "shard 00000:" not in res.output
+    # One check feeds the repair: the good shard is read once; a damaged one by the check, by its rewrite
+    # (its new checksum) and by the final verify of the rebuilt result; the deleted one has nothing to read
+    # in the check.
+    assert {k: n for k, n in hashes.items() if k[0] == "kd_cache.reader"} == {
+        ("kd_cache.reader", "00000"): 1, ("kd_cache.reader", "00001"): 1, ("kd_cache.reader", "00002"): 2,
+        ("kd_cache.reader", "00003"): 2, ("kd_cache.reader", "00004"): 2}
+    assert {k: n for k, n in hashes.items() if k[0] != "kd_cache.reader"} == {
+        ("kd_cache.writer", name): 1 for name in ("00001", "00002", "00003", "00004")}
     _assert_identical(out, clean)
     for p, st in stamp.items():  # the good shard's files were not rewritten
         if p.relative_to(out / "shards").parts[0].startswith("00000"):
             assert (p.stat().st_ino, p.stat().st_mtime_ns) == st, p
     assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    # `build --repair` (no earlier check) checks each shard once itself; here with no manifest (a repair
+    # stopped before writing it), so each shard is checked against its completion marker.
+    (out / "manifest.json").unlink()
+    chunk = next(p for p in sorted((out / "shards/00002").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    raw = bytearray(chunk.read_bytes())
+    raw[0] ^= 0x10
+    chunk.write_bytes(bytes(raw))
+    hashes.clear()
+    res = runner.invoke(app, ["build", "--teacher", str(teacher_dir), "--data", str(chat_data[0]), "--image-folder",
+                              str(chat_data[1]), "--out", str(out), "--device", "cpu", "--no-progress", "--top-k", "4",
+                              "--shard-size", "2", "--batch-size", "3", "--repair"])
+    assert res.exit_code == 0 and "shard 00002:" in res.output and "checksum mismatch" in res.output, res.output
+    assert hashes == {**{("kd_cache.reader", f"0000{i}"): 1 for i in range(5)}, ("kd_cache.writer", "00002"): 1}
+    _assert_identical(out, clean)
 
 
 # ------------------------------------------------------------------------------ storage failures
