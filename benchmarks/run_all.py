@@ -26,18 +26,12 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-# Before torch is imported: idle OpenMP threads sleep instead of spinning. On a shared CPU host the
-# spinning threads of a descheduled peer both waste cycles and count as CPU time (see common.Clock).
-if not any("cuda" in a for a in sys.argv[1:]):
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+from benchmarks.environment import set_environment  # noqa: E402
+
+set_environment(passive_omp=not any("cuda" in a for a in sys.argv[1:]))  # before torch is imported
 
 # key -> (comparison, goal); "report" = no goal, report the value.
 GOALS: dict[str, tuple[str, float | None]] = {
