@@ -55,3 +55,32 @@ def accelerator():
     from accelerate import Accelerator
 
     return Accelerator(cpu=True)
+
+
+@pytest.fixture(scope="session")
+def family_builds(tmp_path_factory):
+    """What the tests over every family of ``tests/vlm_families.py`` build, once per session:
+    ``family_builds(kind, sizes, make)`` returns ``get(name)``, which calls ``make(family, root, images)``
+    the first time a family is asked for (``root``: a fresh folder of its own; ``images``: a folder with
+    the images ``sizes`` names, drawn once per ``kind``) and returns that result from then on."""
+    from transformers.utils import logging
+
+    from tests.vlm_families import FAMILIES, draw_images
+
+    logging.set_verbosity_error()
+    kinds: dict[str, object] = {}
+
+    def for_kind(kind: str, sizes: dict, make):
+        if kind not in kinds:
+            images = draw_images(tmp_path_factory.mktemp(f"{kind}-images"), sizes)
+            built: dict[str, object] = {}
+
+            def get(name: str):
+                if name not in built:
+                    built[name] = make(FAMILIES[name], tmp_path_factory.mktemp(f"{kind}-{name}"), images)
+                return built[name]
+
+            kinds[kind] = get
+        return kinds[kind]
+
+    return for_kind

@@ -39,7 +39,7 @@ from student.evaluate import (
     scored_positions,
     stop_token_ids,
 )
-from tests.vlm_families import FAMILIES, draw_images
+from tests.vlm_families import FAMILIES
 
 pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
@@ -66,28 +66,18 @@ def _records(chat: bool) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def family_eval(tmp_path_factory):
-    """name -> dict(path, model, processor, data, images, records), built once per family."""
-    from transformers.utils import logging
+def family_eval(family_builds):
+    """name -> dict(path, model, processor, data, images, records, root), built once per family."""
 
-    logging.set_verbosity_error()
-    folder = tmp_path_factory.mktemp("eval-family-images")
-    draw_images(folder, SIZES)
-    built: dict[str, dict] = {}
+    def make(fam, root, images) -> dict:
+        path = fam.build(root / "model")
+        recs = _records(fam.chat)
+        (root / "data.json").write_text(json.dumps(recs))
+        model, processor = load_model(path, "cpu", "float32")
+        return dict(path=path, model=model, processor=processor, data=root / "data.json", images=images,
+                    records=recs, root=root)
 
-    def get(name: str) -> dict:
-        if name not in built:
-            fam = FAMILIES[name]
-            root = tmp_path_factory.mktemp(f"eval-{name}")
-            path = fam.build(root / "model")
-            recs = _records(fam.chat)
-            (root / "data.json").write_text(json.dumps(recs))
-            model, processor = load_model(path, "cpu", "float32")
-            built[name] = dict(path=path, model=model, processor=processor, data=root / "data.json",
-                               images=folder, records=recs, root=root)
-        return built[name]
-
-    return get
+    return family_builds("eval", SIZES, make)
 
 
 def _questions(rec: dict) -> list[tuple[list[dict], int]]:

@@ -23,7 +23,7 @@ from kd_cache.build import build_cache
 from kd_cache.build_config import BuildConfig
 from kd_cache.processing import config_image_token_id
 from student.stream import StreamingKDDataset
-from tests.vlm_families import FAMILIES, draw_images
+from tests.vlm_families import FAMILIES
 
 pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
@@ -60,41 +60,31 @@ def _messages(rec: dict) -> list[dict]:
 
 
 @pytest.fixture(scope="session")
-def family_cache(tmp_path_factory):
+def family_cache(family_builds):
     """name -> dict(model, processor, cache, records, images, student_processor), built once per family."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.utils import logging
 
-    logging.set_verbosity_error()
-    folder = tmp_path_factory.mktemp("family-images")
-    draw_images(folder, SIZES)
-    built: dict[str, dict] = {}
+    def make(fam, root, folder) -> dict:
+        teacher = fam.build(root / "teacher")
+        student = fam.build(root / "student", student=True)
+        recs = _records(fam.chat)
+        (root / "data.json").write_text(json.dumps(recs))
+        # One batch of all records: images of different sizes and a text-only sample padded together.
+        cfg = BuildConfig(teacher=str(teacher), data=str(root / "data.json"), out=str(root / "cache"),
+                          image_folder=str(folder), top_k=TOP_K, batch_size=len(recs), device="cpu",
+                          dtype="float32", progress=False, strict=True)
+        build_cache(cfg)
+        return {
+            "model": AutoModelForImageTextToText.from_pretrained(teacher, dtype=torch.float32).eval(),
+            "processor": AutoProcessor.from_pretrained(teacher),
+            "student_processor": AutoProcessor.from_pretrained(student),
+            "student_path": student,
+            "cache": open_cache(str(root / "cache")),
+            "records": {r["id"]: r for r in recs},
+            "images": {n: Image.open(folder / n).convert("RGB") for n in SIZES},
+        }
 
-    def get(name: str) -> dict:
-        if name not in built:
-            fam = FAMILIES[name]
-            root = tmp_path_factory.mktemp(name)
-            teacher = fam.build(root / "teacher")
-            student = fam.build(root / "student", student=True)
-            recs = _records(fam.chat)
-            (root / "data.json").write_text(json.dumps(recs))
-            # One batch of all records: images of different sizes and a text-only sample padded together.
-            cfg = BuildConfig(teacher=str(teacher), data=str(root / "data.json"), out=str(root / "cache"),
-                              image_folder=str(folder), top_k=TOP_K, batch_size=len(recs), device="cpu",
-                              dtype="float32", progress=False, strict=True)
-            build_cache(cfg)
-            built[name] = {
-                "model": AutoModelForImageTextToText.from_pretrained(teacher, dtype=torch.float32).eval(),
-                "processor": AutoProcessor.from_pretrained(teacher),
-                "student_processor": AutoProcessor.from_pretrained(student),
-                "student_path": student,
-                "cache": open_cache(str(root / "cache")),
-                "records": {r["id"]: r for r in recs},
-                "images": {n: Image.open(folder / n).convert("RGB") for n in SIZES},
-            }
-        return built[name]
-
-    return get
+    return family_builds("cache", SIZES, make)
 
 
 @pytest.fixture(params=list(FAMILIES))

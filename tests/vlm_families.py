@@ -337,6 +337,20 @@ def build_qwen3_vl(out: Path, s: Sizes, seed: int) -> Path:
 IDEFICS_PIXELS = dict(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}, do_image_splitting=True)
 
 
+def _idefics(out: Path, s: Sizes, seed: int, *, model_cls, config_cls, vision_cls, processor_cls, image_cls,
+             video_cls=None) -> Path:
+    """An Idefics3-shaped model (Idefics3, SmolVLM: a Llama text model, tiles pixel-shuffled by 2)."""
+    from transformers import LlamaConfig
+
+    tok = make_tokenizer(bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|pad|>")
+    videos = () if video_cls is None else (video_cls(),)
+    proc = processor_cls(image_cls(**IDEFICS_PIXELS), tok, *videos, image_seq_len=4, chat_template=T_IDEFICS)
+    cfg = config_cls(vision_config=vision_cls(**VISION, image_size=32, patch_size=8).to_dict(),
+                     text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id).to_dict(),
+                     image_token_id=proc.image_token_id, scale_factor=2, pad_token_id=tok.pad_token_id)
+    return _save(model_cls, cfg, proc, out, seed)
+
+
 def build_idefics3(out: Path, s: Sizes, seed: int) -> Path:
     from transformers import (
         Idefics3Config,
@@ -344,20 +358,14 @@ def build_idefics3(out: Path, s: Sizes, seed: int) -> Path:
         Idefics3ImageProcessor,
         Idefics3Processor,
         Idefics3VisionConfig,
-        LlamaConfig,
     )
 
-    tok = make_tokenizer(bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|pad|>")
-    proc = Idefics3Processor(Idefics3ImageProcessor(**IDEFICS_PIXELS), tok, image_seq_len=4, chat_template=T_IDEFICS)
-    cfg = Idefics3Config(vision_config=Idefics3VisionConfig(**VISION, image_size=32, patch_size=8).to_dict(),
-                         text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id).to_dict(),
-                         image_token_id=proc.image_token_id, scale_factor=2, pad_token_id=tok.pad_token_id)
-    return _save(Idefics3ForConditionalGeneration, cfg, proc, out, seed)
+    return _idefics(out, s, seed, model_cls=Idefics3ForConditionalGeneration, config_cls=Idefics3Config,
+                    vision_cls=Idefics3VisionConfig, processor_cls=Idefics3Processor, image_cls=Idefics3ImageProcessor)
 
 
 def build_smolvlm(out: Path, s: Sizes, seed: int) -> Path:
     from transformers import (
-        LlamaConfig,
         SmolVLMConfig,
         SmolVLMForConditionalGeneration,
         SmolVLMImageProcessor,
@@ -366,13 +374,9 @@ def build_smolvlm(out: Path, s: Sizes, seed: int) -> Path:
         SmolVLMVisionConfig,
     )
 
-    tok = make_tokenizer(bos="<|begin_of_text|>", eos="<end_of_utterance>", pad="<|pad|>")
-    proc = SmolVLMProcessor(SmolVLMImageProcessor(**IDEFICS_PIXELS), tok, SmolVLMVideoProcessor(), image_seq_len=4,
-                            chat_template=T_IDEFICS)
-    cfg = SmolVLMConfig(vision_config=SmolVLMVisionConfig(**VISION, image_size=32, patch_size=8).to_dict(),
-                        text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id).to_dict(),
-                        image_token_id=proc.image_token_id, scale_factor=2, pad_token_id=tok.pad_token_id)
-    return _save(SmolVLMForConditionalGeneration, cfg, proc, out, seed)
+    return _idefics(out, s, seed, model_cls=SmolVLMForConditionalGeneration, config_cls=SmolVLMConfig,
+                    vision_cls=SmolVLMVisionConfig, processor_cls=SmolVLMProcessor, image_cls=SmolVLMImageProcessor,
+                    video_cls=SmolVLMVideoProcessor)
 
 
 def build_gemma3(out: Path, s: Sizes, seed: int) -> Path:
