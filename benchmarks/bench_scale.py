@@ -20,6 +20,10 @@ levels at real shapes are in benchmarks/RESULTS.md's main table). Curves:
   rank its own process, with the split of a trainer at ``--grad-accum`` A (one curve per value given):
   samples per worker-CPU-second (CPU of the rank processes and their workers, over one epoch)
   should stay flat: nothing a consumer does grows with the others.
+* ``split`` (no I/O, seconds): how many consumers decode each chunk in one epoch of the real
+  recipe's shape (shards of 1,024 samples, 13 samples per chunk: a top-64 chunk of LLaVA instruction
+  samples), for ranks x workers x ``--grad-accum``, with ``student.stream.rank_stream`` against the
+  strided split it replaced (rank r takes positions r, r + W, ...). 1 means each chunk is decoded once.
 * ``trainer``: ``kd-train`` (one process, a fixed number of steps) on caches of 1x, 16x, 256x
   samples (32 ... 8192): peak RSS and seconds per step should stay flat (the cache is streamed, never held).
 """
@@ -236,6 +240,37 @@ def curve_consumers(cache: Path, images: Path, student: Path, configs: list[tupl
     return rows
 
 
+def curve_split(configs: list[tuple[int, int, int]], log, batch: int = 4, shards: int = 16,
+                shard_samples: int = 1024, chunk_samples: int = 13) -> list[dict]:
+    import numpy as np
+
+    from student.stream import epoch_order, rank_stream
+
+    order = epoch_order([shard_samples] * shards, 0, 0)
+    chunk = (order // shard_samples) * shard_samples + (order % shard_samples) // chunk_samples
+    n_chunks = len(np.unique(chunk))
+
+    def decodes(streams: list[np.ndarray], workers: int) -> float:
+        """Distinct chunks per (rank, worker), summed, per chunk of the cache."""
+        total = 0
+        for st in streams:
+            for w in range(workers):  # micro-batch j of a rank goes to worker j mod workers
+                mine = np.concatenate([st[j * batch:(j + 1) * batch] for j in range(w, -(-len(st) // batch), workers)])
+                total += len(np.unique((mine // shard_samples) * shard_samples + (mine % shard_samples) // chunk_samples))
+        return total / n_chunks
+
+    rows = []
+    for world, workers, accum in configs:
+        usable = order[:len(order) - len(order) % world]
+        strided = decodes([usable[r::world] for r in range(world)], workers)
+        split = decodes([rank_stream(order, 0, r, world, batch, accum) for r in range(world)], workers)
+        rows.append({"ranks": world, "workers": workers, "grad_accum": accum, "batch": batch,
+                     "decodes_per_chunk_strided": strided, "decodes_per_chunk": split})
+        log(f"  {world} ranks x {workers} workers, grad-accum {accum}: each chunk decoded by {split:4.1f} consumers "
+            f"({strided:4.1f} with the strided split)")
+    return rows
+
+
 def curve_trainer(base: Path, images: Path, student: Path, work: Path, shard_counts: list[int], steps: int,
                   log) -> list[dict]:
     rows = []
@@ -273,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     ap.add_argument("--smoke", action="store_true", help="small counts: checks the plumbing (~2 min)")
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--only", choices=["consumers"], default=None,
+    ap.add_argument("--only", choices=["consumers", "split"], default=None,
                     help="run one curve only (its cache is built as in the full run)")
     ap.add_argument("--grad-accum", type=int, nargs="+", default=[1, 4],
                     help="consumer curve: the trainer's micro-batches per optimizer step (it sets the split "
@@ -281,9 +316,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     from benchmarks.common import machine_info, now_iso, versions
 
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    split_configs = [(w, nw, a) for w, nw in [(1, 4), (4, 4), (8, 4), (8, 8)] for a in (1, 4)]
+    if args.only == "split":
+        log("split: consumers decoding each chunk (shards of 1,024, 13 samples per chunk, batch 4)")
+        doc = {"date": now_iso(), "machine": machine_info("cpu"), "versions": versions(),
+               "settings": {"only": "split"}, "split": curve_split(split_configs, log)}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return doc
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.workdir))
     smoke = args.smoke
-    log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.perf_counter()
     try:
         models = make_models(work)
@@ -291,7 +335,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         processor = AutoProcessor.from_pretrained(models["student"])
         b = 8 if smoke else 32
-        build_rows, shard_rows, trainer_rows = [], [], []
+        build_rows, shard_rows, trainer_rows, split_rows = [], [], [], []
         if args.only is None:
             log("build: seconds per sample against samples")
             build_rows = curve_build(models, work, [b, 4 * b, 16 * b], log)
@@ -312,6 +356,8 @@ def main(argv: list[str] | None = None) -> dict:
         for accum in args.grad_accum:
             consumer_rows += curve_consumers(consumer_cache, images16, models["student"], configs, log, accum)
         if args.only is None:
+            log("split: consumers decoding each chunk (shards of 1,024, 13 samples per chunk, batch 4)")
+            split_rows = curve_split(split_configs, log)
             log("trainer: peak RSS and step time against cache size")
             trainer_rows = curve_trainer(base16, images16, models["student"], work,
                                          [2, 32] if smoke else [2, 32, 512], 4 if smoke else 8, log)
@@ -320,7 +366,8 @@ def main(argv: list[str] | None = None) -> dict:
     doc = {"date": now_iso(), "machine": machine_info("cpu"), "versions": versions(),
            "settings": {"mode": "smoke" if smoke else "full", "only": args.only, "shard_samples": SHARD_SAMPLES,
                         "grad_accum": args.grad_accum},
-           "build": build_rows, "shards": shard_rows, "consumers": consumer_rows, "trainer": trainer_rows,
+           "build": build_rows, "shards": shard_rows, "consumers": consumer_rows, "split": split_rows,
+           "trainer": trainer_rows,
            "wall_s": time.perf_counter() - t_all}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,9 +18,9 @@ of ``B``: micro-batch ``a`` of rank ``r`` is part ``r * A + a`` (``rank_stream``
 which sample changes; the trainer normalises each loss by the step's global count, so the gradient
 is that of the one-process step (up to float summation order). Sorted, a step's samples are the
 next run of each window of the mix group being read (``epoch_order``), and the windows keep their
-sorted places from step to step, so a consumer reads the same few windows step after step and
-decodes each of their chunks itself, instead of every consumer decoding nearly every chunk of the
-group (the read work then grows with the consumers; benchmarks/RESULTS.md, "Scale"). The last,
+order from step to step (their parts' edges drift as the runs' lengths vary), so a consumer keeps
+to a few windows and each chunk is decoded by a few consumers, not by nearly every one (the read
+work would grow with the consumers; benchmarks/RESULTS.md, "Scale"). The last,
 partial step takes the epoch's remaining samples but the last ``N mod W`` of the epoch (dropped so
 that every rank runs the same number of micro-batches: a collective in the backward pass would
 otherwise hang), sorted and cut into ``W`` contiguous parts, each read in micro-batches of ``B``
@@ -28,9 +28,11 @@ otherwise hang), sorted and cut into ``W`` contiguous parts, each read in micro-
 
 Workers. Micro-batch ``j`` of a rank is built by dataloader worker ``j mod workers``;
 ``torch.utils.data.DataLoader`` reads its workers round-robin, so the batches arrive in the same
-order whatever ``num_workers`` is. When ``workers`` divides ``A``, worker ``w`` builds parts
-``a = w, w + workers, ...`` of every step and keeps reading the same windows; otherwise the workers
-take turns on a part, and each reads its windows only every few steps (more chunks decoded twice).
+order whatever ``num_workers`` is. With ``A`` a multiple of ``workers``, worker ``w`` builds parts
+``w, w + workers, ...`` of every step, which lie in the same windows step after step (one part each
+when ``A == workers``); with fewer micro-batches than workers (``A = 1``), each worker builds every
+``workers``-th step of its rank, and all of a rank's workers decode the chunks of the rank's windows.
+``benchmarks/bench_scale.py --only split`` counts the consumers decoding each chunk.
 
 Resumption. The state is ``(epoch, samples_seen)``: ``samples_seen`` counts the samples of the epoch
 order consumed by all ranks together in complete optimizer steps (always a prefix of the order, at a
