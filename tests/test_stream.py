@@ -143,6 +143,7 @@ def test_resume_mid_epoch_no_sample_missing_or_repeated(odd_cache, processor, nu
             c = dataset(rank, 2, accum)
             c.set_position(epoch=2)
             whole = _ids(c, num_workers)[0]
+            assert whole == [cache[int(i)]["id"] for i in rank_stream(order, 0, rank, 2, 4, accum)]
             assert h[:4 * (5 - 5 % accum)] + t == whole
             per_rank.append(whole)
         assert len(per_rank[0]) == len(per_rank[1]) == 58
