@@ -20,11 +20,10 @@ is that of the one-process step (up to float summation order). Sorted, a step's 
 next run of each window of the mix group being read (``epoch_order``), and the windows keep their
 order from step to step (their parts' edges drift as the runs' lengths vary), so a consumer keeps
 to a few windows and each chunk is decoded by a few consumers, not by nearly every one (the read
-work would grow with the consumers; benchmarks/RESULTS.md, "Scale"). The last,
-partial step takes the epoch's remaining samples but the last ``N mod W`` of the epoch (dropped so
-that every rank runs the same number of micro-batches: a collective in the backward pass would
-otherwise hang), sorted and cut into ``W`` contiguous parts, each read in micro-batches of ``B``
-(the last one shorter).
+work would grow with the consumers; benchmarks/RESULTS.md, "Scale"). The last, partial step takes
+the epoch's remaining samples but the last ``N mod W`` of the epoch (dropped so that every rank runs
+the same number of micro-batches: a collective in the backward pass would otherwise hang), sorted
+and cut into ``W`` contiguous parts, each read in micro-batches of ``B`` (the last one shorter).
 
 Workers. Micro-batch ``j`` of a rank is built by dataloader worker ``j mod workers``;
 ``torch.utils.data.DataLoader`` reads its workers round-robin, so the batches arrive in the same
