@@ -17,8 +17,13 @@ levels at real shapes are in benchmarks/RESULTS.md's main table). Curves:
   build (local: symbolic links to it, so 10,000 shards need no 10,000 writes; ``memory://``: the
   same bytes under every name, up to 1,000 shards to bound the process's memory).
 * ``consumers``: R ranks x W loader workers (1 ... 16 consumers) reading one cache at once, each
-  rank its own process: samples per worker-CPU-second (CPU of the rank processes and their
-  workers, over one epoch) should stay flat: nothing a consumer does grows with the others.
+  rank its own process, with the split of a trainer at ``--grad-accum`` A (one curve per value given):
+  samples per worker-CPU-second (CPU of the rank processes and their workers, over one epoch)
+  should stay flat: nothing a consumer does grows with the others.
+* ``split`` (no I/O, seconds): how many consumers decode each chunk in one epoch of the real
+  recipe's shape (shards of 1,024 samples, 13 samples per chunk: a top-64 chunk of LLaVA instruction
+  samples), for ranks x workers x ``--grad-accum``, with ``student.stream.rank_stream`` against the
+  strided split it replaced (rank r takes positions r, r + W, ...). 1 means each chunk is decoded once.
 * ``trainer``: ``kd-train`` (one process, a fixed number of steps) on caches of 1x, 16x, 256x
   samples (32 ... 8192): peak RSS and seconds per step should stay flat (the cache is streamed, never held).
 """
@@ -199,7 +204,7 @@ from student.stream import StreamingKDDataset, make_loader
 rank, world, workers = {rank}, {world}, {workers}
 proc = AutoProcessor.from_pretrained({student!r})
 ds = StreamingKDDataset({url!r}, proc, image_folder={images!r}, batch_size=4, seed=0, rank=rank,
-                        world_size=world, with_teacher=True)
+                        world_size=world, grad_accum={grad_accum}, with_teacher=True)
 ds.set_position(0, 0)
 t = os.times(); c0 = t.user + t.system + t.children_user + t.children_system
 n = 0
@@ -212,21 +217,54 @@ print(json.dumps({{"samples": n, "cpu_s": c1 - c0}}))
 """
 
 
-def curve_consumers(cache: Path, images: Path, student: Path, configs: list[tuple[int, int]], log) -> list[dict]:
+def curve_consumers(cache: Path, images: Path, student: Path, configs: list[tuple[int, int]], log,
+                    grad_accum: int = 1) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     rows = []
     for world, workers in configs:
         procs = [subprocess.Popen([sys.executable, "-c", _CONSUMER.format(
             root=str(ROOT), rank=r, world=world, workers=workers, student=str(student), url=str(cache),
-            images=str(images))], env=env, stdout=subprocess.PIPE, text=True) for r in range(world)]
+            images=str(images), grad_accum=grad_accum)], env=env, stdout=subprocess.PIPE, text=True) for r in range(world)]
         t0 = time.perf_counter()
         outs = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
         wall = time.perf_counter() - t0
         samples, cpu = sum(o["samples"] for o in outs), sum(o["cpu_s"] for o in outs)
-        rows.append({"ranks": world, "workers": workers, "consumers": world * workers, "samples": samples,
+        rows.append({"ranks": world, "workers": workers, "consumers": world * workers, "grad_accum": grad_accum,
+                     "samples": samples,
                      "cpu_s": cpu, "samples_per_cpu_s": samples / cpu, "wall_s": wall})
-        log(f"  {world} ranks x {workers} workers = {world * workers:>2} consumers: {samples} samples, "
+        log(f"  {world} ranks x {workers} workers = {world * workers:>2} consumers, grad-accum {grad_accum}: {samples} samples, "
             f"{samples / cpu:6.1f} samples per worker-CPU-second")
+    return rows
+
+
+def curve_split(configs: list[tuple[int, int, int]], log, batch: int = 4, shards: int = 16,
+                shard_samples: int = 1024, chunk_samples: int = 13) -> list[dict]:
+    import numpy as np
+
+    from student.stream import epoch_order, rank_stream
+
+    order = epoch_order([shard_samples] * shards, 0, 0)
+    chunk = (order // shard_samples) * shard_samples + (order % shard_samples) // chunk_samples
+    n_chunks = len(np.unique(chunk))
+
+    def decodes(streams: list[np.ndarray], workers: int) -> float:
+        """Distinct chunks per (rank, worker), summed, per chunk of the cache."""
+        total = 0
+        for st in streams:
+            for w in range(workers):  # micro-batch j of a rank goes to worker j mod workers
+                mine = np.concatenate([st[j * batch:(j + 1) * batch] for j in range(w, -(-len(st) // batch), workers)])
+                total += len(np.unique((mine // shard_samples) * shard_samples + (mine % shard_samples) // chunk_samples))
+        return total / n_chunks
+
+    rows = []
+    for world, workers, accum in configs:
+        usable = order[:len(order) - len(order) % world]
+        strided = decodes([usable[r::world] for r in range(world)], workers)
+        split = decodes([rank_stream(order, 0, r, world, batch, accum) for r in range(world)], workers)
+        rows.append({"ranks": world, "workers": workers, "grad_accum": accum, "batch": batch,
+                     "decodes_per_chunk_strided": strided, "decodes_per_chunk": split})
+        log(f"  {world} ranks x {workers} workers, grad-accum {accum}: each chunk decoded by {split:4.1f} consumers "
+            f"({strided:4.1f} with the strided split)")
     return rows
 
 
@@ -267,14 +305,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=None, help="write the results JSON here")
     ap.add_argument("--smoke", action="store_true", help="small counts: checks the plumbing (~2 min)")
     ap.add_argument("--workdir", type=Path, default=None)
-    ap.add_argument("--only", choices=["consumers"], default=None,
+    ap.add_argument("--only", choices=["consumers", "split"], default=None,
                     help="run one curve only (its cache is built as in the full run)")
+    ap.add_argument("--grad-accum", type=int, nargs="+", default=[1, 4],
+                    help="consumer curve: the trainer's micro-batches per optimizer step (it sets the split "
+                         "of each step over ranks and workers); one curve per value")
     args = ap.parse_args(argv)
     from benchmarks.common import machine_info, now_iso, versions
 
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    split_configs = [(w, nw, a) for w, nw in [(1, 4), (4, 4), (8, 4), (8, 8)] for a in (1, 4)]
+    if args.only == "split":
+        log("split: consumers decoding each chunk (shards of 1,024, 13 samples per chunk, batch 4)")
+        doc = {"date": now_iso(), "machine": machine_info("cpu"), "versions": versions(),
+               "settings": {"only": "split"}, "split": curve_split(split_configs, log)}
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        return doc
     work = Path(tempfile.mkdtemp(prefix="bench-scale-", dir=args.workdir))
     smoke = args.smoke
-    log = lambda s: print(s, flush=True)  # noqa: E731
     t_all = time.perf_counter()
     try:
         models = make_models(work)
@@ -282,7 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         processor = AutoProcessor.from_pretrained(models["student"])
         b = 8 if smoke else 32
-        build_rows, shard_rows, trainer_rows = [], [], []
+        build_rows, shard_rows, trainer_rows, split_rows = [], [], [], []
         if args.only is None:
             log("build: seconds per sample against samples")
             build_rows = curve_build(models, work, [b, 4 * b, 16 * b], log)
@@ -299,16 +349,22 @@ def main(argv: list[str] | None = None) -> dict:
         configs = [(1, 1), (2, 1)] if smoke else [(1, 1), (1, 2), (2, 2), (2, 4), (4, 4)]
         consumer_cache = work / "consumers"
         clone_cache(base16, str(consumer_cache), 8 if smoke else 32)
-        consumer_rows = curve_consumers(consumer_cache, images16, models["student"], configs, log)
+        consumer_rows = []
+        for accum in args.grad_accum:
+            consumer_rows += curve_consumers(consumer_cache, images16, models["student"], configs, log, accum)
         if args.only is None:
+            log("split: consumers decoding each chunk (shards of 1,024, 13 samples per chunk, batch 4)")
+            split_rows = curve_split(split_configs, log)
             log("trainer: peak RSS and step time against cache size")
             trainer_rows = curve_trainer(base16, images16, models["student"], work,
                                          [2, 32] if smoke else [2, 32, 512], 4 if smoke else 8, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     doc = {"date": now_iso(), "machine": machine_info("cpu"), "versions": versions(),
-           "settings": {"mode": "smoke" if smoke else "full", "only": args.only, "shard_samples": SHARD_SAMPLES},
-           "build": build_rows, "shards": shard_rows, "consumers": consumer_rows, "trainer": trainer_rows,
+           "settings": {"mode": "smoke" if smoke else "full", "only": args.only, "shard_samples": SHARD_SAMPLES,
+                        "grad_accum": args.grad_accum},
+           "build": build_rows, "shards": shard_rows, "consumers": consumer_rows, "split": split_rows,
+           "trainer": trainer_rows,
            "wall_s": time.perf_counter() - t_all}
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

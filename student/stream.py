@@ -10,17 +10,34 @@ thus draws from several random places of the block, and each compressed chunk is
 by a worker instead of once per sample that touches it (the chunks of the windows being read stay in
 one decoded-chunk cache per worker).
 
-Split. Ranks take the epoch order strided (rank ``r`` gets positions ``r, r + W, r + 2W, ...``), so
-an optimizer step of ``W`` ranks x ``A`` micro-batches x ``B`` samples covers exactly the same
-samples as one process with batch ``W * A * B``. The last ``N mod W`` samples of an epoch are
-dropped so that every rank runs the same number of micro-batches (a collective in the backward pass
-would otherwise hang). Micro-batch ``j`` of a rank is built by dataloader worker ``j mod workers``;
+Split. An optimizer step of ``W`` ranks x ``A`` micro-batches (``grad_accum``) x ``B`` samples
+takes the next ``S = W * A * B`` positions of the epoch order, exactly the samples one process with
+batch ``W * A * B`` would take. The step's sample indices are sorted (the global index follows the
+shards and, within a shard, the read order of its windows) and cut into ``W * A`` contiguous parts
+of ``B``: micro-batch ``a`` of rank ``r`` is part ``r * A + a`` (``rank_stream``). Only who computes
+which sample changes; the trainer normalises each loss by the step's global count, so the gradient
+is that of the one-process step (up to float summation order). Sorted, a step's samples are the
+next run of each window of the mix group being read (``epoch_order``), and the windows keep their
+order from step to step (their parts' edges drift as the runs' lengths vary), so a consumer keeps
+to a few windows and each chunk is decoded by a few consumers, not by nearly every one (the read
+work would grow with the consumers; benchmarks/RESULTS.md, "Scale"). The last, partial step takes
+the epoch's remaining samples but the last ``N mod W`` of the epoch (dropped so that every rank runs
+the same number of micro-batches: a collective in the backward pass would otherwise hang), sorted
+and cut into ``W`` contiguous parts, each read in micro-batches of ``B`` (the last one shorter).
+
+Workers. Micro-batch ``j`` of a rank is built by dataloader worker ``j mod workers``;
 ``torch.utils.data.DataLoader`` reads its workers round-robin, so the batches arrive in the same
-order whatever ``num_workers`` is.
+order whatever ``num_workers`` is. With ``A`` a multiple of ``workers``, worker ``w`` builds parts
+``w, w + workers, ...`` of every step, which lie in the same windows step after step (one part each
+when ``A == workers``); with fewer micro-batches than workers (``A = 1``), each worker builds every
+``workers``-th step of its rank, and all of a rank's workers decode the chunks of the rank's windows.
+``benchmarks/bench_scale.py --only split`` counts the consumers decoding each chunk.
 
 Resumption. The state is ``(epoch, samples_seen)``: ``samples_seen`` counts the samples of the epoch
-order consumed by all ranks together (always a prefix of the order). A resumed stream starts right
-after that prefix; nothing is replayed.
+order consumed by all ranks together in complete optimizer steps (always a prefix of the order, at a
+step boundary). A resumed stream starts right after that prefix; nothing is replayed. A micro-batch
+that does not end its step reports the position of the step's start (``position_after``): resuming
+from it redoes the whole step.
 
 Batches. In the workers, each sample's images are decoded from the bytes the cache stores (a
 self-contained cache) or read from the image folder, and the student's
@@ -142,11 +159,29 @@ def window_plan(shard_sizes: list[int], seed: int, epoch: int, *, block_shards: 
     return plan
 
 
-def rank_stream(order: np.ndarray, samples_seen: int, rank: int, world_size: int) -> np.ndarray:
-    """The samples rank ``rank`` still has to read in this epoch (after ``samples_seen`` consumed)."""
-    rest = order[samples_seen:]
-    usable = len(rest) - len(rest) % world_size
-    return rest[:usable][rank::world_size]
+def rank_stream(order: np.ndarray, samples_seen: int, rank: int, world_size: int, batch_size: int,
+                grad_accum: int = 1) -> np.ndarray:
+    """The samples rank ``rank`` still has to read in this epoch (after ``samples_seen`` consumed), its
+    micro-batches one after the other (micro-batch ``j`` is ``[j * batch_size, (j + 1) * batch_size)``).
+
+    Each optimizer step's ``world_size * grad_accum * batch_size`` positions of the order, sorted, are
+    cut into contiguous parts of ``batch_size``; the rank's micro-batch ``a`` of the step is part
+    ``rank * grad_accum + a``. The rest of the epoch (a partial step) loses its last ``len mod
+    world_size`` samples and is cut, sorted, into ``world_size`` contiguous parts.
+    """
+    W, A, B = int(world_size), int(grad_accum), int(batch_size)
+    if not 0 <= rank < W or A < 1 or B < 1:
+        raise ValueError(f"rank {rank} of {W} processes, grad_accum {A}, batch size {B}: expected "
+                         "0 <= rank < world_size and positive grad_accum and batch size")
+    rest = np.asarray(order[samples_seen:], dtype=np.int64)
+    step = W * A * B
+    full = len(rest) // step
+    steps = np.sort(rest[:full * step].reshape(full, step), axis=1)
+    mine = steps[:, rank * A * B:(rank + 1) * A * B].reshape(-1)
+    tail = rest[full * step:]
+    tail = np.sort(tail[:len(tail) - len(tail) % W])
+    share = len(tail) // W
+    return np.concatenate([mine, tail[rank * share:(rank + 1) * share]])
 
 
 def micro_batches_per_epoch(n_samples: int, world_size: int, batch_size: int) -> int:
@@ -200,13 +235,15 @@ class StreamingKDDataset(IterableDataset):
             ``{kind}_hidden`` (the cache must hold them: ``kd-cache build --hidden``).
         affinity: also collate ``affinity_visual_rows``/``affinity_response_rows`` (adds response and
             visual to ``hidden_kinds``).
+        rank, world_size, grad_accum: this rank's share of each optimizer step (``rank_stream``); a
+            resumed run must keep ``grad_accum`` and ``batch_size`` (the steps' boundaries).
         window, mix: read locality of the shuffled order (``epoch_order``); part of the order.
         cache_bytes: decoded chunks kept by a worker (all open shards together); the default holds
             the ``mix`` windows being read at once.
     """
 
     def __init__(self, cache, processor, *, image_folder: str | None, batch_size: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, shuffle: bool = True, block_shards: int = 4,
+                 rank: int = 0, world_size: int = 1, grad_accum: int = 1, shuffle: bool = True, block_shards: int = 4,
                  with_teacher: bool = True, storage_options: dict | None = None,
                  kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS, hidden_kinds: tuple[str, ...] | list[str] = (),
                  affinity: bool = False, window: int = WINDOW, mix: int = MIX_WINDOWS, cache_bytes: int | None = None):
@@ -221,7 +258,7 @@ class StreamingKDDataset(IterableDataset):
         self.batch_size, self.seed, self.shuffle, self.block_shards = batch_size, seed, shuffle, block_shards
         self.window, self.mix = int(window), int(mix)
         self.cache_bytes = int(cache_bytes) if cache_bytes is not None else (max(1, self.mix) + 4) * CACHE_BYTES_PER_WINDOW
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.grad_accum = rank, world_size, int(grad_accum)
         self.with_teacher = with_teacher
         m = self.cache.manifest
         self.image_token_id = m.image_token_id
@@ -257,7 +294,7 @@ class StreamingKDDataset(IterableDataset):
         if not 0 <= samples_seen <= len(order):
             raise ValueError(f"data position {samples_seen} is outside epoch {epoch} of {len(order)} samples")
         self.state = DataState(epoch, samples_seen)
-        self._stream = rank_stream(order, samples_seen, self.rank, self.world_size)
+        self._stream = rank_stream(order, samples_seen, self.rank, self.world_size, self.batch_size, self.grad_accum)
 
     def __len__(self) -> int:
         """Micro-batches left in the current epoch for this rank."""
@@ -267,8 +304,10 @@ class StreamingKDDataset(IterableDataset):
         return self._stream[j * self.batch_size:(j + 1) * self.batch_size]
 
     def position_after(self, j: int) -> int:
-        """``samples_seen`` once micro-batch ``j`` of the epoch (counted from the set position) is consumed."""
-        consumed = min((j + 1) * self.batch_size, len(self._stream))
+        """``samples_seen`` once micro-batch ``j`` (counted from the set position) is consumed: the end
+        of its optimizer step if it is the step's last micro-batch (or the epoch's), else the step's start."""
+        done = (j + 1) // self.grad_accum if j + 1 < len(self) else math.ceil(len(self) / self.grad_accum)
+        consumed = min(done * self.grad_accum * self.batch_size, len(self._stream))
         return self.state.samples_seen + consumed * self.world_size
 
     # ----------------------------------------------------------------------------------- iteration

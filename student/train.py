@@ -314,9 +314,9 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     accelerator.register_for_checkpointing(scheduler)
 
     dataset = StreamingKDDataset(cache, processor, image_folder=cfg.image_folder, batch_size=cfg.batch_size,
-                                 seed=cfg.seed, rank=rank, world_size=world, shuffle=cfg.shuffle,
-                                 block_shards=cfg.block_shards, with_teacher=cfg.distill, kinds=settings.kinds,
-                                 hidden_kinds=settings.kinds if settings.hidden_loss else (),
+                                 seed=cfg.seed, rank=rank, world_size=world, grad_accum=cfg.grad_accum,
+                                 shuffle=cfg.shuffle, block_shards=cfg.block_shards, with_teacher=cfg.distill,
+                                 kinds=settings.kinds, hidden_kinds=settings.kinds if settings.hidden_loss else (),
                                  affinity=settings.affinity)
     from kd_cache.fingerprint import config_hash, tokenizer_hash
 

@@ -50,28 +50,71 @@ def test_epoch_order_is_a_pure_function_of_seed_epoch_and_shard_sizes():
     assert len(first_block) == 2
 
 
-def test_rank_streams_partition_the_epoch_and_drop_only_the_remainder():
+@pytest.mark.parametrize(("world", "accum"), [(1, 1), (2, 1), (2, 3), (3, 2)])
+def test_each_step_is_the_one_process_step_cut_sorted_into_contiguous_parts(world, accum):
     order = epoch_order([10] * 11 + [7], seed=0, epoch=0)
-    streams = [rank_stream(order, 0, r, 2) for r in range(2)]
-    assert len(streams[0]) == len(streams[1]) == 58
-    assert np.array_equal(np.sort(np.concatenate(streams)), np.sort(order[:116]))
-    # After a resumable prefix of 2 * 9 samples each rank continues exactly where it stood.
-    assert np.array_equal(rank_stream(order, 18, 1, 2), streams[1][9:])
+    B, usable = 4, 117 - 117 % world
+    streams = [rank_stream(order, 0, r, world, B, accum) for r in range(world)]
+    # Every rank the same count; together the epoch less its last (117 mod W) positions, each once.
+    assert len({len(s) for s in streams}) == 1 and len(streams[0]) == usable // world
+    assert np.array_equal(np.sort(np.concatenate(streams)), np.sort(order[:usable]))
+    step, per_rank = world * accum * B, accum * B
+    n_steps = steps_per_epoch(117, world, B, accum)
+    assert n_steps == -(-(usable // world) // per_rank)
+    one = rank_stream(order, 0, 0, 1, B, world * accum)  # one process: batch B, W * A micro-batches
+    for s in range(n_steps):
+        parts = [st[s * per_rank:(s + 1) * per_rank] for st in streams]
+        # The step's samples are the one-process step's (positions s*S .. of the order), and the
+        # consumers (rank r, micro-batch a), taken in the order r * A + a, hold them sorted: each one
+        # a contiguous run of the sorted step.
+        expected = np.sort(order[s * step:min((s + 1) * step, usable)])
+        assert np.array_equal(np.concatenate(parts), expected), s
+        assert set(expected.tolist()) == set(one[s * step:(s + 1) * step].tolist()) - set(order[usable:].tolist())
+        assert len({len(p) for p in parts}) == 1  # every rank runs the same micro-batches
+    # Resumable at every step boundary: each rank continues exactly where it stood.
+    for k in range(n_steps):
+        for r in range(world):
+            assert np.array_equal(rank_stream(order, k * step, r, world, B, accum), streams[r][k * per_rank:])
     assert steps_per_epoch(117, 2, 4, 3) == 5  # 58 per rank -> 15 micro-batches -> 5 steps
+
+
+def test_consumers_share_far_fewer_windows_than_with_a_strided_split():
+    # 4 ranks x grad-accum 4 x 4 loader workers: worker w of a rank builds its micro-batches a = w.
+    # Count the (consumer, window) pairs of an epoch: every pair is a window whose chunks that consumer
+    # decodes. The strided split (rank r takes positions r, r + W, ...; micro-batch j to worker j mod 4)
+    # spreads every window over nearly every consumer.
+    sizes, W, A, B, nw = [256] * 16, 4, 4, 4, 4
+    order = epoch_order(sizes, 0, 0)
+    starts = np.sort(np.concatenate([w_start for w_start, _ in window_plan(sizes, 0, 0)]))
+
+    def pairs(streams):
+        n = 0
+        for st in streams:
+            for w in range(nw):
+                mine = np.concatenate([st[j * B:(j + 1) * B] for j in range(w, -(-len(st) // B), nw)])
+                n += len(np.unique(np.searchsorted(starts, mine, side="right")))
+        return n
+
+    sorted_split = pairs([rank_stream(order, 0, r, W, B, A) for r in range(W)])
+    strided = pairs([order[r::W] for r in range(W)])
+    assert len(starts) * 3 < strided  # the old split: most windows read by most of the 16 consumers
+    assert 2 * sorted_split < strided, (sorted_split, strided, len(starts))
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_resume_mid_epoch_no_sample_missing_or_repeated(odd_cache, processor, num_workers):
-    def dataset(rank=0, world=1):
+    def dataset(rank=0, world=1, accum=1):
         return StreamingKDDataset(str(odd_cache), processor, image_folder=None, batch_size=4, seed=7,
-                                  rank=rank, world_size=world, with_teacher=False)
+                                  rank=rank, world_size=world, grad_accum=accum, with_teacher=False)
 
     full = dataset()
     full.set_position(epoch=2)
     full_ids, full_pos = _ids(full, num_workers)
     cache = open_cache(str(odd_cache))
-    expected = [cache[int(i)]["id"] for i in epoch_order(cache.shard_sizes, 7, 2)]
-    assert full_ids == expected  # the order, whatever num_workers is
+    order = epoch_order(cache.shard_sizes, 7, 2)
+    # The order, each step's (here: each micro-batch's) samples sorted, whatever num_workers is.
+    expected = [cache[int(i)]["id"] for s in range(0, 117, 4) for i in np.sort(order[s:s + 4])]
+    assert full_ids == expected
     assert len(set(full_ids)) == 117 and full_pos[-1] == 117
 
     # Stop after 11 micro-batches (mid-epoch, not on a shard boundary), resume from the position.
@@ -84,22 +127,28 @@ def test_resume_mid_epoch_no_sample_missing_or_repeated(odd_cache, processor, nu
     assert head + tail == full_ids
     assert len(set(head) & set(tail)) == 0
 
-    # Two ranks: disjoint, together the epoch minus its last (117 mod 2) sample, and resumable.
-    per_rank = []
-    for rank in range(2):
-        a = dataset(rank, 2)
-        a.set_position(epoch=2)
-        h, p = _ids(a, num_workers, stop_after=5)
-        b = dataset(rank, 2)
-        b.set_position(epoch=2, samples_seen=p[-1])
-        t, _ = _ids(b, num_workers)
-        c = dataset(rank, 2)
-        c.set_position(epoch=2)
-        assert h + t == _ids(c, num_workers)[0]
-        per_rank.append(h + t)
-    assert len(per_rank[0]) == len(per_rank[1]) == 58
-    assert set(per_rank[0]).isdisjoint(per_rank[1])
-    assert set(per_rank[0]) | set(per_rank[1]) == set(full_ids[:116])
+    # Two ranks: disjoint, together the epoch minus its last (117 mod 2) sample, and resumable. With
+    # grad-accum 3 a step is 2 x 3 x 4 = 24 samples; stopped after 5 micro-batches (mid step 2), a
+    # rank resumes from the position of the last complete step and redoes step 2 whole.
+    for accum in (1, 3):
+        per_rank = []
+        for rank in range(2):
+            a = dataset(rank, 2, accum)
+            a.set_position(epoch=2)
+            h, p = _ids(a, num_workers, stop_after=5)
+            assert p[-1] == (40 if accum == 1 else 24)
+            b = dataset(rank, 2, accum)
+            b.set_position(epoch=2, samples_seen=p[-1])
+            t, _ = _ids(b, num_workers)
+            c = dataset(rank, 2, accum)
+            c.set_position(epoch=2)
+            whole = _ids(c, num_workers)[0]
+            assert whole == [cache[int(i)]["id"] for i in rank_stream(order, 0, rank, 2, 4, accum)]
+            assert h[:4 * (5 - 5 % accum)] + t == whole
+            per_rank.append(whole)
+        assert len(per_rank[0]) == len(per_rank[1]) == 58
+        assert set(per_rank[0]).isdisjoint(per_rank[1])
+        assert set(per_rank[0]) | set(per_rank[1]) == {cache[int(i)]["id"] for i in order[:116]}
 
 
 def test_collation_pads_right_and_offsets_positions_into_the_batch(mixed_cache, processor):

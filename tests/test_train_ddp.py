@@ -50,7 +50,10 @@ def test_two_process_ddp_equals_one_process(student_dir, processor, tmp_path):
     one = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in ddp] == [m["step"] for m in one] == [1, 2, 3, 4]
     for a, b in zip(ddp, one, strict=True):
+        # The same samples per step (the ranks' split of a step differs from one process's micro-batches,
+        # not its sample set), so the same counts, positions and losses.
         assert a["samples"] == b["samples"] == 8 and a["positions"] == b["positions"]
+        assert a["samples_seen"] == b["samples_seen"] and a["epoch"] == b["epoch"]
         for key in ("loss", "ce", "mdist_response", "mdist_visual", "rdist", "lr", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), (a["step"], key)
 

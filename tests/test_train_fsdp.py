@@ -68,6 +68,7 @@ def _assert_same_run(fsdp: Path, one: Path, steps: list[int]) -> None:
     assert [m["step"] for m in a] == [m["step"] for m in b] == steps
     for x, y in zip(a, b, strict=True):
         assert x["samples"] == y["samples"] == 8 and x["positions"] == y["positions"]
+        assert x["samples_seen"] == y["samples_seen"] and x["epoch"] == y["epoch"]
         for key in COMPARED:
             assert x[key] == pytest.approx(y[key], rel=1e-4), (x["step"], key)
     wa, wb = _weights(fsdp), _weights(one)
