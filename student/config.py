@@ -123,7 +123,9 @@ class TrainConfig:
     head_memory_mb: int = _setting(1024, help=(
         "Keep the LM-head logits of a micro-batch for backward when they fit in this many MiB (faster); above "
         "it, each chunk's logits are recomputed in backward. 0: always recompute."))
-    num_workers: int = _setting(0, help="DataLoader worker processes (read shards, load and process images, collate).")
+    num_workers: int = _setting(0, help=(
+        "DataLoader worker processes (read shards, load and process images, collate). With --grad-accum a "
+        "multiple of it, each worker keeps reading the same part of every step (fewer chunk decodes)."))
     shuffle: bool = _setting(True, resume=True, help=(
         "Shuffle the samples each epoch (a pure function of seed and epoch)."))
     block_shards: int = _setting(4, resume=True, help="Shards shuffled together (more mixing, more shards open per worker).")
