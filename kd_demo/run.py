@@ -10,14 +10,14 @@ Steps (each one is the real tool, called in-process):
    ``compose_student`` (= ``kd-train init-student``) from the *trained* teacher's vision tower and a
    fresh small Qwen2 LM, so both share the vision tower as in the paper.
 3. The teacher is trained as LLaVA teachers are, on its own 20x larger image set: caption
-   pre-training, then instructions that keep a caption turn (LLaVA-1.5's mix keeps brief
+   pre-training (bare image + caption), then instructions that keep a caption turn (LLaVA-1.5's mix keeps brief
    descriptions), both with ``kd-train --stage sft`` (vision + projector + LLM from scratch).
    ``kd-train`` reads caches, so these are first built with the *untrained* teacher (``--top-k 1
    --relation none``): its SFT only uses their tokens and labels.
 4. ``kd-cache build`` with the trained teacher: the captions, the student's instruction data, and
-   the test and validation sets (``top_k`` = vocabulary, so their KL is exact). Captions are a
-   brief-description request and its answer in the chat template, not the bare ``pretrain``
-   template: see ``CAPTION_TEMPLATE``.
+   the test and validation sets (``top_k`` = vocabulary, so their KL is exact). The students'
+   captions are a brief-description request and its answer in the chat template, not the bare
+   ``pretrain`` template the teacher pre-trained on: see ``CAPTION_TEMPLATE``.
 5. One student checkpoint is trained twice. Distilled: DPT -> SFT -> DFT with the paper's losses and
    weights (alpha = beta = gamma = 1). Baseline: PT (DPT's recipe with CE only) -> SFT -> SFT, the
    second SFT leg as long as DFT, with the same learning rates and per-leg schedules: the teacher
@@ -54,11 +54,12 @@ from kd_demo.config import DemoConfig, DemoMethod
 from kd_demo.report import accuracy_by_question, llm_params, log_summary, plot_curves
 from kd_demo.task import make_task
 
-# The template of every caption cache (the teacher's pre-training, the students' PT and DPT). The paper's
-# DPT reads bare image + caption (``--template pretrain``); a tiny teacher fine-tuned on instructions
-# forgets that format, so the demo's captions are a chat turn ("Describe the image briefly.") that the
-# teacher's instruction mix keeps. Measured on seed 1 (README, "kd-demo"): the finished teacher's CE on
-# bare captions was 16.0 with instructions alone and 4.07 with a caption chat turn in its mix.
+# The template of the students' caption caches (PT and DPT). The teacher pre-trains on bare image +
+# caption (``--template pretrain``), as LLaVA teachers do, and the paper's DPT reads that format; but a
+# tiny teacher fine-tuned on instructions forgets it, so the students' captions are the chat turn
+# ("Describe the image briefly.") that the teacher's instruction mix keeps. Measured on seed 1 (README,
+# "kd-demo"): the finished teacher's caption CE on bare captions is 16.0 after instructions alone and
+# 4.07 with the caption turn in its mix; on the caption turn it is 0.03.
 CAPTION_TEMPLATE = "chat"
 
 # The training runs whose losses curves.png shows (``teacher-pt`` only when the teacher pre-trains).
@@ -174,10 +175,10 @@ def train_teacher(cfg: DemoConfig, data: dict[str, Path], teacher_init: Path, ca
     start = teacher_init
     if cfg.teacher_pt_steps:
         build_cache(BuildConfig(teacher=str(teacher_init), data=str(data["teacher_captions"]),
-                                out=str(caches / "teacher-captions"), template=CAPTION_TEMPLATE, top_k=1,
+                                out=str(caches / "teacher-captions"), template="pretrain", top_k=1,
                                 relation="none", **build))
         train(TrainConfig(**_leg("sft", teacher_init, caches / "teacher-captions", runs / "teacher-pt",
-                                 max_steps=cfg.teacher_pt_steps, **legs)))
+                                 max_steps=cfg.teacher_pt_steps, any_template=True, **legs)))
         start = runs / "teacher-pt"
     build_cache(BuildConfig(teacher=str(teacher_init), data=str(data["teacher"]), out=str(caches / "teacher-qa"),
                             top_k=1, relation="none", **build))

@@ -71,9 +71,10 @@ def test_quick_demo_runs_every_step(tmp_path):
     # The teacher pre-trained on captions before its instructions, and its caption CE was measured.
     assert len((out / "runs" / "teacher-pt" / "metrics.jsonl").read_text().splitlines()) == QUICK["teacher_pt_steps"]
     assert math.isfinite(results["teacher"]["caption_ce"])
-    # Every caption cache is in the chat template, the format the teacher's instruction mix keeps.
-    for cache in ("teacher-captions", "captions"):
-        assert json.loads((out / "caches" / cache / "manifest.json").read_text())["template"] == "chat", cache
+    # The teacher pre-trains on bare captions; the students' caption cache is the chat turn its
+    # instruction mix keeps.
+    for cache, template in (("teacher-captions", "pretrain"), ("captions", "chat")):
+        assert json.loads((out / "caches" / cache / "manifest.json").read_text())["template"] == template, cache
     # The teacher evaluated on its own cache: k covers the vocabulary, so the KL is ~0.
     assert results["teacher"]["kl_to_teacher"] < 1e-3 and results["teacher"]["top1_agreement"] == 1.0
     assert results["config"]["quick"] is True and results["config"]["seed"] == 3
