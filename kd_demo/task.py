@@ -2,10 +2,12 @@
 
 One shape per 32x32 image, with a kind (circle/square/triangle), a hue drawn uniformly on the colour
 wheel and named after the nearest of six anchor hues, and a place (left/right/top/bottom/center,
-jittered). ``make_task`` writes the LLaVA-format files: caption records feed pre-training (DPT / PT),
-three-question conversations (colour, shape, place) the fine-tuning stages, and the held-out test set
-and the validation set (every choice of the demo's configuration) have one question per image,
-with its ``options``.
+jittered). ``make_task`` writes the LLaVA-format files: caption records (a brief-description request
+and its caption) feed pre-training (the teacher's, and the students' DPT / PT), three-question
+conversations (colour, shape, place) the fine-tuning stages, and the held-out test set and the
+validation set (every choice of the demo's configuration) have one question per image, with its
+``options``. The teacher's instruction conversations also keep one caption turn each (as LLaVA-1.5's
+instruction mix keeps brief descriptions), so that the finished teacher still captions.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ QUESTIONS = {
     "shape": ("What shape is it?", SHAPES),
     "place": ("Where is the shape?", PLACES),
 }
+CAPTION_PROMPT = "Describe the image briefly."
 
 
 def hue_distance(a: float, b: float) -> float:
@@ -95,25 +98,30 @@ def _scenes(rng: random.Random, cfg: DemoConfig, images: Path, prefix: str, n: i
         yield f"{prefix}-{i:05d}", name, sc
 
 
+def caption(sc: Scene) -> str:
+    return f"a {sc.colour} {sc.shape} on the {sc.place}."
+
+
 def caption_record(rid: str, name: str, sc: Scene) -> dict:
-    text = f"a {sc.colour} {sc.shape} on the {sc.place}."
-    return {"id": rid, "image": name, "conversations": [{"from": "human", "value": "<image>"},
-                                                        {"from": "gpt", "value": text}]}
+    return {"id": rid, "image": name, "conversations": [{"from": "human", "value": "<image>\n" + CAPTION_PROMPT},
+                                                        {"from": "gpt", "value": caption(sc)}]}
 
 
 def _qa_records(rng: random.Random, cfg: DemoConfig, images: Path, prefix: str, n: int,
-                captions: list[dict] | None = None) -> list[dict]:
+                captions: list[dict] | None = None, caption_turns: random.Random | None = None) -> list[dict]:
     """Conversations asking the three questions in a random order; appends each image's caption to
-    ``captions`` when given."""
+    ``captions`` when given. With ``caption_turns`` (its own generator, so that the other files of a
+    seed do not depend on it), one caption turn is inserted at a random place of each conversation."""
     out = []
     for rid, name, sc in _scenes(rng, cfg, images, prefix, n):
         if captions is not None:
             captions.append(caption_record(rid, name, sc))
+        turns = [(QUESTIONS[kind][0], sc.answer(kind)) for kind in rng.sample(list(QUESTIONS), len(QUESTIONS))]
+        if caption_turns is not None:
+            turns.insert(caption_turns.randrange(len(turns) + 1), (CAPTION_PROMPT, caption(sc)))
         conv = []
-        for j, kind in enumerate(rng.sample(list(QUESTIONS), len(QUESTIONS))):
-            q = QUESTIONS[kind][0]
-            conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q},
-                     {"from": "gpt", "value": sc.answer(kind)}]
+        for j, (q, a) in enumerate(turns):
+            conv += [{"from": "human", "value": ("<image>\n" if j == 0 else "") + q}, {"from": "gpt", "value": a}]
         out.append({"id": rid, "image": name, "conversations": conv})
     return out
 
@@ -137,7 +145,8 @@ def make_task(root: Path, cfg: DemoConfig) -> dict[str, Path]:
     images.mkdir(parents=True, exist_ok=True)
     teacher_captions: list[dict] = []
     files = {
-        "teacher": _qa_records(rng, cfg, images, "teacher", cfg.n_teacher, teacher_captions),
+        "teacher": _qa_records(rng, cfg, images, "teacher", cfg.n_teacher, teacher_captions,
+                               caption_turns=random.Random(f"{cfg.seed}-caption-turns")),
         "teacher_captions": teacher_captions,  # the teacher's own images, captioned (its pre-training)
         "captions": [caption_record(*r) for r in _scenes(rng, cfg, images, "caption", cfg.n_caption)],
         "train": _qa_records(rng, cfg, images, "train", cfg.n_train),

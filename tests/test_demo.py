@@ -71,6 +71,10 @@ def test_quick_demo_runs_every_step(tmp_path):
     # The teacher pre-trained on captions before its instructions, and its caption CE was measured.
     assert len((out / "runs" / "teacher-pt" / "metrics.jsonl").read_text().splitlines()) == QUICK["teacher_pt_steps"]
     assert math.isfinite(results["teacher"]["caption_ce"])
+    # The teacher pre-trains on bare captions; the students' caption cache is the chat turn its
+    # instruction mix keeps.
+    for cache, template in (("teacher-captions", "pretrain"), ("captions", "chat")):
+        assert json.loads((out / "caches" / cache / "manifest.json").read_text())["template"] == template, cache
     # The teacher evaluated on its own cache: k covers the vocabulary, so the KL is ~0.
     assert results["teacher"]["kl_to_teacher"] < 1e-3 and results["teacher"]["top1_agreement"] == 1.0
     assert results["config"]["quick"] is True and results["config"]["seed"] == 3
@@ -228,3 +232,33 @@ def test_quick_ablation_through_the_cli(tmp_path):
     again = _quick_demo(out, "--ablation", "--seeds", "5")
     assert "seed 5: finished with this configuration" in again.stdout and "kd-train" not in again.stdout
     assert json.loads((out / "ablation.json").read_text())["summary"] == result["summary"]
+
+
+def test_teacher_instructions_keep_a_caption_turn(tmp_path):
+    """The teacher's instruction conversations each keep one caption turn (its answer is the image's
+    caption, the same text and request as the caption records every caption cache is built from),
+    while the students' instruction data and the evaluation sets are the three questions alone."""
+    from kd_demo.task import CAPTION_PROMPT, QUESTIONS, make_task
+
+    cfg = DemoConfig(out=str(tmp_path), quick=True, seed=5)
+    files = make_task(tmp_path / "data", cfg)
+    rows = {k: json.loads(files[k].read_text()) for k in ("teacher", "teacher_captions", "captions", "train", "test")}
+    captions = {r["id"]: r["conversations"] for r in rows["teacher_captions"]}
+    places = set()
+    for r in rows["teacher"]:
+        conv = r["conversations"]
+        asks = [t["value"].removeprefix("<image>\n") for t in conv[0::2]]
+        assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
+        assert sorted(asks) == sorted([CAPTION_PROMPT, *(q for q, _ in QUESTIONS.values())]), r["id"]
+        at = asks.index(CAPTION_PROMPT)
+        places.add(at)
+        assert conv[2 * at + 1]["value"] == captions[r["id"]][1]["value"]
+        assert captions[r["id"]][0]["value"] == "<image>\n" + CAPTION_PROMPT
+    assert places == {0, 1, 2, 3}  # the caption turn is not always in one place
+    for r in rows["captions"]:
+        assert [t["value"].split(" ")[0] for t in r["conversations"]][::2] == ["<image>\nDescribe"]
+    for key in ("train", "test"):
+        assert all(CAPTION_PROMPT not in t["value"] for r in rows[key] for t in r["conversations"]), key
+    # A seed gives the same files.
+    again = make_task(tmp_path / "again", cfg)
+    assert all(files[k].read_text() == again[k].read_text() for k in ("teacher", "captions", "train", "test", "val"))
