@@ -6,8 +6,9 @@ jittered). ``make_task`` writes the LLaVA-format files: caption records (a brief
 and its caption) feed pre-training (the teacher's, and the students' DPT / PT), three-question
 conversations (colour, shape, place) the fine-tuning stages, and the held-out test set and the
 validation set (every choice of the demo's configuration) have one question per image, with its
-``options``. The teacher's instruction conversations also keep one caption turn each (as LLaVA-1.5's
-instruction mix keeps brief descriptions), so that the finished teacher still captions.
+``options``. The instruction conversations (the teacher's and the students') also keep one caption turn
+each, as LLaVA-1.5's instruction mix keeps brief descriptions: the finished teacher still captions, and
+a student's fine-tuning ties the questions to the captions it pre-trained on.
 """
 
 from __future__ import annotations
@@ -149,7 +150,8 @@ def make_task(root: Path, cfg: DemoConfig) -> dict[str, Path]:
                                caption_turns=random.Random(f"{cfg.seed}-caption-turns")),
         "teacher_captions": teacher_captions,  # the teacher's own images, captioned (its pre-training)
         "captions": [caption_record(*r) for r in _scenes(rng, cfg, images, "caption", cfg.n_caption)],
-        "train": _qa_records(rng, cfg, images, "train", cfg.n_train),
+        "train": _qa_records(rng, cfg, images, "train", cfg.n_train,
+                             caption_turns=random.Random(f"{cfg.seed}-student-caption-turns")),
         "test": _test_records(rng, cfg, images, cfg.n_test),
         # drawn after the others so that adding it left every other file of a seed as it was
         "val": _test_records(rng, cfg, images, cfg.n_val, "val"),

@@ -234,31 +234,37 @@ def test_quick_ablation_through_the_cli(tmp_path):
     assert json.loads((out / "ablation.json").read_text())["summary"] == result["summary"]
 
 
-def test_teacher_instructions_keep_a_caption_turn(tmp_path):
-    """The teacher's instruction conversations each keep one caption turn (its answer is the image's
-    caption, the same text and request as the caption records every caption cache is built from),
-    while the students' instruction data and the evaluation sets are the three questions alone."""
+def test_instructions_keep_a_caption_turn(tmp_path):
+    """The instruction conversations (the teacher's and the students') each keep one caption turn (its
+    answer is the image's caption, the same text and request as the caption records every caption
+    cache is built from), while the evaluation sets are the three questions alone."""
     from kd_demo.task import CAPTION_PROMPT, QUESTIONS, make_task
 
     cfg = DemoConfig(out=str(tmp_path), quick=True, seed=5)
     files = make_task(tmp_path / "data", cfg)
     rows = {k: json.loads(files[k].read_text()) for k in ("teacher", "teacher_captions", "captions", "train", "test")}
     captions = {r["id"]: r["conversations"] for r in rows["teacher_captions"]}
-    places = set()
-    for r in rows["teacher"]:
-        conv = r["conversations"]
-        asks = [t["value"].removeprefix("<image>\n") for t in conv[0::2]]
-        assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
-        assert sorted(asks) == sorted([CAPTION_PROMPT, *(q for q, _ in QUESTIONS.values())]), r["id"]
-        at = asks.index(CAPTION_PROMPT)
-        places.add(at)
-        assert conv[2 * at + 1]["value"] == captions[r["id"]][1]["value"]
-        assert captions[r["id"]][0]["value"] == "<image>\n" + CAPTION_PROMPT
-    assert places == {0, 1, 2, 3}  # the caption turn is not always in one place
+    for key in ("teacher", "train"):
+        places = set()
+        for r in rows[key]:
+            conv = r["conversations"]
+            asks = [t["value"].removeprefix("<image>\n") for t in conv[0::2]]
+            assert conv[0]["value"].startswith("<image>\n") and sum("<image>" in t["value"] for t in conv) == 1
+            assert sorted(asks) == sorted([CAPTION_PROMPT, *(q for q, _ in QUESTIONS.values())]), r["id"]
+            at = asks.index(CAPTION_PROMPT)
+            places.add(at)
+            answer = conv[2 * at + 1]["value"]
+            if key == "teacher":
+                assert answer == captions[r["id"]][1]["value"]
+                assert captions[r["id"]][0]["value"] == "<image>\n" + CAPTION_PROMPT
+            # the caption names the answers of the conversation's own questions
+            said = {q: a for q, a in zip(asks, [t["value"] for t in conv[1::2]])}
+            colour, shape, place = (said[QUESTIONS[k][0]] for k in ("colour", "shape", "place"))
+            assert answer == f"a {colour} {shape} on the {place}.", r["id"]
+        assert places == {0, 1, 2, 3}, key  # the caption turn is not always in one place
     for r in rows["captions"]:
         assert [t["value"].split(" ")[0] for t in r["conversations"]][::2] == ["<image>\nDescribe"]
-    for key in ("train", "test"):
-        assert all(CAPTION_PROMPT not in t["value"] for r in rows[key] for t in r["conversations"]), key
+    assert all(CAPTION_PROMPT not in t["value"] for r in rows["test"] for t in r["conversations"])
     # A seed gives the same files.
     again = make_task(tmp_path / "again", cfg)
     assert all(files[k].read_text() == again[k].read_text() for k in ("teacher", "captions", "train", "test", "val"))
