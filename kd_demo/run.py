@@ -3,8 +3,8 @@
 Steps (each one is the real tool, called in-process):
 
 1. The synthetic visual task (``kd_demo.task``): caption records for pre-training, three-question
-   conversations for fine-tuning (the teacher's with a caption turn too), held-out test and validation
-   sets with one question per image.
+   conversations for fine-tuning (with a caption turn too, the teacher's and the students'), held-out
+   test and validation sets with one question per image.
 2. A tokenizer and processor trained on the spot (``kd_demo.tiny``), a teacher whose language model
    has 8x the student's parameters (as 4B vs 0.5B in the paper), and a student composed with
    ``compose_student`` (= ``kd-train init-student``) from the *trained* teacher's vision tower and a
