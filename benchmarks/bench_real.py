@@ -108,7 +108,7 @@ def _dist_samples(runner, ids: np.ndarray, h: torch.Tensor, segment: int) -> tup
         pos = np.arange(b - a - 1, dtype=np.int32)
         dist = runner.distribution(h[a:b - 1], f"seg{s}", "response")
         samples.append({"id": f"seg{s}", "images": [], "input_ids": seg, "labels": labels,
-                        "response_positions": pos, **dist})
+                        "response_positions": pos, **{f"response_{name}": v for name, v in dist.items()}})
         rows.append(a + pos)
     return samples, np.concatenate(rows)
 
@@ -482,7 +482,7 @@ def _generated_bytes(model, tok, teacher, profile, device, workdir: Path) -> dic
         labels = np.full(len(ids), -100, np.int32)
         labels[start + 1:] = ids[start + 1:]
         s = {"id": "gen", "images": [], "input_ids": ids.astype(np.int32), "labels": labels,
-             "response_positions": pos, **dist}
+             "response_positions": pos, **{f"response_{name}": v for name, v in dist.items()}}
         w = _write(workdir / f"gen-{name}", [s], sparse_mode=mode, k=k)
         shutil.rmtree(workdir / f"gen-{name}", ignore_errors=True)
         res[f"bytes_per_position_{name}"] = w["data_bytes"] / len(pos)

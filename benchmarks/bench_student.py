@@ -129,7 +129,7 @@ class Steps:
         """Teacher forward (full logits) + top-k/tail at the distilled positions + relation matrices."""
         dev = self.device
         px = batch.get("pixel_values")
-        logits = self.teacher(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+        logits = self.teacher(input_ids=batch["model_inputs"]["input_ids"].to(dev), attention_mask=batch["model_inputs"]["attention_mask"].to(dev),
                               pixel_values=None if px is None else px.to(dev, self.teacher.dtype),
                               use_cache=False).logits  # [B, T, V]: what an online recipe gets
         flat = logits.reshape(-1, logits.shape[-1])
@@ -208,7 +208,7 @@ def _child(args) -> dict:
         return {"clock": clock.report(), "mem": mem, "student_params": n_params(st.student), "student_lm_params": lm_params(st.student),
                 "losses": {m: metrics[m]["loss"] for m in MODES},
                 "positions": metrics["dft"]["positions"],
-                "tokens_per_batch": int(st.batches["dft"][0]["attention_mask"].sum())}
+                "tokens_per_batch": int(st.batches["dft"][0]["model_inputs"]["attention_mask"].sum())}
     # memory: one mode in this fresh process
     st = Steps(profile, device, args.cache, (args.mode,))
     for i in range(profile.st_mem_steps):

@@ -88,7 +88,16 @@ from kd_cache.relation import (
     relation_energy,
     resolve_relation_spec,
 )
-from kd_cache.schema import FORMAT_VERSION, KINDS, CacheSample, KindArrays, SparseMode, choice
+from kd_cache.schema import (
+    FORMAT_VERSION,
+    KINDS,
+    TEACHER_ARRAY,
+    TEACHER_ARRAYS,
+    CacheSample,
+    KindArrays,
+    SparseMode,
+    choice,
+)
 
 MANIFEST_NAME = "manifest.json"
 BUILD_NAME = "build.json"
@@ -318,20 +327,22 @@ def _unpack_images(index: dict[str, np.ndarray], read: ReadRows, j: int) -> list
 
 
 class _KindColumns:
-    """One kind's sparse arrays of a shard, added sample by sample and concatenated by ``arrays``."""
+    """One kind's sparse arrays of a shard, added sample by sample and concatenated by ``arrays``.
+
+    The arrays are those of ``TEACHER_ARRAYS`` that the shard's sparse mode stores: top-k keeps each
+    ``[P, K]`` array whole, sample mode only its drawn entries (ids >= 0) with ``n_entries`` per row."""
 
     def __init__(self, kind: str, sparse_mode: str, k: int, sample_logprobs: bool):
         self.kind, self.mode, self.k, self.sample_logprobs = kind, sparse_mode, k, sample_logprobs
-        self.parts: dict[str, list[np.ndarray]] = {
-            f: [] for f in ("positions", "tail", "ids", "logprobs", "counts", "n_entries", "logp_mean")
-        }
+        self.sampled = sparse_mode == SparseMode.sample.value
+        self.stored = [a for a in TEACHER_ARRAYS if a.stored(sparse_mode, sample_logprobs)]
+        self.parts: dict[str, list[np.ndarray]] = {f: [] for f in ("positions", "n_entries", *(a.name for a in self.stored))}
         self.extras = _ExtraColumns(kind)
 
     def add(self, s: CacheSample, i: int) -> None:
         """Validate and append sample ``s`` (index ``i`` in the shard); a kind it lacks has no positions."""
-        kind, k, sid = self.kind, self.k, s.id
-        a = s.kinds.get(kind) or KindArrays(positions=np.zeros(0, np.int32), tail=np.zeros(0, np.float32),
-                                            ids=np.zeros((0, k), np.int32))
+        kind, sid = self.kind, s.id
+        a = s.kinds.get(kind) or KindArrays(positions=np.zeros(0, np.int32))
         L = len(s.input_ids)
         pos = _as(a.positions, np.int32, f"{kind}_positions", sid, 1)
         P = pos.shape[0]
@@ -340,92 +351,74 @@ class _KindColumns:
                 f"sample {sid!r}: {kind}_positions must lie in [0, {L}) (sequence length), "
                 f"found values in [{pos.min()}, {pos.max()}]"
             )
-        tid = _as(a.ids, np.int32, f"{kind}_ids", sid, 2, k)
-        # fp32 as given (sample mode derives logp_mean from it); stored as fp16
-        lp = _as(a.logprobs if a.logprobs is not None else np.zeros((0, k), np.float32), np.float32,
-                 f"{kind}_logprobs", sid, 2, k)
-        tail = _as(a.tail, np.float32, f"{kind}_tail", sid, 1)
-        if self.mode == SparseMode.topk.value:
-            if a.counts is not None:
-                raise ValueError(f"sample {sid!r}: {kind}_counts given but the sparse mode is 'topk'")
-            self._check_shapes(sid, P, (P, k), [(f"{kind}_ids", tid), (f"{kind}_logprobs", lp)])
-        else:
-            checked = [(f"{kind}_ids", tid)] + ([(f"{kind}_logprobs", lp)] if a.logprobs is not None else [])
-            if a.logprobs is None and P and a.logp_mean is None:
-                raise ValueError(
-                    f"sample {sid!r}: sample mode needs {kind}_logp_mean [P] or {kind}_logprobs [P, K] "
-                    f"(to derive it), found neither for its {P} {kind} positions"
-                )
-            if self.sample_logprobs and P and a.logprobs is None:
-                raise ValueError(
-                    f"sample {sid!r}: sample_logprobs=True stores per-entry log-probs, but {kind}_logprobs "
-                    "is missing"
-                )
-            self._check_shapes(sid, P, (P, tid.shape[1]) if tid.shape[1] <= k else (P, k), checked)
-        if tail.shape != (P,):
-            raise ValueError(f"sample {sid!r}: {kind}_tail must have shape ({P},), found {tail.shape}")
+        given = self._given(sid, a.teacher, P)
         self.parts["positions"].append(pos)
-        self.parts["tail"].append(tail)
-        if self.mode == SparseMode.topk.value:
-            self.parts["ids"].append(tid)
-            self.parts["logprobs"].append(lp.astype(np.float16))
-        else:
-            self._add_drawn(sid, P, tid, lp, a)
+        mask = None
+        if self.sampled:
+            mask = given["ids"] >= 0
+            self.parts["n_entries"].append(mask.sum(axis=1).astype(np.uint16))
+        for arr in self.stored:
+            v = given[arr.name]
+            self.parts[arr.name].append((v[mask] if mask is not None and arr.per_id else v).astype(arr.dtype))
         self.extras.add(sid, i, a.extras, P)
 
-    def _check_shapes(self, sid: str, P: int, expected: tuple[int, int], arrays: list) -> None:
-        for name, a in arrays:
-            if a.shape != expected:
-                raise ValueError(
-                    f"sample {sid!r}: {name} must have shape {expected} ({P} positions x k={self.k} for "
-                    f"sparse mode {self.mode!r}), found {a.shape}"
-                )
-
-    def _add_drawn(self, sid: str, P: int, tid: np.ndarray, lp: np.ndarray, a: KindArrays) -> None:
-        """Sample mode: keep only the real (drawn) entries of each row, and ``logp_mean`` per row."""
-        kind = self.kind
-        cnt = np.asarray(a.counts if a.counts is not None else np.zeros((0, self.k), np.int64))
-        if cnt.size == 0 and tid.size == 0:
-            cnt = cnt.reshape(tid.shape)
-        if cnt.shape != tid.shape:
-            raise ValueError(f"sample {sid!r}: {kind}_counts must have shape {tid.shape}, found {cnt.shape}")
-        mask = tid >= 0
-        if mask.any() and (cnt[mask].min() < 1 or cnt[mask].max() > np.iinfo(np.uint16).max):
-            raise ValueError(
-                f"sample {sid!r}: {kind}_counts of drawn ids must lie in [1, 65535], "
-                f"found [{cnt[mask].min()}, {cnt[mask].max()}]"
-            )
-        self.parts["n_entries"].append(mask.sum(axis=1).astype(np.uint16))
-        self.parts["ids"].append(tid[mask])
-        self.parts["counts"].append(cnt[mask].astype(np.uint16))
-        if self.sample_logprobs:
-            self.parts["logprobs"].append(lp[mask].astype(np.float16))
-        if a.logp_mean is not None:
-            lm = _as(a.logp_mean, np.float32, f"{kind}_logp_mean", sid, 1)
-            if lm.shape != (P,):
-                raise ValueError(f"sample {sid!r}: {kind}_logp_mean must have shape ({P},), found {lm.shape}")
-        elif P:
-            lm = sample_logp_mean(lp, np.where(mask, cnt, 0))
-        else:
-            lm = np.zeros(0, np.float32)
-        self.parts["logp_mean"].append(lm)
+    def _given(self, sid: str, teacher: dict[str, np.ndarray], P: int) -> dict[str, np.ndarray]:
+        """The sample's teacher arrays of this kind, checked against the sparse mode and ``P`` positions:
+        every ``[P, K]`` array as wide as the ids (top-k: ``k``; sample mode: at most ``k`` draws), every
+        other one ``[P]``; floats as fp32 (sample mode derives ``logp_mean`` from them), ints as int64."""
+        kind, mode, k = self.kind, self.mode, self.k
+        foreign = [n for n in teacher if not TEACHER_ARRAY[n].stored(mode, True)]
+        if foreign:
+            raise ValueError(f"sample {sid!r}: {', '.join(f'{kind}_{n}' for n in foreign)} given but the sparse mode "
+                             f"is {mode!r}")
+        ids = teacher.get("ids")
+        width = k  # sample mode: as many columns as the ids have (at most k draws)
+        if self.sampled and ids is not None and np.ndim(ids) == 2 and np.shape(ids)[1] <= k:
+            width = np.shape(ids)[1]
+        out: dict[str, np.ndarray] = {}
+        for arr in TEACHER_ARRAYS:
+            v = teacher.get(arr.name)
+            if v is None:
+                continue
+            name = f"{kind}_{arr.name}"
+            v = _as(v, np.int64 if np.dtype(arr.dtype).kind in "iu" else np.float32, name, sid,
+                    2 if arr.per_id else 1, width)
+            expected = (P, width) if arr.per_id else (P,)
+            if v.shape != expected:
+                what = (f"({P} positions x k={k} for sparse mode {mode!r})" if arr.per_id and not self.sampled else
+                        f"({P} positions x at most k={k} draws)" if arr.per_id else f"(one per {kind} position)")
+                raise ValueError(f"sample {sid!r}: {name} must have shape {expected} {what}, found {v.shape}")
+            out[arr.name] = v
+        for arr in self.stored:  # a stored array the sample lacks: empty without positions, else derived or an error
+            if arr.name in out:
+                continue
+            if not P:
+                out[arr.name] = np.zeros((0, width) if arr.per_id else 0, np.int64 if arr.name == "ids" else np.float32)
+            elif arr.name == "logp_mean" and "logprobs" in out and "counts" in out:
+                out[arr.name] = sample_logp_mean(out["logprobs"], np.where(out["ids"] >= 0, out["counts"], 0))
+            else:
+                need = (f"{kind}_logp_mean [P] or {kind}_logprobs [P, K] (to derive it)" if arr.name == "logp_mean"
+                        else f"{kind}_{arr.name}" + (" (sample_logprobs=True stores per-entry log-probs)"
+                                                     if arr.name == "logprobs" and self.sampled else ""))
+                raise ValueError(f"sample {sid!r}: sparse mode {mode!r} needs {need}, found none for its {P} "
+                                 f"{kind} positions")
+        if self.sampled and P:
+            drawn = out["counts"][out["ids"] >= 0]
+            if drawn.size and (drawn.min() < 1 or drawn.max() > np.iinfo(np.uint16).max):
+                raise ValueError(f"sample {sid!r}: {kind}_counts of drawn ids must lie in [1, 65535], "
+                                 f"found [{drawn.min()}, {drawn.max()}]")
+        return out
 
     def arrays(self) -> dict[str, np.ndarray]:
         kind, p = self.kind, self.parts
         out = {f"{kind}/offsets": _offsets([x.shape[0] for x in p["positions"]]),
-               f"{kind}/positions": _cat(p["positions"], np.int32),
-               f"{kind}/tail": _cat(p["tail"], np.float32)}
-        if self.mode == SparseMode.topk.value:
-            out[f"{kind}/ids"] = _cat(p["ids"], np.int32, (self.k,))
-            out[f"{kind}/logprobs"] = _cat(p["logprobs"], np.float16, (self.k,))
-        else:
+               f"{kind}/positions": _cat(p["positions"], np.int32)}
+        if self.sampled:
             out[f"{kind}/n_entries"] = _cat(p["n_entries"], np.uint16)
             out[f"{kind}/entry_offsets"] = _offsets([int(n.sum()) for n in p["n_entries"]])
-            out[f"{kind}/ids"] = _cat(p["ids"], np.int32)
-            out[f"{kind}/counts"] = _cat(p["counts"], np.uint16)
-            out[f"{kind}/logp_mean"] = _cat(p["logp_mean"], np.float32)
-            if self.sample_logprobs:
-                out[f"{kind}/logprobs"] = _cat(p["logprobs"], np.float16)
+        for arr in self.stored:
+            whole_rows = arr.per_id and not self.sampled
+            out[f"{kind}/{arr.name}"] = _cat(p[arr.name], arr.dtype, (self.k,) if whole_rows else ())
         out.update(self.extras.arrays())
         return out
 
@@ -433,26 +426,22 @@ class _KindColumns:
 def _unpack_kind(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows, kind: str, j: int) -> KindArrays:
     """The inverse of ``_KindColumns.add``: sample ``j``'s arrays of one kind (sample mode padded to K)."""
     p0, p1 = _rows(index, f"{kind}/offsets", j)
-    positions = read(f"{kind}/positions", p0, p1)
-    if attrs.sparse_mode == SparseMode.topk.value:
-        ids, counts, logp_mean = read(f"{kind}/ids", p0, p1), None, None
-        logprobs = read(f"{kind}/logprobs", p0, p1)
-    else:
-        K, P = attrs.k, p1 - p0
+    sampled = attrs.sparse_mode == SparseMode.sample.value
+    if sampled:
         e0, e1 = _rows(index, f"{kind}/entry_offsets", j)
         n_ent = read(f"{kind}/n_entries", p0, p1).astype(np.int64)
-        mask = np.arange(K)[None, :] < n_ent[:, None]
-        ids = np.full((P, K), -1, dtype=np.int32)
-        counts = np.zeros((P, K), dtype=np.uint16)
-        ids[mask] = read(f"{kind}/ids", e0, e1)
-        counts[mask] = read(f"{kind}/counts", e0, e1)
-        logprobs = None
-        if attrs.sample_logprobs:
-            logprobs = np.zeros((P, K), dtype=np.float16)
-            logprobs[mask] = read(f"{kind}/logprobs", e0, e1)
-        logp_mean = read(f"{kind}/logp_mean", p0, p1)
-    return KindArrays(positions=positions, tail=read(f"{kind}/tail", p0, p1), ids=ids, logprobs=logprobs,
-                      counts=counts, logp_mean=logp_mean, extras=_unpack_extras(attrs, read, kind, p0, p1))
+        mask = np.arange(attrs.k)[None, :] < n_ent[:, None]
+    teacher = {}
+    for arr in TEACHER_ARRAYS:
+        if not arr.stored(attrs.sparse_mode, attrs.sample_logprobs):
+            continue
+        if sampled and arr.per_id:
+            teacher[arr.name] = np.full(mask.shape, arr.pad, dtype=arr.dtype)
+            teacher[arr.name][mask] = read(f"{kind}/{arr.name}", e0, e1)
+        else:
+            teacher[arr.name] = read(f"{kind}/{arr.name}", p0, p1)
+    return KindArrays(positions=read(f"{kind}/positions", p0, p1), teacher=teacher,
+                      extras=_unpack_extras(attrs, read, kind, p0, p1))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -573,9 +562,10 @@ def _unpack_relations(attrs: ShardAttrs, index: dict[str, np.ndarray], read: Rea
 
 
 def pack_samples(
-    samples: Sequence[dict], *, sparse_mode: str, k: int, relation: str, sample_logprobs: bool = False
+    samples: Sequence[CacheSample | dict], *, sparse_mode: str, k: int, relation: str, sample_logprobs: bool = False
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Turn sample dicts (``CacheSample.to_dict`` form) into a shard's arrays (by group path) and attributes.
+    """Turn samples (``CacheSample``s, as the teacher pass gives them, or their ``to_dict`` form) into a
+    shard's arrays (by group path) and attributes.
 
     Sample mode stores ``<kind>_logp_mean`` [P] (given, or computed from ``<kind>_logprobs`` and
     ``<kind>_counts``), and the per-entry log-probs only with ``sample_logprobs``.
@@ -591,7 +581,7 @@ def pack_samples(
     typed: list[CacheSample] = []
     tokens = []
     for i, raw in enumerate(samples):
-        s = CacheSample.from_dict(raw)
+        s = raw if isinstance(raw, CacheSample) else CacheSample.from_dict(raw)
         tokens.append(_pack_tokens(s))
         for columns in kinds.values():
             columns.add(s, i)

@@ -59,8 +59,6 @@ IGNORE_INDEX = -100
 
 KINDS = ("response", "visual", "prompt")
 DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
-# Per-kind fields with a meaning of their own; any other ``<kind>_<name>`` array is an extra.
-KIND_FIELDS = ("positions", "ids", "logprobs", "tail", "counts", "logp_mean")
 SAMPLE_FIELDS = ("id", "images", "image_bytes", "input_ids", "labels", "image_token_counts", "processor_call", "relation",
                  "relation_energy", "meta")
 
@@ -70,6 +68,38 @@ class SparseMode(str, Enum):
 
     topk = "topk"  # the k most likely ids, their log-probs and the exact tail mass
     sample = "sample"  # ids drawn from the distribution with their counts (random-sampling KD)
+
+
+@dataclass(frozen=True)
+class TeacherArray:
+    """One per-position array of a kind's sparse teacher distribution: ``<kind>_<name>`` in a sample.
+
+    Packing (``kd_cache.format``), unpacking, collation (``student.stream``) and the loss's
+    ``SparseTeacher`` (``student.distill.teacher_arrays``) all loop over ``TEACHER_ARRAYS``.
+    """
+
+    name: str
+    dtype: type  # as stored in a shard and returned by the reader (the teacher pass may give more precision)
+    per_id: bool  # [P, K], one value per stored id (sample mode stores only the drawn entries); else [P]
+    pad: int | float  # the value at padded ids (-1 ids): a sample-mode row padded to K, a batch padded to its widest K
+    modes: tuple[str, ...]  # the sparse modes whose caches always hold it
+    on_request: tuple[str, ...] = ()  # the modes whose caches hold it only when the build keeps it (--sample-logprobs)
+
+    def stored(self, mode: str, kept: bool) -> bool:
+        """Whether a cache of sparse mode ``mode`` holds it (``kept``: the build kept the on-request arrays)."""
+        return mode in self.modes or (kept and mode in self.on_request)
+
+
+TEACHER_ARRAYS = (
+    TeacherArray("ids", np.int32, per_id=True, pad=-1, modes=("topk", "sample")),
+    TeacherArray("counts", np.uint16, per_id=True, pad=0, modes=("sample",)),  # draws of each id
+    TeacherArray("logprobs", np.float16, per_id=True, pad=0.0, modes=("topk",), on_request=("sample",)),
+    TeacherArray("logp_mean", np.float32, per_id=False, pad=0.0, modes=("sample",)),  # sum_i (c_i / N) log p_i
+    TeacherArray("tail", np.float32, per_id=False, pad=0.0, modes=("topk", "sample")),  # log mass outside the ids
+)
+TEACHER_ARRAY = {a.name: a for a in TEACHER_ARRAYS}
+# Per-kind fields with a meaning of their own; any other ``<kind>_<name>`` array is an extra.
+KIND_FIELDS = ("positions", *TEACHER_ARRAY)
 
 
 class SampleScheme(str, Enum):
@@ -157,19 +187,13 @@ class KindArrays:
     """The teacher's arrays at the positions of one kind (``P`` positions, ``K`` ids per position)."""
 
     positions: np.ndarray  # int32 [P]
-    tail: np.ndarray  # float32 [P]
-    ids: np.ndarray  # int32 [P, K] (-1 pad in sample mode)
-    logprobs: np.ndarray | None = None  # [P, K]: top-k always; sample mode only when kept
-    counts: np.ndarray | None = None  # uint16 [P, K], sample mode
-    logp_mean: np.ndarray | None = None  # float32 [P], sample mode
+    # ``TEACHER_ARRAYS`` name -> array, those the sample holds (e.g. ids [P, K], tail [P])
+    teacher: dict[str, np.ndarray] = field(default_factory=dict)
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # e.g. "hidden": [P, D]
 
     def to_dict(self, kind: str) -> dict[str, np.ndarray]:
         out = {f"{kind}_positions": self.positions}
-        for name in ("ids", "counts", "logprobs", "logp_mean", "tail"):
-            v = getattr(self, name)
-            if v is not None:
-                out[f"{kind}_{name}"] = v
+        out.update({f"{kind}_{a.name}": self.teacher[a.name] for a in TEACHER_ARRAYS if a.name in self.teacher})
         out.update({f"{kind}_{name}": v for name, v in self.extras.items()})
         return out
 
@@ -180,20 +204,17 @@ class KindArrays:
         own = {key[len(prefix):]: v for key, v in d.items() if key.startswith(prefix)}
         if not own:
             return None
-        extras = {name: np.asarray(v) for name, v in own.items() if name not in KIND_FIELDS}
-        get = own.get
-        return cls(positions=np.asarray(get("positions", np.zeros(0, np.int32))),
-                   tail=np.asarray(get("tail", np.zeros(0, np.float32))),
-                   ids=np.asarray(get("ids", np.zeros((0, 0), np.int32))),
-                   logprobs=None if get("logprobs") is None else np.asarray(get("logprobs")),
-                   counts=None if get("counts") is None else np.asarray(get("counts")),
-                   logp_mean=None if get("logp_mean") is None else np.asarray(get("logp_mean")),
-                   extras=extras)
+        return cls(positions=np.asarray(own.get("positions", np.zeros(0, np.int32))),
+                   teacher={name: np.asarray(v) for name, v in own.items() if name in TEACHER_ARRAY and v is not None},
+                   extras={name: np.asarray(v) for name, v in own.items() if name not in KIND_FIELDS})
 
 
 @dataclass
 class CacheSample:
-    """One cached sample (see the module docstring for every array's meaning and shape)."""
+    """One cached sample (see the module docstring for every array's meaning and shape).
+
+    Built by the teacher pass, by ``from_dict`` and by the reader; construction checks the per-sample
+    fields and normalises their types (``image_token_counts`` int32, image paths str)."""
 
     id: str
     input_ids: np.ndarray
@@ -206,6 +227,30 @@ class CacheSample:
     kinds: dict[str, KindArrays] = field(default_factory=dict)
     relation: list[np.ndarray] = field(default_factory=list)
     relation_energy: list[float] = field(default_factory=list)
+
+    def __post_init__(self):
+        sid = self.id = str(self.id)
+        self.meta = self.meta or {}
+        if not isinstance(self.meta, dict):
+            raise TypeError(f"sample {sid!r}: meta must be a JSON-serialisable dict, found {type(self.meta).__name__}")
+        images = self.images or []
+        if isinstance(images, str):
+            raise TypeError(f"sample {sid!r}: images must be a list of paths, found a string {images!r}")
+        self.images = [str(p) for p in images]
+        call = self.processor_call = self.processor_call or {}
+        if not isinstance(call, dict) or (call and not isinstance(call.get("text"), str)):
+            raise TypeError(f"sample {sid!r}: processor_call must be a dict with the processor's 'text', found {call!r}")
+        data = self.image_bytes = list(self.image_bytes or [])
+        if data and (len(data) != len(images) or not all(b is None or isinstance(b, bytes) for b in data)):
+            raise ValueError(f"sample {sid!r}: image_bytes must hold one bytes object or None per image "
+                             f"({len(images)}), found {[type(b).__name__ for b in data]}")
+        counts = np.asarray(self.image_token_counts, dtype=np.int64)
+        if counts.ndim != 1 or len(counts) != len(images) or (counts < 0).any():
+            raise ValueError(f"sample {sid!r}: image_token_counts must hold one count >= 0 per image ({len(images)}), "
+                             f"found {counts.tolist()}")
+        self.image_token_counts = counts.astype(np.int32)
+        self.input_ids, self.labels = np.asarray(self.input_ids), np.asarray(self.labels)
+        self.relation, self.relation_energy = list(self.relation or []), list(self.relation_energy or [])
 
     def to_dict(self) -> dict[str, Any]:
         stored = list(self.image_bytes) or [None] * len(self.images)
@@ -232,28 +277,11 @@ class CacheSample:
         for key in ("id", "input_ids", "labels"):
             if key not in d:
                 raise ValueError(f"sample {sid!r} has no {key!r}")
-        meta = d.get("meta") or {}
-        if not isinstance(meta, dict):
-            raise TypeError(f"sample {sid!r}: meta must be a JSON-serialisable dict, found {type(meta).__name__}")
-        images = d.get("images") or []
-        if isinstance(images, str):
-            raise TypeError(f"sample {sid!r}: images must be a list of paths, found a string {images!r}")
-        call = d.get("processor_call") or {}
-        if not isinstance(call, dict) or (call and not isinstance(call.get("text"), str)):
-            raise TypeError(f"sample {sid!r}: processor_call must be a dict with the processor's 'text', found {call!r}")
-        data = list(d.get("image_bytes") or [])
-        if data and (len(data) != len(images) or not all(b is None or isinstance(b, bytes) for b in data)):
-            raise ValueError(f"sample {sid!r}: image_bytes must hold one bytes object or None per image "
-                             f"({len(images)}), found {[type(b).__name__ for b in data]}")
-        counts = np.asarray(d.get("image_token_counts", []), dtype=np.int64)
-        if counts.ndim != 1 or len(counts) != len(images) or (counts < 0).any():
-            raise ValueError(f"sample {sid!r}: image_token_counts must hold one count >= 0 per image ({len(images)}), "
-                             f"found {counts.tolist()}")
         kinds = {k: a for k in KINDS if (a := KindArrays.from_dict(d, k)) is not None}
-        return cls(id=str(d["id"]), input_ids=np.asarray(d["input_ids"]), labels=np.asarray(d["labels"]),
-                   images=[str(p) for p in images], image_bytes=data, image_token_counts=counts.astype(np.int32), processor_call=call,
-                   meta=meta, kinds=kinds,
-                   relation=list(d.get("relation") or []), relation_energy=list(d.get("relation_energy") or []))
+        return cls(id=d["id"], input_ids=d["input_ids"], labels=d["labels"], images=d.get("images"),
+                   image_bytes=d.get("image_bytes"), image_token_counts=d.get("image_token_counts", []),
+                   processor_call=d.get("processor_call"), meta=d.get("meta"), kinds=kinds,
+                   relation=d.get("relation"), relation_energy=d.get("relation_energy"))
 
 
 # ------------------------------------------------------------------------------------------- manifest

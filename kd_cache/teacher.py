@@ -22,7 +22,15 @@ import torch
 from kd_cache import processing
 from kd_cache.encoding import Encoded, Encoder, Prepared
 from kd_cache.runtime import attn_implementation
-from kd_cache.schema import DEFAULT_KINDS, SampleScheme, SparseMode, choice, derive_positions
+from kd_cache.schema import (
+    DEFAULT_KINDS,
+    CacheSample,
+    KindArrays,
+    SampleScheme,
+    SparseMode,
+    choice,
+    derive_positions,
+)
 
 
 @dataclass
@@ -205,8 +213,8 @@ class TeacherRunner:
         return out.last_hidden_state
 
     @torch.no_grad()
-    def run(self, batch: list[Encoded], prepared: dict | None = None) -> list[dict]:
-        """Cache sample dicts of a batch; ``prepared`` = ``prepare_inputs(batch)`` if already made."""
+    def run(self, batch: list[Encoded], prepared: dict | None = None) -> list[CacheSample]:
+        """The cache samples of a batch; ``prepared`` = ``prepare_inputs(batch)`` if already made."""
         h = self.hidden_states(batch, prepared)
         pre = self._batched_topk(batch, h) if self.sparse == "topk" else [None] * len(batch)
         return [self._sample(e, h[i, : len(e.input_ids)], pre[i]) for i, e in enumerate(batch)]
@@ -228,11 +236,13 @@ class TeacherRunner:
             dist = self.distribution(flat[torch.from_numpy(rows).to(h.device)], "", kind)
             bounds = np.cumsum([0] + [len(p[kind]) for p in pos])
             for i in range(len(batch)):
-                out[i].update({key: v[bounds[i] : bounds[i + 1]] for key, v in dist.items()})
+                out[i][kind] = {name: v[bounds[i] : bounds[i + 1]] for name, v in dist.items()}
         return out
 
-    def distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict:
-        """Sparse teacher distribution at the rows of ``h`` [P, d]."""
+    def distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict[str, np.ndarray]:
+        """Sparse teacher distribution at the rows of ``h`` [P, d]: its ``TEACHER_ARRAYS`` by name (ids
+        [P, K], fp32 log-probs [P, K], tail [P]; counts [P, K] in sample mode, where ``kd_cache.format``
+        derives ``logp_mean``). ``sample_id`` and ``kind`` seed sample mode's draws."""
         P = h.shape[0]
         gen = None
         if self.sparse == "sample":
@@ -281,11 +291,11 @@ class TeacherRunner:
         def host(name: str, empty: torch.Tensor) -> np.ndarray:  # one device->host copy per array
             return (torch.cat(parts[name]) if parts[name] else empty).cpu().numpy()
 
-        out = {f"{kind}_ids": host("ids", torch.full((0, k), -1, dtype=torch.long)).astype(np.int32),
-               f"{kind}_logprobs": host("lp", torch.zeros((0, k))).astype(np.float32, copy=False),
-               f"{kind}_tail": host("tail", torch.zeros(0)).astype(np.float32, copy=False)}
+        out = {"ids": host("ids", torch.full((0, k), -1, dtype=torch.long)).astype(np.int32),
+               "logprobs": host("lp", torch.zeros((0, k))).astype(np.float32, copy=False),
+               "tail": host("tail", torch.zeros(0)).astype(np.float32, copy=False)}
         if self.sparse == "sample":
-            out[f"{kind}_counts"] = host("counts", torch.zeros((0, k), dtype=torch.long)).astype(np.int32)
+            out["counts"] = host("counts", torch.zeros((0, k), dtype=torch.long)).astype(np.int32)
         return out
 
     def _relations(self, h_vis: torch.Tensor, counts: list[int]) -> list[np.ndarray]:
@@ -308,27 +318,24 @@ class TeacherRunner:
             rels.append(r.cpu().numpy().astype(np.float32))
         return rels
 
-    def _sample(self, e: Encoded, h: torch.Tensor, pre: dict | None = None) -> dict:
+    def _sample(self, e: Encoded, h: torch.Tensor, pre: dict | None = None) -> CacheSample:
         """One cache sample; ``pre`` holds its distributions when they were computed batch-wide."""
         where = pre.pop("_positions") if pre is not None else self._positions(e)
-        vis = where["visual"]
-        out = {"id": e.id, "images": [im.path for im in e.images], "image_bytes": [im.data for im in e.images],
-               "input_ids": e.input_ids.astype(np.int32),
-               "labels": e.labels.astype(np.int32), "image_token_counts": np.asarray(e.image_token_counts, np.int32),
-               "processor_call": e.processed.call}
-        if e.meta:
-            out["meta"] = e.meta
+        kinds = {}
         for kind in self.positions:
             pos = where[kind]
             hk = h[torch.from_numpy(pos.astype(np.int64)).to(h.device)]
-            out[f"{kind}_positions"] = pos
-            out.update({key: v for key, v in pre.items() if key.startswith(f"{kind}_")} if pre is not None
-                       else self.distribution(hk, e.id, kind))
+            extras = {}
             if self.hidden:  # LLaVADI hidden-state alignment: final-layer states, fp16 on disk
-                out[f"{kind}_hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
-        hv = h[torch.from_numpy(vis.astype(np.int64)).to(h.device)]
-        out["relation"] = self._relations(hv, e.image_token_counts)
-        return out
+                extras["hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
+            kinds[kind] = KindArrays(positions=pos, teacher=pre[kind] if pre is not None else
+                                     self.distribution(hk, e.id, kind), extras=extras)
+        hv = h[torch.from_numpy(where["visual"].astype(np.int64)).to(h.device)]
+        return CacheSample(id=e.id, images=[im.path for im in e.images], image_bytes=[im.data for im in e.images],
+                           input_ids=e.input_ids.astype(np.int32), labels=e.labels.astype(np.int32),
+                           image_token_counts=np.asarray(e.image_token_counts, np.int32),
+                           processor_call=e.processed.call, meta=e.meta or {}, kinds=kinds,
+                           relation=self._relations(hv, e.image_token_counts))
 
     @torch.no_grad()
     def generate(self, encoder: Encoder, batch: list[Prepared], *, max_new_tokens: int = 128,

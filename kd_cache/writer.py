@@ -28,7 +28,7 @@ from kd_cache.format import (
     shard_name,
     stored_codecs,
 )
-from kd_cache.schema import Manifest, ShardEntry
+from kd_cache.schema import CacheSample, Manifest, ShardEntry
 
 
 class CacheWriter:
@@ -115,7 +115,7 @@ class CacheWriter:
 
     # shards -----------------------------------------------------------------------------------
     def write_shard(
-        self, index: int, samples: list[dict], *, sparse_mode: str, k: int, relation: str,
+        self, index: int, samples: list[CacheSample | dict], *, sparse_mode: str, k: int, relation: str,
         sample_logprobs: bool = False,
     ) -> ShardEntry:
         """Write shard ``index`` from scratch; return its entry (the completion marker's content).

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, TEACHER_ARRAYS
 from student.families import blank_image_inputs, image_feature_tensors, parameter_parts
 from student.losses import (
     Divergence,
@@ -145,13 +145,11 @@ class HiddenProjector(nn.Module):
 
 
 def teacher_arrays(batch: dict[str, Tensor], kind: str) -> SparseTeacher | None:
-    """The cached teacher arrays of one position kind of a collated batch (``<kind>_ids``, ``_tail``,
-    and ``_logprobs`` / ``_counts`` / ``_logp_mean`` when the cache has them); None when the batch has
-    none for that kind."""
+    """The cached teacher arrays of one position kind of a collated batch (``<kind>_<name>`` for each of
+    ``kd_cache.schema.TEACHER_ARRAYS`` the cache holds); None when the batch has none for that kind."""
     if f"{kind}_ids" not in batch:
         return None
-    return SparseTeacher(batch[f"{kind}_ids"], batch.get(f"{kind}_logprobs"), batch[f"{kind}_tail"],
-                         batch.get(f"{kind}_counts"), batch.get(f"{kind}_logp_mean"))
+    return SparseTeacher(**{a.name: batch.get(f"{kind}_{a.name}") for a in TEACHER_ARRAYS})
 
 
 def _hidden_kinds(batch: dict, s: LossSettings) -> list[str]:

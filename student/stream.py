@@ -80,7 +80,7 @@ from kd_cache.format import CHUNK_BYTES
 from kd_cache.processing import ProcessedSample
 from kd_cache.reader import ChunkCache, open_cache
 from kd_cache.records import BadRecord, decode_image, load_image
-from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, derive_positions
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, TEACHER_ARRAYS, derive_positions
 
 # Read locality of the shuffled order (see ``epoch_order``): windows of WINDOW consecutive samples of a
 # shard, MIX_WINDOWS of them interleaved. Chosen by benchmarks/bench_loader.py (see benchmarks/RESULTS.md).
@@ -410,85 +410,88 @@ class StreamingKDDataset(IterableDataset):
 
         Keys: ``model_inputs``: every input of the student's processor for the batch, collated
         (``input_ids``/``attention_mask`` [B, T], ``pixel_values``, ``image_sizes``, ...);
-        ``input_ids``/``attention_mask``: the same two tensors; ``response_index`` [P] flat ``b * T + t`` indices of
-        response positions with ``response_targets`` [P] (the labelled token t + 1); ``visual_index``
-        [Pv]; ``prompt_index`` [Pp] when prompt positions are used; ``{kind}_batch`` [P] sample index;
-        with the teacher, for each of ``teacher_kinds``: ``{kind}_ids`` [P, K] (-1 pad),
-        ``{kind}_logprobs`` [P, K] (top-k; sample mode only when the cache kept them), ``{kind}_tail``
-        [P], ``{kind}_counts`` [P, K] and ``{kind}_logp_mean`` [P] (sample mode); for
-        each of ``hidden_kinds``: ``{kind}_hidden`` [P, D] float32 (teacher final-layer states);
+        ``response_index`` [P] flat ``b * T + t`` indices of response positions with ``response_targets``
+        [P] (the labelled token t + 1); ``visual_index`` [Pv]; ``prompt_index`` [Pp] when prompt
+        positions are used; ``{kind}_batch`` [P] sample index; with the teacher, for each of
+        ``teacher_kinds``: its ``kd_cache.schema.TEACHER_ARRAYS`` that the cache holds, ``{kind}_ids``
+        [P, K] (-1 pad), ``{kind}_tail`` [P], ``{kind}_logprobs`` [P, K] (top-k; sample mode only when the
+        cache kept them), ``{kind}_counts`` [P, K] and ``{kind}_logp_mean`` [P] (sample mode); for each of
+        ``hidden_kinds``: ``{kind}_hidden`` [P, D] float32 (teacher final-layer states);
         ``relation_index`` [R, N] flat indices of each image's visual positions (N = the batch's largest
         image; an image with fewer is padded with -1), ``relation_target`` [R, N, N] (zero padded) and
         ``relation_counts`` [R] (each image's own count); with ``affinity``: ``affinity_visual_rows`` [A, Nv] and
         ``affinity_response_rows`` [A, Nr], rows into the batch's visual/response arrays (-1 pad) of
         the A samples having both kinds. Plus ``ids`` (sample ids) and ``n_samples``.
         """
-        B = len(samples)
         T = max(len(s["input_ids"]) for s in samples)
-        processed, rel_index, rel_target = [], [], []
+        processed, relations = [], []
         per_kind: dict[str, list[dict]] = {k: [] for k in self.index_kinds}
         for b, s in enumerate(samples):
             ids = np.asarray(s["input_ids"], dtype=np.int64)
             labels = np.asarray(s["labels"], dtype=np.int64)
             processed.append(self._model_inputs(s, ids, labels))
             for kind in self.index_kinds:
-                pos = self._positions(s, kind, ids, labels)
-                entry = {"index": b * T + pos, "batch": np.full(len(pos), b, np.int64)}
-                if kind == "response":
-                    targets = labels[pos + 1] if len(pos) else np.zeros(0, np.int64)
-                    if (targets == IGNORE_INDEX).any():
-                        raise ValueError(f"sample {s['id']!r}: a response position predicts an unlabelled "
-                                         "token: the cache is inconsistent")
-                    entry["targets"] = targets
-                if kind in self.teacher_kinds:
-                    for f in ("ids", "logprobs", "tail", "counts", "logp_mean"):
-                        if f"{kind}_{f}" in s:
-                            entry[f] = np.asarray(s[f"{kind}_{f}"])
-                if kind in self.hidden_kinds:
-                    h = s.get(f"{kind}_hidden")
-                    if h is None or np.asarray(h).shape[0] != len(pos):
-                        raise ValueError(f"sample {s['id']!r}: no teacher hidden states for its {len(pos)} {kind} "
-                                         "positions: rebuild the cache with kd-cache build --hidden")
-                    h = np.asarray(h, dtype=np.float32)
-                    entry["hidden"] = h if h.ndim == 2 else h.reshape(len(pos), self.hidden_size or 0)
-                per_kind[kind].append(entry)
+                per_kind[kind].append(self._kind_entry(s, kind, b, T, ids, labels))
             if self.with_teacher and s.get("relation"):
-                vis = per_kind["visual"][-1]["index"]
-                counts = [int(c) for c in s["image_token_counts"]]
-                sizes = [np.asarray(R).shape[0] for R in s["relation"]]
-                if sizes != counts or sum(counts) != len(vis):
-                    raise ValueError(f"sample {s['id']!r}: relation matrices of sizes {sizes} for images of "
-                                     f"{counts} visual tokens at {len(vis)} visual positions: the cache is inconsistent")
-                for v, R in zip(np.split(vis, np.cumsum(counts)[:-1]), s["relation"]):
-                    rel_index.append(v)
-                    rel_target.append(np.asarray(R, dtype=np.float32))
+                relations += _image_relations(s, per_kind["visual"][-1]["index"])
 
-        model_inputs = processing.collate(processed, self.pad_id)
-        out: dict[str, Any] = {
-            "model_inputs": model_inputs,
-            "input_ids": model_inputs["input_ids"],  # the same tensors, for the project's own indexing
-            "attention_mask": model_inputs["attention_mask"],
-            "ids": [str(s["id"]) for s in samples],
-            "n_samples": B,
-        }
+        out: dict[str, Any] = {"model_inputs": processing.collate(processed, self.pad_id),
+                               "ids": [str(s["id"]) for s in samples], "n_samples": len(samples)}
         for kind in self.index_kinds:
-            entries = per_kind[kind]
-            out[f"{kind}_index"] = torch.from_numpy(np.concatenate([e["index"] for e in entries]))
-            out[f"{kind}_batch"] = torch.from_numpy(np.concatenate([e["batch"] for e in entries]))
-            if kind == "response":
-                out["response_targets"] = torch.from_numpy(np.concatenate([e["targets"] for e in entries]))
-            if kind in self.teacher_kinds:
-                out.update(_cat_teacher(kind, entries))
-            if kind in self.hidden_kinds:
-                width = self.hidden_size or max(e["hidden"].shape[1] for e in entries)
-                out[f"{kind}_hidden"] = torch.from_numpy(
-                    np.concatenate([e["hidden"].reshape(-1, width) for e in entries]))
-        if self.with_teacher and rel_index:
-            out.update(_relation_batch(rel_index, rel_target))
+            out.update(self._kind_batch(kind, per_kind[kind]))
+        if relations:
+            out.update(_relation_batch(*zip(*relations)))
         if self.affinity:
             out.update(_affinity_rows([len(e["index"]) for e in per_kind["visual"]],
                                       [len(e["index"]) for e in per_kind["response"]]))
         return out
+
+    def _kind_entry(self, s: dict, kind: str, b: int, T: int, ids: np.ndarray, labels: np.ndarray) -> dict:
+        """Sample ``s``'s part of a kind, as numpy arrays: flat indices into the padded ``[B * T]`` batch
+        (``b``: its row), sample index, response targets, teacher arrays and hidden states."""
+        pos = self._positions(s, kind, ids, labels)
+        entry = {"index": b * T + pos, "batch": np.full(len(pos), b, np.int64)}
+        if kind == "response":
+            targets = labels[pos + 1] if len(pos) else np.zeros(0, np.int64)
+            if (targets == IGNORE_INDEX).any():
+                raise ValueError(f"sample {s['id']!r}: a response position predicts an unlabelled "
+                                 "token: the cache is inconsistent")
+            entry["targets"] = targets
+        if kind in self.teacher_kinds:
+            entry["teacher"] = {a.name: np.asarray(s[f"{kind}_{a.name}"]) for a in TEACHER_ARRAYS
+                                if f"{kind}_{a.name}" in s}
+        if kind in self.hidden_kinds:
+            h = s.get(f"{kind}_hidden")
+            if h is None or np.asarray(h).shape[0] != len(pos):
+                raise ValueError(f"sample {s['id']!r}: no teacher hidden states for its {len(pos)} {kind} "
+                                 "positions: rebuild the cache with kd-cache build --hidden")
+            h = np.asarray(h, dtype=np.float32)
+            entry["hidden"] = h if h.ndim == 2 else h.reshape(len(pos), self.hidden_size or 0)
+        return entry
+
+    def _kind_batch(self, kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:
+        """A kind's entries concatenated over the batch (``collate``'s ``{kind}_*`` keys)."""
+        out = {f"{kind}_index": torch.from_numpy(np.concatenate([e["index"] for e in entries])),
+               f"{kind}_batch": torch.from_numpy(np.concatenate([e["batch"] for e in entries]))}
+        if kind == "response":
+            out["response_targets"] = torch.from_numpy(np.concatenate([e["targets"] for e in entries]))
+        if kind in self.teacher_kinds:
+            out.update(_cat_teacher(kind, [e["teacher"] for e in entries]))
+        if kind in self.hidden_kinds:
+            width = self.hidden_size or max(e["hidden"].shape[1] for e in entries)
+            out[f"{kind}_hidden"] = torch.from_numpy(np.concatenate([e["hidden"].reshape(-1, width) for e in entries]))
+        return out
+
+
+def _image_relations(s: dict, visual_index: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Per image of sample ``s``: the flat indices of its visual positions and its cached relation matrix."""
+    counts = [int(c) for c in s["image_token_counts"]]
+    sizes = [np.asarray(R).shape[0] for R in s["relation"]]
+    if sizes != counts or sum(counts) != len(visual_index):
+        raise ValueError(f"sample {s['id']!r}: relation matrices of sizes {sizes} for images of "
+                         f"{counts} visual tokens at {len(visual_index)} visual positions: the cache is inconsistent")
+    return [(v, np.asarray(R, dtype=np.float32))
+            for v, R in zip(np.split(visual_index, np.cumsum(counts)[:-1]), s["relation"])]
 
 
 def _relation_batch(index: list[np.ndarray], target: list[np.ndarray]) -> dict[str, torch.Tensor]:
@@ -523,12 +526,13 @@ def _affinity_rows(n_visual: list[int], n_response: list[int]) -> dict[str, torc
     return {"affinity_visual_rows": torch.from_numpy(vrows), "affinity_response_rows": torch.from_numpy(rrows)}
 
 
-def _cat_teacher(kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:
-    """Concatenate one kind's teacher arrays over the batch, padding K to the widest sample (ids -1)."""
+def _cat_teacher(kind: str, entries: list[dict[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+    """One kind's teacher arrays (``TEACHER_ARRAYS``, by name), concatenated over the batch: ``[P, K]``
+    arrays padded to the widest sample's K with the array's pad value (ids -1), integers as int64 and
+    floats as float32. An array is collated when every sample of the batch holds it."""
     if not entries or "ids" not in entries[0]:
         return {}
-    K = max(e["ids"].shape[1] if e["ids"].ndim == 2 else 0 for e in entries)
-    K = max(K, 1)
+    K = max(max(e["ids"].shape[1] if e["ids"].ndim == 2 else 0 for e in entries), 1)
 
     def pad(a: np.ndarray, fill, dtype) -> np.ndarray:
         a = np.asarray(a).reshape(len(a), -1) if np.asarray(a).size else np.zeros((len(a), 0), dtype)
@@ -536,19 +540,14 @@ def _cat_teacher(kind: str, entries: list[dict]) -> dict[str, torch.Tensor]:
         out[:, :a.shape[1]] = a
         return out
 
-    out = {
-        f"{kind}_ids": torch.from_numpy(np.concatenate([pad(e["ids"], -1, np.int64) for e in entries])),
-        f"{kind}_tail": torch.from_numpy(
-            np.concatenate([np.asarray(e["tail"], dtype=np.float32) for e in entries])),
-    }
-    if all("logprobs" in e for e in entries):
-        out[f"{kind}_logprobs"] = torch.from_numpy(
-            np.concatenate([pad(e["logprobs"], 0.0, np.float32) for e in entries]))
-    if all("counts" in e for e in entries):
-        out[f"{kind}_counts"] = torch.from_numpy(np.concatenate([pad(e["counts"], 0, np.int64) for e in entries]))
-    if all("logp_mean" in e for e in entries):
-        out[f"{kind}_logp_mean"] = torch.from_numpy(
-            np.concatenate([np.asarray(e["logp_mean"], dtype=np.float32) for e in entries]))
+    out = {}
+    for arr in TEACHER_ARRAYS:
+        if not all(arr.name in e for e in entries):
+            continue
+        dtype = np.int64 if np.dtype(arr.dtype).kind in "iu" else np.float32
+        parts = [pad(e[arr.name], arr.pad, dtype) if arr.per_id else np.asarray(e[arr.name], dtype=dtype)
+                 for e in entries]
+        out[f"{kind}_{arr.name}"] = torch.from_numpy(np.concatenate(parts))
     return out
 
 

@@ -104,7 +104,7 @@ def test_sample_mode_is_unbiased(teacher_dir, chat_data, scheme):
     for seed in range(trials):
         runner.seed = seed
         s = runner.distribution(h, e.id, "response")
-        ids, counts, lp, tail = s["response_ids"], s["response_counts"], s["response_logprobs"], s["response_tail"]
+        ids, counts, lp, tail = s["ids"], s["counts"], s["logprobs"], s["tail"]
         assert (counts.sum(-1) == N).all()
         valid = ids >= 0
         np.testing.assert_allclose(lp[valid], np.log(p[np.nonzero(valid)[0], ids[valid]]), atol=1e-5)

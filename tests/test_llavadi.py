@@ -273,7 +273,7 @@ def test_a_response_only_cache_still_gives_ce_and_rdist(student_dir, processor, 
     batch = _dataset(caches["resp"], processor, settings, batch_size=3).collate(samples)
     n_images = sum(len(s["images"]) for s in samples)
     assert n_images == 3 and "visual_ids" not in batch and batch["relation_index"].shape[0] == n_images
-    T = batch["input_ids"].shape[1]
+    T = batch["model_inputs"]["input_ids"].shape[1]
     image_id = cache.manifest.image_token_id
     expected = np.concatenate([b * T + np.nonzero(s["input_ids"] == image_id)[0] for b, s in enumerate(samples)])
     np.testing.assert_array_equal(batch["visual_index"].numpy(), expected)

@@ -45,7 +45,7 @@ Conventions:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 
 import torch
@@ -152,13 +152,14 @@ class SparseTeacher:
         """[P] bool, True where at least one id is stored."""
         return teacher_row_mask(self.ids)
 
+    def _map(self, f) -> SparseTeacher:
+        return SparseTeacher(**{x.name: None if (v := getattr(self, x.name)) is None else f(v) for x in fields(self)})
+
     def __getitem__(self, sl: slice) -> SparseTeacher:
-        return SparseTeacher(*(None if x is None else x[sl]
-                               for x in (self.ids, self.logprobs, self.tail, self.counts, self.logp_mean)))
+        return self._map(lambda v: v[sl])
 
     def to(self, device) -> SparseTeacher:
-        return SparseTeacher(*(None if x is None else x.to(device)
-                               for x in (self.ids, self.logprobs, self.tail, self.counts, self.logp_mean)))
+        return self._map(lambda v: v.to(device))
 
     def check(self, P: int, options: DivergenceOptions) -> None:
         """Raise a ValueError naming what is missing or mis-shaped for ``P`` positions and ``options``."""
