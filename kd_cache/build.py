@@ -24,8 +24,9 @@ import math
 import posixpath
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from queue import Queue
 
 import torch
@@ -34,12 +35,14 @@ from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
 from kd_cache.build_lock import BuildLock
 from kd_cache.encoding import Encoder
+from kd_cache.errors import USER_ERRORS, UserError
 from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, SHARDS_DIR
-from kd_cache.reader import CacheCheck, KDCache, ShardCheck, check_shards
+from kd_cache.reader import CacheCheck, KDCache, ShardCheck, check_shards, open_cache
 from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_identity, iter_records
 from kd_cache.runtime import resolve_dtype
 from kd_cache.schema import (
     FORMAT_VERSION,
+    CacheSample,
     GeneratedInfo,
     HiddenInfo,
     Manifest,
@@ -49,7 +52,7 @@ from kd_cache.schema import (
     TeacherInfo,
     parse_positions,
 )
-from kd_cache.teacher import TeacherRunner, check_template, load_teacher
+from kd_cache.teacher import Teacher, TeacherRunner, check_template, load_teacher
 from kd_cache.writer import CacheWriter
 
 
@@ -251,9 +254,25 @@ def build_cache(cfg: BuildConfig, check: CacheCheck | None = None) -> Manifest:
 
 def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None,
            check: CacheCheck | None) -> Manifest:
+    teacher_dir = fingerprint.resolve_teacher(cfg.teacher)
+    identity = _claim_out(cfg, dist, writer, teacher_dir)
+    manifest = _repair_or_reuse(cfg, dist, writer, check)
+    if manifest is not None:
+        return manifest
+    records, n_known = _open_records(cfg)
+    teacher, encoder, runner = _setup_teacher(cfg, dist, teacher_dir)
+    k = min(cfg.top_k, runner.vocab) if cfg.sparse == "topk" else cfg.samples
+    n_records = _write_shards(cfg, dist, writer, lock, records, n_known, encoder, runner, k)
+    return _write_manifest(cfg, dist, writer, lock, math.ceil(n_records / cfg.shard_size), teacher, k, runner,
+                           identity)
+
+
+def _claim_out(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, teacher_dir: str) -> dict | None:
+    """Make ``--out`` this build's: remove the temporary files of killed writes, clear it with
+    ``--overwrite``, then write ``build.json`` (a new cache) or check that the cache there was built
+    from the same settings, data and teacher content. Returns the identity (rank 0; None elsewhere)."""
     fs = writer.fs
     build_json = posixpath.join(writer.root, BUILD_NAME)
-    teacher_dir = fingerprint.resolve_teacher(cfg.teacher)
     identity = None
     if dist.main:
         removed = writer.remove_temp_files()  # leftovers of killed atomic writes; we hold the lock
@@ -278,7 +297,12 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
     if not dist.main:  # rank 0 checked the content; the other ranks check that they were given the same settings
         previous = _read_build_json(fs, build_json, cfg.out)
         _check_identity(previous, {**previous, "settings": cfg.identity()}, cfg.out)
+    return identity
 
+
+def _repair_or_reuse(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, check: CacheCheck | None) -> Manifest | None:
+    """With ``--repair``, forget the failing shards (and the manifest); then the cache's manifest when it
+    is complete (nothing to build), else None."""
     manifest = writer.read_manifest()
     repaired = None
     if cfg.repair and dist.main:
@@ -290,11 +314,14 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
             print(f"{cfg.out}: all {len(check.shards)} shards intact, nothing to repair", file=sys.stderr)
     dist.barrier()
     manifest = writer.read_manifest()
-    if manifest is not None:
-        if dist.main and repaired is None:
-            print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
-        return manifest
+    if manifest is not None and dist.main and repaired is None:
+        print(f"{cfg.out}: cache already complete ({manifest.num_samples} samples)", file=sys.stderr)
+    return manifest
 
+
+def _open_records(cfg: BuildConfig) -> tuple[Iterator, int | None]:
+    """The data's records (``--limit`` applied; at least one, else a ValueError) and their number when
+    the source knows it."""
     stream = iter_records(DataSource(cfg.data, split=cfg.split, subset=cfg.subset, streaming=cfg.streaming,
                                      columns=Columns(cfg.id_column, cfg.image_column, cfg.conversation_column)))
     records = iter(stream)
@@ -303,11 +330,13 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
     first = next(records, None)
     if first is None:
         raise ValueError(f"--data {cfg.data}: no records")
-    records = itertools.chain([first], records)
     n_known = None if stream.length is None else min(stream.length, cfg.limit or stream.length)
+    return itertools.chain([first], records), n_known
 
-    dtype = resolve_dtype(cfg.dtype, dist.device)
-    teacher = load_teacher(teacher_dir, dist.device, dtype)
+
+def _setup_teacher(cfg: BuildConfig, dist: _Dist, teacher_dir: str) -> tuple[Teacher, Encoder, TeacherRunner]:
+    """The teacher on this rank's device, the encoder of its processor and the runner of the pass."""
+    teacher = load_teacher(teacher_dir, dist.device, resolve_dtype(cfg.dtype, dist.device))
     check_template(teacher, cfg.template)
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id,
                       store_images=cfg.store_images)
@@ -315,7 +344,13 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
                            sample_scheme=cfg.sample_scheme,
                            relation=cfg.relation if teacher.multimodal else "none", seed=cfg.seed,
                            positions=parse_positions(cfg.positions), hidden=cfg.hidden)
-    k = min(cfg.top_k, runner.vocab) if cfg.sparse == "topk" else cfg.samples
+    return teacher, encoder, runner
+
+
+def _write_shards(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None, records: Iterator,
+                  n_known: int | None, encoder: Encoder, runner: TeacherRunner, k: int) -> int:
+    """The teacher pass over this rank's incomplete shards, each written (on a writer thread) once its
+    samples are done; returns the number of records read (all ranks read every record)."""
 
     def mine(s: int) -> bool:
         return s % dist.world == dist.rank and not writer.is_complete(s)
@@ -341,37 +376,12 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
             n_records += len(shard_records)
             if not mine(s):
                 continue
-            skipped: list[dict] = []
-            q: Queue = Queue(maxsize=4)
-            producer = threading.Thread(
-                target=_encode_ahead,
-                args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped, cfg.generate,
-                      runner.prepare_inputs),
-                daemon=True,
-            )
-            producer.start()
-            samples: list[dict] = []
-            truncated: list[dict] = []
-            while True:
-                item = q.get()
-                if item is None:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                item, prepared = item if isinstance(item, tuple) else (item, None)
-                n_in = len(item)
-                if cfg.generate:  # LLaVADI: the teacher answers, then is distilled on its own answers
-                    item = _teacher_answers(runner, encoder, item, cfg, skipped)
-                truncated += [{"id": e.id, "tokens": e.full_length} for e in item if e.full_length is not None]
-                if item:
-                    samples.extend(runner.run(item, prepared))
-                bar.update(n_in)
-            producer.join()
-            bar.update(sum(1 for x in skipped if x.get("stage") != "after_generation"))
+            samples, skipped, truncated = _teacher_pass(cfg, encoder, runner, shard_records, bar)
             n_skipped += len(skipped)
             bar.set_postfix(skipped=n_skipped, shard=s)
             # The skip list goes next to the shard before its data: a complete shard always has one.
-            storage.write_json(fs, writer.skipped_path(s), {"skipped": skipped, "truncated": truncated}, sort_keys=True)
+            storage.write_json(writer.fs, writer.skipped_path(s), {"skipped": skipped, "truncated": truncated},
+                               sort_keys=True)
             if lock is not None:
                 lock.check()  # a build whose lock was taken over must not write another shard
             while len(pending) >= 2:  # bound memory: at most two finished shards waiting for the disk
@@ -383,8 +393,46 @@ def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock |
     finally:
         io.shutdown(wait=True)
         bar.close()
+    return n_records
 
-    n_shards = math.ceil(n_records / cfg.shard_size)
+
+def _teacher_pass(cfg: BuildConfig, encoder: Encoder, runner: TeacherRunner, shard_records: list,
+                  bar) -> tuple[list[CacheSample], list[dict], list[dict]]:
+    """One shard's samples: a producer thread encodes batches ahead (``_encode_ahead``) while this thread
+    runs the teacher on them. Returns the samples, the records skipped and those ``--max-length`` cut."""
+    skipped: list[dict] = []
+    q: Queue = Queue(maxsize=4)
+    producer = threading.Thread(
+        target=_encode_ahead,
+        args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped, cfg.generate, runner.prepare_inputs),
+        daemon=True,
+    )
+    producer.start()
+    samples: list[CacheSample] = []
+    truncated: list[dict] = []
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        if isinstance(item, BaseException):
+            raise item
+        item, prepared = item if isinstance(item, tuple) else (item, None)
+        n_in = len(item)
+        if cfg.generate:  # LLaVADI: the teacher answers, then is distilled on its own answers
+            item = _teacher_answers(runner, encoder, item, cfg, skipped)
+        truncated += [{"id": e.id, "tokens": e.full_length} for e in item if e.full_length is not None]
+        if item:
+            samples.extend(runner.run(item, prepared))
+        bar.update(n_in)
+    producer.join()
+    bar.update(sum(1 for x in skipped if x.get("stage") != "after_generation"))
+    return samples, skipped, truncated
+
+
+def _write_manifest(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None, n_shards: int,
+                    teacher: Teacher, k: int, runner: TeacherRunner, identity: dict | None) -> Manifest:
+    """Once every rank's shards are complete: check the skip share on every rank (all stop together) and
+    write the manifest on rank 0; every rank returns it."""
     dist.barrier()
     listed = _gather(cfg, writer, n_shards)
     check_skips(listed[1], sum(e.samples for e in listed[0]), cfg.max_skip_share)  # on every rank: all stop
@@ -447,7 +495,7 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: in
     return manifest
 
 
-class TooManySkipped(ValueError):
+class TooManySkipped(UserError, ValueError):
     """The build cached nothing, or skipped more than ``--max-skip-share`` of the records."""
 
 
@@ -502,3 +550,55 @@ def repair_cache(url: str, storage_options: dict | None = None, check: CacheChec
     cfg = BuildConfig(**{**previous["config"], **overrides, "out": url, "repair": True,
                          "storage_options": dict(storage_options or {})})
     return build_cache(cfg, check)
+
+
+@dataclass
+class Verified:
+    """What ``verify_cache`` found: the final check of every shard, or why the cache could not be opened."""
+
+    check: CacheCheck | None  # None when the cache could not be opened
+    error: str | None = None  # why it could not be opened
+    repaired: bool = False  # a repair ran and the cache verifies now
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.check.ok
+
+    def lines(self) -> list[str]:
+        """One readable line per problem (empty: the cache is intact)."""
+        return [self.error] if self.error is not None else self.check.lines()
+
+
+def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
+                 on_problem: Callable[[str], None] | None = None) -> Verified:
+    """Re-check every shard of the cache at ``url`` against its manifest (``KDCache.verify_shards``: files,
+    sizes, checksums, sample counts, shards the manifest misses).
+
+    With ``repair`` and a problem: report each problem to ``on_problem``, rebuild the failing shards with
+    the settings, data and teacher recorded in the cache's ``build.json`` (``repair_cache``, the teacher on
+    ``device``), and verify again. A failed repair raises a ``UserError`` saying so.
+    """
+
+    def check(trusted: CacheCheck | None = None) -> Verified:
+        try:
+            return Verified(open_cache(url).verify_shards(trusted))
+        except (ValueError, FileNotFoundError, TypeError) as e:
+            return Verified(None, str(e))
+
+    found = check()
+    if not repair or found.ok:
+        return found
+    for line in found.lines():
+        (on_problem or (lambda _: None))(line)
+    try:
+        repair_cache(url, check=found.check, device=device, progress=False)
+    except USER_ERRORS as e:
+        raise UserError(f"repair failed: {e}") from e
+    # The final verify re-hashes only the shards the first check did not pass. A shard it passed was
+    # re-hashed moments ago against the entry the new manifest still lists for it (else it is re-hashed
+    # again), and the repair writes only the failing shards' folders and the manifest. Its cheap checks
+    # still run (marker, file list and sizes, metadata hash, sample counts), so only a same-size rewrite
+    # of one of its chunks in those seconds would pass here, and its CRC32C refuses that chunk when read.
+    final = check(trusted=found.check)
+    final.repaired = final.ok
+    return final
