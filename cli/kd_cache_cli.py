@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from cli.options import config_command
+from cli.options import config_command, fail, user_errors
 from kd_cache.build_config import BuildConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -26,33 +26,21 @@ app = typer.Typer(
 )
 
 
-def _fail(msg: str | Exception, code: int = 2):
-    typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
 @app.command()
-@config_command(BuildConfig, on_error=_fail)
+@config_command(BuildConfig, prog="kd-cache")
 def build(cfg: BuildConfig):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
-    from kd_cache.build import build_cache, summary
-    from kd_cache.build_lock import BuildLocked
-    from kd_cache.records import BadRecord
-    from kd_cache.storage import StorageError
-
-    try:
-        manifest = build_cache(cfg)
-    except BadRecord as e:
-        _fail(f"{e} (--strict stops at the first bad record; drop --strict to skip and list them)")
-    except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
-        _fail(str(e))
     from accelerate import PartialState
 
+    from kd_cache.build import build_cache, summary
+
+    manifest = build_cache(cfg)
     if PartialState().is_main_process:
         typer.echo(summary(manifest))
 
 
 @app.command("inspect-shard")
+@user_errors("kd-cache")
 def inspect_shard(
     cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")],
     shard: Annotated[int | None, typer.Option(help="Only this shard (index).")] = None,
@@ -70,12 +58,13 @@ def inspect_shard(
         tok = AutoTokenizer.from_pretrained(tokenizer)
     try:
         info = inspect_cache(cache, shard=shard, sample=sample, tokenizer=tok)
-    except (ValueError, FileNotFoundError, IndexError) as e:
-        _fail(str(e))
+    except IndexError as e:  # --shard / --sample out of range
+        fail("kd-cache", e)
     typer.echo(json.dumps(info, indent=1, default=str) if as_json else format_report(info))
 
 
 @app.command()
+@user_errors("kd-cache")
 def verify(
     cache: Annotated[str, typer.Argument(help="Cache directory or fsspec URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the per-shard result as JSON on stdout "
@@ -87,47 +76,26 @@ def verify(
 ):
     """Re-check every shard against the manifest (files, sizes, checksums, sample counts, shards the
     manifest misses); list each problem and exit 1 on any. --repair rebuilds the failing shards."""
-    from kd_cache.reader import open_cache
+    from kd_cache.build import verify_cache
 
-    def check(trusted=None):
-        try:
-            return open_cache(cache).verify_shards(trusted), None
-        except (ValueError, FileNotFoundError, TypeError) as e:
-            return None, str(e)
+    def problem(line: str) -> None:
+        typer.secho(f"FAIL {line}", fg=typer.colors.RED, err=True)
 
-    result, error = check()
-    if repair and (error is not None or not result.ok):
-        from kd_cache.build import repair_cache
-        from kd_cache.build_lock import BuildLocked
-        from kd_cache.storage import StorageError
-
-        for p in ([error] if error is not None else result.lines()):
-            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
-        try:
-            repair_cache(cache, check=result, device=device, progress=False)
-        except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
-            _fail(f"repair failed: {e}")
-        # The final verify re-hashes only the shards the first check did not pass. A shard it passed was
-        # re-hashed moments ago against the entry the new manifest still lists for it (else it is re-hashed
-        # again), and the repair writes only the failing shards' folders and the manifest. Its cheap checks
-        # still run (marker, file list and sizes, metadata hash, sample counts), so only a same-size
-        # rewrite of one of its chunks in those seconds would pass here, and its CRC32C refuses that chunk
-        # when it is read.
-        result, error = check(trusted=result)
-        if error is None and result.ok:
-            typer.echo(f"repaired {cache}")
-    if error is not None:
-        _fail(error)
+    result = verify_cache(cache, repair=repair, device=device, on_problem=problem)
+    if result.repaired:
+        typer.echo(f"repaired {cache}")
+    if result.error is not None:
+        fail("kd-cache", result.error)
     if as_json:
-        typer.echo(json.dumps(result.to_dict(), indent=1))
+        typer.echo(json.dumps(result.check.to_dict(), indent=1))
     if not result.ok:
-        for p in result.lines():
-            typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
-        typer.secho(f"{len(result.failing)} failing shard(s): {' '.join(result.failing) or '-'}",
+        for line in result.lines():
+            problem(line)
+        typer.secho(f"{len(result.check.failing)} failing shard(s): {' '.join(result.check.failing) or '-'}",
                     fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
     if not as_json:
-        typer.echo(f"OK {cache}: {len(result.shards)} shards complete, checksums and sample counts match the manifest")
+        typer.echo(f"OK {cache}: {len(result.check.shards)} shards complete, checksums and sample counts match the manifest")
 
 
 def main():  # console script `kd-cache`

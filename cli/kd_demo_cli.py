@@ -30,13 +30,8 @@ app = typer.Typer(
 )
 
 
-def _fail(err: Exception | str) -> None:
-    typer.echo(f"kd-demo: error: {err}", err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command()
-@config_command(DemoConfig, on_error=_fail)
+@config_command(DemoConfig, prog="kd-demo")
 def demo(cfg: DemoConfig) -> None:
     """Run the demo and print teacher / baseline / distilled metrics (or the ablation's table)."""
     if cfg.ablation:

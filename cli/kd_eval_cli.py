@@ -81,7 +81,7 @@ def _lines(title: str, metrics: dict, columns) -> list[str]:
 
 
 @app.command()
-@config_command(EvalConfig, on_error=_fail)
+@config_command(EvalConfig, prog="kd-eval")
 def evaluate(cfg: EvalConfig) -> None:
     """Evaluate a checkpoint on QA data (--data) and/or against a teacher cache (--cache)."""
     from kd_cache.records import BadRecord

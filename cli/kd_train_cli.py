@@ -4,8 +4,8 @@
     kd-train init-student --vision PATH --llm PATH --out DIR
 
 A thin front end: ``train``'s options are the fields of ``student.config.TrainConfig`` (``cli.options``);
-``init-student`` calls ``student.model.compose_student``. User errors are printed as one message (exit
-code 2), with no traceback.
+``init-student`` calls ``student.model.compose_student``. User errors are printed as one line (exit
+code 2), with no traceback (``cli.options.user_errors``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Annotated
 
 import typer
 
-from cli.options import choices, config_command
+from cli.options import choices, config_command, user_errors
 from kd_cache.schema import DType
 from student.config import TrainConfig
 
@@ -24,8 +24,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Train a small LLaVA from a teacher cache (kd-cache build) through DPT, SFT and DFT; the teacher is "
-         "never loaded. `kd-train --stage ...` is short for `kd-train train --stage ...`.",
+    help="Train a student of any supported family from a teacher cache (kd-cache build) through DPT, SFT and "
+         "DFT; the teacher is never loaded. `kd-train --stage ...` is short for `kd-train train --stage ...`.",
 )
 
 COMMANDS = ("train", "init-student")
@@ -39,30 +39,21 @@ def _quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
-def _fail(err: Exception) -> None:
-    typer.echo(f"kd-train: error: {err}", err=True)
-    raise typer.Exit(code=2)
-
-
 @app.command("train")
-@config_command(TrainConfig, on_error=_fail)
+@config_command(TrainConfig, prog="kd-train")
 def train_cmd(cfg: TrainConfig) -> None:
     """Train one stage (dpt, sft or dft) by streaming a teacher cache."""
-    from student.checkpoints import OutputError
-    from student.model import CompatibilityError
     from student.train import train
 
     _quiet_transformers()
-    try:
-        result = train(cfg)
-    except (ValueError, TypeError, FileNotFoundError, CompatibilityError, OutputError) as e:
-        _fail(e)
+    result = train(cfg)
     if result["main_process"]:
         typer.echo(f"kd-train: {cfg.stage.value} done after {result['step']} steps; model saved to {result['out']}",
                    err=True)
 
 
 @app.command("init-student")
+@user_errors("kd-train")
 def init_student_cmd(
     vision: Annotated[str, typer.Option(help="Vision tower: a vision-model directory (e.g. SiglipVisionModel) "
                                              "or any LLaVA-style checkpoint whose vision tower and image "
@@ -80,14 +71,11 @@ def init_student_cmd(
     dtype: Annotated[SAVE_DTYPES, typer.Option(help="dtype of the saved weights.")] = SAVE_DTYPES.float32,
 ) -> None:
     """Compose a student: vision tower + fresh 2-layer GELU MLP projector + LLM, saved as a LLaVA."""
-    from student.model import CompatibilityError, compose_student
+    from student.model import compose_student
 
     _quiet_transformers()
-    try:
-        path = compose_student(vision, llm, out, vision_feature_layer=vision_feature_layer,
-                               image_token=image_token, seed=seed, dtype=dtype.value)
-    except (ValueError, FileNotFoundError, CompatibilityError) as e:
-        _fail(e)
+    path = compose_student(vision, llm, out, vision_feature_layer=vision_feature_layer,
+                           image_token=image_token, seed=seed, dtype=dtype.value)
     typer.echo(f"kd-train: student saved to {path}", err=True)
 
 

@@ -2,14 +2,15 @@
 are written once, on the config's field.
 
     @app.command("train")
-    @config_command(TrainConfig, on_error=_fail)
+    @config_command(TrainConfig, prog="kd-train")
     def train_cmd(cfg: TrainConfig) -> None: ...
 
 Every field whose ``metadata`` has ``help`` becomes the option ``--field-name`` with the field's
 default (a field without one is a required option); the parsed values build the config, whose
-``__post_init__`` validates them and names the flag in its messages. A ``ValueError`` or
-``TypeError`` from building it goes to ``on_error``, which reports it and exits (code 2). The
-function typer inspects is generated: its ``__signature__`` holds one keyword-only
+``__post_init__`` validates them and names the flag in its messages. A user error
+(``kd_cache.errors.USER_ERRORS``) from building it or from the command's body is reported by ``fail``:
+one line, ``<prog>: error: <message>``, exit code 2 (``user_errors`` does the same for a command
+written by hand). The function typer inspects is generated: its ``__signature__`` holds one keyword-only
 ``Annotated[type, typer.Option(help=...)]`` parameter per flag, in field order.
 
 Field metadata read here:
@@ -28,6 +29,7 @@ Other keys (``resume``, ``identity``) belong to the configs.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from collections.abc import Callable, Iterable
@@ -37,16 +39,14 @@ from typing import Annotated, Any, NoReturn, TypeVar, Union, get_args, get_origi
 
 import typer
 
+from kd_cache.errors import USER_ERRORS
+
 C = TypeVar("C")
 
 
 def flag_fields(config_cls: type) -> list[Field]:
     """The fields of ``config_cls`` that are command-line flags, in order."""
     return [f for f in fields(config_cls) if "help" in f.metadata]
-
-
-def flag_name(f: Field) -> str:
-    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
 
 
 def choices(members: Iterable[Enum]) -> type[Enum]:
@@ -111,21 +111,43 @@ class _Flag:
         return given
 
 
-def config_command(config_cls: type[C], on_error: Callable[[Exception], NoReturn]
-                   ) -> Callable[[Callable[[C], Any]], Callable[..., Any]]:
-    """Decorator: ``body(config)`` -> a typer command whose options are ``config_cls``'s flag fields."""
+def fail(prog: str, err: Exception | str) -> NoReturn:
+    """Report a user error as one line, ``<prog>: error: <message>`` (plus the error's ``hint``, if it has
+    one), and exit with code 2."""
+    hint = getattr(err, "hint", None)
+    typer.echo(f"{prog}: error: {err}" + (f" ({hint})" if hint else ""), err=True)
+    raise typer.Exit(code=2)
+
+
+def user_errors(prog: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator of a command: a ``kd_cache.errors.USER_ERRORS`` exception it raises is reported by
+    ``fail`` (one line, exit code 2); any other exception keeps its traceback."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except USER_ERRORS as e:
+                fail(prog, e)
+
+        return command
+
+    return decorate
+
+
+def config_command(config_cls: type[C], prog: str) -> Callable[[Callable[[C], Any]], Callable[..., Any]]:
+    """Decorator: ``body(config)`` -> a typer command whose options are ``config_cls``'s flag fields.
+
+    A user error from building the config (its validation) or from ``body`` is reported by ``fail``."""
     hints = get_type_hints(config_cls)
     flags = [_Flag(f, hints[f.name], config_cls.__name__) for f in flag_fields(config_cls)]
 
     def decorate(body: Callable[[C], Any]) -> Callable[..., Any]:
+        @user_errors(prog)
         def command(**given: Any) -> Any:
-            try:
-                values = {fl.field.name: fl.value(given[fl.field.name]) for fl in flags}
-                config = config_cls(**{k: v for k, v in values.items() if v is not MISSING})
-            except (ValueError, TypeError) as e:
-                on_error(e)  # reports and exits
-                raise
-            return body(config)
+            values = {fl.field.name: fl.value(given[fl.field.name]) for fl in flags}
+            return body(config_cls(**{k: v for k, v in values.items() if v is not MISSING}))
 
         command.__signature__ = inspect.Signature([fl.parameter for fl in flags])
         command.__name__, command.__qualname__ = body.__name__, body.__qualname__

@@ -31,6 +31,7 @@ import uuid
 import fsspec
 
 from kd_cache import storage
+from kd_cache.errors import UserError
 from kd_cache.format import LOCK_NAME
 
 HEARTBEAT_S = 30.0
@@ -38,7 +39,7 @@ STALE_S = 300.0  # ten missed heartbeats; generous for clock skew between machin
 SETTLE_S = 2.0
 
 
-class BuildLocked(RuntimeError):
+class BuildLocked(UserError, RuntimeError):
     """Another build holds the cache's lock (or took it over from this one)."""
 
 

@@ -38,6 +38,7 @@ import zarr
 from zarr.core.sync import sync as zarr_sync
 
 from kd_cache import storage
+from kd_cache.errors import UserError
 from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, MANIFEST_NAME, SHARDS_DIR, ShardAttrs, unpack_sample
 from kd_cache.schema import Manifest, ShardEntry
 
@@ -52,7 +53,7 @@ _SHARD_MARKER = re.compile(r"^(\d{5})" + re.escape(COMPLETE_SUFFIX) + "$")
 _OPENINGS = itertools.count()  # shard openings in this process (chunk cache keys)
 
 
-class CorruptCacheError(ValueError):
+class CorruptCacheError(UserError, ValueError):
     """A cache file that is missing, truncated or altered; the message names the shard and the file."""
 
 
@@ -572,10 +573,6 @@ class KDCache:
         checks = check_shards(fs, self._root, self.manifest.shards, rehash=rehash, trusted=known, listing=listing,
                               indices=list(range(len(self.manifest.shards))))
         return CacheCheck(self.url, checks + unlisted, problems, manifest=self.manifest)
-
-    def verify(self) -> list[str]:
-        """Re-hash every shard; one readable line per problem (empty list: the cache is intact)."""
-        return self.verify_shards().lines()
 
     def shard_status(self, shard_index: int, check: bool = True) -> dict:
         """Completion and (optionally) checksum status of one shard (``check_shards``, re-hashing it)."""

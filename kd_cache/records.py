@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from kd_cache import fingerprint
+from kd_cache.errors import UserError
 
 # Reasons a record is skipped (the manifest counts them by these names).
 MISSING_IMAGE = "missing_image"
@@ -70,8 +71,11 @@ IMAGE_COLUMNS = ("images", "image")
 IMAGE_TAG = "<image>"
 
 
-class BadRecord(Exception):
-    """A record that cannot be used; ``reason`` is one of the module's reason names."""
+class BadRecord(UserError):
+    """A record that cannot be used; ``reason`` is one of the module's reason names. Bad records are
+    skipped and listed, so one reaches the user only with ``--strict``."""
+
+    hint = "--strict stops at the first bad record; drop --strict to skip and list them"
 
     def __init__(self, record_id: str, reason: str, detail: str = ""):
         self.record_id, self.reason, self.detail = record_id, reason, detail

@@ -25,7 +25,7 @@ def verify_cache(url: str, storage_options: dict | None = None) -> list[str]:
         cache = open_cache(url, storage_options)
     except (FileNotFoundError, ValueError, TypeError) as e:
         return [str(e)]
-    return cache.verify()
+    return cache.verify_shards().lines()
 
 
 def kind_stats(ids: np.ndarray, logprobs: np.ndarray | None, tail: np.ndarray,

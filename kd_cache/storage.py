@@ -22,6 +22,8 @@ from typing import Any
 import fsspec
 from zarr.storage import FsspecStore, LocalStore
 
+from kd_cache.errors import UserError
+
 
 def open_fs(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem and the path on it of a local path or fsspec URL."""
@@ -58,7 +60,7 @@ def zarr_store(fs: fsspec.AbstractFileSystem, path: str, read_only: bool):
     return FsspecStore(fs=_async_fs(fs), path=path, read_only=read_only)
 
 
-class StorageError(OSError):
+class StorageError(UserError, OSError):
     """A cache file could not be written (full or read-only storage); the message names the path."""
 
 

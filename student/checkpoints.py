@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from kd_cache.errors import UserError
 from kd_cache.storage import atomic_write
 from student.config import PATH_KEYS, RESUME_KEYS, TrainConfig
 from student.distill import PROJECTOR_DIR
@@ -49,7 +50,7 @@ MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json
 SPACE_MARGIN = 1.1  # free space asked for beyond the estimate (processor files, JSON, filesystem slack)
 
 
-class OutputError(RuntimeError):
+class OutputError(UserError, RuntimeError):
     """``--out`` cannot hold the run (read-only, full, or a save failed); the message names the path."""
 
 

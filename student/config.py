@@ -115,7 +115,7 @@ class TrainConfig:
     temperature: float = _setting(1.0, resume=True, help=(
         "Divides the student's logits in MDist (> 0; with --zscore both standardised sides); the teacher's "
         "distribution is used as cached, CE is never scaled."))
-    sparse_mode: TailMode = _setting(TailMode.tail, resume=True, help=(
+    tail_mode: TailMode = _setting(TailMode.tail, resume=True, help=(
         "tail: compare the k teacher ids plus one 'everything else' bin; renorm: renormalise both sides over "
         "the k ids."))
     chunk_size: int = _setting(1024, help=(
@@ -149,7 +149,7 @@ class TrainConfig:
     def __post_init__(self):
         self.stage = choice(Stage, self.stage, "--stage")
         self.divergence = choice(Divergence, self.divergence, "--divergence")
-        self.sparse_mode = choice(TailMode, self.sparse_mode, "--sparse-mode")
+        self.tail_mode = choice(TailMode, self.tail_mode, "--tail-mode")
         self.report_to = choice(ReportTo, self.report_to, "--report-to")
         self.hidden_loss = choice(HiddenLoss, self.hidden_loss, "--hidden-loss")
         self.mixed_precision = choice(Precision, self.mixed_precision, "--mixed-precision")
@@ -197,7 +197,7 @@ class TrainConfig:
                            hidden=self.hidden_weight, affinity=self.affinity_weight)
 
     def loss_settings(self) -> LossSettings:
-        return LossSettings(distill=self.distill, divergence=self.divergence, mode=self.sparse_mode,
+        return LossSettings(distill=self.distill, divergence=self.divergence, mode=self.tail_mode,
                             jsd_beta=self.jsd_beta, skew=self.skew, temperature=self.temperature,
                             chunk_size=self.chunk_size, head_memory_mb=self.head_memory_mb,
                             kinds=tuple(self.positions), zscore=self.zscore,

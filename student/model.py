@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kd_cache.encoding import CHATML_TEMPLATE
+from kd_cache.errors import UserError
 from kd_cache.fingerprint import tokenizer_hash
 from kd_cache.processing import config_image_token_id, encode
 from kd_cache.runtime import attn_implementation, dtype_from_name
@@ -29,7 +30,7 @@ from student.families import UnsupportedModelError, family_of, supported
 DEFAULT_IMAGE_TOKEN = "<image>"
 
 
-class CompatibilityError(ValueError):
+class CompatibilityError(UserError, ValueError):
     """A cache and a student (or the parts of a student) that cannot be used together."""
 
 

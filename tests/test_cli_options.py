@@ -58,12 +58,8 @@ def _app():
     seen: list[Demo] = []
     app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-    def fail(err: Exception):
-        typer.echo(f"demo: error: {err}", err=True)
-        raise typer.Exit(code=2)
-
     @app.command()
-    @config_command(Demo, on_error=fail)
+    @config_command(Demo, prog="demo")
     def greet(cfg: Demo) -> None:
         """Greet someone."""
         seen.append(cfg)
@@ -135,7 +131,7 @@ def test_a_union_without_an_option_type_is_refused():
         spec: str | tuple[str, ...] = field(default="a", metadata={"help": "A spec."})
 
     with pytest.raises(TypeError, match=r"Bad.spec: .* metadata\['type'\]"):
-        config_command(Bad, on_error=print)
+        config_command(Bad, prog="demo")
 
 
 # ------------------------------------------------------------------ the commands generated from the configs
@@ -147,12 +143,12 @@ TRAIN_FLAGS = [
     "--stage", "--student", "--cache", "--out", "--image-folder", "--epochs", "--max-steps", "--lr", "--batch-size",
     "--grad-accum", "--warmup-ratio", "--weight-decay", "--max-grad-norm", "--seed", "--alpha", "--beta", "--gamma",
     "--positions", "--delta", "--hidden-weight", "--hidden-loss", "--affinity-weight", "--zscore", "--no-zscore",
-    "--divergence", "--jsd-beta", "--skew", "--temperature", "--sparse-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
+    "--divergence", "--jsd-beta", "--skew", "--temperature", "--tail-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
     "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--overwrite", "--no-overwrite", "--report-to", "--train-modules",
     "--gradient-checkpointing", "--no-gradient-checkpointing", "--mixed-precision", "--any-template",
     "--no-any-template", "--storage-options", "--progress", "--no-progress"]
 TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cosine"],
-                 "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"], "--sparse-mode": ["tail", "renorm"],
+                 "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"], "--tail-mode": ["tail", "renorm"],
                  "--report-to": ["none", "tensorboard", "wandb"], "--mixed-precision": ["auto", "no", "bf16"]}
 BUILD_FLAGS = [
     "--teacher", "--data", "--out", "--split", "--subset", "--streaming", "--no-streaming", "--id-column",

@@ -300,7 +300,7 @@ CHANGED = {
     "grad_accum": 2, "warmup_ratio": 0.1, "weight_decay": 0.1, "max_grad_norm": 0.5, "seed": 1, "alpha": 0.5,
     "beta": 0.5, "gamma": 0.5, "positions": "response", "delta": 0.5, "hidden_weight": 0.5, "hidden_loss": "cosine",
     "affinity_weight": 0.5, "zscore": True, "divergence": "rkl", "jsd_beta": 0.3, "skew": 0.2, "temperature": 2.0,
-    "sparse_mode": "renorm", "shuffle": False, "block_shards": 2, "train_modules": "projector",
+    "tail_mode": "renorm", "shuffle": False, "block_shards": 2, "train_modules": "projector",
     "mixed_precision": "bf16",
 }
 # Settings that may change on resume, with a changed value: they do not change the samples, losses or updates.

@@ -262,7 +262,7 @@ def test_url_stores(tmp_path, memory_url, scheme):
     cache = open_cache(url)
     for g, s in zip(cache, samples):
         assert_sample_equal(g, s, "sample", 6, "full", logprobs=False)
-    assert cache.verify() == []
+    assert cache.verify_shards().lines() == []
     if scheme == "file":
         assert (tmp_path / "cache" / "shards" / "00000.complete.json").exists()
         assert (tmp_path / "cache" / "shards" / "00000" / "zarr.json").exists()
@@ -310,7 +310,7 @@ def test_completion_marker_semantics(tmp_path):
     cache = open_cache(str(root))
     with pytest.raises(FileNotFoundError, match="completion marker"):
         cache[0]
-    problems = cache.verify()
+    problems = cache.verify_shards().lines()
     assert any("00000.complete.json" in p and "missing" in p for p in problems)
 
 
@@ -391,7 +391,7 @@ def test_verify_detects_flipped_byte(tmp_path):
     samples = [make_sample(rng, i, "topk", 8, n_images=1) for i in range(6)]
     build_cache(tmp_path / "c", samples, k=8, relation="lowrank:3", per_shard=3)
     cache = open_cache(tmp_path / "c")
-    assert cache.verify() == []
+    assert cache.verify_shards().lines() == []
 
     chunk = sorted(
         p for p in (tmp_path / "c" / "shards" / "00000").rglob("*") if p.is_file() and "/c/" in str(p)
@@ -400,7 +400,7 @@ def test_verify_detects_flipped_byte(tmp_path):
     raw = bytearray(target.read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     target.write_bytes(bytes(raw))
-    problems = cache.verify()
+    problems = cache.verify_shards().lines()
     assert len(problems) == 1
     assert "00000" in problems[0] and "checksum mismatch" in problems[0]
     assert str(target.relative_to(tmp_path / "c" / "shards" / "00000")) in problems[0]
@@ -410,7 +410,7 @@ def test_verify_detects_flipped_byte(tmp_path):
     import shutil
 
     shutil.rmtree(tmp_path / "c" / "shards" / "00001")
-    assert any("00001" in p and "missing" in p for p in cache.verify())
+    assert any("00001" in p and "missing" in p for p in cache.verify_shards().lines())
 
 
 def test_pickle_and_reopen(tmp_path, memory_url):
