@@ -39,11 +39,10 @@ def readme_commands() -> list[str]:
 
 def test_readme_lists_the_set_up_and_the_two_commands():
     cmds = readme_commands()
-    assert cmds[:4] == ["pip install torch==2.14.1 torchvision==0.29.1", 'pip install -e ".[dev]"',
-                        "kd-demo --out demo-out", "python -m pytest -q"]
+    assert cmds[:3] == ['pip install -e ".[dev]"', "kd-demo --out demo-out", "python -m pytest -q"]
     ci = (ROOT / ".ci" / "run").read_text()
-    # CI installs the README's pinned pair first, into its own venv, and runs the README's test command.
-    assert "python3 -m venv" in ci and "pip install --quiet torch==2.14.1 torchvision==0.29.1" in ci
+    # CI runs the README's one install command in its own venv, then the README's test command.
+    assert "python3 -m venv" in ci and 'pip install --quiet -e ".[dev]"' in ci
     assert "python -m pytest -q" in ci
 
 
