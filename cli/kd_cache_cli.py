@@ -36,7 +36,7 @@ def _fail(msg: str | Exception, code: int = 2):
 def build(cfg: BuildConfig):
     """Run the teacher once over the data and write the cache (resumable: rerun the same command)."""
     from kd_cache.build import build_cache, summary
-    from kd_cache.build_lock import BuildLocked
+    from kd_cache.lock import FolderLocked
     from kd_cache.records import BadRecord
     from kd_cache.storage import StorageError
 
@@ -44,7 +44,7 @@ def build(cfg: BuildConfig):
         manifest = build_cache(cfg)
     except BadRecord as e:
         _fail(f"{e} (--strict stops at the first bad record; drop --strict to skip and list them)")
-    except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
+    except (ValueError, FileNotFoundError, FolderLocked, StorageError) as e:
         _fail(str(e))
     from accelerate import PartialState
 
@@ -98,14 +98,14 @@ def verify(
     result, error = check()
     if repair and (error is not None or not result.ok):
         from kd_cache.build import repair_cache
-        from kd_cache.build_lock import BuildLocked
+        from kd_cache.lock import FolderLocked
         from kd_cache.storage import StorageError
 
         for p in ([error] if error is not None else result.lines()):
             typer.secho(f"FAIL {p}", fg=typer.colors.RED, err=True)
         try:
             repair_cache(cache, check=result, device=device, progress=False)
-        except (ValueError, FileNotFoundError, BuildLocked, StorageError) as e:
+        except (ValueError, FileNotFoundError, FolderLocked, StorageError) as e:
             _fail(f"repair failed: {e}")
         # The final verify re-hashes only the shards the first check did not pass. A shard it passed was
         # re-hashed moments ago against the entry the new manifest still lists for it (else it is re-hashed
