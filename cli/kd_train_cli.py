@@ -48,6 +48,7 @@ def _fail(err: Exception) -> None:
 @config_command(TrainConfig, on_error=_fail)
 def train_cmd(cfg: TrainConfig) -> None:
     """Train one stage (dpt, sft or dft) by streaming a teacher cache."""
+    from kd_cache.lock import FolderLocked
     from student.checkpoints import OutputError
     from student.model import CompatibilityError
     from student.train import train
@@ -55,7 +56,7 @@ def train_cmd(cfg: TrainConfig) -> None:
     _quiet_transformers()
     try:
         result = train(cfg)
-    except (ValueError, TypeError, FileNotFoundError, CompatibilityError, OutputError) as e:
+    except (ValueError, TypeError, FileNotFoundError, CompatibilityError, OutputError, FolderLocked) as e:
         _fail(e)
     if result["main_process"]:
         typer.echo(f"kd-train: {cfg.stage.value} done after {result['step']} steps; model saved to {result['out']}",
