@@ -152,7 +152,9 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, w
 def enable_activation_checkpointing(model) -> None:
     """Recompute decoder activations in backward (non-reentrant: works with frozen embeddings)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+    # transformers 5.23 renamed gradient_checkpointing_enable (kept as a deprecated alias until v6); the
+    # transformers 5.0-5.22 that pyproject.toml accepts have only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
