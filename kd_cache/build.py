@@ -9,7 +9,7 @@ last, by rank 0, once every shard is complete.
 A cache is identified by its content, not its paths: ``build.json`` records the content settings,
 the data's fingerprint and the teacher's file hashes, and a rerun whose data or teacher weights
 changed at the same path is refused (``--overwrite`` starts over). One build at a time writes a cache
-(``kd_cache.build_lock``); the next build deletes the temporary files of killed atomic writes.
+(``kd_cache.lock``); the next build deletes the temporary files of killed atomic writes.
 ``--repair`` re-checks every shard and rebuilds exactly the failing ones.
 
 The teacher forward is the only step on the accelerator; tokenisation and image decoding run one
@@ -33,10 +33,10 @@ import torch
 
 from kd_cache import fingerprint, storage
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
-from kd_cache.build_lock import BuildLock
 from kd_cache.encoding import Encoder
 from kd_cache.errors import USER_ERRORS, UserError
-from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, SHARDS_DIR
+from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, LOCK_NAME, SHARDS_DIR
+from kd_cache.lock import HEARTBEAT_S, STALE_S, FolderLock
 from kd_cache.reader import CacheCheck, KDCache, ShardCheck, check_shards, open_cache
 from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_identity, iter_records
 from kd_cache.runtime import resolve_dtype
@@ -234,17 +234,24 @@ def _teacher_answers(runner: TeacherRunner, encoder: Encoder, prepared: list, cf
     return encoded
 
 
+def build_lock(fs, root: str, *, world: int = 1, heartbeat_s: float = HEARTBEAT_S,
+               stale_s: float = STALE_S) -> FolderLock:
+    """The cache's ``build.lock``: one build at a time per cache."""
+    return FolderLock(fs, root, name=LOCK_NAME, holder="build", guarded="this cache", world=world,
+                      heartbeat_s=heartbeat_s, stale_s=stale_s)
+
+
 def build_cache(cfg: BuildConfig, check: CacheCheck | None = None) -> Manifest:
     """Build (or finish, or ``--repair``) the cache described by ``cfg``; returns the manifest.
 
-    Rank 0 holds the cache's ``BuildLock`` for the whole build (the ranks of one launch share it); a
+    Rank 0 holds the cache's lock (``build.lock``) for the whole build (the ranks of one launch share it); a
     second build into the same ``--out`` is refused while it runs. ``check``: with ``--repair``, a
     ``KDCache.verify_shards`` result of this cache (``kd-cache verify --repair``'s), so the shards are
     not hashed again; it is used only while the manifest it checked is still the cache's.
     """
     dist = _Dist(cfg.device)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
-    lock = BuildLock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
+    lock = build_lock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
     try:
         return _build(cfg, dist, writer, lock, check)
     finally:
@@ -252,7 +259,7 @@ def build_cache(cfg: BuildConfig, check: CacheCheck | None = None) -> Manifest:
             lock.release()
 
 
-def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None,
+def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: FolderLock | None,
            check: CacheCheck | None) -> Manifest:
     teacher_dir = fingerprint.resolve_teacher(cfg.teacher)
     identity = _claim_out(cfg, dist, writer, teacher_dir)
@@ -347,7 +354,7 @@ def _setup_teacher(cfg: BuildConfig, dist: _Dist, teacher_dir: str) -> tuple[Tea
     return teacher, encoder, runner
 
 
-def _write_shards(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None, records: Iterator,
+def _write_shards(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: FolderLock | None, records: Iterator,
                   n_known: int | None, encoder: Encoder, runner: TeacherRunner, k: int) -> int:
     """The teacher pass over this rank's incomplete shards, each written (on a writer thread) once its
     samples are done; returns the number of records read (all ranks read every record)."""
@@ -429,7 +436,7 @@ def _teacher_pass(cfg: BuildConfig, encoder: Encoder, runner: TeacherRunner, sha
     return samples, skipped, truncated
 
 
-def _write_manifest(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: BuildLock | None, n_shards: int,
+def _write_manifest(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: FolderLock | None, n_shards: int,
                     teacher: Teacher, k: int, runner: TeacherRunner, identity: dict | None) -> Manifest:
     """Once every rank's shards are complete: check the skip share on every rank (all stop together) and
     write the manifest on rank 0; every rank returns it."""

@@ -8,7 +8,7 @@ A cache is a directory or any fsspec URL (``memory://x``, ``file:///tmp/x``, ``s
                                         ``fingerprint.files_identity``; the teacher's adds "revision") and
                                         the full config (for ``--repair``); a rerun against the same root
                                         must match it (format 6)
-    <root>/build.lock                   present while a build runs: its holder (``kd_cache.build_lock``)
+    <root>/build.lock                   present while a build runs: its holder (``kd_cache.lock``)
     <root>/shards/00000/                one Zarr v3 group per shard, immutable once complete
     <root>/shards/00000.complete.json   completion marker, written last for that shard: the shard's
                                         ``ShardEntry`` (name, samples, bytes, checksum, format_version,

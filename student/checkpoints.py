@@ -1,5 +1,6 @@
 """What a ``kd-train`` run writes into ``OUT`` and reads back on ``--resume``.
 
+    OUT/train.lock               present while a run trains into OUT: its holder (``lock_output``)
     OUT/train_config.json        the resolved TrainConfig (TrainConfig.to_dict)
     OUT/metrics.jsonl            one line per optimizer step
     OUT/checkpoints/step-N/      Accelerator.save_state (model, optimizer, scheduler, RNG),
@@ -15,9 +16,14 @@ A resumed run continues from the newest complete checkpoint with the same next s
 so it must match the checkpoint in every ``RESUME_KEYS`` setting, and train on the same content: the
 student's architecture and tokenizer and the cache's shards (``identity``), wherever they are now.
 
-Protection of ``OUT`` (``check_output``, before any work): a finished run or an earlier run's
-checkpoints are refused without ``--resume`` / ``--overwrite``, ``OUT`` may not be or hold the
-``--student``, it must be writable and have room for what the run will save (``check_free_space``).
+Protection of ``OUT``: it may not be or hold the ``--student`` (``check_target``, before anything is
+written there). Then one run at a time trains into it: rank 0 holds ``OUT/train.lock`` (``lock_output``,
+a ``kd_cache.lock.FolderLock`` as a build's ``build.lock``: a second run is refused naming the holder)
+from before ``OUT`` is looked into until the run ends. Holding it, ``check_output`` refuses a finished
+run or an earlier run's checkpoints without ``--resume`` / ``--overwrite``; ``OUT`` must be writable
+and have room for what the run will save (``check_free_space``). The lock file is no run content: an
+earlier run is recognised, and cleared by ``--overwrite``, by its own files only.
+
 The final model is written into ``OUT/.final-tmp/`` and moved into place, ``trainer_state.json`` last;
 when that fails, the model is saved to a rescue folder under the system's temporary directory and the
 error names it. Every rewrite of an existing file (``metrics.jsonl`` on resume, the JSON files) is
@@ -34,10 +40,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import fsspec
 import torch
 
 from kd_cache.errors import UserError
-from kd_cache.storage import atomic_write
+from kd_cache.lock import HEARTBEAT_S, STALE_S, FolderLock
+from kd_cache.storage import StorageError, atomic_write
 from student.config import PATH_KEYS, RESUME_KEYS, TrainConfig
 from student.distill import PROJECTOR_DIR
 
@@ -46,6 +54,7 @@ STATE_NAME = "trainer_state.json"
 METRICS_NAME = "metrics.jsonl"
 COMPLETE_MARKER = "COMPLETE"
 FINAL_TMP = ".final-tmp"  # the final save is written here, then moved into OUT
+LOCK_NAME = "train.lock"  # held by the run training into OUT
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")  # a saved model has them
 SPACE_MARGIN = 1.1  # free space asked for beyond the estimate (processor files, JSON, filesystem slack)
 
@@ -305,9 +314,9 @@ def _existing(path: Path) -> Path:
     return path
 
 
-def check_output(cfg: TrainConfig) -> None:
-    """Refuse an OUT that would lose work or cannot be written, before anything is loaded or written
-    (OUT itself is created only once every check has passed)."""
+def check_target(cfg: TrainConfig) -> None:
+    """Refuse ``--resume`` with ``--overwrite``, and an OUT that is (or holds) the ``--student``: from the
+    flags alone, before OUT's lock is written there."""
     out = Path(cfg.out)
     if cfg.resume and cfg.overwrite:
         raise ValueError("--resume continues the run in --out, --overwrite replaces it: pass one of them")
@@ -317,6 +326,25 @@ def check_output(cfg: TrainConfig) -> None:
         if s == o or o in s.parents:
             raise ValueError(f"--out {cfg.out} is (or holds) the --student {cfg.student}: the run would overwrite "
                              "the model it starts from; choose another --out")
+
+
+def lock_output(out: Path, world: int = 1, *, heartbeat_s: float = HEARTBEAT_S, stale_s: float = STALE_S) -> FolderLock:
+    """Take ``OUT/train.lock`` (creating OUT): one run at a time trains into OUT. A live holder's lock is
+    refused with ``FolderLocked`` naming it (host, pid, start time), a stale one taken over with a
+    message; an OUT that cannot be written raises ``OutputError``."""
+    lock = FolderLock(fsspec.filesystem("file"), str(Path(out).absolute()), name=LOCK_NAME, holder="training run",
+                      guarded="to this --out", world=world, heartbeat_s=heartbeat_s, stale_s=stale_s)
+    try:
+        return lock.acquire()
+    except OSError as e:
+        cause = e.__cause__ if isinstance(e, StorageError) and isinstance(e.__cause__, OSError) else e
+        raise OutputError(f"--out {out}: cannot write there ({cause.strerror or cause})") from e
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Refuse an OUT that would lose work or cannot be written, before anything is loaded or written
+    there; the caller holds OUT's lock (``lock_output``), so no other run changes what is checked."""
+    out = Path(cfg.out)
     kept = existing_run(out)
     if cfg.resume:
         if not checkpoint_dirs(out) and kept is not None:

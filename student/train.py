@@ -40,7 +40,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -48,6 +48,7 @@ from typing import Any
 
 import torch
 
+from kd_cache.lock import FolderLock
 from kd_cache.reader import CorruptCacheError
 from student.cache_checks import check_cache_options
 from student.checkpoints import (
@@ -58,7 +59,9 @@ from student.checkpoints import (
     Position,
     check_free_space,
     check_output,
+    check_target,
     clear_run,
+    lock_output,
     reset_metrics,
     resume,
     save_checkpoint,
@@ -149,7 +152,9 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, w
 def enable_activation_checkpointing(model) -> None:
     """Recompute decoder activations in backward (non-reentrant: works with frozen embeddings)."""
     kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+    # transformers 5.23 renamed gradient_checkpointing_enable (kept as a deprecated alias until v6); the
+    # transformers 5.0-5.22 that pyproject.toml accepts have only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
@@ -247,6 +252,7 @@ class _Run:
     teacher: str | None  # the cache's teacher, recorded beside a hidden projector
     trainable: dict[str, dict[str, int]]  # per part: parameters, trainable, tensors (stages.trainable_summary)
     identity: dict[str, str]  # content digests of the student and the cache, checked on --resume
+    lock: FolderLock | None = None  # OUT's lock, on rank 0: checked before every save into OUT
 
 
 def _load(cfg: TrainConfig):
@@ -342,6 +348,14 @@ def _optimizer_step(cfg: TrainConfig, run: _Run, params: list, micro: list[dict]
     return m
 
 
+def _save_checkpoint(cfg: TrainConfig, run: _Run, at: Position) -> None:
+    """``OUT/checkpoints/step-N`` of the step ``at`` reached, once rank 0 has checked that it still holds OUT."""
+    if run.lock is not None:
+        run.lock.check()
+    save_checkpoint(run.accelerator, Path(cfg.out), at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen},
+                    cfg, identity=run.identity)
+
+
 def _metrics_line(at: Position, m: dict[str, Any], n_samples: int, seconds: float) -> dict[str, Any]:
     """One line of ``metrics.jsonl``."""
     return {"step": at.step, "epoch": at.epoch, "samples_seen": at.samples_seen, "loss": m["loss"],
@@ -390,8 +404,7 @@ def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
             if cfg.report_to is not ReportTo.none:
                 accelerator.log({k: v for k, v in last.items() if isinstance(v, (int, float))}, step=at.step)
             if cfg.save_every and at.step % cfg.save_every == 0:
-                save_checkpoint(accelerator, out, at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen}, cfg,
-                                identity=run.identity)
+                _save_checkpoint(cfg, run, at)
         del batches
         if at.step < run.total_steps:
             at.epoch, at.samples_seen = at.epoch + 1, 0
@@ -408,22 +421,45 @@ def _stop_on_damage(cfg: TrainConfig, run: _Run, at: Position, err: Exception) -
         out = Path(cfg.out)
         ckpt = out / "checkpoints" / f"step-{at.step}"
         if not (ckpt / COMPLETE_MARKER).is_file():
-            save_checkpoint(run.accelerator, out, at.step, {"epoch": at.epoch, "samples_seen": at.samples_seen}, cfg,
-                            identity=run.identity)
+            _save_checkpoint(cfg, run, at)
         kept = f"; the {at.step} steps done are kept in {ckpt}: repair the cache and rerun with --resume"
     return ValueError(f"{err}{kept}")
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run one stage; returns ``{"step", "out", "metrics" (the last step's), "main_process"}``."""
+    """Run one stage; returns ``{"step", "out", "metrics" (the last step's), "main_process"}``.
+
+    Rank 0 holds OUT's lock (``OUT/train.lock``) for the whole run, as a build holds its cache's: a
+    second run into the same OUT is refused while this one runs, before it looks into OUT. The other
+    ranks of a launch share it and wait for rank 0 to hold it before they look into OUT themselves."""
+    out = Path(cfg.out)
+    check_target(cfg)  # --out is the student: refused before the lock file is written there
+    accelerator = _accelerator(cfg)
+    main = accelerator.is_main_process
+    created, lock = main and not out.exists(), None
+    try:
+        if main:
+            lock = lock_output(out, accelerator.num_processes)
+        accelerator.wait_for_everyone()
+        return _train(cfg, accelerator, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+        if created:
+            with suppress(OSError):  # not empty: the run wrote into it
+                out.rmdir()  # a run refused before it wrote anything leaves no empty OUT behind
+
+
+def _train(cfg: TrainConfig, accelerator, lock: FolderLock | None) -> dict[str, Any]:
+    """``train`` once OUT is held: the checks of OUT, the run, the final save."""
     from accelerate.utils import set_seed
 
     out = Path(cfg.out)
-    check_output(cfg)  # a finished run, the student itself, an unwritable OUT: refused before any work
-    accelerator = _accelerator(cfg)
+    check_output(cfg)  # a finished run, an unwritable OUT: refused before any work
     main = accelerator.is_main_process
     set_seed(cfg.seed)  # before the hidden projector is created
     run = _prepare(cfg, accelerator)
+    run.lock = lock
     at = resume(accelerator, cfg, run.identity) if cfg.resume else Position()
     check_free_space(out, accelerator.unwrap_model(run.model), cfg, at, run.total_steps)
     accelerator.wait_for_everyone()
@@ -442,6 +478,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         accelerator.init_trackers("kd-train", config={k: v for k, v in cfg.to_dict().items()
                                                      if isinstance(v, (int, float, str, bool))})
     last = _loop(cfg, run, at)
+    if lock is not None:
+        lock.check()  # the final save replaces OUT's model: only while this run still holds OUT
     save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable, run.identity)
     if tracking:
         accelerator.end_training()

@@ -25,8 +25,8 @@ from typer.testing import CliRunner
 
 from cli.kd_cache_cli import app
 from kd_cache import fingerprint, open_cache, storage
-from kd_cache.build import BuildConfig, build_cache
-from kd_cache.build_lock import BuildLock, BuildLocked
+from kd_cache.build import BuildConfig, build_cache, build_lock
+from kd_cache.lock import FolderLocked
 from kd_cache.storage import StorageError, open_fs
 from kd_demo import tiny
 
@@ -56,7 +56,7 @@ def hit(p):
     while not os.path.exists(os.path.join(folder, "go")):
         time.sleep(0.05)
 
-import kd_cache.build_lock as bl, kd_cache.storage as st
+import kd_cache.lock as lk, kd_cache.storage as st
 
 real_replace = os.replace
 def replace(src, dst, *a, **k):
@@ -79,12 +79,12 @@ def digest(fs, root):
     return real_digest(fs, root)
 st.shard_digest = digest
 
-real_acquire = bl.BuildLock.acquire
+real_acquire = lk.FolderLock.acquire
 def acquire(self):
     out = real_acquire(self)
     hit("lock_taken")
     return out
-bl.BuildLock.acquire = acquire
+lk.FolderLock.acquire = acquire
 
 from cli.kd_cache_cli import main
 sys.argv = ["kd-cache", *sys.argv[1:]]
@@ -289,9 +289,9 @@ def test_hub_snapshot_is_identified_by_its_blob_names(teacher_dir, tmp_path, mon
 # ------------------------------------------------------------------------------------------- lock
 def test_lock_single_writer_and_stale_rules(tmp_path):
     fs, root = open_fs("memory://kd-lock-test")
-    a = BuildLock(fs, root).acquire()
-    with pytest.raises(BuildLocked) as e:
-        BuildLock(fs, root).acquire()
+    a = build_lock(fs, root).acquire()
+    with pytest.raises(FolderLocked) as e:
+        build_lock(fs, root).acquire()
     msg = str(e.value)
     assert f"pid {os.getpid()}" in msg and "host " in msg and "started " in msg and "build.lock" in msg
     a.release()
@@ -300,32 +300,32 @@ def test_lock_single_writer_and_stale_rules(tmp_path):
     def plant(**holder):
         fs.pipe_file(root + "/build.lock", json.dumps({"token": "x", "started": time.time(), **holder}).encode())
 
-    me = BuildLock(fs, root)
+    me = build_lock(fs, root)
     # Same machine, process gone: taken over at once.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     plant(host=me.info["host"], boot_id=me.info["boot_id"], pid=dead.pid, heartbeat=time.time())
-    BuildLock(fs, root).acquire().release()
+    build_lock(fs, root).acquire().release()
     # Another machine: live while its heartbeat is fresh, stale once older than stale_s.
     plant(host="elsewhere", boot_id="b", pid=1, heartbeat=time.time())
-    with pytest.raises(BuildLocked, match="host elsewhere, pid 1"):
-        BuildLock(fs, root, stale_s=60).acquire()
+    with pytest.raises(FolderLocked, match="host elsewhere, pid 1"):
+        build_lock(fs, root, stale_s=60).acquire()
     plant(host="elsewhere", boot_id="b", pid=1, heartbeat=time.time() - 120)
-    BuildLock(fs, root, stale_s=60).acquire().release()
+    build_lock(fs, root, stale_s=60).acquire().release()
     # An unreadable lock file (killed between create and write): stale once old enough.
     fs.pipe_file(root + "/build.lock", b"")
-    with pytest.raises(BuildLocked):
-        BuildLock(fs, root, stale_s=60).acquire()
-    BuildLock(fs, root, stale_s=0).acquire().release()
+    with pytest.raises(FolderLocked):
+        build_lock(fs, root, stale_s=60).acquire()
+    build_lock(fs, root, stale_s=0).acquire().release()
     # The holder beats, and stops when its lock is taken from it.
-    held = BuildLock(fs, root, heartbeat_s=0.05).acquire()
+    held = build_lock(fs, root, heartbeat_s=0.05).acquire()
     first = json.loads(fs.cat_file(root + "/build.lock"))["heartbeat"]
     time.sleep(0.3)
     assert json.loads(fs.cat_file(root + "/build.lock"))["heartbeat"] > first
     held._stop.set()  # no beat racing the takeover below
     held._thread.join()
     plant(host="elsewhere", boot_id="b", pid=1, heartbeat=time.time())
-    with pytest.raises(BuildLocked, match="taken over"):
+    with pytest.raises(FolderLocked, match="taken over"):
         held.check()
     held.release()
     assert json.loads(fs.cat_file(root + "/build.lock"))["host"] == "elsewhere"  # not ours to remove
