@@ -114,7 +114,7 @@ class FolderLock:
         if not holder:
             try:
                 mtime = self.fs.modified(self.path).timestamp()
-            except (NotImplementedError, FileNotFoundError, OSError, AttributeError):
+            except (NotImplementedError, OSError, AttributeError):
                 mtime = None
             if mtime is None or now - mtime > self.stale_s:
                 return f"the lock file is unreadable (a {self.holder} killed while taking it)"

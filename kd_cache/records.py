@@ -461,7 +461,7 @@ def read_image_bytes(ref: ImageRef, image_folder: str | Path | None, record_id: 
 def decode_image(data: bytes, record_id: str, where: str = ""):
     """Encoded image bytes -> an RGB PIL image. 16-bit greyscale is scaled to 8 bit (``convert("RGB")``
     would clip it to nearly white); an image over PIL's decompression-bomb limit is ``IMAGE_TOO_LARGE``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     label = where or f"{len(data)} embedded bytes"
     try:
@@ -476,7 +476,7 @@ def decode_image(data: bytes, record_id: str, where: str = ""):
             return im.convert("RGB")
     except Image.DecompressionBombError as e:
         raise BadRecord(record_id, IMAGE_TOO_LARGE, f"{label}: {e}") from None
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
         raise BadRecord(record_id, UNREADABLE_IMAGE, f"{label}: {e}") from e
 
 

@@ -27,7 +27,7 @@ The loss math lives in ``student.losses``; this module only gathers positions an
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -144,12 +144,16 @@ class HiddenProjector(nn.Module):
         return module
 
 
+_SPARSE_FIELDS = {f.name for f in fields(SparseTeacher)}
+
+
 def teacher_arrays(batch: dict[str, Tensor], kind: str) -> SparseTeacher | None:
     """The cached teacher arrays of one position kind of a collated batch (``<kind>_<name>`` for each of
-    ``kd_cache.schema.TEACHER_ARRAYS`` the cache holds); None when the batch has none for that kind."""
+    ``kd_cache.schema.TEACHER_ARRAYS`` that the cache holds and ``SparseTeacher`` uses); None when the
+    batch has none for that kind."""
     if f"{kind}_ids" not in batch:
         return None
-    return SparseTeacher(**{a.name: batch.get(f"{kind}_{a.name}") for a in TEACHER_ARRAYS})
+    return SparseTeacher(**{a.name: batch.get(f"{kind}_{a.name}") for a in TEACHER_ARRAYS if a.name in _SPARSE_FIELDS})
 
 
 def _hidden_kinds(batch: dict, s: LossSettings) -> list[str]:
