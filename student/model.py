@@ -1,8 +1,7 @@
 """Building, loading and checking the student.
 
-A student is a saved ``transformers`` image-text-to-text model of a supported family (``student.families``:
-LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, Idefics3, SmolVLM, Gemma3, PaliGemma, InternVL,
-Mistral3, VipLLaVA) plus its own processor. It is loaded and saved as its own class, so the result of
+A student is a saved ``transformers`` image-text-to-text model of a supported family (the registry
+``kd_cache.families.FAMILIES``) plus its own processor. It is loaded and saved as its own class, so the result of
 every stage loads with ``from_pretrained`` and any tool that serves HF models.
 ``compose_student`` makes a LLaVA-style one from parts as in LLaVA-KD: a vision tower (a SigLIP/CLIP vision model
 directory, or the vision tower of an existing LLaVA-style checkpoint), a causal LM, and a fresh
@@ -34,7 +33,7 @@ class CompatibilityError(ValueError):
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load ``(model, processor)`` from a saved student of any family in ``student.families.FAMILIES``,
+    """Load ``(model, processor)`` from a saved student of any family in ``kd_cache.families.FAMILIES``,
     as its own class (``AutoModelForImageTextToText``) with its own processor; fp32 master weights by
     default (autocast on GPU). A family not supported is refused with the list of supported ones."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor

@@ -202,7 +202,7 @@ def test_chat_template_required_unless_the_processor_takes_a_suffix(family_cache
             check_template(t, "chat")
             continue
         with pytest.raises(ValueError, match=r"has no chat template.*Supported image-text families: LLaVA, "
-                                             r"LLaVA-NeXT, .*Mistral3"):
+                                             r"VipLLaVA, LLaVA-NeXT, .*Mistral3"):
             check_template(t, "chat")
 
 
