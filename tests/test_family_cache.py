@@ -25,7 +25,7 @@ from kd_cache.processing import config_image_token_id
 from student.stream import StreamingKDDataset
 from tests.vlm_families import FAMILIES
 
-pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
+pytest.importorskip("torchvision", reason="the processors of 7 families need torchvision")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
 
 SIZES = {"wide.png": (48, 32, "red"), "tall.png": (40, 64, "blue"), "strip.png": (64, 20, "green"),
