@@ -17,13 +17,13 @@ expanded text) and ``return_text_replacement_offsets`` (each placeholder's span 
 expansion), so nothing here re-implements an expansion. ``input_ids`` are the processor's ids for the
 rendered text, bit for bit.
 
-Families and what their processors return (transformers 5.24; tiny fixtures in
-``tests/vlm_families.py``; the per-family facts table is ``docs/FAMILIES.md``):
+Families and what their processors return (transformers 5.24; the families are ``kd_cache.families``,
+their tiny fixtures ``tests/vlm_families.py``, the per-family facts table ``docs/FAMILIES.md``):
 
 =================  ====================================================================
 family             model inputs besides input_ids / attention_mask
 =================  ====================================================================
-LLaVA              pixel_values [n_img, 3, H, W]
+LLaVA, VipLLaVA    pixel_values [n_img, 3, H, W]
 LLaVA-NeXT         pixel_values [n_img, n_tiles_max, 3, H, W], image_sizes [n_img, 2]
 LLaVA-OneVision    as LLaVA-NeXT + batch_num_images [n_samples]
 Qwen2/2.5/3-VL     pixel_values [sum_patches, C*T*P*P], image_grid_thw [n_img, 3],
@@ -57,12 +57,6 @@ IMAGE_TAG = "<image>"  # placeholder in the data's text; becomes an image part o
 # Per-token model inputs and their padding value (None: the tokenizer's pad id).
 TOKEN_INPUTS: dict[str, int | None] = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0,
                                        "mm_token_type_ids": 0}
-# The families whose processors, inputs and classes are tested end to end (``tests/vlm_families.py``),
-# by ``config.model_type``.
-SUPPORTED_FAMILIES = {"llava": "LLaVA", "llava_next": "LLaVA-NeXT", "llava_onevision": "LLaVA-OneVision",
-                      "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL",
-                      "idefics3": "Idefics3", "smolvlm": "SmolVLM", "gemma3": "Gemma3", "paligemma": "PaliGemma",
-                      "internvl": "InternVL", "mistral3": "Mistral3 (Pixtral)"}
 # Processor outputs that are bookkeeping, not model inputs.
 NOT_MODEL_INPUTS = ("offset_mapping", "text_replacement_offsets", "labels")
 

@@ -21,6 +21,7 @@ import torch
 
 from kd_cache import processing
 from kd_cache.encoding import Encoded, Encoder, Prepared
+from kd_cache.families import FAMILIES
 from kd_cache.runtime import attn_implementation
 from kd_cache.schema import (
     DEFAULT_KINDS,
@@ -92,7 +93,7 @@ def check_template(teacher: Teacher, template: str) -> None:
     kind = type(teacher.model.config).model_type
     raise ValueError(
         f"teacher {kind!r} ({type(proc).__name__}) has no chat template, so --template chat cannot render its "
-        f"conversations. Supported image-text families: {', '.join(processing.SUPPORTED_FAMILIES.values())}; "
+        f"conversations. Supported image-text families: {', '.join(f.name for f in FAMILIES.values())}; "
         "add a chat template to the processor (processor.chat_template = ...; save_pretrained) or use "
         "--template pretrain"
     )

@@ -1,8 +1,7 @@
 """``kd-eval``: how good is a student, and how close to its teacher.
 
 Two independent measurements of a saved image-text-to-text model of any supported family
-(``student.families``: LLaVA, LLaVA-NeXT/OneVision, Qwen2/2.5/3-VL, Idefics3, SmolVLM, Gemma3,
-PaliGemma, InternVL, Mistral3, VipLLaVA; loaded with ``student.model.load_student``) and its processor:
+(``kd_cache.families.FAMILIES``; loaded with ``student.model.load_student``) and its processor:
 
 * ``evaluate_qa`` (``--data``): exact-match accuracy of greedy-generated answers on LLaVA-format QA
   data. Every assistant turn is one question: the prompt is the conversation up to that turn (earlier

@@ -1,8 +1,7 @@
 """Building, loading and checking the student.
 
-A student is a saved ``transformers`` image-text-to-text model of a supported family (``student.families``:
-LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2/2.5/3-VL, Idefics3, SmolVLM, Gemma3, PaliGemma, InternVL,
-Mistral3, VipLLaVA) plus its own processor. It is loaded and saved as its own class, so the result of
+A student is a saved ``transformers`` image-text-to-text model of a supported family (the registry
+``kd_cache.families.FAMILIES``) plus its own processor. It is loaded and saved as its own class, so the result of
 every stage loads with ``from_pretrained`` and any tool that serves HF models.
 ``compose_student`` makes a LLaVA-style one from parts as in LLaVA-KD: a vision tower (a SigLIP/CLIP vision model
 directory, or the vision tower of an existing LLaVA-style checkpoint), a causal LM, and a fresh
@@ -14,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ class CompatibilityError(UserError, ValueError):
 
 
 def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
-    """Load ``(model, processor)`` from a saved student of any family in ``student.families.FAMILIES``,
+    """Load ``(model, processor)`` from a saved student of any family in ``kd_cache.families.FAMILIES``,
     as its own class (``AutoModelForImageTextToText``) with its own processor; fp32 master weights by
     default (autocast on GPU). A family not supported is refused with the list of supported ones."""
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
@@ -107,6 +107,27 @@ def _vision_tower_from(path: Path):
     return model, vcfg, cfg
 
 
+@dataclass
+class _Vision:
+    """The vision side of a composed student: the tower, its image processor and how its features are read."""
+
+    tower: torch.nn.Module
+    config: Any  # the tower's own config (a SiglipVisionConfig, CLIPVisionConfig, ...)
+    image_processor: Any
+    strategy: str  # vision_feature_select_strategy: "default" drops the CLS feature, "full" keeps every one
+    extra_tokens: int  # num_additional_image_tokens (1: CLIP's CLS)
+    layer: int  # vision_feature_layer
+
+
+@dataclass
+class _LLM:
+    """The language side: the causal LM (embeddings grown to the tokenizer) and its tokenizer with the image token."""
+
+    model: Any
+    tokenizer: Any
+    image_token_id: int
+
+
 def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str | Path, *,
                     vision_feature_layer: int | None = None, image_token: str = DEFAULT_IMAGE_TOKEN,
                     seed: int = 0, dtype: str = "float32") -> Path:
@@ -121,23 +142,34 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
     The image token is added to the tokenizer if missing (the embeddings grow only if the new id does
     not fit the LM's existing vocabulary). Returns ``out_dir``.
     """
-    from transformers import (
-        AutoImageProcessor,
-        AutoModelForCausalLM,
-        AutoProcessor,
-        AutoTokenizer,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
-
     torch_dtype = dtype_from_name(dtype)
     vision_path, llm_path, out_dir = Path(vision_path), Path(llm_path), Path(out_dir)
     for flag, p in (("--vision", vision_path), ("--llm", llm_path)):
         if not (p / "config.json").is_file():
             raise FileNotFoundError(f"{flag} {p}: no config.json there; expected a saved transformers model")
 
-    vision, vcfg, source_cfg = _vision_tower_from(vision_path)
+    # In this order: loading the parts draws from the global RNG (a fresh tower module's init, the grown
+    # embedding rows), then the projector is initialised from ``seed``.
+    vision = _setup_vision(vision_path, vision_feature_layer)
+    llm = _setup_llm(llm_path, image_token)
+    config = _llava_config(vision, llm)
+    model = _assemble_model(config, vision, llm, seed)
+    processor = _llava_processor(vision, llm, image_token)
+    _check_image_geometry(model, processor)
+    _save_student(model, processor, out_dir, torch_dtype, {
+        "vision": str(vision_path), "llm": str(llm_path), "vision_feature_layer": vision.layer,
+        "vision_feature_select_strategy": vision.strategy, "image_token": image_token, "seed": seed,
+    })
+    return out_dir
+
+
+def _setup_vision(vision_path: Path, vision_feature_layer: int | None) -> _Vision:
+    """The vision tower and image processor of ``--vision``, and which of its features feed the projector:
+    the source LLaVA's strategy, layer and token count when it is one, else CLIP's or SigLIP's defaults
+    (layer -2); ``vision_feature_layer`` overrides the layer."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    tower, vcfg, source_cfg = _vision_tower_from(vision_path)
     image_processor = AutoImageProcessor.from_pretrained(vision_path)
     has_cls = vcfg.model_type.startswith("clip")  # SigLIP has no CLS token, CLIP has one
 
@@ -157,6 +189,13 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
     if not -(n_layers + 1) <= layer <= n_layers:
         raise ValueError(f"--vision-feature-layer {layer}: the vision tower has {n_layers} layers "
                          f"(hidden states -{n_layers + 1}..{n_layers})")
+    return _Vision(tower, vcfg, image_processor, strategy, extra_tokens, layer)
+
+
+def _setup_llm(llm_path: Path, image_token: str) -> _LLM:
+    """The causal LM of ``--llm`` and its tokenizer, with a pad token (EOS when it has none) and the image
+    token (added when missing; the embeddings grow only if its id does not fit the LM's vocabulary)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(llm_path)
     if tokenizer.pad_token is None:
@@ -168,48 +207,66 @@ def compose_student(vision_path: str | Path, llm_path: str | Path, out_dir: str 
     lm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32)
     if len(tokenizer) > lm.config.vocab_size:
         lm.resize_token_embeddings(len(tokenizer))
-    tcfg = lm.config
+    return _LLM(lm, tokenizer, image_token_id)
 
+
+def _llava_config(vision: _Vision, llm: _LLM):
+    """The ``LlavaConfig`` of the two parts: a GELU projector, one image = the tower's patches (plus CLS
+    kept by the "full" strategy), the LM's embedding tying."""
+    from transformers import LlavaConfig
+
+    vcfg, tcfg = vision.config, llm.model.config
     patches = (vcfg.image_size // vcfg.patch_size) ** 2
-    config = LlavaConfig(
+    return LlavaConfig(
         vision_config=vcfg.to_dict(),
         text_config=tcfg.to_dict(),
-        image_token_id=image_token_id,
-        image_seq_length=patches + extra_tokens - (1 if strategy == "default" else 0),
+        image_token_id=llm.image_token_id,
+        image_seq_length=patches + vision.extra_tokens - (1 if vision.strategy == "default" else 0),
         projector_hidden_act="gelu",
-        vision_feature_select_strategy=strategy,
-        vision_feature_layer=layer,
+        vision_feature_select_strategy=vision.strategy,
+        vision_feature_layer=vision.layer,
         tie_word_embeddings=bool(getattr(tcfg, "tie_word_embeddings", False)),
     )
+
+
+def _assemble_model(config, vision: _Vision, llm: _LLM, seed: int):
+    """A ``LlavaForConditionalGeneration`` with the parts' weights and a projector initialised from ``seed``."""
+    from transformers import LlavaForConditionalGeneration
+
     torch.manual_seed(seed)  # the projector is the only freshly initialised part
     model = LlavaForConditionalGeneration(config)
-    model.model.vision_tower.load_state_dict(vision.state_dict(), strict=True)
-    base_prefix = lm.base_model_prefix
-    model.model.language_model.load_state_dict(getattr(lm, base_prefix).state_dict(), strict=True)
+    model.model.vision_tower.load_state_dict(vision.tower.state_dict(), strict=True)
+    lm = llm.model
+    model.model.language_model.load_state_dict(getattr(lm, lm.base_model_prefix).state_dict(), strict=True)
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict(), strict=True)
     if config.tie_word_embeddings:
         model.tie_weights()
+    return model
 
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=vcfg.patch_size,
-        vision_feature_select_strategy=strategy,
-        chat_template=tokenizer.chat_template or CHATML_TEMPLATE,  # ChatML when the LLM has none
+
+def _llava_processor(vision: _Vision, llm: _LLM, image_token: str):
+    """The ``LlavaProcessor`` of the two parts: the tower's image processor, the LM's tokenizer and chat
+    template (ChatML when the LLM has none)."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=vision.image_processor,
+        tokenizer=llm.tokenizer,
+        patch_size=vision.config.patch_size,
+        vision_feature_select_strategy=vision.strategy,
+        chat_template=llm.tokenizer.chat_template or CHATML_TEMPLATE,
         image_token=image_token,
-        num_additional_image_tokens=extra_tokens,
+        num_additional_image_tokens=vision.extra_tokens,
     )
-    _check_image_geometry(model, processor)
 
-    model.to(torch_dtype)
+
+def _save_student(model, processor, out_dir: Path, dtype: torch.dtype, recipe: dict[str, Any]) -> None:
+    """Save the model in ``dtype``, its processor, and ``kd_student.json`` (how it was composed) to ``out_dir``."""
+    model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "kd_student.json").write_text(json.dumps({
-        "vision": str(vision_path), "llm": str(llm_path), "vision_feature_layer": layer,
-        "vision_feature_select_strategy": strategy, "image_token": image_token, "seed": seed,
-    }, indent=2) + "\n")
-    return out_dir
+    (out_dir / "kd_student.json").write_text(json.dumps(recipe, indent=2) + "\n")
 
 
 def _check_image_geometry(model, processor) -> None:

@@ -41,7 +41,7 @@ from student.evaluate import (
 )
 from tests.vlm_families import FAMILIES
 
-pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
+pytest.importorskip("torchvision", reason="the processors of 7 families need torchvision")
 warnings.filterwarnings("ignore", message=".*slow image processor.*")
 
 NAMES = list(FAMILIES)

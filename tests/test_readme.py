@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from kd_cache.families import FAMILIES as REGISTRY
 from kd_demo import tiny
 from tests.vlm_families import FAMILIES
 
@@ -44,6 +45,14 @@ def test_readme_lists_the_set_up_and_the_two_commands():
     # CI runs the README's one install command in its own venv, then the README's test command.
     assert "python3 -m venv" in ci and 'pip install --quiet -e ".[dev]"' in ci
     assert "python -m pytest -q" in ci
+
+
+def test_readme_family_table_lists_the_registry():
+    """README's "Supported model families" table has one row per family of ``kd_cache.families``, in its order."""
+    text = (ROOT / "README.md").read_text()
+    table = text.split("## Supported model families", 1)[1].split("\n\n| ", 1)[1].split("\n\n", 1)[0]
+    rows = re.findall(r"^\| .*?\(`(\w+)`\) \|", table, flags=re.M)
+    assert rows == list(REGISTRY)
 
 
 @pytest.mark.slow

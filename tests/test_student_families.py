@@ -1,8 +1,10 @@
-"""The student side over every family of ``tests/vlm_families.py`` (and VipLLaVA): loaded as its own class,
+"""The student side over every family of ``tests/vlm_families.py``: loaded as its own class,
 its parts found for DPT/SFT/DFT freezing, one DFT step's losses equal to a dense reference computed from
 the model's own logits, and the trained student saved and reloaded as its own class, generating."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -17,32 +19,12 @@ from student.families import FAMILIES as STUDENT_FAMILIES
 from student.families import UnsupportedModelError, parameter_parts
 from student.model import load_student
 from student.stages import RECIPES, Stage, set_trainable, trainable_summary
-from tests.vlm_families import FAMILIES, STUDENT
+from tests.vlm_families import FAMILIES
 
-pytest.importorskip("torchvision", reason="the processors of 7 of the 12 families need torchvision")
+pytest.importorskip("torchvision", reason="the processors of 7 families need torchvision")
 from tests.test_families import IMAGES, records  # noqa: E402  (after the torchvision check)
 
-
-def build_vipllava(out, s, seed):
-    """VipLLaVA: LLaVA's processor, a projector with a layernorm over several vision layers."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        VipLlavaConfig,
-        VipLlavaForConditionalGeneration,
-    )
-
-    from tests.vlm_families import VISION, _save, _text, llava_processor
-
-    proc = llava_processor()
-    tok = proc.tokenizer
-    cfg = VipLlavaConfig(vision_config=CLIPVisionConfig(**VISION, image_size=32, patch_size=8),
-                         text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id),
-                         image_token_index=proc.image_token_id, vision_feature_layers=[-2, -1], image_seq_length=16)
-    return _save(VipLlavaForConditionalGeneration, cfg, proc, out, seed)
-
-
-NAMES = [*FAMILIES, "vipllava"]
+NAMES = list(FAMILIES)
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +35,10 @@ def student_path(tmp_path_factory):
     def get(name: str):
         if name not in paths:
             out = tmp_path_factory.mktemp(name)
-            paths[name] = build_vipllava(out, STUDENT, 1) if name == "vipllava" else FAMILIES[name].build(out, student=True)
+            paths[name] = FAMILIES[name].build(out, student=True)
         return paths[name]
 
     return get
-
-
-def _chat(name: str) -> bool:
-    return name == "vipllava" or FAMILIES[name].chat
 
 
 # ----------------------------------------------------------------------------------------- loading, parts
@@ -123,8 +101,7 @@ def test_unsupported_families_are_refused_with_the_supported_list(tmp_path, stud
     model, _ = load_student(student_path("llava"))
     import student.families as fam
 
-    broken = fam.Family("LLaVA", "LlavaForConditionalGeneration", fam.LLAVA_VISION, (), fam.LLM)
-    monkeypatch.setitem(fam.FAMILIES, "llava", broken)
+    monkeypatch.setitem(fam.FAMILIES, "llava", dataclasses.replace(fam.FAMILIES["llava"], projector=()))
     with pytest.raises(UnsupportedModelError, match=r"belong to none of vision/projector/llm.*"
                                                     r"model\.multi_modal_projector\.linear_1\.weight"):
         parameter_parts(model)
@@ -147,7 +124,7 @@ def family_batch(model, processor, name: str, k: int = 4, seed: int = 0) -> dict
     response/visual positions, synthetic teacher arrays, and one relation target per image at its own size
     (``relation_index`` -1 padded to the largest image)."""
     tid = config_image_token_id(model.config)
-    encs = [encode(processor, tid, conv, imgs) for conv, imgs in records(_chat(name))]
+    encs = [encode(processor, tid, conv, imgs) for conv, imgs in records(FAMILIES[name].chat)]
     inputs = collate(encs, processor.tokenizer.pad_token_id)
     B, T = inputs["input_ids"].shape
     resp, targets, vis, images = [], [], [], []

@@ -1,4 +1,5 @@
-"""Tiny random-weight models of every supported VLM family, each with its real processor class.
+"""Tiny random-weight models of every supported VLM family (``kd_cache.families``), each with its real
+processor class.
 
 Each family's builder saves, to a folder, a model built from its ``transformers`` config classes
 (2 text layers, hidden 32-64, a 2-layer vision tower on 32-64 pixel images) together with the
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from kd_cache.families import FAMILIES as REGISTRY
 
 # -- tokenizer -------------------------------------------------------------------------------------
 
@@ -179,6 +182,18 @@ def build_llava(out: Path, s: Sizes, seed: int) -> Path:
                       image_token_id=proc.image_token_id, vision_feature_select_strategy="default",
                       vision_feature_layer=-1, image_seq_length=16)
     return _save(LlavaForConditionalGeneration, cfg, proc, out, seed)
+
+
+def build_vipllava(out: Path, s: Sizes, seed: int) -> Path:
+    """VipLLaVA: LLaVA's processor, a projector with a layernorm over several vision layers."""
+    from transformers import CLIPVisionConfig, LlamaConfig, VipLlavaConfig, VipLlavaForConditionalGeneration
+
+    proc = llava_processor()
+    tok = proc.tokenizer
+    cfg = VipLlavaConfig(vision_config=CLIPVisionConfig(**VISION, image_size=32, patch_size=8),
+                         text_config=_text(LlamaConfig, s, len(tok), tok.pad_token_id),
+                         image_token_index=proc.image_token_id, vision_feature_layers=[-2, -1], image_seq_length=16)
+    return _save(VipLlavaForConditionalGeneration, cfg, proc, out, seed)
 
 
 PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -469,31 +484,51 @@ def build_mistral3(out: Path, s: Sizes, seed: int) -> Path:
     return _save(Mistral3ForConditionalGeneration, cfg, proc, out, seed)
 
 
+# One builder per family of the registry (kd_cache.families), by model_type.
+BUILDERS: dict[str, Callable[[Path, Sizes, int], Path]] = {
+    "llava": build_llava,
+    "vipllava": build_vipllava,
+    "llava_next": build_llava_next,
+    "llava_onevision": build_llava_onevision,
+    "qwen2_vl": build_qwen2_vl,
+    "qwen2_5_vl": build_qwen2_5_vl,
+    "qwen3_vl": build_qwen3_vl,
+    "idefics3": build_idefics3,
+    "smolvlm": build_smolvlm,
+    "gemma3": build_gemma3,
+    "paligemma": build_paligemma,
+    "internvl": build_internvl,
+    "mistral3": build_mistral3,
+}
+
+
 @dataclass(frozen=True)
 class Family:
-    name: str
+    name: str  # config.model_type, the registry's key
     builder: Callable[[Path, Sizes, int], Path]
-    chat: bool = True  # False: a prefix/suffix model without a chat template (PaliGemma)
+
+    @property
+    def chat(self) -> bool:
+        """False: a prefix/suffix model without a chat template (PaliGemma), as the registry says."""
+        return REGISTRY[self.name].chat
 
     def build(self, out: str | Path, *, student: bool = False) -> Path:
         """Save a tiny teacher (or a smaller same-family student, same processor) to ``out``."""
         return self.builder(Path(out), STUDENT if student else TEACHER, 1 if student else 0)
 
 
-FAMILIES = {f.name: f for f in [
-    Family("llava", build_llava),
-    Family("llava_next", build_llava_next),
-    Family("llava_onevision", build_llava_onevision),
-    Family("qwen2_vl", build_qwen2_vl),
-    Family("qwen2_5_vl", build_qwen2_5_vl),
-    Family("qwen3_vl", build_qwen3_vl),
-    Family("idefics3", build_idefics3),
-    Family("smolvlm", build_smolvlm),
-    Family("gemma3", build_gemma3),
-    Family("paligemma", build_paligemma, chat=False),
-    Family("internvl", build_internvl),
-    Family("mistral3", build_mistral3),
-]}
+def _families() -> dict[str, Family]:
+    """Every registry family with its builder, in the registry's order; a family without a builder, or
+    a builder of no family, stops the tests that use them."""
+    missing, unknown = set(REGISTRY) - set(BUILDERS), set(BUILDERS) - set(REGISTRY)
+    if missing or unknown:
+        raise LookupError(f"tests/vlm_families.py BUILDERS and kd_cache/families.py FAMILIES differ: families "
+                          f"without a tiny builder {sorted(missing)}, builders of no family {sorted(unknown)}; "
+                          "add the builder (or the registry entry)")
+    return {t: Family(t, BUILDERS[t]) for t in REGISTRY}
+
+
+FAMILIES = _families()
 
 
 def draw_images(folder: Path, sizes: dict[str, tuple[int, int, str]]) -> Path:
