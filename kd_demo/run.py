@@ -313,22 +313,21 @@ def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: i
     _quiet()
     import torch
 
-    from kd_demo.verdict import per_question_kl
-    from student.evaluate import evaluate_qa, load_model
+    from student.evaluate import cache_agreement, evaluate_qa, load_model
 
     torch.set_num_threads(threads)
     model, proc = load_model(path, "cpu")
     qa = evaluate_qa(path, str(data), str(images), batch_size=batch_size, max_new_tokens=6, model=model,
                      processor=proc)
-    kl = per_question_kl(model, proc, cache, batch_size=batch_size)
-    at = {rid: i for i, rid in enumerate(kl["ids"])}
-    predictions = [{**p, "kl": float(kl["response_kl"][at[p["id"]]]),
-                    "kl_positions": int(kl["response_n"][at[p["id"]]])} for p in qa["predictions"]]
-    n_resp, n_vis = kl["response_n"].sum(), kl["visual_n"].sum()
+    got = cache_agreement(model, proc, cache, batch_size=batch_size)  # per question: its sample in the cache
+    at = {rid: i for i, rid in enumerate(got.ids)}
+    predictions = [{**p, "kl": float(got.kl["response"][at[p["id"]]]),
+                    "kl_positions": int(got.positions["response"][at[p["id"]]])} for p in qa["predictions"]]
+    n_resp, n_vis = got.positions["response"].sum(), got.positions["visual"].sum()
     metrics = {"accuracy": qa["accuracy"], "mc_accuracy": qa["mc_accuracy"],
-               "kl_to_teacher": float(kl["response_kl"].sum() / n_resp),
-               "top1_agreement": float(kl["response_agree"].sum() / n_resp),
-               "kl_visual": float(kl["visual_kl"].sum() / n_vis) if n_vis else None,
+               "kl_to_teacher": float(got.kl["response"].sum() / n_resp),
+               "top1_agreement": float(got.agree["response"].sum() / n_resp),
+               "kl_visual": float(got.kl["visual"].sum() / n_vis) if n_vis else None,
                "questions": qa["questions"], "llm_params": llm_params(model),
                "accuracy_by_question": accuracy_by_question(qa["predictions"], data)}
     return metrics, predictions

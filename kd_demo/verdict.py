@@ -6,67 +6,20 @@ difference ``d_i = correct_distilled_i - correct_baseline_i`` with standard erro
 for KL to the teacher (a mean over response *positions*, as ``kd-eval`` reports it) the ratio
 estimate ``D = sum_i (a_i - b_i) / sum_i n_i`` of per-question KL sums ``a_i``, ``b_i`` over ``n_i``
 positions, with standard error ``sqrt(n / (n - 1) * sum_i (a_i - b_i - D n_i)^2) / sum_i n_i``. A
-margin counts when it exceeds ``Z = 2`` standard errors.
+margin counts when it exceeds ``Z = 2`` standard errors. The per-question KL sums are kd-eval's own
+(``student.evaluate.cache_agreement``, one sample of the question set's cache per question), so
+``sum_i a_i / sum_i n_i`` is kd-eval's ``kl_to_teacher``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 Z = 2.0  # standard errors a margin must exceed
-
-
-@torch.no_grad()
-def per_question_kl(model, processor, cache: str | Path, batch_size: int = 64) -> dict[str, Any]:
-    """Per-sample KL(teacher || model) sums at response and visual positions of ``cache``.
-
-    Returns ``{"ids": [sample ids], "response_kl": float64 [n], "response_n": [n], "visual_kl", "visual_n",
-    "response_agree": [n]}`` (top-1 agreements at response positions); the tail-bin divergence and the
-    row mask are ``kd-eval``'s (``student.evaluate.evaluate_cache``), so ``response_kl.sum() /
-    response_n.sum()`` is its ``kl_to_teacher``.
-    """
-    from kd_cache.reader import open_cache
-    from student.distill import teacher_arrays
-    from student.losses import sparse_divergence, teacher_row_mask
-    from student.stream import StreamingKDDataset
-
-    kd = open_cache(str(cache))
-    ds = StreamingKDDataset(kd, processor, image_folder=None, batch_size=batch_size, shuffle=False, with_teacher=True)
-    head = model.get_output_embeddings().weight
-    ids: list[str] = []
-    cols = {k: [] for k in ("response_kl", "response_n", "response_agree", "visual_kl", "visual_n")}
-    for batch in ds:
-        b = len(batch["ids"])
-        ids += list(batch["ids"])
-        inputs = {k: v.to(model.device, model.dtype) if v.is_floating_point() else v.to(model.device)
-                  for k, v in batch["model_inputs"].items()}
-        flat = model.model(**inputs, use_cache=False).last_hidden_state
-        flat = flat.reshape(-1, flat.shape[-1])
-        for kind in ("response", "visual"):
-            kl_sum, n_sum, agree_sum = (torch.zeros(b, dtype=torch.float64) for _ in range(3))
-            got = teacher_arrays(batch, kind)
-            if got is not None:
-                logits = (flat[batch[f"{kind}_index"]] @ head.T).float()
-                kl = sparse_divergence(logits, got.ids, got.logprobs, got.tail, mode="tail", counts=got.counts,
-                                       logp_mean=got.logp_mean)
-                rows = teacher_row_mask(got.ids)
-                top = got.ids.gather(-1, got.logprobs.float().masked_fill(got.ids < 0, -math.inf)
-                                     .argmax(-1, keepdim=True))[:, 0]
-                owner = batch[f"{kind}_batch"].long()
-                kl_sum.index_add_(0, owner, (kl * rows).double())
-                n_sum.index_add_(0, owner, rows.double())
-                agree_sum.index_add_(0, owner, ((logits.argmax(-1) == top) & rows).double())
-            cols[f"{kind}_kl"].append(kl_sum)
-            cols[f"{kind}_n"].append(n_sum)
-            if kind == "response":
-                cols["response_agree"].append(agree_sum)
-    return {"ids": ids, **{k: torch.cat(v).numpy() for k, v in cols.items()}}
 
 
 def paired_accuracy(a: Sequence[bool], b: Sequence[bool]) -> tuple[float, float]:

@@ -10,4 +10,6 @@
 - ``student.cache_checks``: refusals of options the cache was not built for.
 - ``student.checkpoints``: checkpoints, resumption and the final model in ``OUT``.
 - ``student.train``: the training step and loop behind ``kd-train``.
+- ``student.eval_config``: ``EvalConfig``, every setting of ``kd-eval`` with its flag's help.
+- ``student.evaluate``: ``kd-eval`` (QA accuracy; KL and top-1 agreement with the teacher on a cache).
 """

@@ -23,8 +23,10 @@ Two independent measurements of a saved image-text-to-text model of any supporte
   sparse distributions, with ``student.losses.sparse_divergence``: the coarsened KL over the stored
   k ids plus one tail bin (the KL training minimises), which equals the full-vocabulary KL when k
   covers the vocabulary. For a sampled cache it is the unbiased sampled estimate. Top-1 agreement
-  compares the model's argmax with the teacher's most likely stored id. The model runs on the
-  stream's ``model_inputs`` (its own processor's inputs for each cached sample).
+  compares the model's argmax with the teacher's most likely stored id (in sample mode without
+  log-probs, the most drawn one). The model runs on the stream's ``model_inputs`` (its own
+  processor's inputs for each cached sample). ``cache_agreement`` measures all this per sample
+  (sums and counts), which is also what kd-demo's verdict reads per question.
 """
 
 from __future__ import annotations
@@ -37,14 +39,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kd_cache.encoding import Encoder, Prepared
 from kd_cache.processing import IMAGE_TAG, ProcessedSample, collate, config_image_token_id, turn_role
 from kd_cache.records import NO_ASSISTANT_TOKENS, BadRecord, Record, load_records, resolve_image_folder
 from kd_cache.runtime import resolve_device, resolve_dtype
-from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, SparseInfo
 from student.distill import teacher_arrays
-from student.losses import ce_reference, sparse_divergence, teacher_row_mask
+from student.losses import SparseTeacher, sparse_divergence, teacher_row_mask
 
 
 def load_model(path: str | Path, device: str | torch.device = "auto", dtype: str = "auto"):
@@ -343,76 +346,127 @@ def evaluate_qa(model_path: str | Path, data: str, image_folder: str | None = No
 # ------------------------------------------------------------------------------------- cache metrics
 
 
-@torch.no_grad()
-def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | None = None, batch_size: int = 8,
-                   chunk_size: int = 1024, device: str = "auto", dtype: str = "auto",
-                   storage_options: dict | None = None, model=None, processor=None) -> dict[str, Any]:
-    """KL(teacher || model) and top-1 agreement at the cache's response (and visual) positions.
+@dataclass
+class CacheAgreement:
+    """How close a model is to the teacher of a cache, per sample in cache order (``cache_agreement``).
 
-    Returns ``kl_to_teacher`` and ``top1_agreement`` (response positions), ``ce`` (the model's
-    cross-entropy on the cached reference tokens), ``positions``, and ``kl_visual``/``top1_visual``/
-    ``visual_positions`` (None/0 for a text-only cache), plus ``samples`` and ``sparse`` (the cache's
-    sparse mode and k).
+    ``ids`` [n] the sample ids. For each kind of ``DEFAULT_KINDS`` (response, visual), at the sample's
+    positions of that kind that store teacher ids: ``kl[kind]`` float64 [n] the sum of KL(teacher || model)
+    (``student.losses.sparse_divergence``, tail mode), ``positions[kind]`` int64 [n] how many there are,
+    ``agree[kind]`` int64 [n] at how many the model's argmax is the teacher's most likely stored id.
+    ``ce`` float64 [n] / ``ce_tokens`` int64 [n]: the sum of the model's cross-entropy on the cached
+    reference tokens at the response positions, and how many tokens.
+    """
+
+    ids: list[str]
+    kl: dict[str, np.ndarray]
+    positions: dict[str, np.ndarray]
+    agree: dict[str, np.ndarray]
+    ce: np.ndarray
+    ce_tokens: np.ndarray
+    sparse: SparseInfo  # the cache's sparse mode and k
+
+
+def teacher_top1(teacher: SparseTeacher) -> torch.Tensor:
+    """[P] the teacher's most likely stored id of each row: the highest stored log-prob, or in sample mode
+    without log-probs the most drawn id (-1 where nothing is stored)."""
+    ids = teacher.ids
+    score = (teacher.logprobs if teacher.logprobs is not None else teacher.counts).float()
+    return ids.gather(-1, score.masked_fill(ids < 0, -math.inf).argmax(-1, keepdim=True))[:, 0]
+
+
+@torch.no_grad()
+def cache_agreement(model, processor, cache: str | Path, *, image_folder: str | None = None, batch_size: int = 8,
+                    chunk_size: int = 1024, storage_options: dict | None = None) -> CacheAgreement:
+    """Run ``model`` over every sample of ``cache`` (any sparse mode) and compare its next-token
+    distributions with the cached teacher's at the response and visual positions, per sample.
+
+    The model runs on the stream's ``model_inputs`` (its own processor's inputs for each cached sample,
+    images resolved in ``image_folder``, default the cache's); the LM head is applied chunk by chunk
+    (``chunk_size`` positions), never to every position at once. Refuses a cache the model cannot be
+    compared with (``student.model.check_compatibility``) or one that holds no samples.
     """
     from kd_cache.reader import open_cache
     from student.model import check_compatibility
     from student.stream import StreamingKDDataset
 
-    if model is None:
-        model, processor = load_model(model_path, device, dtype)
-    kd = open_cache(cache, storage_options)
-    manifest = kd.manifest
-    check_compatibility(manifest, model, processor)
+    kd = open_cache(str(cache), storage_options)
+    check_compatibility(kd.manifest, model, processor)
     if len(kd) == 0:
         raise ValueError(f"--cache {cache}: the cache holds no samples")
     ds = StreamingKDDataset(kd, processor, image_folder=image_folder, batch_size=batch_size, shuffle=False,
                             with_teacher=True)
     head = model.get_output_embeddings().weight
     dev = model.device
-    sums = {k: {"kl": 0.0, "agree": 0.0, "n": 0.0} for k in DEFAULT_KINDS}
-    ce_sum = ce_n = 0.0
+    ids: list[str] = []
+    names = [f"{m}/{k}" for m in ("kl", "positions", "agree") for k in DEFAULT_KINDS] + ["ce", "ce_tokens"]
+    cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}  # per batch: float64 [b] sums
     for batch in ds:
-        inputs = {k: v.to(dev, model.dtype) if v.is_floating_point() else v.to(dev)
-                  for k, v in batch["model_inputs"].items()}
-        out = model.model(**inputs, use_cache=False)
+        ids += list(batch["ids"])
+        sums = {name: torch.zeros(len(batch["ids"]), dtype=torch.float64) for name in cols}
+        out = model.model(**_on(model, batch["model_inputs"]), use_cache=False)
         flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
-        for kind in DEFAULT_KINDS:  # response (the headline numbers) and visual
-            if f"{kind}_ids" not in batch:
+        for kind in DEFAULT_KINDS:
+            teacher = teacher_arrays(batch, kind)
+            if teacher is None:
                 continue
-            index = batch[f"{kind}_index"].to(dev)
+            index, owner = batch[f"{kind}_index"].to(dev), batch[f"{kind}_batch"].long()
             for a in range(0, len(index), chunk_size):  # never the logits of every position at once
                 sl = slice(a, a + chunk_size)
                 logits = (flat[index[sl]] @ head.T).float()
-                got = teacher_arrays(batch, kind)[sl].to(dev)
-                ids, lps = got.ids, got.logprobs
-                kl = sparse_divergence(logits, ids, lps, got.tail, mode="tail", counts=got.counts,
-                                       logp_mean=got.logp_mean)
-                rows = teacher_row_mask(ids)
-                # the teacher's most likely stored id (sample mode without log-probs: the most drawn one)
-                score = (lps if lps is not None else got.counts).float().masked_fill(ids < 0, -math.inf)
-                teacher_top = ids.gather(-1, score.argmax(-1, keepdim=True))[:, 0]
-                agree = (logits.argmax(-1) == teacher_top) & rows
-                sums[kind]["kl"] += float(kl.sum())
-                sums[kind]["agree"] += float(agree.sum())
-                sums[kind]["n"] += float(rows.sum())
+                t = teacher[sl].to(dev)
+                kl = sparse_divergence(logits, t.ids, t.logprobs, t.tail, mode="tail", counts=t.counts,
+                                       logp_mean=t.logp_mean)  # 0 where no id is stored
+                rows = teacher_row_mask(t.ids)
+                agree = (logits.argmax(-1) == teacher_top1(t)) & rows
+                for name, values in (("kl", kl), ("positions", rows), ("agree", agree)):
+                    sums[f"{name}/{kind}"].index_add_(0, owner[sl], values.double().cpu())
                 if kind == "response":
-                    ce, n = ce_reference(logits, batch["response_targets"][sl].to(dev))
-                    ce_sum, ce_n = ce_sum + float(ce), ce_n + float(n)
+                    targets = batch["response_targets"][sl].to(dev).long()
+                    ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+                    sums["ce"].index_add_(0, owner[sl], ce.double().cpu())
+                    sums["ce_tokens"].index_add_(0, owner[sl], (targets != IGNORE_INDEX).double().cpu())
+        for name, values in sums.items():
+            cols[name].append(values)
+    total = {name: torch.cat(v).numpy() for name, v in cols.items()}
 
-    def mean(kind, key):
-        n = sums[kind]["n"]
-        return sums[kind][key] / n if n else None
+    def per_kind(name: str, dtype) -> dict[str, np.ndarray]:
+        return {k: total[f"{name}/{k}"].astype(dtype) for k in DEFAULT_KINDS}
+
+    return CacheAgreement(ids=ids, kl=per_kind("kl", np.float64), positions=per_kind("positions", np.int64),
+                          agree=per_kind("agree", np.int64), ce=total["ce"],
+                          ce_tokens=total["ce_tokens"].astype(np.int64), sparse=kd.manifest.sparse)
+
+
+def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | None = None, batch_size: int = 8,
+                   chunk_size: int = 1024, device: str = "auto", dtype: str = "auto",
+                   storage_options: dict | None = None, model=None, processor=None) -> dict[str, Any]:
+    """KL(teacher || model) and top-1 agreement at the cache's response (and visual) positions: the
+    per-sample sums of ``cache_agreement`` over the whole cache, as means over positions.
+
+    Returns ``kl_to_teacher`` and ``top1_agreement`` (response positions), ``ce`` (the model's
+    cross-entropy on the cached reference tokens), ``positions``, and ``kl_visual``/``top1_visual``/
+    ``visual_positions`` (None/0 for a text-only cache), plus ``samples`` and ``sparse`` (the cache's
+    sparse mode and k).
+    """
+    if model is None:
+        model, processor = load_model(model_path, device, dtype)
+    got = cache_agreement(model, processor, cache, image_folder=image_folder, batch_size=batch_size,
+                          chunk_size=chunk_size, storage_options=storage_options)
+
+    def mean(total: np.ndarray, n: np.ndarray) -> float | None:
+        return float(total.sum() / n.sum()) if n.sum() else None
 
     return {
-        "kl_to_teacher": mean("response", "kl"),
-        "top1_agreement": mean("response", "agree"),
-        "ce": ce_sum / ce_n if ce_n else None,
-        "positions": int(sums["response"]["n"]),
-        "kl_visual": mean("visual", "kl"),
-        "top1_visual": mean("visual", "agree"),
-        "visual_positions": int(sums["visual"]["n"]),
-        "samples": len(kd),
-        "sparse": {"mode": manifest.sparse.mode, "k": manifest.sparse.k},
+        "kl_to_teacher": mean(got.kl["response"], got.positions["response"]),
+        "top1_agreement": mean(got.agree["response"], got.positions["response"]),
+        "ce": mean(got.ce, got.ce_tokens),
+        "positions": int(got.positions["response"].sum()),
+        "kl_visual": mean(got.kl["visual"], got.positions["visual"]),
+        "top1_visual": mean(got.agree["visual"], got.positions["visual"]),
+        "visual_positions": int(got.positions["visual"].sum()),
+        "samples": len(got.ids),
+        "sparse": {"mode": got.sparse.mode, "k": got.sparse.k},
     }
 
 

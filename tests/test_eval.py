@@ -186,22 +186,50 @@ def full_cache(tmp_path_factory, teacher_dir, chat_data):
     return out
 
 
-def _dense_metrics(teacher_dir, model_dir, cache_path):
-    """Mean forward KL and top-1 agreement from both models' full logits at the response positions."""
+@pytest.fixture(scope="module")
+def top8_cache(tmp_path_factory, teacher_dir, chat_data):
+    """Top-8 of a 400-token vocabulary: the tail bin carries mass."""
+    out = tmp_path_factory.mktemp("eval-top8") / "cache"
+    data, images = chat_data
+    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
+                            top_k=8, relation="none", device="cpu", progress=False, shard_size=4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def sample_cache(tmp_path_factory, teacher_dir, chat_data):
+    """Sample mode without per-entry log-probs (``logp_mean`` and counts only)."""
+    out = tmp_path_factory.mktemp("eval-sampled") / "cache"
+    data, images = chat_data
+    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
+                            sparse="sample", samples=512, relation="none", device="cpu", progress=False))
+    assert "response_logprobs" not in open_cache(str(out))[0]
+    return out
+
+
+def _dense_log_probs(model_dir, cache_path) -> list[dict[str, torch.Tensor]]:
+    """Per cached sample, in cache order: the model's full-vocabulary log-probs (float64 [P, V]) at the
+    sample's response and visual positions, from one unbatched forward of plain transformers."""
     from PIL import Image
 
-    teacher, proc = load_llava(teacher_dir)
-    model, _ = load_llava(model_dir)
+    model, proc = load_llava(model_dir)
     folder = open_cache(str(cache_path)).manifest.image_folder
-    kls, agree = [], []
+    out = []
     for s in open_cache(str(cache_path)):
         inputs = model_inputs(proc, s["input_ids"], [Image.open(f"{folder}/{p}").convert("RGB") for p in s["images"]])
-        pos = torch.from_numpy(np.asarray(s["response_positions"], dtype=np.int64))
         with torch.no_grad():
-            t = teacher(**inputs).logits[0, pos].float()
-            q = model(**inputs).logits[0, pos].float()
-        kls.append(dense_divergence(q, t, divergence="fkl"))
-        agree.append(q.argmax(-1) == t.argmax(-1))
+            logits = model(**inputs).logits[0].double()
+        out.append({kind: logits[torch.from_numpy(np.asarray(s[f"{kind}_positions"], dtype=np.int64))].log_softmax(-1)
+                    for kind in ("response", "visual")})
+    return out
+
+
+def _dense_metrics(teacher_dir, model_dir, cache_path):
+    """Mean forward KL and top-1 agreement from both models' full logits at the response positions."""
+    kls, agree = [], []
+    for t, q in zip(_dense_log_probs(teacher_dir, cache_path), _dense_log_probs(model_dir, cache_path)):
+        kls.append(dense_divergence(q["response"], t["response"], divergence="fkl"))
+        agree.append(q["response"].argmax(-1) == t["response"].argmax(-1))
     return float(torch.cat(kls).mean()), float(torch.cat(agree).float().mean()), int(sum(len(k) for k in kls))
 
 
@@ -232,17 +260,93 @@ def test_human_output_and_errors(teacher_dir, full_cache, tmp_path):
     assert res.exit_code == 2 and "config.json" in res.output
 
 
-def test_kl_on_a_sample_mode_cache(teacher_dir, student_dir, chat_data, tmp_path):
+def test_kl_on_a_sample_mode_cache(teacher_dir, student_dir, sample_cache):
     """kd-eval --cache on a sample-mode cache (no per-entry log-probs, logp_mean only): the teacher's KL
     to itself is 0, and the student's sampled estimate is close to its dense KL."""
-    data, images = chat_data
-    out = tmp_path / "sampled"
-    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
-                            sparse="sample", samples=512, relation="none", device="cpu", progress=False))
-    assert "response_logprobs" not in open_cache(str(out))[0]
-    own = _eval("--model", teacher_dir, "--cache", out)["cache"]
+    own = _eval("--model", teacher_dir, "--cache", sample_cache)["cache"]
     assert own["kl_to_teacher"] == pytest.approx(0.0, abs=1e-4)
-    student = _eval("--model", student_dir, "--cache", out)["cache"]
-    kl, _, n = _dense_metrics(teacher_dir, student_dir, out)
+    student = _eval("--model", student_dir, "--cache", sample_cache)["cache"]
+    kl, _, n = _dense_metrics(teacher_dir, student_dir, sample_cache)
     assert student["positions"] == n and kl > 0.1
     assert student["kl_to_teacher"] == pytest.approx(kl, rel=0.05)
+
+
+def _per_sample(values: list[torch.Tensor]) -> np.ndarray:
+    return np.array([float(v.sum()) for v in values])
+
+
+@pytest.mark.parametrize("cache", ["full_cache", "top8_cache"])
+@pytest.mark.parametrize("who", ["student_dir", "teacher_dir"])
+def test_cache_agreement_per_sample_on_topk_matches_dense(teacher_dir, who, cache, request):
+    """Per sample and kind, ``cache_agreement``'s KL sums are the KL between the two models' dense
+    distributions coarsened to the cached ids + one tail bin (the full-vocabulary KL when k covers the
+    vocabulary), its agreements the positions where both dense argmaxes are equal."""
+    from student.evaluate import cache_agreement, evaluate_cache, load_model
+
+    path, model_dir = request.getfixturevalue(cache), request.getfixturevalue(who)
+    model, proc = load_model(model_dir, "cpu")
+    got = cache_agreement(model, proc, path, batch_size=3, chunk_size=7)  # chunks cut samples on purpose
+    teacher, student = _dense_log_probs(teacher_dir, path), _dense_log_probs(model_dir, path)
+    samples = list(open_cache(str(path)))
+    assert got.ids == [s["id"] for s in samples]
+    for kind in ("response", "visual"):
+        kls, agree = [], []
+        for s, t, q in zip(samples, teacher, student):
+            ids = torch.from_numpy(s[f"{kind}_ids"].astype(np.int64))
+            stored = torch.zeros_like(t[kind], dtype=torch.bool).scatter_(-1, ids, True)
+            # K + 1 bins: the stored ids, and everything else (empty when k covers the vocabulary).
+            bins_p = torch.cat([t[kind].gather(-1, ids), t[kind].masked_fill(stored, -torch.inf).logsumexp(-1)[:, None]], -1)
+            bins_q = torch.cat([q[kind].gather(-1, ids), q[kind].masked_fill(stored, -torch.inf).logsumexp(-1)[:, None]], -1)
+            kls.append(torch.xlogy(bins_p.exp(), bins_p.exp()).sum(-1) - (bins_p.exp() * bins_q.clamp_min(-100)).sum(-1))
+            if len(ids) and ids.shape[1] == t[kind].shape[1]:  # k covers the vocabulary: the dense KL itself
+                torch.testing.assert_close(kls[-1], dense_divergence(q[kind], t[kind]), rtol=1e-6, atol=1e-9)
+            agree.append(q[kind].argmax(-1) == t[kind].argmax(-1))
+        np.testing.assert_array_equal(got.positions[kind], [len(s[f"{kind}_positions"]) for s in samples])
+        np.testing.assert_allclose(got.kl[kind], _per_sample(kls), rtol=2e-3, atol=1e-5)  # fp16 stored log-probs
+        np.testing.assert_array_equal(got.agree[kind], _per_sample(agree))
+    assert got.positions["visual"].sum() > 0
+    if who == "student_dir":  # a different model: far from the teacher
+        assert got.kl["response"].sum() > 0.1 * got.positions["response"].sum()
+    else:  # the teacher itself: it agrees everywhere
+        assert (got.agree["response"] == got.positions["response"]).all() and got.kl["response"].sum() < 1e-3
+    # kd-eval's numbers are these sums over the whole cache.
+    out = evaluate_cache(model_dir, str(path), batch_size=3, chunk_size=7, model=model, processor=proc)
+    assert out["kl_to_teacher"] == got.kl["response"].sum() / got.positions["response"].sum()
+    assert out["top1_agreement"] == got.agree["response"].sum() / got.positions["response"].sum()
+    assert out["kl_visual"] == got.kl["visual"].sum() / got.positions["visual"].sum()
+    assert out["samples"] == len(samples) and out["positions"] == got.positions["response"].sum()
+
+
+@pytest.mark.parametrize("who", ["student_dir", "teacher_dir"])
+def test_cache_agreement_per_sample_on_sample_mode_without_logprobs(who, sample_cache, request):
+    """Sample mode stores no per-entry log-probs: the KL sums are the sampled estimate
+    sum_i (c_i / N)(log p_i - log q_i) = logp_mean - sum_i (c_i / N) log q_i, recomputed from the cached
+    counts and the model's dense log-probs, and the teacher's top id is its most drawn one."""
+    from student.evaluate import cache_agreement, load_model
+
+    model_dir = request.getfixturevalue(who)
+    model, proc = load_model(model_dir, "cpu")
+    got = cache_agreement(model, proc, sample_cache, batch_size=4, chunk_size=5)
+    student = _dense_log_probs(model_dir, sample_cache)
+    samples = list(open_cache(str(sample_cache)))
+    assert got.ids == [s["id"] for s in samples]
+    for kind in ("response", "visual"):
+        kls, agree, rows = [], [], []
+        for s, q in zip(samples, student):
+            ids = torch.from_numpy(s[f"{kind}_ids"].astype(np.int64))
+            counts = torch.from_numpy(s[f"{kind}_counts"].astype(np.float64))
+            w = counts / counts.sum(-1, keepdim=True)
+            kls.append(torch.from_numpy(s[f"{kind}_logp_mean"].astype(np.float64))
+                       - (w * q[kind].gather(-1, ids.clamp_min(0))).sum(-1))
+            most_drawn = ids.gather(-1, counts.argmax(-1, keepdim=True))[:, 0]
+            agree.append(q[kind].argmax(-1) == most_drawn)
+            rows.append((ids >= 0).any(-1))
+        np.testing.assert_array_equal(got.positions[kind], _per_sample(rows))
+        np.testing.assert_allclose(got.kl[kind], _per_sample(kls), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got.agree[kind], _per_sample(agree))
+    assert got.positions["visual"].sum() > 0
+    if who == "teacher_dir":  # the teacher mostly draws its own argmax most often
+        assert got.agree["response"].sum() > 0.5 * got.positions["response"].sum()
+        assert abs(got.kl["response"].sum()) < 1e-3 * got.positions["response"].sum()
+    else:
+        assert got.kl["response"].sum() > 0.1 * got.positions["response"].sum()

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from loss_reference import DIVERGENCES, ref_div
 
 from student.losses import (
     LOG_PROB_FLOOR,
@@ -26,7 +27,6 @@ from student.losses import (
     zscore_logits,
 )
 
-DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
 V = 11
 
 
@@ -36,29 +36,6 @@ def _gen(seed: int = 0) -> torch.Generator:
 
 def _logits(P: int, vocab: int = V, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
     return torch.randn(P, vocab, generator=_gen(seed), dtype=torch.float64).float() * scale
-
-
-def _ref_div(p: torch.Tensor, q: torch.Tensor, name: str, beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:
-    """Independent float64 reference on probability vectors [P, B] (written from the definitions)."""
-    p, q = p.double(), q.double()
-
-    def kl(a, b):
-        return torch.where(a > 0, a * (a.log() - b.log()), torch.zeros_like(a)).sum(-1)
-
-    if name == "fkl":
-        return kl(p, q)
-    if name == "rkl":
-        return kl(q, p)
-    if name == "jsd":
-        m = beta * p + (1 - beta) * q
-        return beta * kl(p, m) + (1 - beta) * kl(q, m)
-    if name == "tvd":
-        return 0.5 * (p - q).abs().sum(-1)
-    if name == "skl":
-        return kl(p, skew * p + (1 - skew) * q)
-    if name == "srkl":
-        return kl(q, skew * q + (1 - skew) * p)
-    raise AssertionError(name)
 
 
 def _topk(teacher_logits: torch.Tensor, k: int):
@@ -288,7 +265,7 @@ def test_tail_mode_equals_coarsened_dense(div, k):
     pk, qk = p.gather(-1, ids), q.gather(-1, ids)
     p_bins = torch.cat([pk, 1 - pk.sum(-1, keepdim=True)], -1)
     q_bins = torch.cat([qk, 1 - qk.sum(-1, keepdim=True)], -1)
-    ref = _ref_div(p_bins, q_bins, div, beta=0.3, skew=0.2).float()
+    ref = ref_div(p_bins, q_bins, div, beta=0.3, skew=0.2).float()
     out = sparse_divergence(s, ids, lp, tail, divergence=div, mode="tail", jsd_beta=0.3, skew=0.2)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-6)
 
@@ -296,7 +273,7 @@ def test_tail_mode_equals_coarsened_dense(div, k):
 @pytest.mark.parametrize("div", DIVERGENCES)
 def test_dense_matches_float64_reference(div):
     s, t = _logits(5, seed=16), _logits(5, seed=17)
-    ref = _ref_div(t.double().softmax(-1), s.double().softmax(-1), div, beta=0.7, skew=0.3).float()
+    ref = ref_div(t.double().softmax(-1), s.double().softmax(-1), div, beta=0.7, skew=0.3).float()
     out = dense_divergence(s, t, divergence=div, jsd_beta=0.7, skew=0.3)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
