@@ -5,7 +5,7 @@
     kd-eval --model DIR --data ... --cache ...                     both
 
 A thin front end over ``student.evaluate``, its options generated from ``student.eval_config.EvalConfig``;
-user errors are one message with exit code 2.
+user errors are one line with exit code 2 (``cli.options.config_command``).
 """
 
 from __future__ import annotations
@@ -38,11 +38,6 @@ CACHE_COLUMNS = [("kl_to_teacher", ".6f"), ("top1_agreement", ".4f"), ("ce", ".4
                  ("kl_visual", ".6f"), ("top1_visual", ".4f"), ("visual_positions", "d")]
 
 
-def _fail(err: Exception | str) -> None:
-    typer.echo(f"kd-eval: error: {err}", err=True)
-    raise typer.Exit(code=2)
-
-
 def _lines(title: str, metrics: dict, columns) -> list[str]:
     out = [title]
     for key, fmt in columns:
@@ -55,28 +50,21 @@ def _lines(title: str, metrics: dict, columns) -> list[str]:
 @config_command(EvalConfig, prog="kd-eval")
 def evaluate(cfg: EvalConfig) -> None:
     """Evaluate a checkpoint on QA data (--data) and/or against a teacher cache (--cache)."""
-    from kd_cache.records import BadRecord
     from student.evaluate import evaluate_cache, evaluate_qa, load_model
-    from student.model import CompatibilityError
 
     results: dict = {"model": cfg.model}
-    try:
-        m, proc = load_model(cfg.model, cfg.device, cfg.dtype)
-        if cfg.data is not None:
-            qa = evaluate_qa(cfg.model, cfg.data, cfg.image_folder, batch_size=cfg.batch_size,
-                             max_new_tokens=cfg.max_new_tokens, limit=cfg.limit, max_length=cfg.max_length,
-                             strict=cfg.strict, model=m, processor=proc)
-            if cfg.predictions:
-                with open(cfg.predictions, "w") as f:
-                    f.writelines(json.dumps(p) + "\n" for p in qa["predictions"])
-            results["qa"] = {k: v for k, v in qa.items() if k != "predictions"}
-        if cfg.cache is not None:
-            results["cache"] = evaluate_cache(cfg.model, cfg.cache, image_folder=cfg.cache_image_folder,
-                                              batch_size=cfg.batch_size, model=m, processor=proc)
-    except BadRecord as e:
-        _fail(f"{e} (--strict stops at the first bad record; drop it to skip and count them)")
-    except (ValueError, TypeError, FileNotFoundError, CompatibilityError) as e:
-        _fail(e)
+    m, proc = load_model(cfg.model, cfg.device, cfg.dtype)
+    if cfg.data is not None:
+        qa = evaluate_qa(cfg.model, cfg.data, cfg.image_folder, batch_size=cfg.batch_size,
+                         max_new_tokens=cfg.max_new_tokens, limit=cfg.limit, max_length=cfg.max_length,
+                         strict=cfg.strict, model=m, processor=proc)
+        if cfg.predictions:
+            with open(cfg.predictions, "w") as f:
+                f.writelines(json.dumps(p) + "\n" for p in qa["predictions"])
+        results["qa"] = {k: v for k, v in qa.items() if k != "predictions"}
+    if cfg.cache is not None:
+        results["cache"] = evaluate_cache(cfg.model, cfg.cache, image_folder=cfg.cache_image_folder,
+                                          batch_size=cfg.batch_size, model=m, processor=proc)
     typer.echo(json.dumps(results, indent=2) if cfg.as_json else _report(cfg, results))
 
 
