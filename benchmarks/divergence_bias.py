@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 from student.losses import Divergence, dense_divergence, sparse_divergence  # noqa: E402
 
-DIVERGENCES = ("fkl", "rkl", "jsd", "tvd", "skl", "srkl")
+DIVERGENCES = tuple(d.value for d in Divergence)
 
 
 def topk_arrays(teacher_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import torch
 
-DIVERGENCES = ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"]
+from student.losses import Divergence
+
+DIVERGENCES = [d.value for d in Divergence]  # every divergence the losses offer
 
 
 def ref_div(p: torch.Tensor, q: torch.Tensor, name: str, beta: float = 0.5, skew: float = 0.1) -> torch.Tensor:

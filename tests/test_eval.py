@@ -177,32 +177,29 @@ def test_multi_turn_records_count_every_answer(teacher_dir, multi_turn, tmp_path
     assert [p["correct"] for p in lines] == expected
 
 
-@pytest.fixture(scope="module")
-def full_cache(tmp_path_factory, teacher_dir, chat_data):
-    out = tmp_path_factory.mktemp("eval-cache") / "cache"
+def _build_cache(tmp_path_factory, teacher_dir, chat_data, name: str, **kw):
+    out = tmp_path_factory.mktemp(name) / "cache"
     data, images = chat_data
     build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
-                            top_k=400, relation="none", device="cpu", progress=False, shard_size=4))
+                            relation="none", device="cpu", progress=False, **kw))
     return out
+
+
+@pytest.fixture(scope="module")
+def full_cache(tmp_path_factory, teacher_dir, chat_data):
+    return _build_cache(tmp_path_factory, teacher_dir, chat_data, "eval-cache", top_k=400, shard_size=4)
 
 
 @pytest.fixture(scope="module")
 def top8_cache(tmp_path_factory, teacher_dir, chat_data):
     """Top-8 of a 400-token vocabulary: the tail bin carries mass."""
-    out = tmp_path_factory.mktemp("eval-top8") / "cache"
-    data, images = chat_data
-    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
-                            top_k=8, relation="none", device="cpu", progress=False, shard_size=4))
-    return out
+    return _build_cache(tmp_path_factory, teacher_dir, chat_data, "eval-top8", top_k=8, shard_size=4)
 
 
 @pytest.fixture(scope="module")
 def sample_cache(tmp_path_factory, teacher_dir, chat_data):
     """Sample mode without per-entry log-probs (``logp_mean`` and counts only)."""
-    out = tmp_path_factory.mktemp("eval-sampled") / "cache"
-    data, images = chat_data
-    build_cache(BuildConfig(teacher=str(teacher_dir), data=str(data), image_folder=str(images), out=str(out),
-                            sparse="sample", samples=512, relation="none", device="cpu", progress=False))
+    out = _build_cache(tmp_path_factory, teacher_dir, chat_data, "eval-sampled", sparse="sample", samples=512)
     assert "response_logprobs" not in open_cache(str(out))[0]
     return out
 
