@@ -12,17 +12,15 @@ from typing import Annotated
 
 import typer
 
-from cli.options import config_command, fail, user_errors
+from cli.options import command_app, config_command, fail, user_errors
 from kd_cache.build_config import BuildConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(
-    help="Run a teacher VLM once and cache what distillation needs (sparse distributions, relation "
-    "matrices) in compressed Zarr shards; inspect and verify caches.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+app = command_app(
+    "kd-cache",
+    "Run a teacher VLM once and cache what distillation needs (sparse distributions, relation matrices) in "
+    "compressed Zarr shards; inspect and verify caches.",
 )
 
 

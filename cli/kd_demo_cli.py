@@ -16,17 +16,16 @@ import sys
 
 import typer
 
-from cli.options import config_command
+from cli.options import command_app, config_command
 from kd_demo.config import DemoConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(
-    name="kd-demo",
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    help="Show LLaVA-KD end to end on a small synthetic visual task (no downloads, no GPU, minutes on a CPU): "
-         "teacher -> kd-cache build -> baseline PT->SFT vs distilled DPT->SFT->DFT -> kd-eval.",
+app = command_app(
+    "kd-demo",
+    "Show LLaVA-KD end to end on a small synthetic visual task (no downloads, no GPU, minutes on a CPU): "
+    "teacher -> kd-cache build -> baseline PT->SFT vs distilled DPT->SFT->DFT -> kd-eval.",
+    no_args_is_help=False,
 )
 
 

@@ -16,20 +16,16 @@ import sys
 
 import typer
 
-from cli.options import config_command
+from cli.options import command_app, config_command
 from student.eval_config import EvalConfig
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-app = typer.Typer(
-    name="kd-eval",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Evaluate a saved image-text-to-text model of a supported family (LLaVA, Qwen-VL, Idefics3, Gemma3, ...): "
-         "exact-match accuracy of greedy answers on LLaVA-format QA data "
-         "(--data), multiple-choice accuracy for records with `options`, and forward KL / top-1 agreement "
-         "with the teacher on a kd-cache (--cache).",
+app = command_app(
+    "kd-eval",
+    "Evaluate a saved image-text-to-text model of a supported family (LLaVA, Qwen-VL, Idefics3, Gemma3, ...): "
+    "exact-match accuracy of greedy answers on LLaVA-format QA data (--data), multiple-choice accuracy for "
+    "records with `options`, and forward KL / top-1 agreement with the teacher on a kd-cache (--cache).",
 )
 
 

@@ -15,17 +15,14 @@ from typing import Annotated
 
 import typer
 
-from cli.options import choices, config_command, user_errors
+from cli.options import choices, command_app, config_command, user_errors
 from kd_cache.schema import DType
 from student.config import TrainConfig
 
-app = typer.Typer(
-    name="kd-train",
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Train a student of any supported family from a teacher cache (kd-cache build) through DPT, SFT and "
-         "DFT; the teacher is never loaded. `kd-train --stage ...` is short for `kd-train train --stage ...`.",
+app = command_app(
+    "kd-train",
+    "Train a student of any supported family from a teacher cache (kd-cache build) through DPT, SFT and DFT; "
+    "the teacher is never loaded. `kd-train --stage ...` is short for `kd-train train --stage ...`.",
 )
 
 COMMANDS = ("train", "init-student")

@@ -111,6 +111,13 @@ class _Flag:
         return given
 
 
+def command_app(prog: str, help: str, *, no_args_is_help: bool = True) -> typer.Typer:
+    """The typer app of command ``prog``: no shell-completion options, and no rich tracebacks (a user
+    error is one line, see ``fail``; any other exception is a bug and keeps Python's own traceback)."""
+    return typer.Typer(name=prog, help=help, no_args_is_help=no_args_is_help, add_completion=False,
+                       pretty_exceptions_enable=False)
+
+
 def fail(prog: str, err: Exception | str) -> NoReturn:
     """Report a user error as one line, ``<prog>: error: <message>`` (plus the error's ``hint``, if it has
     one), and exit with code 2."""
