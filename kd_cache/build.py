@@ -576,7 +576,7 @@ class Verified:
         return [self.error] if self.error is not None else self.check.lines()
 
 
-def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
+def verify_cache(url: str, *, repair: bool = False, device: str = "auto", storage_options: dict | None = None,
                  on_problem: Callable[[str], None] | None = None) -> Verified:
     """Re-check every shard of the cache at ``url`` against its manifest (``KDCache.verify_shards``: files,
     sizes, checksums, sample counts, shards the manifest misses).
@@ -588,7 +588,7 @@ def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
 
     def check(trusted: CacheCheck | None = None) -> Verified:
         try:
-            return Verified(open_cache(url).verify_shards(trusted))
+            return Verified(open_cache(url, storage_options).verify_shards(trusted))
         except (ValueError, FileNotFoundError, TypeError) as e:
             return Verified(None, str(e))
 
@@ -598,7 +598,7 @@ def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
     for line in found.lines():
         (on_problem or (lambda _: None))(line)
     try:
-        repair_cache(url, check=found.check, device=device, progress=False)
+        repair_cache(url, storage_options, check=found.check, device=device, progress=False)
     except USER_ERRORS as e:
         raise UserError(f"repair failed: {e}") from e
     # The final verify re-hashes only the shards the first check did not pass. A shard it passed was

@@ -1,7 +1,7 @@
 """What is inside a cache or one shard (for ``inspect-shard`` and debugging).
 
-``inspect_cache`` returns a JSON-serialisable dict; ``format_report`` renders it as text tables;
-``verify_cache`` re-hashes every shard and lists problems (empty list: intact).
+``inspect_cache`` returns a JSON-serialisable dict; ``format_report`` renders it as text tables
+(``kd_cache.build.verify_cache`` re-hashes every shard and lists the problems).
 """
 
 from __future__ import annotations
@@ -17,15 +17,6 @@ from kd_cache.schema import IGNORE_INDEX, KINDS, Manifest
 
 # Checksums mean reading every byte; without a chosen shard only small caches are hashed by default.
 VERIFY_ALL_MAX_SHARDS = 16
-
-
-def verify_cache(url: str, storage_options: dict | None = None) -> list[str]:
-    """Problems found in the cache at ``url`` as readable lines; an empty list means it is intact."""
-    try:
-        cache = open_cache(url, storage_options)
-    except (FileNotFoundError, ValueError, TypeError) as e:
-        return [str(e)]
-    return cache.verify_shards().lines()
 
 
 def kind_stats(ids: np.ndarray, logprobs: np.ndarray | None, tail: np.ndarray,

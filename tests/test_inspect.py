@@ -10,8 +10,9 @@ import pytest
 from cache_fixtures import synthetic_manifest
 
 from kd_cache import open_cache
+from kd_cache.build import verify_cache
 from kd_cache.reader import CorruptCacheError
-from kd_cache.report import format_report, inspect_cache, kind_stats, verify_cache
+from kd_cache.report import format_report, inspect_cache, kind_stats
 from kd_cache.schema import SkippedRecord
 from kd_cache.writer import CacheWriter
 
@@ -152,20 +153,20 @@ def test_format_report(cache_dir):
 
 def test_verify_cache_detects_corruption(cache_dir):
     root, _ = cache_dir
-    assert verify_cache(str(root)) == []
+    assert verify_cache(str(root)).lines() == []
     shard = root / "shards" / "00001"
     target = next(p for p in sorted(shard.rglob("*")) if p.is_file() and "c" in p.relative_to(shard).parts)
     raw = bytearray(target.read_bytes())
     raw[-1] ^= 0x01
     target.write_bytes(bytes(raw))
-    problems = verify_cache(str(root))
+    problems = verify_cache(str(root)).lines()
     assert len(problems) == 1 and "00001" in problems[0] and target.name in problems[0]
     assert open_cache(str(root)).shard_status(1)["checksum"] == "mismatch"
     # The shard's samples are not shown from a chunk that fails its checksum: the error names the file.
     with pytest.raises(CorruptCacheError, match=re.escape(str(target))):
         inspect_cache(str(root), shard=1)
     (root / "manifest.json").unlink()
-    assert "run kd-cache build again" in verify_cache(str(root))[0]
+    assert "run kd-cache build again" in verify_cache(str(root)).lines()[0]
 
 
 @pytest.mark.parametrize("logprobs", [False, True])
