@@ -21,6 +21,12 @@ and language model (``vision_tower``/``visual``/``vision_model``, ``multi_modal_
 ``connector``/``visual.merger``, ``language_model``/``text_model``), so each entry names them by
 prefix; the longest matching prefix wins, which is how Qwen's merger (inside ``model.visual``) belongs
 to the projector while the rest of ``model.visual`` is the vision tower.
+
+LoRA target modules (``kd-train --lora-r``): the last name component of the ``nn.Linear`` layers that get
+adapters by default, per part: the language model's attention and MLP projections (``lora_llm``, the
+same in every family's LLM) and the vision tower's (``lora_vision``, with ``--train-modules vision``). A
+name only counts inside its part's prefixes, so Qwen3-VL's merger ``linear_fc1`` (projector) is never
+taken for its vision blocks' ``linear_fc1``. Measured per family in ``docs/FAMILIES.md``.
 """
 
 from __future__ import annotations
@@ -40,6 +46,10 @@ class BlankImage(str, Enum):
     anyres_tiles = "anyres_tiles"  # base tile + the anyres tiles of a square image [1, T, C, S, S] + image_sizes
 
 
+# The attention and MLP projections of a Llama-style block (every family's LLM; Pixtral's vision blocks too).
+FULL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str  # config.model_type, the key of FAMILIES
@@ -49,6 +59,8 @@ class Family:
     projector: tuple[str, ...]  # ... of the projector / connector (bare parameters by full name)
     llm: tuple[str, ...]  # ... of the language model and the LM head
     blank_image: BlankImage = BlankImage.single_image
+    lora_vision: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # SigLIP / CLIP
+    lora_llm: tuple[str, ...] = FULL_PROJECTIONS
     # False: a prompt/suffix processor without a chat template (PaliGemma); the code recognises one by
     # its processor (``processing.is_prefix_lm``), the tests pick their records by this.
     chat: bool = True
@@ -61,7 +73,8 @@ LLM = ("model.language_model", "lm_head")  # lm_head is absent from named_parame
 LLAVA = dict(vision=("model.vision_tower",), projector=("model.multi_modal_projector",), llm=LLM)
 ANYRES = dict(LLAVA, projector=("model.multi_modal_projector", "model.image_newline"),  # a bare parameter of model.model
               blank_image=BlankImage.anyres_tiles)
-QWEN = dict(vision=("model.visual",), projector=("model.visual.merger",), llm=LLM, blank_image=BlankImage.qwen_patches)
+QWEN = dict(vision=("model.visual",), projector=("model.visual.merger",), llm=LLM, blank_image=BlankImage.qwen_patches,
+            lora_vision=("qkv", "proj", "fc1", "fc2"))
 IDEFICS = dict(vision=("model.vision_model",), projector=("model.connector",), llm=("model.text_model", "lm_head"),
                blank_image=BlankImage.idefics_tile)
 
@@ -71,16 +84,19 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llava_next", "LLaVA-NeXT", "LlavaNextForConditionalGeneration", **ANYRES),
     Family("llava_onevision", "LLaVA-OneVision", "LlavaOnevisionForConditionalGeneration", **ANYRES),
     Family("qwen2_vl", "Qwen2-VL", "Qwen2VLForConditionalGeneration", **QWEN),
-    Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration", **QWEN),
+    Family("qwen2_5_vl", "Qwen2.5-VL", "Qwen2_5_VLForConditionalGeneration",
+           **dict(QWEN, lora_vision=("qkv", "proj", "gate_proj", "up_proj", "down_proj"))),
     Family("qwen3_vl", "Qwen3-VL", "Qwen3VLForConditionalGeneration",
-           **dict(QWEN, projector=("model.visual.merger", "model.visual.deepstack_merger_list"))),
+           **dict(QWEN, projector=("model.visual.merger", "model.visual.deepstack_merger_list"),
+                  lora_vision=("qkv", "proj", "linear_fc1", "linear_fc2"))),
     Family("idefics3", "Idefics3", "Idefics3ForConditionalGeneration", **IDEFICS),
     Family("smolvlm", "SmolVLM", "SmolVLMForConditionalGeneration", **IDEFICS),
     Family("gemma3", "Gemma3", "Gemma3ForConditionalGeneration", **LLAVA),
     Family("paligemma", "PaliGemma", "PaliGemmaForConditionalGeneration", **LLAVA, chat=False),
-    Family("internvl", "InternVL", "InternVLForConditionalGeneration", **LLAVA),
+    Family("internvl", "InternVL", "InternVLForConditionalGeneration", **LLAVA,
+           lora_vision=("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")),
     Family("mistral3", "Mistral3 (Pixtral)", "Mistral3ForConditionalGeneration", **LLAVA,
-           blank_image=BlankImage.mistral_merged),
+           blank_image=BlankImage.mistral_merged, lora_vision=FULL_PROJECTIONS),
 ]}
 
 

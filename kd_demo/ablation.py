@@ -1,6 +1,6 @@
 """``kd-demo --ablation``: the paper's ablation (LLaVA-KD, Table 4/5 style) at small scale.
 
-For every seed, one demo with all of ``run.ABLATION_ARMS`` (``OUT/seed-N``, the same files as a plain
+For every seed, one demo with all of ``run.ABLATION_ARMS`` and the LoRA student (``OUT/seed-N``, the same files as a plain
 ``kd-demo --seed N`` plus the extra arms: its baseline and distilled students are the same runs), then
 per arm the mean and spread over seeds of accuracy (overall and per question type), KL to the teacher
 and top-1 agreement, on the test and the validation sets. Writes ``OUT/ablation.json``,
@@ -28,10 +28,11 @@ LABELS = {
     "dft-no-response": "  DFT without response MDist",
     "dft-no-visual": "  DFT without visual MDist",
     "dft-no-rdist": "  DFT without RDist",
+    "lora": "DPT -> SFT -> DFT, LoRA student",
 }
 SHORT = {"baseline": "PT\nSFT", "dpt-sft": "DPT\nSFT", "pt-sft-dft": "PT\nSFT\nDFT",
          "distilled": "DPT\nSFT\nDFT\n(LLaVA-KD)", "dft-no-response": "DFT w/o\nresponse\nMDist",
-         "dft-no-visual": "DFT w/o\nvisual\nMDist", "dft-no-rdist": "DFT w/o\nRDist"}
+         "dft-no-visual": "DFT w/o\nvisual\nMDist", "dft-no-rdist": "DFT w/o\nRDist", "lora": "LLaVA-KD\nLoRA"}
 # The paper's rows (average over its benchmarks, LLaVA-KD-1B): DPT-SFT-DFT 57.9 vs PT-SFT 54.7.
 PAPER = {"baseline": 54.7, "distilled": 57.9}
 METRICS = ("accuracy", *(f"acc_{q}" for q in QUESTIONS), "kl_to_teacher", "top1_agreement")

@@ -93,6 +93,9 @@ class DemoConfig:
         "With --ablation: the seeds, e.g. --seeds 0 1 2 (default: --seed alone); each runs in OUT/seed-N."),
         "parse": parse_seeds})
     hidden_weight: float = 1.0
+    # The ablation's LoRA arm: DPT as LLaVA-KD's, then SFT and DFT training the LLM through rank-r
+    # adapters (kd-train --lora-r), the projector in full, at the same learning rate and steps.
+    lora_r: int = 8
     eval_batch_size: int = 64
     # These models are tiny: one intra-op thread per process is as fast as two on an idle 2-core
     # machine and several times faster on a busy one (60 teacher steps: 8.5 s with 1 thread, 13-67 s with

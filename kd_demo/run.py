@@ -222,7 +222,7 @@ ABLATION_ARMS = (
 
 def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> dict[str, list[dict[str, Any]]]:
     """The legs of every student, by arm name (``baseline``, ``distilled``; ``llavadi`` with
-    ``--method llavadi``; the ``ABLATION_ARMS`` with ``--ablation``).
+    ``--method llavadi``; the ``ABLATION_ARMS`` and ``lora`` with ``--ablation``).
 
     The baseline mirrors the distilled schedule leg by leg (PT = DPT's steps, SFT = SFT's steps, then
     SFT again for DFT's steps, same learning rates and warmup/cosine per leg): the teacher signal is
@@ -251,6 +251,12 @@ def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> di
     arms = {"baseline": arm("pt", "sft"), "distilled": arm("dpt", "dft")}
     if cfg.ablation:
         arms.update({name: arm(pre_stage, third, off) for name, pre_stage, third, off in ABLATION_ARMS})
+        # LLaVA-KD's recipe with a LoRA student: the same DPT leg, then SFT and DFT through adapters.
+        lora = dict(lora_r=cfg.lora_r, **fine)
+        arms["lora"] = [
+            first["dpt"],
+            _leg("sft", runs / "distilled-dpt", instruct, runs / "lora-sft", max_steps=cfg.sft_steps, **lora),
+            _leg("dft", runs / "lora-sft", instruct, runs / "lora-dft", max_steps=cfg.dft_steps, **kd, **lora)]
     if cfg.method is DemoMethod.llavadi:
         # Same schedule as the LLaVA-KD student; the DFT leg distils logits on every token and the final
         # hidden states (LLaVADI's best combination) instead of response/visual logits + RDist.

@@ -7,10 +7,13 @@
                                  trainer_state.json (step, epoch, samples_seen, world_size),
                                  train_config.json, and COMPLETE, written last: a checkpoint
                                  without it is ignored
-    OUT/ (final)                 the student as a from_pretrained-loadable LLaVA + processor,
-                                 trainer_state.json (written last: a finished run has it);
+    OUT/ (final)                 the student as a from_pretrained-loadable model of its own class
+                                 + processor, trainer_state.json (written last: a finished run has it);
                                  OUT/hidden_projector/ when LLaVADI's hidden alignment trained one
-                                 (never inside the LLaVA)
+                                 (never inside the model). A LoRA run (``--lora-r``) writes the
+                                 adapter in peft's format instead of the model (adapter_config.json,
+                                 adapter_model.safetensors) and, with ``--merge``, OUT/merged/: the
+                                 merged student + processor (``student.lora``)
 
 A resumed run continues from the newest complete checkpoint with the same next samples and losses,
 so it must match the checkpoint in every ``RESUME_KEYS`` setting, and train on the same content: the
@@ -48,6 +51,7 @@ from kd_cache.lock import HEARTBEAT_S, STALE_S, FolderLock
 from kd_cache.storage import StorageError, atomic_write
 from student.config import PATH_KEYS, RESUME_KEYS, TrainConfig
 from student.distill import PROJECTOR_DIR
+from student.lora import MERGED_DIR, adapter_state_dict, load_merged
 
 CONFIG_NAME = "train_config.json"
 STATE_NAME = "trainer_state.json"
@@ -55,7 +59,9 @@ METRICS_NAME = "metrics.jsonl"
 COMPLETE_MARKER = "COMPLETE"
 FINAL_TMP = ".final-tmp"  # the final save is written here, then moved into OUT
 LOCK_NAME = "train.lock"  # held by the run training into OUT
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")  # a saved model has them
+# A saved model has them (a LoRA run's OUT: the adapter's).
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "adapter_config.json",
+               "adapter_model.safetensors")
 SPACE_MARGIN = 1.1  # free space asked for beyond the estimate (processor files, JSON, filesystem slack)
 
 
@@ -213,13 +219,22 @@ def _final_state(cfg: TrainConfig, at: Position, world: int, trainable: dict | N
 
 
 def _write_final(folder: Path, unwrapped, parts: dict, processor, cfg: TrainConfig, at: Position,
-                 teacher: str | None) -> None:
-    """The model, processor, hidden projector (if any) and config into an empty ``folder``."""
+                 teacher: str | None, adapter=None) -> None:
+    """The model (a LoRA run: the adapter, and the merged model with ``--merge``), processor, hidden
+    projector (if any) and config into an empty ``folder``."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    unwrapped.student.save_pretrained(folder, state_dict=parts["student"])
+    if adapter is None:
+        unwrapped.student.save_pretrained(folder, state_dict=parts["student"])
+    else:
+        adapter.save_pretrained(folder, state_dict=adapter_state_dict(parts["student"]))
     processor.save_pretrained(folder)
+    if adapter is not None and cfg.merge:
+        # Merged from the saved adapter on a fresh copy of the --student: what a user's own
+        # PeftModel.from_pretrained + merge_and_unload gives (a QLoRA adapter merges into full precision).
+        load_merged(folder).save_pretrained(folder / MERGED_DIR)
+        processor.save_pretrained(folder / MERGED_DIR)
     projector = unwrapped.hidden_projector
     if projector is not None:
         projector.save_pretrained(
@@ -240,9 +255,10 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 
 def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, teacher: str | None,
-               trainable: dict | None = None, identity: dict | None = None) -> None:
+               trainable: dict | None = None, identity: dict | None = None, adapter=None) -> None:
     """The final model, as its own class, + processor in OUT, the hidden projector (if any) beside it;
     ``trainable`` (per part: parameters and trainable parameters) goes into trainer_state.json.
+    ``adapter``: the ``PeftModel`` of a LoRA run, which saves the adapter instead of the model.
 
     Written into ``OUT/.final-tmp`` and moved into OUT, ``trainer_state.json`` last. If the disk refuses
     it, the model is saved into a rescue folder under the system's temporary directory and
@@ -257,7 +273,7 @@ def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, 
         has_projector = unwrapped.hidden_projector is not None
         state = _final_state(cfg, at, accelerator.num_processes, trainable, has_projector, identity)
         try:
-            _write_final(out / FINAL_TMP, unwrapped, parts, processor, cfg, at, teacher)
+            _write_final(out / FINAL_TMP, unwrapped, parts, processor, cfg, at, teacher, adapter)
             if not has_projector and (out / PROJECTOR_DIR).exists():
                 shutil.rmtree(out / PROJECTOR_DIR)  # an earlier run's, not trained with this model
             _move_into(out / FINAL_TMP, out)
@@ -267,20 +283,21 @@ def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, 
                 raise
             shutil.rmtree(out / FINAL_TMP, ignore_errors=True)
             error = OutputError(f"--out {out}: the final model could not be saved there ({e}); "
-                                + _rescue(unwrapped, parts, processor, cfg, at, teacher, state, out))
+                                + _rescue(unwrapped, parts, processor, cfg, at, teacher, state, out, adapter))
             error.__cause__ = e
     accelerator.wait_for_everyone()
     if error is not None:
         raise error
 
 
-def _rescue(unwrapped, parts, processor, cfg: TrainConfig, at: Position, teacher, state: dict, out: Path) -> str:
+def _rescue(unwrapped, parts, processor, cfg: TrainConfig, at: Position, teacher, state: dict, out: Path,
+            adapter=None) -> str:
     """Save the final model somewhere else after OUT refused it; the sentence that says where (or what is left)."""
     ckpts = checkpoint_dirs(out)
     left = f"the last checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was written (--save-every 0)"
     try:
         rescue = Path(tempfile.mkdtemp(prefix=f"kd-train-rescue-step{at.step}-"))
-        _write_final(rescue, unwrapped, parts, processor, cfg, at, teacher)
+        _write_final(rescue, unwrapped, parts, processor, cfg, at, teacher, adapter)
         write_json(rescue / STATE_NAME, state)
     except Exception as e:
         if not _is_write_error(e):
@@ -371,7 +388,7 @@ def clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
     for p in out.glob("model-*.safetensors"):
         p.unlink()
-    for name in ("checkpoints", PROJECTOR_DIR, FINAL_TMP):
+    for name in ("checkpoints", PROJECTOR_DIR, FINAL_TMP, MERGED_DIR):
         shutil.rmtree(out / name, ignore_errors=True)
     for name in (CONFIG_NAME, METRICS_NAME):
         (out / name).unlink(missing_ok=True)

@@ -139,6 +139,26 @@ class TrainConfig:
     train_modules: str | tuple[str, ...] | None = _setting(None, resume=True, type=str | None, help=(
         "Override the trained parts, comma-separated subset of vision,projector,llm (default: the stage's)."))
     gradient_checkpointing: bool = _setting(False, help="Recompute LLM activations in backward to save memory.")
+    lora_r: int = _setting(0, resume=True, help=(
+        "LoRA rank (0: off). With R > 0 (sft and dft) the language model trains through peft LoRA adapters of "
+        "rank R on its attention and MLP projections (the family's defaults, or --lora-target-modules), the "
+        "projector trains in full, everything else is frozen; add vision to --train-modules to put adapters on "
+        "the vision tower too. OUT then holds the adapter in peft's format (PeftModel.from_pretrained on the "
+        "--student, or --student / kd-eval --model OUT directly); --merge also writes OUT/merged/."))
+    lora_alpha: float | None = _setting(None, resume=True, help=(
+        "LoRA scaling numerator: the adapter's update is scaled by alpha / r (default: 2 x --lora-r)."))
+    lora_dropout: float = _setting(0.0, resume=True, help="Dropout on the LoRA adapters' input, in [0, 1).")
+    lora_target_modules: str | tuple[str, ...] | None = _setting(None, resume=True, type=str | None, help=(
+        "Comma-separated names (last component) of the nn.Linear layers that get adapters, in every adapted "
+        "part (default: the family's, kd_cache/families.py: q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,"
+        "down_proj in the language model)."))
+    merge: bool = _setting(False, help=(
+        "With --lora-r: also write OUT/merged/, the adapters merged into the student, a checkpoint of the "
+        "student's own class that loads with plain transformers."))
+    load_in_4bit: bool = _setting(False, resume=True, help=(
+        "QLoRA (with --lora-r, CUDA GPU only): the language model's frozen weights in bitsandbytes NF4 (bf16 "
+        "compute, double quantisation); vision tower, projector and LM head stay in full precision. Needs "
+        "pip install -e '.[qlora]'."))
     mixed_precision: Precision = _setting(Precision.auto, resume=True, help="auto: bf16 autocast on GPU, fp32 on CPU.")
     any_template: bool = _setting(False, help=(
         "Allow a cache whose template is not the stage's (pretrain for dpt, chat for sft/dft)."))
@@ -186,6 +206,37 @@ class TrainConfig:
             if value < 0:
                 raise ValueError(f"{flag} must be >= 0, got {value}")
         self.train_modules = parse_modules(recipe.train_modules if self.train_modules is None else self.train_modules)
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        """Validate and resolve the LoRA settings (``student.lora`` applies them)."""
+        if not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise ValueError(f"--lora-r must be an integer >= 0 (0: no adapters), got {self.lora_r!r}")
+        if not self.lora_r:
+            for flag, on in (("--merge", self.merge), ("--load-in-4bit", self.load_in_4bit),
+                             ("--lora-target-modules", self.lora_target_modules is not None),
+                             ("--lora-alpha", self.lora_alpha is not None), ("--lora-dropout", self.lora_dropout)):
+                if on:
+                    raise ValueError(f"{flag} needs LoRA adapters: pass --lora-r R (e.g. 16)")
+            return
+        if self.stage is Stage.DPT:
+            raise ValueError("--lora-r: dpt trains the projector only, in full; LoRA adapters are for the language "
+                             "model in --stage sft and dft")
+        if not {"llm", "vision"} & set(self.train_modules):
+            raise ValueError(f"--lora-r with --train-modules {','.join(self.train_modules)}: adapters go on the "
+                             "language model and/or the vision tower; train llm or vision")
+        self.lora_alpha = 2.0 * self.lora_r if self.lora_alpha is None else float(self.lora_alpha)
+        if not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"--lora-dropout must lie in [0, 1), got {self.lora_dropout}")
+        if self.lora_target_modules is not None:
+            spec = self.lora_target_modules
+            names = tuple(x.strip() for x in (spec.split(",") if isinstance(spec, str) else spec) if x.strip())
+            if not names:
+                raise ValueError(f"--lora-target-modules {spec!r}: expected comma-separated module names, e.g. "
+                                 "q_proj,v_proj")
+            self.lora_target_modules = names
 
     @property
     def distill(self) -> bool:

@@ -34,26 +34,47 @@ class CompatibilityError(UserError, ValueError):
     """A cache and a student (or the parts of a student) that cannot be used together."""
 
 
-def load_student(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_student(path: str | Path, dtype: torch.dtype = torch.float32, *, load_in_4bit: bool = False):
     """Load ``(model, processor)`` from a saved student of any family in ``kd_cache.families.FAMILIES``,
     as its own class (``AutoModelForImageTextToText``) with its own processor; fp32 master weights by
-    default (autocast on GPU). A family not supported is refused with the list of supported ones."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    default (autocast on GPU). A family not supported is refused with the list of supported ones.
 
+    A folder holding a peft adapter (the ``OUT`` of a ``kd-train --lora-r`` run) is loaded on its base
+    student and merged (``student.lora.load_merged``): the same model class, plain weights.
+    ``load_in_4bit``: the language model's weights in NF4 (QLoRA, ``student.lora.quantization_config``)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from student import lora
+
+    if lora.is_adapter_dir(path):
+        if load_in_4bit:
+            raise lora.LoraError(f"--student {path} is a LoRA adapter: merge it first (kd-train --merge writes "
+                                 "OUT/merged/) and quantise the merged student")
+        model = lora.load_merged(path, dtype)
+        return model, _processor(path, family_of(model.config))
     local = Path(path).exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path))  # else a hub id
     if local and not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"--student {path}: no config.json there; expected a saved image-text-to-text model "
                                 f"of a supported family ({supported()}), or make one with `kd-train init-student`")
-    family = family_of(AutoConfig.from_pretrained(path), f"--student {path}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation())
+    config = AutoConfig.from_pretrained(path)
+    family = family_of(config, f"--student {path}")
+    quant = {"quantization_config": lora.quantization_config(config)} if load_in_4bit else {}
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(),
+                                                        **quant)
     if type(model).__name__ != family.model_class:
         raise UnsupportedModelError(f"--student {path}: loaded as {type(model).__name__}, expected "
                                     f"{family.model_class} for a {family.name} model")
+    return model, _processor(path, family)
+
+
+def _processor(path: str | Path, family):
+    from transformers import AutoProcessor
+
     processor = AutoProcessor.from_pretrained(path)
     if getattr(processor, "image_processor", None) is None or getattr(processor, "tokenizer", None) is None:
         raise CompatibilityError(f"--student {path}: the saved processor is {type(processor).__name__}; expected "
                                  f"the {family.name} processor with an image processor and a tokenizer")
-    return model, processor
+    return processor
 
 
 # ----------------------------------------------------------------------------------------------- compose

@@ -64,7 +64,7 @@ def named_module_parameters(model: torch.nn.Module, module: str) -> Iterator[tup
             yield name, p
 
 
-def _unused_vision_parameters(model: torch.nn.Module) -> set[str]:
+def unused_vision_parameters(model: torch.nn.Module) -> set[str]:
     """Vision-tower parameters that the image features never reach.
 
     LLaVA reads a hidden layer of the vision tower, so the layers after ``vision_feature_layer``,
@@ -96,7 +96,7 @@ def set_trainable(model: torch.nn.Module, modules: Iterable[str]) -> list[str]:
     """
     modules = set(modules)
     parts = parameter_parts(model)
-    unused = _unused_vision_parameters(model) if "vision" in modules else set()
+    unused = unused_vision_parameters(model) if "vision" in modules else set()
     trainable = []
     for name, p in model.named_parameters():
         p.requires_grad_(parts[name] in modules and name not in unused)
@@ -107,22 +107,48 @@ def set_trainable(model: torch.nn.Module, modules: Iterable[str]) -> list[str]:
     return trainable
 
 
+def _is_adapter(name: str) -> bool:
+    """A peft adapter parameter (``...q_proj.lora_A.default.weight``), not a weight of the student."""
+    return ".lora_" in name
+
+
 def trainable_summary(model: torch.nn.Module) -> dict[str, dict[str, int]]:
-    """Per part: ``{"parameters": elements, "trainable": trainable elements, "tensors": count}``."""
+    """Per part, in elements: ``parameters`` (the student's own), ``adapters`` (LoRA adapter parameters, all
+    trainable), ``full`` (own parameters that train), ``frozen`` (own parameters that do not),
+    ``trainable`` (adapters + full) and ``tensors`` (own parameter tensors).
+
+    Under peft a fully trained projector module has a frozen original beside its trainable copy
+    (``modules_to_save``): the copy is counted, the original (``.original_module.``) is not."""
     parts = parameter_parts(model)
-    out = {m: {"parameters": 0, "trainable": 0, "tensors": 0} for m in MODULES}
+    keys = ("parameters", "adapters", "full", "frozen", "trainable", "tensors")
+    out = {m: dict.fromkeys(keys, 0) for m in MODULES}
     for name, p in model.named_parameters():
-        row = out[parts[name]]
-        row["parameters"] += p.numel()
-        row["trainable"] += p.numel() if p.requires_grad else 0
-        row["tensors"] += 1
+        if ".original_module." in name:
+            continue
+        row, n = out[parts[name]], p.numel()
+        if _is_adapter(name):
+            row["adapters"] += n
+        else:
+            row["parameters"] += n
+            row["tensors"] += 1
+            row["full" if p.requires_grad else "frozen"] += n
+        row["trainable"] += n if p.requires_grad else 0
     return out
 
 
 def describe_trainable(summary: dict[str, dict[str, int]]) -> str:
-    """One line per part: ``projector   trains   12,345 of 12,345 parameters``."""
+    """One line per part (``projector   trains   12,345 of 12,345 parameters``; a part with adapters:
+    ``llm   adapters   8,192 adapter parameters, 0 of 1,234,567 parameters in full``) and the total."""
     lines = []
     for part, row in summary.items():
-        state = "trains" if row["trainable"] else "frozen"
-        lines.append(f"  {part:<10} {state}  {row['trainable']:>14,} of {row['parameters']:>14,} parameters")
+        if row.get("adapters"):
+            lines.append(f"  {part:<10} adapters  {row['adapters']:>14,} adapter parameters, "
+                         f"{row['full']:,} of {row['parameters']:,} parameters in full")
+        else:
+            state = "trains" if row["trainable"] else "frozen"
+            lines.append(f"  {part:<10} {state}  {row['trainable']:>14,} of {row['parameters']:>14,} parameters")
+    total = {k: sum(r.get(k, 0) for r in summary.values()) for k in ("adapters", "full", "frozen", "parameters")}
+    share = (total["adapters"] + total["full"]) / max(total["parameters"], 1)
+    lines.append(f"  {'total':<10} {total['adapters']:,} adapter + {total['full']:,} full parameters train "
+                 f"({share:.2%} of the student's {total['parameters']:,}), {total['frozen']:,} frozen")
     return "\n".join(lines)

@@ -70,6 +70,7 @@ from student.checkpoints import (
 )
 from student.config import ReportTo, TrainConfig
 from student.distill import DistillStudent, LossSettings, batch_counts
+from student.lora import check_quantization
 from student.stages import RECIPES
 from student.terms import TERM_NAMES, TERMS, LossTerm, LossWeights
 
@@ -252,6 +253,7 @@ class _Run:
     teacher: str | None  # the cache's teacher, recorded beside a hidden projector
     trainable: dict[str, dict[str, int]]  # per part: parameters, trainable, tensors (stages.trainable_summary)
     identity: dict[str, str]  # content digests of the student and the cache, checked on --resume
+    adapter: Any = None  # the PeftModel of a LoRA run (student.lora): what saves the adapter
     lock: FolderLock | None = None  # OUT's lock, on rank 0: checked before every save into OUT
 
 
@@ -271,7 +273,7 @@ def _load(cfg: TrainConfig):
                          + ("\n  ..." if len(lines) > 20 else "")
                          + f"\n`kd-cache verify {cfg.cache}` lists every problem; `kd-cache verify --repair {cfg.cache}` "
                          "rebuilds the shards it names")
-    model, processor = load_student(cfg.student)
+    model, processor = load_student(cfg.student, load_in_4bit=cfg.load_in_4bit)
     check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template)
     if cfg.image_folder is None:
         cfg.image_folder = manifest.image_folder
@@ -285,14 +287,22 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     """Student, optimizer, schedule and data stream, placed by ``accelerator``."""
     from transformers import get_cosine_schedule_with_warmup
 
+    from student.lora import add_adapters, student_path
     from student.stages import describe_trainable, set_trainable, trainable_summary
     from student.stream import StreamingKDDataset, steps_per_epoch
 
     cache, model, processor, teacher_hidden_size = _load(cfg)
-    set_trainable(model, cfg.train_modules)
+    adapter = None
+    if cfg.lora_r:
+        # peft injects the adapters into ``model`` in place; ``adapter`` (the PeftModel) only saves them.
+        adapter = add_adapters(model, cfg.train_modules, r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+                               targets=cfg.lora_target_modules, base=student_path(cfg.student))
+    else:
+        set_trainable(model, cfg.train_modules)
     trainable = trainable_summary(model)
     if accelerator.is_main_process:
-        print(f"kd-train {cfg.stage.value}: {type(model).__name__}, trains {','.join(cfg.train_modules)}\n"
+        how = f" (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g})" if cfg.lora_r else ""
+        print(f"kd-train {cfg.stage.value}: {type(model).__name__}, trains {','.join(cfg.train_modules)}{how}\n"
               + describe_trainable(trainable), flush=True)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
@@ -329,7 +339,7 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     identity = {"cache": cache.content_digest(),
                 "student": f"{config_hash(model.config)}-{tokenizer_hash(getattr(processor, 'tokenizer', processor))}"}
     return _Run(accelerator, wrapper, optimizer, scheduler, dataset, processor, settings, total_steps,
-                cache.manifest.teacher.path, trainable, identity)
+                cache.manifest.teacher.path, trainable, identity, adapter)
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -434,6 +444,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     ranks of a launch share it and wait for rank 0 to hold it before they look into OUT themselves."""
     out = Path(cfg.out)
     check_target(cfg)  # --out is the student: refused before the lock file is written there
+    check_quantization(cfg.load_in_4bit)  # QLoRA without a GPU: refused before any work
     accelerator = _accelerator(cfg)
     main = accelerator.is_main_process
     created, lock = main and not out.exists(), None
@@ -480,7 +491,8 @@ def _train(cfg: TrainConfig, accelerator, lock: FolderLock | None) -> dict[str, 
     last = _loop(cfg, run, at)
     if lock is not None:
         lock.check()  # the final save replaces OUT's model: only while this run still holds OUT
-    save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable, run.identity)
+    save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable, run.identity,
+               adapter=run.adapter)
     if tracking:
         accelerator.end_training()
     return {"step": at.step, "out": str(out), "metrics": last, "main_process": main}

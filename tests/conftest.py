@@ -15,6 +15,18 @@ warnings.filterwarnings("ignore", message=".*torchvision.*")
 from kd_demo import tiny  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` are skipped on a machine without a CUDA device (pyproject.toml's marker)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def processor():
     return tiny.build_processor()

@@ -62,3 +62,16 @@ def test_demo_seeds_table_counts_verdicts():
     assert "| NO | 2.0 min | - |" in text
     assert "| mean | 0.900 | 0.750 | 0.750 | | 0.1500 | 0.2000 |" in text
     assert "more than 2 standard errors of the 100-question test set on 1 of 2 seeds" in text
+
+
+def test_lora_memory_accounting_equals_the_measured_run():
+    """benchmarks/bench_lora_memory.py: the meta-device accounting of trainable parameters and AdamW state
+    is what a real kd-train DFT run at the demo's shape holds, in full and with LoRA."""
+    from benchmarks.bench_lora_memory import run
+
+    results = run(shapes=("demo",), steps=1)
+    for mode in ("full", "lora"):
+        counted, got = results["accounting"]["demo"][mode], results["measured"]["demo"][mode]
+        assert got["trainable"] == counted["trainable"] and got["optimizer_bytes"] == counted["optimizer_bytes"]
+    acc = results["accounting"]["demo"]
+    assert acc["lora"]["trainable"] < acc["full"]["trainable"] and acc["qlora"]["static_bytes"] < acc["lora"]["static_bytes"]

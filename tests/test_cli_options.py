@@ -145,7 +145,9 @@ TRAIN_FLAGS = [
     "--positions", "--delta", "--hidden-weight", "--hidden-loss", "--affinity-weight", "--zscore", "--no-zscore",
     "--divergence", "--jsd-beta", "--skew", "--temperature", "--tail-mode", "--chunk-size", "--head-memory-mb", "--num-workers", "--shuffle",
     "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--overwrite", "--no-overwrite", "--report-to", "--train-modules",
-    "--gradient-checkpointing", "--no-gradient-checkpointing", "--mixed-precision", "--any-template",
+    "--gradient-checkpointing", "--no-gradient-checkpointing", "--lora-r", "--lora-alpha", "--lora-dropout",
+    "--lora-target-modules", "--merge", "--no-merge", "--load-in-4bit", "--no-load-in-4bit", "--mixed-precision",
+    "--any-template",
     "--no-any-template", "--storage-options", "--progress", "--no-progress"]
 TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cosine"],
                  "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"], "--tail-mode": ["tail", "renorm"],
@@ -167,7 +169,7 @@ def _train():
     from cli.kd_train_cli import app
     from student.config import TrainConfig
 
-    values = {"stage": "dpt", "positions": "response", "train_modules": "llm", "storage_options": {"anon": True}}
+    values = {"stage": "dft", "positions": "response", "train_modules": "llm", "storage_options": {"anon": True}}
     return (app, "train", TrainConfig, (student.train, "train", {"main_process": False}), values, TRAIN_FLAGS,
             TRAIN_CHOICES, ["--stage", "--student", "--cache", "--out"])
 

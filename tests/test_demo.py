@@ -163,12 +163,17 @@ def test_ablation_arms_have_equal_steps_from_one_start(tmp_path):
 
     cfg = DemoConfig(out=str(tmp_path), ablation=True, pt_steps=7, sft_steps=11, dft_steps=13)
     arms = student_arms(cfg, tmp_path / "start", tmp_path / "caches", tmp_path / "runs")
-    assert set(arms) == {"baseline", "distilled", *(a[0] for a in ABLATION_ARMS)}
+    assert set(arms) == {"baseline", "distilled", "lora", *(a[0] for a in ABLATION_ARMS)}
     stages = {name: [leg["stage"] for leg in legs] for name, legs in arms.items()}
     assert stages["baseline"] == ["sft", "sft", "sft"]  # PT is SFT's recipe on captions
     assert stages["dpt-sft"] == ["dpt", "sft", "sft"]
     assert stages["distilled"] == stages["dft-no-visual"] == ["dpt", "sft", "dft"]
     assert stages["pt-sft-dft"] == ["sft", "sft", "dft"]
+    # The LoRA student: LLaVA-KD's DPT leg itself, then SFT and DFT through adapters with DFT's weights.
+    assert stages["lora"] == ["dpt", "sft", "dft"] and arms["lora"][0] == arms["distilled"][0]
+    assert [leg.get("lora_r", 0) for leg in arms["lora"]] == [0, cfg.lora_r, cfg.lora_r] and cfg.lora_r > 0
+    assert {k: v for k, v in arms["lora"][2].items() if k not in ("lora_r", "student", "out")} == \
+        {k: v for k, v in arms["distilled"][2].items() if k not in ("student", "out")}
     for name, legs in arms.items():
         assert legs[0]["student"] == str(tmp_path / "start"), name
         assert [leg["student"] for leg in legs[1:]] == [leg["out"] for leg in legs[:-1]], name  # a chain
@@ -181,7 +186,7 @@ def test_ablation_arms_have_equal_steps_from_one_start(tmp_path):
                for n in ("distilled", "pt-sft-dft", "dft-no-response", "dft-no-visual", "dft-no-rdist")}
     assert weights == {"distilled": (1.0, 1.0, 1.0), "pt-sft-dft": (1.0, 1.0, 1.0), "dft-no-response": (0.0, 1.0, 1.0),
                        "dft-no-visual": (1.0, 0.0, 1.0), "dft-no-rdist": (1.0, 1.0, 0.0)}
-    assert len({leg["out"] for legs in arms.values() for leg in legs}) == 11
+    assert len({leg["out"] for legs in arms.values() for leg in legs}) == 13
     assert set(student_arms(DemoConfig(out=str(tmp_path)), tmp_path, tmp_path, tmp_path)) == {"baseline", "distilled"}
 
 
@@ -227,6 +232,12 @@ def test_quick_ablation_through_the_cli(tmp_path):
     for m in map(json.loads, (no_rdist / "metrics.jsonl").read_text().splitlines()):
         assert m["rdist"] > 0 and m["loss"] == pytest.approx(m["ce"] + m["mdist_response"] + m["mdist_visual"])
     assert "DFT without visual MDist" in (out / "ablation.md").read_text() and "PT -> SFT" in proc.stdout
+    # The LoRA arm's student is an adapter on the LLaVA-KD DPT leg's student, evaluated like the others.
+    lora_dft = out / "seed-5" / "runs" / "lora-dft"
+    assert (lora_dft / "adapter_config.json").is_file() and not (lora_dft / "model.safetensors").exists()
+    assert json.loads((lora_dft / "trainer_state.json").read_text())["trainable"]["llm"]["adapters"] > 0
+    assert result["summary"]["test"]["lora"]["accuracy"]["values"] == [seed["lora"]["accuracy"]]
+    assert "LoRA student" in (out / "ablation.md").read_text()
     assert (out / "ablation.png").stat().st_size > 10_000
     # Run again: the finished seed is reused (same configuration), nothing is retrained.
     again = _quick_demo(out, "--ablation", "--seeds", "5")

@@ -254,3 +254,44 @@ def test_vipllava_keeps_its_projector_layernorm(student_path):
     assert isinstance(model, VipLlavaForConditionalGeneration) and model.config.model_type == "vipllava"
     assert torch.equal(model.model.multi_modal_projector.projector_layernorm.weight,
                        reference.model.multi_modal_projector.projector_layernorm.weight)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lora_dft_step_saves_as_adapter_and_merged_model(student_path, name, tmp_path):
+    """A LoRA student of every family (``student.lora``): one DFT step reaches the adapters and the projector
+    only, and the adapter (peft's format) and the merged model (its own class, plain transformers) give the
+    trained model's logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    from student.lora import add_adapters, load_merged
+
+    model, processor = load_student(student_path(name))
+    model.eval()
+    adapter = add_adapters(model, RECIPES[Stage.DFT].train_modules, r=2, alpha=4.0, dropout=0.0,
+                           base=str(student_path(name)))
+    batch = family_batch(model, processor, name)
+    sums = DistillStudent(model, LossSettings())(batch)
+    sum(sums.values()).backward()
+    parts = parameter_parts(model)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trained
+    assert {parts[n] for n in trained if ".lora_" in n} == {"llm"}
+    assert {parts[n] for n in trained if ".lora_" not in n} <= {"projector"}
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.grad is not None:
+                p -= 0.5 * p.grad
+        logits = model(**batch["model_inputs"]).logits
+    adapter.save_pretrained(tmp_path / "adapter")
+    load_merged(tmp_path / "adapter").save_pretrained(tmp_path / "merged")
+
+    family = STUDENT_FAMILIES[model.config.model_type]
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert type(merged).__name__ == family.model_class
+    base = AutoModelForImageTextToText.from_pretrained(student_path(name), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (base(**batch["model_inputs"]).logits - logits).abs().max() > 1e-4  # the step changed the model
+        on_base = PeftModel.from_pretrained(base, str(tmp_path / "adapter")).eval()  # injects into base
+        torch.testing.assert_close(merged(**batch["model_inputs"]).logits, logits, rtol=1e-4, atol=5e-5)
+        torch.testing.assert_close(on_base(**batch["model_inputs"]).logits, logits, rtol=1e-4, atol=1e-5)
