@@ -66,6 +66,15 @@ class BuildConfig:
         "Relation matrix encoding per image: auto (full up to 576 visual tokens, lowrank:32 above: bounded "
         "per image) | full | lowrank:R | none."))
     batch_size: int = _setting(8, help="Samples per teacher forward (does not change the cache).")
+    max_batch_tokens: int | None = _setting(None, help=(
+        "Form each teacher forward by a token budget instead of --batch-size: within each --sort-window samples "
+        "(in data order, never across shards) sort by length (tokens after image expansion) and put as many "
+        "samples in a forward as fit, padded, in this many tokens (a longer sample goes alone). Less padding, and "
+        "peak memory bounded by the budget. Shards keep their samples and order; values agree within float "
+        "tolerance (as for --batch-size)."))
+    sort_window: int = _setting(128, help=(
+        "Samples sorted together by --max-batch-tokens (more: less padding, more encoded samples held in "
+        "memory)."))
     shard_size: int = _setting(1024, identity=True, help=(
         "Samples per shard (the unit of resumption and of parallelism)."))
     max_length: int = _setting(2048, identity=True, help="Truncate tokenised samples to this many tokens.")
@@ -102,7 +111,7 @@ class BuildConfig:
     def __post_init__(self):
         self.template = choice(Template, self.template, "--template").value
         self.sparse = choice(SparseMode, self.sparse, "--sparse").value
-        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length"):
+        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length", "sort_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         self.sample_scheme = choice(SampleScheme, self.sample_scheme, "--sample-scheme").value
@@ -117,6 +126,12 @@ class BuildConfig:
         if self.generate_temperature < 0:
             raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
         self.image_folder = resolve_image_folder(self.image_folder)
+        if self.max_batch_tokens is not None:
+            if self.max_batch_tokens < 1:
+                raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+            if self.generate:
+                raise ValueError("--max-batch-tokens groups samples by their length, which --generate knows only "
+                                 "after the teacher has answered: use --batch-size with --generate")
         if not 0.0 <= self.max_skip_share <= 1.0:
             raise ValueError(f"--max-skip-share must lie in [0, 1], got {self.max_skip_share}")
 
