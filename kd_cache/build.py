@@ -40,7 +40,7 @@ from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, LOCK_NAME, SHARDS_DIR
 from kd_cache.lock import HEARTBEAT_S, STALE_S, FolderLock
 from kd_cache.reader import CacheCheck, KDCache, ShardCheck, check_shards, open_cache
 from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_identity, iter_records
-from kd_cache.runtime import resolve_dtype
+from kd_cache.runtime import resolve_dtype, teacher_placement
 from kd_cache.schema import (
     FORMAT_VERSION,
     CacheSample,
@@ -177,6 +177,7 @@ class _Dist:
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         self.state = PartialState(cpu=cpu)
         self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.local_rank = self.state.local_process_index
         self.main = self.state.is_main_process
         self.device = torch.device(device) if device not in ("auto",) else self.state.device
 
@@ -356,8 +357,10 @@ def _open_records(cfg: BuildConfig) -> tuple[Iterator, int | None]:
 
 
 def _setup_teacher(cfg: BuildConfig, dist: _Dist, teacher_dir: str) -> tuple[Teacher, Encoder, TeacherRunner]:
-    """The teacher on this rank's device, the encoder of its processor and the runner of the pass."""
-    teacher = load_teacher(teacher_dir, dist.device, resolve_dtype(cfg.dtype, dist.device))
+    """The teacher on this rank's device (or spread over this replica's devices: ``--gpus-per-teacher``,
+    ``--max-memory``), the encoder of its processor and the runner of the pass."""
+    placement = teacher_placement(dist.device, cfg.gpus_per_teacher, cfg.max_memory, dist.local_rank)
+    teacher = load_teacher(teacher_dir, dist.device, resolve_dtype(cfg.dtype, dist.device), placement, cfg.quantize)
     check_template(teacher, cfg.template)
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id,
                       store_images=cfg.store_images)

@@ -14,6 +14,7 @@ from typing import Any
 
 from kd_cache.records import resolve_image_folder
 from kd_cache.relation import parse_relation_spec
+from kd_cache.runtime import Quantize, check_max_memory, parse_max_memory
 from kd_cache.schema import DEFAULT_KINDS, DType, SampleScheme, SparseMode, Template, choice, parse_positions
 
 
@@ -81,6 +82,18 @@ class BuildConfig:
     dtype: str = _setting(DType.auto.value, identity=True, choices=DType, help=(
         "Teacher dtype; auto = bf16 on GPU, fp32 on CPU."))
     device: str = _setting("auto", help="auto (the accelerate process's device), cpu, cuda, cuda:1 ...")
+    gpus_per_teacher: int = _setting(1, help=(
+        "GPUs one teacher replica spreads its layers over (accelerate's big-model dispatch, balanced). Launch one "
+        "process per replica, e.g. 8 GPUs, 4 per teacher: accelerate launch --num_processes 2 ...; process i "
+        "takes GPUs i*N .. i*N+N-1 of its node and the replicas build disjoint shards."))
+    max_memory: dict[str, Any] | None = _setting(None, parse=parse_max_memory, help=(
+        "JSON memory budget per device for the teacher's dispatch, e.g. '{\"0\": \"70GiB\", \"1\": \"70GiB\", "
+        "\"cpu\": \"200GiB\"}' (GPU keys count within this replica's GPUs); layers past the budgets are "
+        "offloaded to disk (a temporary folder). Default: the whole teacher on --device, or balanced over the "
+        "--gpus-per-teacher GPUs."))
+    quantize: str = _setting(Quantize.none.value, identity=True, choices=Quantize, help=(
+        "Load the teacher's linear layers in 8 or 4 bits (bitsandbytes; CUDA only): half or a quarter of the "
+        "bf16 memory, at a small cost in fidelity of the cached distributions."))
     strict: bool = _setting(False, help="Stop at the first bad record instead of skipping and listing it.")
     max_skip_share: float = _setting(0.5, help=(
         "Fail the build (exit non-zero, no manifest) when more than this share of the records is skipped; a "
@@ -111,7 +124,8 @@ class BuildConfig:
     def __post_init__(self):
         self.template = choice(Template, self.template, "--template").value
         self.sparse = choice(SparseMode, self.sparse, "--sparse").value
-        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length", "sort_window"):
+        self.quantize = choice(Quantize, self.quantize, "--quantize").value
+        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length", "sort_window", "gpus_per_teacher"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         self.sample_scheme = choice(SampleScheme, self.sample_scheme, "--sample-scheme").value
@@ -132,6 +146,7 @@ class BuildConfig:
             if self.generate:
                 raise ValueError("--max-batch-tokens groups samples by their length, which --generate knows only "
                                  "after the teacher has answered: use --batch-size with --generate")
+        self.max_memory = check_max_memory(self.max_memory)
         if not 0.0 <= self.max_skip_share <= 1.0:
             raise ValueError(f"--max-skip-share must lie in [0, 1], got {self.max_skip_share}")
 

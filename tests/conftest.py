@@ -84,3 +84,15 @@ def family_builds(tmp_path_factory):
         return kinds[kind]
 
     return for_kind
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.gpu`` tests are skipped where torch sees no CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (pytest.mark.gpu)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
