@@ -72,7 +72,8 @@ class BuildConfig:
         "(in data order, never across shards) sort by length (tokens after image expansion) and put as many "
         "samples in a forward as fit, padded, in this many tokens (a longer sample goes alone). Less padding, and "
         "peak memory bounded by the budget. Shards keep their samples and order; values agree within float "
-        "tolerance (as for --batch-size)."))
+        "tolerance (as for --batch-size). With --generate (lengths known only after the answers) --batch-size "
+        "groups the samples."))
     sort_window: int = _setting(128, help=(
         "Samples sorted together by --max-batch-tokens (more: less padding, more encoded samples held in "
         "memory)."))
@@ -140,12 +141,8 @@ class BuildConfig:
         if self.generate_temperature < 0:
             raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
         self.image_folder = resolve_image_folder(self.image_folder)
-        if self.max_batch_tokens is not None:
-            if self.max_batch_tokens < 1:
-                raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
-            if self.generate:
-                raise ValueError("--max-batch-tokens groups samples by their length, which --generate knows only "
-                                 "after the teacher has answered: use --batch-size with --generate")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         self.max_memory = check_max_memory(self.max_memory)
         if not 0.0 <= self.max_skip_share <= 1.0:
             raise ValueError(f"--max-skip-share must lie in [0, 1], got {self.max_skip_share}")
