@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -156,6 +156,16 @@ PROFILES: dict[str, Profile] = {
         dtype="bfloat16",
     ),
 }
+# benchmarks/gpu_check.sh: one H100 in under 8 minutes, nothing downloaded. The teacher has LLaVA-1.5-7B's
+# layer shapes (Vicuna-7B: d 4096, MLP 11008, 32 heads; V 32000; a CLIP ViT-L/336-like tower, 576
+# visual tokens per image) with 8 of its 32 layers, so per-layer kernels and the forward's share of the
+# bf16 peak are those of the 7B; the student pair is the cuda profile's (0.5B-like, 4B-like online).
+PROFILES["gpu_check"] = replace(
+    PROFILES["cuda"], name="gpu_check", vocab=32000,
+    vision=VisionSize(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336, patch_size=14),
+    teacher=LMSize(hidden=4096, layers=8, heads=32, kv_heads=32, intermediate=11008),
+    tp_samples=128, tp_batch=8, tp_shard=64, tp_rounds=2, st_reps=4, st_batches=2, st_mem_steps=2,
+)
 
 
 # ------------------------------------------------------------------------------------------ models

@@ -95,6 +95,8 @@ def parse_args(argv=None):
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smaller counts: < 15 minutes on 2 CPU cores")
     mode.add_argument("--smoke", action="store_true", help="tiny models, no SmolLM2: checks the plumbing (< 60 s)")
+    mode.add_argument("--gpu-check", action="store_true",
+                      help="with --device cuda: the gpu_check profile (7B layer shapes, 8 layers; benchmarks/gpu_check.sh)")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: bf16 GPU variant of the teacher-pass and student-step benchmarks (larger models)")
     ap.add_argument("--out", required=True, help="JSON file to write")
@@ -115,6 +117,10 @@ def parse_args(argv=None):
 def select_profile(args):
     from benchmarks.models import PROFILES
 
+    if args.gpu_check:
+        if args.device != "cuda":
+            raise SystemExit("--gpu-check runs with --device cuda only (its CPU stand-in is --smoke)")
+        return PROFILES["gpu_check"]
     if args.device == "cuda":
         p = PROFILES["cuda"]
         if args.smoke:
@@ -194,7 +200,8 @@ def main(argv=None) -> int:
         "machine": common.machine_info(args.device),
         "date": common.now_iso(),
         "versions": common.versions(),
-        "settings": {"mode": "smoke" if args.smoke else "quick" if args.quick else "full", "device": args.device,
+        "settings": {"mode": "smoke" if args.smoke else "quick" if args.quick else
+                              "gpu-check" if args.gpu_check else "full", "device": args.device,
                      "only": args.only, "profile": profile.to_dict(),
                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                      "cost_basis": "wall-clock" if device.type == "cuda" else

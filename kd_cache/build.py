@@ -32,6 +32,7 @@ from queue import Queue
 import torch
 
 from kd_cache import fingerprint, storage
+from kd_cache.batching import Padding, plan_batches
 from kd_cache.build_config import CONTENT_KEYS, BuildConfig
 from kd_cache.encoding import Encoder
 from kd_cache.errors import USER_ERRORS, UserError
@@ -39,7 +40,7 @@ from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, LOCK_NAME, SHARDS_DIR
 from kd_cache.lock import HEARTBEAT_S, STALE_S, FolderLock
 from kd_cache.reader import CacheCheck, KDCache, ShardCheck, check_shards, open_cache
 from kd_cache.records import RECORD_ERROR, BadRecord, Columns, DataSource, dataset_identity, iter_records
-from kd_cache.runtime import resolve_dtype
+from kd_cache.runtime import resolve_dtype, teacher_placement
 from kd_cache.schema import (
     FORMAT_VERSION,
     CacheSample,
@@ -176,6 +177,7 @@ class _Dist:
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         self.state = PartialState(cpu=cpu)
         self.rank, self.world = self.state.process_index, self.state.num_processes
+        self.local_rank = self.state.local_process_index
         self.main = self.state.is_main_process
         self.device = torch.device(device) if device not in ("auto",) else self.state.device
 
@@ -183,37 +185,50 @@ class _Dist:
         self.state.wait_for_everyone()
 
 
-def _encode_ahead(encoder: Encoder, records, batch_size: int, strict: bool, out_q: Queue, skipped: list,
-                  prepare_only: bool = False, prepare_inputs=None):
+def _encode_ahead(encoder: Encoder, records, cfg: BuildConfig, out_q: Queue, skipped: list, pad: Padding,
+                  prepare_inputs=None):
     """Producer thread: load images and tokenise (or only prepare, when the teacher will write the
-    answers first), put batches (None = end) on the queue. With ``prepare_inputs`` (and not
-    ``prepare_only``) a batch goes out as ``(batch, prepare_inputs(batch))``: padding and image
-    processing then also overlap the teacher's forward."""
-    batch = []
-    step = encoder.prepare if prepare_only else encoder.encode
+    answers first), group the samples into forwards (``kd_cache.batching.plan_batches``: ``--batch-size``
+    in order, or ``--max-batch-tokens`` sorted by length within ``--sort-window`` samples) and put each
+    as ``(indices, batch, inputs)`` on the queue (None = end); ``indices`` are the samples' places in
+    data order, ``inputs`` = ``prepare_inputs(batch)`` (None with ``--generate``), so padding and image
+    processing also overlap the teacher's forward. ``pad`` counts the forwards' real and padded tokens."""
+    budget = None if cfg.generate else cfg.max_batch_tokens  # --generate: lengths are known after the answers
+    window_size = cfg.sort_window if budget is not None else cfg.batch_size
+    step = encoder.prepare if cfg.generate else encoder.encode
+    window: list = []
+    n_done = 0
 
-    def put(b):
-        out_q.put((b, prepare_inputs(b)) if prepare_inputs is not None and not prepare_only else b)
+    def flush():
+        nonlocal n_done
+        lengths = [len(e.input_ids) for e in window] if not cfg.generate else [0] * len(window)
+        for part in plan_batches(lengths, batch_size=cfg.batch_size, max_batch_tokens=budget, window=window_size):
+            batch = [window[i] for i in part]
+            if not cfg.generate:
+                pad.add([lengths[i] for i in part])
+            inputs = prepare_inputs(batch) if prepare_inputs is not None and not cfg.generate else None
+            out_q.put(([n_done + i for i in part], batch, inputs))
+        n_done += len(window)
+        window.clear()
 
     try:
         for rec in records:
             try:
-                batch.append(step(rec))
+                window.append(step(rec))
             except BadRecord as e:
-                if strict:
+                if cfg.strict:
                     raise
                 skipped.append({"id": e.record_id, "reason": e.reason, "detail": e.detail})
                 continue
             except Exception as e:  # one record's failure never ends the build: listed with its error
-                if strict:
+                if cfg.strict:
                     raise
                 skipped.append({"id": rec.id, "reason": RECORD_ERROR, "detail": f"{type(e).__name__}: {e}"})
                 continue
-            if len(batch) == batch_size:
-                put(batch)
-                batch = []
-        if batch:
-            put(batch)
+            if len(window) == window_size:
+                flush()
+        if window:
+            flush()
         out_q.put(None)
     except BaseException as e:  # surfaced in the consumer
         out_q.put(e)
@@ -342,8 +357,10 @@ def _open_records(cfg: BuildConfig) -> tuple[Iterator, int | None]:
 
 
 def _setup_teacher(cfg: BuildConfig, dist: _Dist, teacher_dir: str) -> tuple[Teacher, Encoder, TeacherRunner]:
-    """The teacher on this rank's device, the encoder of its processor and the runner of the pass."""
-    teacher = load_teacher(teacher_dir, dist.device, resolve_dtype(cfg.dtype, dist.device))
+    """The teacher on this rank's device (or spread over this replica's devices: ``--gpus-per-teacher``,
+    ``--max-memory``), the encoder of its processor and the runner of the pass."""
+    placement = teacher_placement(dist.device, cfg.gpus_per_teacher, cfg.max_memory, dist.local_rank)
+    teacher = load_teacher(teacher_dir, dist.device, resolve_dtype(cfg.dtype, dist.device), placement, cfg.quantize)
     check_template(teacher, cfg.template)
     encoder = Encoder(teacher.processor, cfg.template, cfg.max_length, cfg.image_folder, teacher.image_token_id,
                       store_images=cfg.store_images)
@@ -373,6 +390,7 @@ def _write_shards(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: Fold
     io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kd-cache-write")
     pending: list[Future] = []
     n_skipped = n_records = 0
+    pad = Padding()
     try:
         # Shard s holds input records [s * shard_size, (s + 1) * shard_size), read in order (a stream is
         # read once; the records of other ranks' or complete shards are passed over).
@@ -383,9 +401,9 @@ def _write_shards(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: Fold
             n_records += len(shard_records)
             if not mine(s):
                 continue
-            samples, skipped, truncated = _teacher_pass(cfg, encoder, runner, shard_records, bar)
+            samples, skipped, truncated = _teacher_pass(cfg, encoder, runner, shard_records, bar, pad)
             n_skipped += len(skipped)
-            bar.set_postfix(skipped=n_skipped, shard=s)
+            bar.set_postfix(skipped=n_skipped, shard=s, padding=f"{pad.fraction:.1%}")
             # The skip list goes next to the shard before its data: a complete shard always has one.
             storage.write_json(writer.fs, writer.skipped_path(s), {"skipped": skipped, "truncated": truncated},
                                sort_keys=True)
@@ -400,40 +418,45 @@ def _write_shards(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: Fold
     finally:
         io.shutdown(wait=True)
         bar.close()
+    if pad.forwards and cfg.progress:
+        print(f"teacher pass{f' (rank {dist.rank})' if dist.world > 1 else ''}: {pad.forwards} forwards, "
+              f"{pad.fraction:.1%} of their tokens padding, largest {pad.largest} tokens", file=sys.stderr)
     return n_records
 
 
 def _teacher_pass(cfg: BuildConfig, encoder: Encoder, runner: TeacherRunner, shard_records: list,
-                  bar) -> tuple[list[CacheSample], list[dict], list[dict]]:
-    """One shard's samples: a producer thread encodes batches ahead (``_encode_ahead``) while this thread
-    runs the teacher on them. Returns the samples, the records skipped and those ``--max-length`` cut."""
+                  bar, pad: Padding) -> tuple[list[CacheSample], list[dict], list[dict]]:
+    """One shard's samples: a producer thread encodes and groups batches ahead (``_encode_ahead``) while
+    this thread runs the teacher on them. Returns the samples in data order (whatever the grouping), the
+    records skipped and those ``--max-length`` cut."""
     skipped: list[dict] = []
     q: Queue = Queue(maxsize=4)
-    producer = threading.Thread(
-        target=_encode_ahead,
-        args=(encoder, shard_records, cfg.batch_size, cfg.strict, q, skipped, cfg.generate, runner.prepare_inputs),
-        daemon=True,
-    )
+    producer = threading.Thread(target=_encode_ahead, args=(encoder, shard_records, cfg, q, skipped, pad,
+                                                            runner.prepare_inputs), daemon=True)
     producer.start()
-    samples: list[CacheSample] = []
-    truncated: list[dict] = []
+    done: list[tuple[int, CacheSample]] = []
+    truncated: list[tuple[int, dict]] = []
     while True:
         item = q.get()
         if item is None:
             break
         if isinstance(item, BaseException):
             raise item
-        item, prepared = item if isinstance(item, tuple) else (item, None)
-        n_in = len(item)
+        where, batch, prepared = item
+        n_in = len(batch)
         if cfg.generate:  # LLaVADI: the teacher answers, then is distilled on its own answers
-            item = _teacher_answers(runner, encoder, item, cfg, skipped)
-        truncated += [{"id": e.id, "tokens": e.full_length} for e in item if e.full_length is not None]
-        if item:
-            samples.extend(runner.run(item, prepared))
+            batch = _teacher_answers(runner, encoder, batch, cfg, skipped)
+            where = [where[0] + i for i in range(len(batch))]  # fixed batches in data order; some may be skipped
+        truncated += [(i, {"id": e.id, "tokens": e.full_length}) for i, e in zip(where, batch)
+                      if e.full_length is not None]
+        if batch:
+            done.extend(zip(where, runner.run(batch, prepared)))
         bar.update(n_in)
     producer.join()
     bar.update(sum(1 for x in skipped if x.get("stage") != "after_generation"))
-    return samples, skipped, truncated
+    done.sort(key=lambda x: x[0])
+    truncated.sort(key=lambda x: x[0])
+    return [x for _, x in done], skipped, [x for _, x in truncated]
 
 
 def _write_manifest(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: FolderLock | None, n_shards: int,

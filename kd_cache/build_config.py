@@ -14,6 +14,7 @@ from typing import Any
 
 from kd_cache.records import resolve_image_folder
 from kd_cache.relation import parse_relation_spec
+from kd_cache.runtime import Quantize, check_max_memory, parse_max_memory
 from kd_cache.schema import DEFAULT_KINDS, DType, SampleScheme, SparseMode, Template, choice, parse_positions
 
 
@@ -66,12 +67,34 @@ class BuildConfig:
         "Relation matrix encoding per image: auto (full up to 576 visual tokens, lowrank:32 above: bounded "
         "per image) | full | lowrank:R | none."))
     batch_size: int = _setting(8, help="Samples per teacher forward (does not change the cache).")
+    max_batch_tokens: int | None = _setting(None, help=(
+        "Form each teacher forward by a token budget instead of --batch-size: within each --sort-window samples "
+        "(in data order, never across shards) sort by length (tokens after image expansion) and put as many "
+        "samples in a forward as fit, padded, in this many tokens (a longer sample goes alone). Less padding, and "
+        "peak memory bounded by the budget. Shards keep their samples and order; values agree within float "
+        "tolerance (as for --batch-size). With --generate (lengths known only after the answers) --batch-size "
+        "groups the samples."))
+    sort_window: int = _setting(128, help=(
+        "Samples sorted together by --max-batch-tokens (more: less padding, more encoded samples held in "
+        "memory)."))
     shard_size: int = _setting(1024, identity=True, help=(
         "Samples per shard (the unit of resumption and of parallelism)."))
     max_length: int = _setting(2048, identity=True, help="Truncate tokenised samples to this many tokens.")
     dtype: str = _setting(DType.auto.value, identity=True, choices=DType, help=(
         "Teacher dtype; auto = bf16 on GPU, fp32 on CPU."))
     device: str = _setting("auto", help="auto (the accelerate process's device), cpu, cuda, cuda:1 ...")
+    gpus_per_teacher: int = _setting(1, help=(
+        "GPUs one teacher replica spreads its layers over (accelerate's big-model dispatch, balanced). Launch one "
+        "process per replica, e.g. 8 GPUs, 4 per teacher: accelerate launch --num_processes 2 ...; process i "
+        "takes GPUs i*N .. i*N+N-1 of its node and the replicas build disjoint shards."))
+    max_memory: dict[str, Any] | None = _setting(None, parse=parse_max_memory, help=(
+        "JSON memory budget per device for the teacher's dispatch, e.g. '{\"0\": \"70GiB\", \"1\": \"70GiB\", "
+        "\"cpu\": \"200GiB\"}' (GPU keys count within this replica's GPUs); layers past the budgets are "
+        "offloaded to disk (a temporary folder). Default: the whole teacher on --device, or balanced over the "
+        "--gpus-per-teacher GPUs."))
+    quantize: str = _setting(Quantize.none.value, identity=True, choices=Quantize, help=(
+        "Load the teacher's linear layers in 8 or 4 bits (bitsandbytes; CUDA only): half or a quarter of the "
+        "bf16 memory, at a small cost in fidelity of the cached distributions."))
     strict: bool = _setting(False, help="Stop at the first bad record instead of skipping and listing it.")
     max_skip_share: float = _setting(0.5, help=(
         "Fail the build (exit non-zero, no manifest) when more than this share of the records is skipped; a "
@@ -102,7 +125,8 @@ class BuildConfig:
     def __post_init__(self):
         self.template = choice(Template, self.template, "--template").value
         self.sparse = choice(SparseMode, self.sparse, "--sparse").value
-        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length"):
+        self.quantize = choice(Quantize, self.quantize, "--quantize").value
+        for name in ("top_k", "samples", "batch_size", "shard_size", "max_length", "sort_window", "gpus_per_teacher"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         self.sample_scheme = choice(SampleScheme, self.sample_scheme, "--sample-scheme").value
@@ -117,6 +141,9 @@ class BuildConfig:
         if self.generate_temperature < 0:
             raise ValueError(f"--generate-temperature must be >= 0 (0 = greedy), got {self.generate_temperature}")
         self.image_folder = resolve_image_folder(self.image_folder)
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise ValueError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
+        self.max_memory = check_max_memory(self.max_memory)
         if not 0.0 <= self.max_skip_share <= 1.0:
             raise ValueError(f"--max-skip-share must lie in [0, 1], got {self.max_skip_share}")
 

@@ -21,8 +21,9 @@ import torch
 
 from kd_cache import processing
 from kd_cache.encoding import Encoded, Encoder, Prepared
+from kd_cache.errors import UserError
 from kd_cache.families import FAMILIES
-from kd_cache.runtime import attn_implementation
+from kd_cache.runtime import Placement, Quantize, attn_implementation
 from kd_cache.schema import (
     DEFAULT_KINDS,
     CacheSample,
@@ -41,11 +42,61 @@ class Teacher:
     tokenizer: Any
     image_token_id: int | None  # the model config's (the positions it fills with image features)
     multimodal: bool
-    device: torch.device
+    device: torch.device  # where the inputs go: the device of the first layers when the teacher is dispatched
+    offload: Any = None  # the temporary folder of disk-offloaded weights, kept while the teacher lives
 
 
-def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> Teacher:
-    """Load any image-text-to-text model, or any causal LM (text-only data), with its processor."""
+def _main_device(device_map: dict) -> torch.device:
+    """Where a dispatched model takes its inputs: as ``accelerate.dispatch_model``, the first GPU of the map
+    (offloaded layers also execute there), else the CPU."""
+    gpus = [d for d in device_map.values() if str(d) not in ("cpu", "disk")]
+    if not gpus:
+        return torch.device("cpu")
+    return torch.device(f"cuda:{gpus[0]}" if isinstance(gpus[0], int) else gpus[0])
+
+
+def _load_kwargs(device: torch.device, dtype: torch.dtype, placement: Placement | None,
+                 quantize: str) -> tuple[dict, Any]:
+    """``from_pretrained`` arguments of a placement and a quantization, and the offload folder to keep."""
+    if choice(Quantize, quantize, "--quantize") is not Quantize.none:
+        if device.type != "cuda":
+            raise UserError(f"--quantize {quantize} loads the teacher through bitsandbytes, which needs a CUDA GPU; "
+                            f"this build runs on {device.type}. Drop --quantize (the teacher is then loaded in "
+                            "--dtype), or build on a GPU")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as e:
+            raise UserError(f"--quantize {quantize} needs bitsandbytes: pip install 'mllm-kd[quant]'") from e
+    if placement is None and quantize == Quantize.none.value:
+        return {}, None
+    from transformers import BitsAndBytesConfig
+
+    kw: dict = {}
+    offload = None
+    if placement is not None:
+        import tempfile
+
+        offload = tempfile.TemporaryDirectory(prefix="kd-cache-offload-")
+        kw.update(device_map="auto", max_memory=placement.max_memory, offload_folder=offload.name)
+    else:
+        kw["device_map"] = {"": device}  # a quantized model is placed when loaded, never moved after
+    if quantize == Quantize.bits8.value:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif quantize == Quantize.bits4.value:
+        kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                       bnb_4bit_compute_dtype=dtype)
+    return kw, offload
+
+
+def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype, placement: Placement | None = None,
+                 quantize: str = "none") -> Teacher:
+    """Load any image-text-to-text model, or any causal LM (text-only data), with its processor.
+
+    ``placement`` (``kd_cache.runtime.teacher_placement``): spread the layers over GPUs, the CPU and disk by
+    ``accelerate``'s big-model dispatch (``from_pretrained(device_map="auto", max_memory=...)``); the
+    model's hooks move activations between devices, so the forward and the head are called as for a
+    model on one device. ``quantize``: 8 or 4-bit linear layers (bitsandbytes, CUDA only).
+    """
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -57,9 +108,15 @@ def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> T
     device = torch.device(device)
     config = AutoConfig.from_pretrained(path)
     multimodal = getattr(config, "vision_config", None) is not None
-    attn = attn_implementation(device)
+    kw, offload = _load_kwargs(device, dtype, placement, quantize)
     cls = AutoModelForImageTextToText if multimodal else AutoModelForCausalLM
-    model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn).to(device).eval()
+    if kw:
+        main = torch.device(f"cuda:{placement.gpus[0]}") if placement is not None and placement.gpus else device
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(main), **kw).eval()
+        device = _main_device(getattr(model, "hf_device_map", None) or {"": device})
+    else:
+        model = cls.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation(device))
+        model = model.to(device).eval()
     model.requires_grad_(False)
     if multimodal:
         processor = AutoProcessor.from_pretrained(path)
@@ -79,7 +136,7 @@ def load_teacher(path: str, device: str | torch.device, dtype: torch.dtype) -> T
             f"teacher tokenizer has {len(tokenizer)} tokens but the teacher's output layer only {vocab}: "
             f"the tokenizer in {path} does not belong to this model"
         )
-    return Teacher(model, processor, tokenizer, image_token_id, multimodal, device)
+    return Teacher(model, processor, tokenizer, image_token_id, multimodal, device, offload)
 
 
 def check_template(teacher: Teacher, template: str) -> None:
@@ -176,8 +233,18 @@ class TeacherRunner:
         # W^T W, fp32, once: relation matrices then cost O(N d^2) instead of O(N V d).
         self.gram = None
         if relation != "none" and teacher.multimodal and getattr(head, "bias", None) is None and self.softcap is None:
-            w = head.weight[: self.vocab].float()
+            w = self._head_weight()[: self.vocab].float()
             self.gram = w.T @ w
+
+    @torch.no_grad()
+    def _head_weight(self) -> torch.Tensor:
+        """The head's weight [V, d], as the head computes with it: ``head(I) = I W^T`` (exact, one product per
+        entry), so a head whose weights a dispatch offloaded to the CPU or disk gives them too."""
+        w = self.head.weight
+        if w.device.type != "meta":
+            return w
+        eye = torch.eye(w.shape[1], device=self.t.device, dtype=w.dtype)
+        return self.head(eye).T
 
     def prepare_inputs(self, batch: list[Encoded]) -> dict:
         """Every model input of a batch (``processing.collate`` of the processor's outputs) as CPU tensors.
@@ -245,10 +312,7 @@ class TeacherRunner:
         [P, K], fp32 log-probs [P, K], tail [P]; counts [P, K] in sample mode, where ``kd_cache.format``
         derives ``logp_mean``). ``sample_id`` and ``kind`` seed sample mode's draws."""
         P = h.shape[0]
-        gen = None
-        if self.sparse == "sample":
-            gen = torch.Generator(device=h.device)
-            gen.manual_seed(_sample_seed(self.seed, f"{sample_id}/{kind}"))
+        gen = None  # sample mode: made on the head's device (a dispatched head may sit on another than h)
         k = min(self.top_k, self.vocab) if self.sparse == "topk" else self.samples
         parts: dict[str, list[torch.Tensor]] = {"ids": [], "lp": [], "tail": [], "counts": []}
         for a in range(0, P, self.chunk_size):
@@ -272,6 +336,9 @@ class TeacherRunner:
                 parts["lp"].append(lp)
                 continue
             # Sampled ids (random-sampling KD).
+            if gen is None:
+                gen = torch.Generator(device=z.device)
+                gen.manual_seed(_sample_seed(self.seed, f"{sample_id}/{kind}"))
             logp = torch.log_softmax(z, dim=-1)
             srt = draw_ids(logp, self.samples, self.sample_scheme, gen)
             new = torch.ones_like(srt, dtype=torch.bool)
@@ -309,7 +376,7 @@ class TeacherRunner:
         rels = []
         for hi in torch.split(h_vis, list(counts)):
             if self.gram is not None:
-                hi = hi.float()
+                hi = hi.to(self.gram.device).float()
                 r = hi @ self.gram @ hi.T
             else:
                 z = self.logits(hi)

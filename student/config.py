@@ -158,7 +158,7 @@ class TrainConfig:
     load_in_4bit: bool = _setting(False, resume=True, help=(
         "QLoRA (with --lora-r, CUDA GPU only): the language model's frozen weights in bitsandbytes NF4 (bf16 "
         "compute, double quantisation); vision tower, projector and LM head stay in full precision. Needs "
-        "pip install -e '.[qlora]'."))
+        "pip install -e '.[quant]'."))
     mixed_precision: Precision = _setting(Precision.auto, resume=True, help="auto: bf16 autocast on GPU, fp32 on CPU.")
     any_template: bool = _setting(False, help=(
         "Allow a cache whose template is not the stage's (pretrain for dpt, chat for sft/dft)."))

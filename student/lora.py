@@ -173,7 +173,7 @@ def check_quantization(load_in_4bit: bool) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise LoraError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install -e '.[qlora]'") from None
+        raise LoraError("--load-in-4bit (QLoRA) needs bitsandbytes: pip install -e '.[quant]'") from None
 
 
 def quantization_config(config) -> Any:

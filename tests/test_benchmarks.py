@@ -75,3 +75,16 @@ def test_lora_memory_accounting_equals_the_measured_run():
         assert got["trainable"] == counted["trainable"] and got["optimizer_bytes"] == counted["optimizer_bytes"]
     acc = results["accounting"]["demo"]
     assert acc["lora"]["trainable"] < acc["full"]["trainable"] and acc["qlora"]["static_bytes"] < acc["lora"]["static_bytes"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_prints_every_figure(tmp_path):
+    """``benchmarks/gpu_check.sh --smoke``: the GPU check's CPU stand-in runs end to end and prints each figure."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--smoke", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line in ("teacher-pass tokens/s", "forward fraction of bf16 peak", "teacher pass over forward only",
+                 "DFT step over SFT step", "peak memory SFT", "peak memory DFT", "batching llava", "batching qwen2vl"):
+        assert line in proc.stdout, line
+    assert len(list(tmp_path.glob("gpu-check-cpu-*.json"))) == len(list(tmp_path.glob("batching-cpu-*.json"))) == 1

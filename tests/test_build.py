@@ -178,6 +178,21 @@ def test_batch_size_invariance(teacher_dir, chat_data, tmp_path):
     _arrays_close(list(open_cache(str(tmp_path / "b1"))), list(open_cache(str(tmp_path / "b4"))))
 
 
+def test_token_budget_batches_keep_the_cache(teacher_dir, chat_data, tmp_path):
+    """--max-batch-tokens changes which samples share a forward (image samples of 68 tokens in pairs, the
+    text-only ones of 22 apart, sorted within each shard's window), not the cache: the same samples in
+    the same order, ids and positions equal, log-probs, tails and relations within 2e-3 (the fp16
+    storage of log-probs and relations; batch composition only changes float summation order)."""
+    _build(teacher_dir, chat_data, tmp_path / "fixed", top_k=8, shard_size=5, batch_size=3)
+    budget = _build(teacher_dir, chat_data, tmp_path / "budget", top_k=8, shard_size=5, max_batch_tokens=140,
+                    sort_window=5)
+    fixed = json.loads((tmp_path / "fixed/manifest.json").read_text())
+    assert [e["samples"] for e in fixed["shards"]] == [e.samples for e in budget.shards] == [5, 5]
+    _arrays_close(list(open_cache(str(tmp_path / "fixed"))), list(open_cache(str(tmp_path / "budget"))))
+    # The grouping is no content setting: the cache resumes (here: is complete) under --batch-size.
+    assert _build(teacher_dir, chat_data, tmp_path / "budget", top_k=8, shard_size=5).num_samples == 10
+
+
 def _cli_build(teacher_dir, data, out, *extra):
     return [sys.executable, "-m", "cli.kd_cache_cli", "build", "--teacher", str(teacher_dir), "--data", str(data[0]),
             "--image-folder", str(data[1]), "--out", str(out), "--device", "cpu", "--no-progress", *extra]

@@ -156,12 +156,14 @@ BUILD_FLAGS = [
     "--teacher", "--data", "--out", "--split", "--subset", "--streaming", "--no-streaming", "--id-column",
     "--image-column", "--conversation-column", "--image-folder", "--store-images", "--no-store-images",
     "--template", "--sparse", "--top-k", "--samples",
-    "--sample-scheme", "--sample-logprobs", "--no-sample-logprobs", "--relation", "--batch-size", "--shard-size",
-    "--max-length", "--dtype", "--device", "--strict", "--no-strict", "--max-skip-share", "--limit", "--seed", "--positions", "--hidden",
+    "--sample-scheme", "--sample-logprobs", "--no-sample-logprobs", "--relation", "--batch-size", "--max-batch-tokens",
+    "--sort-window", "--shard-size", "--max-length", "--dtype", "--device", "--gpus-per-teacher", "--max-memory",
+    "--quantize", "--strict", "--no-strict", "--max-skip-share", "--limit", "--seed", "--positions", "--hidden",
     "--no-hidden", "--generate", "--no-generate", "--max-new-tokens", "--generate-temperature", "--progress",
     "--no-progress", "--repair", "--no-repair", "--overwrite", "--no-overwrite"]
 BUILD_CHOICES = {"--template": ["chat", "pretrain"], "--sparse": ["topk", "sample"],
-                 "--sample-scheme": ["systematic", "multinomial"], "--dtype": ["auto", "float32", "bfloat16", "float16"]}
+                 "--sample-scheme": ["systematic", "multinomial"], "--dtype": ["auto", "float32", "bfloat16", "float16"],
+                 "--quantize": ["none", "8bit", "4bit"]}
 
 
 def _train():
@@ -179,7 +181,7 @@ def _build():
     from cli.kd_cache_cli import app
     from kd_cache.build_config import BuildConfig
 
-    values = {"relation": "lowrank:4", "positions": "response", "device": "cpu"}
+    values = {"relation": "lowrank:4", "positions": "response", "device": "cpu", "max_memory": {"cpu": "1GiB"}}
     return (app, "build", BuildConfig, (kd_cache.build, "build_cache", None), values, BUILD_FLAGS, BUILD_CHOICES,
             ["--teacher", "--data", "--out"])
 
