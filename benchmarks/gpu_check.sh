@@ -27,8 +27,11 @@ batch="$out/batching-$device-$stamp.json"
 
 "$PYTHON" benchmarks/run_all.py --device "$device" "${mode[@]}" --only teacher,student --out "$main"
 "$PYTHON" benchmarks/bench_batching.py --device "$device" "${batching[@]}" --out "$batch"
+"$PYTHON" benchmarks/bench_lora_memory.py --steps 1 --out "$out/lora-memory-$device-$stamp.json" || echo "lora memory: FAILED (see above)"
 if [[ "$device" == cuda ]]; then
-    "$PYTHON" -m pytest -q -s -m gpu tests/test_dispatch.py -p no:cacheprovider || echo "gpu tests: FAILED (see above)"
+    # the dispatched and quantized teachers, and QLoRA students (bitsandbytes: pip install -e ".[quant]")
+    "$PYTHON" -m pytest -q -s -m gpu tests/test_dispatch.py tests/test_train_lora.py -p no:cacheprovider \
+        || echo "gpu tests: FAILED (see above)"
 fi
 
 "$PYTHON" - "$main" "$batch" <<'PY'
