@@ -251,12 +251,13 @@ def build_cache(cfg: BuildConfig, check: CacheCheck | None = None) -> Manifest:
     """
     dist = _Dist(cfg.device)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
-    lock = build_lock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
-    try:
-        return _build(cfg, dist, writer, lock, check)
-    finally:
-        if lock is not None:
-            lock.release()
+    with storage.reaching(writer.fs, writer.root):  # an unreachable store, refused credentials: one line
+        lock = build_lock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
+        try:
+            return _build(cfg, dist, writer, lock, check)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: FolderLock | None,
@@ -550,7 +551,8 @@ def repair_cache(url: str, storage_options: dict | None = None, check: CacheChec
     recorded in its ``build.json`` (``check``: a ``verify_shards`` result to act on instead of checking
     again; ``overrides``: e.g. ``device``, ``batch_size``, ``progress``)."""
     fs, root = storage.open_fs(url, storage_options)
-    previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
+    with storage.reaching(fs, root):
+        previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
     if previous is None:
         raise FileNotFoundError(f"{url}: no build.json, so no record of how the cache was built: run kd-cache "
                                 "build with its settings (add --overwrite to start over)")
@@ -577,7 +579,7 @@ class Verified:
 
 
 def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
-                 on_problem: Callable[[str], None] | None = None) -> Verified:
+                 on_problem: Callable[[str], None] | None = None, storage_options: dict | None = None) -> Verified:
     """Re-check every shard of the cache at ``url`` against its manifest (``KDCache.verify_shards``: files,
     sizes, checksums, sample counts, shards the manifest misses).
 
@@ -588,7 +590,7 @@ def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
 
     def check(trusted: CacheCheck | None = None) -> Verified:
         try:
-            return Verified(open_cache(url).verify_shards(trusted))
+            return Verified(open_cache(url, storage_options).verify_shards(trusted))
         except (ValueError, FileNotFoundError, TypeError) as e:
             return Verified(None, str(e))
 
@@ -598,7 +600,7 @@ def verify_cache(url: str, *, repair: bool = False, device: str = "auto",
     for line in found.lines():
         (on_problem or (lambda _: None))(line)
     try:
-        repair_cache(url, check=found.check, device=device, progress=False)
+        repair_cache(url, storage_options, check=found.check, device=device, progress=False)
     except USER_ERRORS as e:
         raise UserError(f"repair failed: {e}") from e
     # The final verify re-hashes only the shards the first check did not pass. A shard it passed was
