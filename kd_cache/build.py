@@ -124,7 +124,8 @@ def _clear(writer: CacheWriter) -> None:
     if fs.exists(writer.manifest_path):
         fs.rm(writer.manifest_path)
     storage.remove_tree(fs, posixpath.join(writer.root, SHARDS_DIR))
-    fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
+    if not storage.is_object_store(fs):
+        fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
     if fs.exists(posixpath.join(writer.root, BUILD_NAME)):
         fs.rm(posixpath.join(writer.root, BUILD_NAME))
     print(f"{writer.url}: deleted the cache there (--overwrite)", file=sys.stderr)

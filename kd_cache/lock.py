@@ -155,7 +155,9 @@ class FolderLock:
                     self._tag = storage.create_exclusive(self.fs, self.path, data)
                 else:
                     self._tag = storage.replace_if_unchanged(self.fs, self.path, data, replacing)
-            except FileNotFoundError:  # its folder removed meanwhile: look again
+            except FileNotFoundError as e:  # its folder removed meanwhile: look again
+                if storage.diagnose(e, self.fs) is not None:  # no such bucket: nothing to look at again
+                    raise
                 return False
             except NotImplementedError:  # no exclusive create on this filesystem
                 if self.fs.exists(self.path):

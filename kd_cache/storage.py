@@ -288,7 +288,9 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     """Parsed JSON at ``path``, or None when the file does not exist. Bad JSON raises ValueError."""
     try:
         raw = fs.cat_file(path)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        if diagnose(e, fs) is not None:  # not a missing file: a missing bucket
+            raise
         return None
     try:
         return json.loads(raw)

@@ -51,10 +51,12 @@ class CacheWriter:
         self.fs, self.root = storage.open_fs(self.url, self.storage_options)
         self.compressors = compressors or default_compressors
         self.chunk_bytes = int(chunk_bytes)
-        # The layout exists as soon as a writer does (a no-op on object stores), so files the build
-        # puts next to shards (the per-shard skip lists) can be written before the first shard.
-        with storage.writing(self.fs, self.root):
-            self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
+        # The layout exists as soon as a writer does, so files the build puts next to shards (the per-shard
+        # skip lists) can be written before the first shard. An object store has no folders (and s3fs would
+        # create a missing bucket: a mistyped bucket must be an error, not a new bucket).
+        if not storage.is_object_store(self.fs):
+            with storage.writing(self.fs, self.root):
+                self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
 
     # paths ------------------------------------------------------------------------------------
     def shard_name(self, index: int) -> str:
