@@ -14,6 +14,7 @@ import typer
 
 from cli.options import command_app, config_command, fail, user_errors
 from kd_cache.build_config import BuildConfig
+from kd_cache.storage import STORAGE_OPTIONS_HELP, parse_storage_options
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -45,6 +46,7 @@ def inspect_shard(
     sample: Annotated[int | None, typer.Option(help="Only this sample (index within --shard, or global).")] = None,
     tokenizer: Annotated[str | None, typer.Option(help="Tokenizer dir for decoding (default: the cache's teacher).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ):
     """Show what a cache or one shard holds: sizes, compression, checksums, per-sample statistics."""
     from kd_cache.report import format_report, inspect_cache
@@ -55,7 +57,8 @@ def inspect_shard(
 
         tok = AutoTokenizer.from_pretrained(tokenizer)
     try:
-        info = inspect_cache(cache, shard=shard, sample=sample, tokenizer=tok)
+        info = inspect_cache(cache, shard=shard, sample=sample, tokenizer=tok,
+                             storage_options=parse_storage_options(storage_options) if storage_options else None)
     except IndexError as e:  # --shard / --sample out of range
         fail("kd-cache", e)
     typer.echo(json.dumps(info, indent=1, default=str) if as_json else format_report(info))
@@ -71,6 +74,7 @@ def verify(
         "Rebuild the shards that fail (with the settings, data and teacher recorded in the cache's build.json), "
         "keep the good ones, then verify again."))] = False,
     device: Annotated[str, typer.Option(help="With --repair: the teacher's device (as kd-cache build --device).")] = "auto",
+    storage_options: Annotated[str | None, typer.Option(help=STORAGE_OPTIONS_HELP)] = None,
 ):
     """Re-check every shard against the manifest (files, sizes, checksums, sample counts, shards the
     manifest misses); list each problem and exit 1 on any. --repair rebuilds the failing shards."""
@@ -79,7 +83,8 @@ def verify(
     def problem(line: str) -> None:
         typer.secho(f"FAIL {line}", fg=typer.colors.RED, err=True)
 
-    result = verify_cache(cache, repair=repair, device=device, on_problem=problem)
+    result = verify_cache(cache, repair=repair, device=device, on_problem=problem,
+                          storage_options=parse_storage_options(storage_options) if storage_options else None)
     if result.repaired:
         typer.echo(f"repaired {cache}")
     if result.error is not None:

@@ -125,7 +125,8 @@ def _clear(writer: CacheWriter) -> None:
     if fs.exists(writer.manifest_path):
         fs.rm(writer.manifest_path)
     storage.remove_tree(fs, posixpath.join(writer.root, SHARDS_DIR))
-    fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
+    if not storage.is_object_store(fs):
+        fs.makedirs(posixpath.join(writer.root, SHARDS_DIR), exist_ok=True)
     if fs.exists(posixpath.join(writer.root, BUILD_NAME)):
         fs.rm(posixpath.join(writer.root, BUILD_NAME))
     print(f"{writer.url}: deleted the cache there (--overwrite)", file=sys.stderr)
@@ -266,12 +267,13 @@ def build_cache(cfg: BuildConfig, check: CacheCheck | None = None) -> Manifest:
     """
     dist = _Dist(cfg.device)
     writer = CacheWriter(cfg.out, storage_options=cfg.storage_options or None)
-    lock = build_lock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
-    try:
-        return _build(cfg, dist, writer, lock, check)
-    finally:
-        if lock is not None:
-            lock.release()
+    with storage.reaching(writer.fs, writer.root):  # an unreachable store, refused credentials: one line
+        lock = build_lock(writer.fs, writer.root, world=dist.world).acquire() if dist.main else None
+        try:
+            return _build(cfg, dist, writer, lock, check)
+        finally:
+            if lock is not None:
+                lock.release()
 
 
 def _build(cfg: BuildConfig, dist: _Dist, writer: CacheWriter, lock: FolderLock | None,
@@ -573,7 +575,8 @@ def repair_cache(url: str, storage_options: dict | None = None, check: CacheChec
     recorded in its ``build.json`` (``check``: a ``verify_shards`` result to act on instead of checking
     again; ``overrides``: e.g. ``device``, ``batch_size``, ``progress``)."""
     fs, root = storage.open_fs(url, storage_options)
-    previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
+    with storage.reaching(fs, root):
+        previous = _read_build_json(fs, posixpath.join(root, BUILD_NAME), url)
     if previous is None:
         raise FileNotFoundError(f"{url}: no build.json, so no record of how the cache was built: run kd-cache "
                                 "build with its settings (add --overwrite to start over)")

@@ -16,6 +16,7 @@ from kd_cache.records import resolve_image_folder
 from kd_cache.relation import parse_relation_spec
 from kd_cache.runtime import Quantize, check_max_memory, parse_max_memory
 from kd_cache.schema import DEFAULT_KINDS, DType, SampleScheme, SparseMode, Template, choice, parse_positions
+from kd_cache.storage import STORAGE_OPTIONS_HELP, parse_storage_options
 
 
 def _setting(default: Any = MISSING, *, help: str, identity: bool = False, **meta: Any) -> Any:
@@ -119,8 +120,9 @@ class BuildConfig:
     overwrite: bool = _setting(False, help=(
         "Delete the cache at --out (its build.json, manifest and shards; nothing else) and build it anew: "
         "the way to rebuild after the data or the teacher changed."))
-    # fsspec options of a remote --out (Python API; not a flag, not written into the manifest).
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    # fsspec options of a remote --out (not written into the manifest or build.json: they may hold credentials).
+    storage_options: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": STORAGE_OPTIONS_HELP, "parse": parse_storage_options})
 
     def __post_init__(self):
         self.template = choice(Template, self.template, "--template").value

@@ -6,14 +6,21 @@ at a time per cache) and a training run (``<out>/train.lock``, ``student.checkpo
 "build") and what it guards (``guarded``: "this cache"); its file is JSON: a random ``token``, ``host``,
 ``boot_id``, ``pid``, ``started`` and ``heartbeat`` (Unix seconds), ``world`` (ranks).
 
-- Taking it creates the file exclusively (``open(..., "xb")``: ``O_EXCL`` locally, a conditional
-  put on object stores whose fsspec driver supports it). A filesystem without exclusive create falls
-  back to write, wait ``SETTLE_S``, read back: the token read back must be ours.
+- Taking it creates the file exclusively (``kd_cache.storage.create_exclusive``: ``O_EXCL`` locally,
+  whose outcome is known at ``open``; a conditional PUT, ``If-None-Match: *``, on S3, whose outcome is its
+  answer). When the create fails for any reason the file is read back: holding our token, it is ours (the
+  store applied the write and its answer was lost; the retry met a 412); a lock file this writer did not
+  create is never removed. A filesystem without exclusive create falls back to write, wait ``SETTLE_S``,
+  read back: the token read back must be ours.
 - A second writer is refused with the holder's host, pid and start time (``FolderLocked``).
 - A lock is stale, and is taken over (with a message), when its holder ran on this machine (same host
   name and boot id) and its pid is gone, or when its heartbeat is older than ``stale_s`` (a holder
   on another machine: it rewrites ``heartbeat`` every ``heartbeat_s``). An unreadable lock file (a
-  crash between create and write) is stale once it is ``stale_s`` old by its modification time.
+  crash between create and write) is stale once it is ``stale_s`` old by its modification time. Where the
+  store has conditional replace (S3: ``If-Match``), a takeover and every heartbeat replace the file only
+  if it is still the version judged stale / last written by this holder, so two writers taking over the
+  same stale lock, or a takeover racing a heartbeat, cannot both win. Elsewhere a takeover removes the
+  stale file when it still reads as judged, then creates its own.
 - The holder checks, at every heartbeat and before each write that matters (``check``: a build before
   every shard and the manifest, a training run before every checkpoint and the final save), that the
   file still holds its token; a writer whose lock was taken over stops (``FolderLocked``).
@@ -92,6 +99,7 @@ class FolderLock:
                      "pid": os.getpid(), "started": now, "heartbeat": now, "world": world}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._tag: str | None = None  # the version tag of the lock file this holder last wrote (S3: its ETag)
         self.lost: str | None = None
 
     # reading ----------------------------------------------------------------------------------
@@ -107,6 +115,9 @@ class FolderLock:
         except (UnicodeDecodeError, json.JSONDecodeError):
             return {}
         return d if isinstance(d, dict) else {}
+
+    def _mine(self) -> bool:
+        return (self._read() or {}).get("token") == self.info["token"]
 
     def _stale(self, holder: dict) -> str | None:
         """Why ``holder``'s lock is stale, or None when it is live."""
@@ -132,51 +143,72 @@ class FolderLock:
     def _payload(self) -> bytes:
         return json.dumps(self.info, sort_keys=True).encode()
 
-    def _create(self) -> bool:
-        """Create the lock file exclusively; False when it exists."""
+    def _create(self, replacing: str | None = None) -> bool:
+        """Create the lock file exclusively (``replacing``: instead replace the version with that tag, a
+        stale lock); True when this writer holds the lock, False when another file is there."""
         data = self._payload()
         with storage.writing(self.fs, self.path):
-            self.fs.makedirs(self.root, exist_ok=True)
+            if not storage.is_object_store(self.fs):  # an object store has no folders to make
+                self.fs.makedirs(self.root, exist_ok=True)
             try:
-                f = self.fs.open(self.path, "xb")
-            except (FileExistsError, FileNotFoundError):  # taken, or its folder removed meanwhile: look again
+                if replacing is None:
+                    self._tag = storage.create_exclusive(self.fs, self.path, data)
+                else:
+                    self._tag = storage.replace_if_unchanged(self.fs, self.path, data, replacing)
+            except FileNotFoundError as e:  # its folder removed meanwhile: look again
+                if storage.diagnose(e, self.fs) is not None:  # no such bucket: nothing to look at again
+                    raise
                 return False
-            except (ValueError, NotImplementedError, TypeError):  # no exclusive create on this filesystem
+            except NotImplementedError:  # no exclusive create on this filesystem
                 if self.fs.exists(self.path):
                     return False
                 self.fs.pipe_file(self.path, data)
                 time.sleep(SETTLE_S)
-                return (self._read() or {}).get("token") == self.info["token"]
-            try:
-                with f:
-                    f.write(data)
-            except BaseException:
-                self.fs.rm(self.path)
+                return self._mine()
+            except Exception as e:
+                # The store's answer is not the whole truth: a write applied and then answered with an error
+                # (a lost answer, retried into a 412) left our token there. Read what the store holds.
+                if self._mine():
+                    self._tag = storage.version_tag(self.fs, self.path)
+                    return True
+                if storage.precondition_failed(e):
+                    return False
                 raise
-        return (self._read() or {}).get("token") == self.info["token"]
+        return True
+
+    def _start(self) -> FolderLock:
+        self._thread = threading.Thread(target=self._beat, name=f"lock {self.shown}", daemon=True)
+        self._thread.start()
+        return self
 
     def acquire(self) -> FolderLock:
         """Take the lock (taking over a stale one), start the heartbeat; raise ``FolderLocked`` if held."""
-        for _ in range(3):
-            if self._create():
-                self._thread = threading.Thread(target=self._beat, name=f"lock {self.shown}", daemon=True)
-                self._thread.start()
-                return self
-            holder = self._read()
-            if holder is None:  # released meanwhile
-                continue
-            why = self._stale(holder)
-            if why is None:
-                raise FolderLocked(
-                    f"another {self.holder} is writing {self.guarded}: {self.shown} is held by {describe(holder)}"
-                    f"{' (' + str(holder.get('world')) + ' ranks)' if (holder.get('world') or 1) > 1 else ''}. "
-                    "Wait for it to finish, or stop it; a lock whose process is gone is taken over "
-                    f"automatically (on another machine after {self.stale_s:.0f} s without heartbeat)."
-                )
-            print(f"{self.shown}: taking over a stale lock ({why}; held by {describe(holder) if holder else '?'})",
-                  file=sys.stderr)
-            if self._read() == holder:  # unchanged since judged stale: nobody else took it over
-                self.fs.rm(self.path)
+        with storage.reaching(self.fs, self.path):
+            for _ in range(3):
+                if self._create():
+                    return self._start()
+                try:
+                    tag = storage.version_tag(self.fs, self.path)  # before the read: a later change fails the If-Match
+                except FileNotFoundError:
+                    continue  # released meanwhile
+                holder = self._read()
+                if holder is None:  # released meanwhile
+                    continue
+                why = self._stale(holder)
+                if why is None:
+                    raise FolderLocked(
+                        f"another {self.holder} is writing {self.guarded}: {self.shown} is held by {describe(holder)}"
+                        f"{' (' + str(holder.get('world')) + ' ranks)' if (holder.get('world') or 1) > 1 else ''}. "
+                        "Wait for it to finish, or stop it; a lock whose process is gone is taken over "
+                        f"automatically (on another machine after {self.stale_s:.0f} s without heartbeat)."
+                    )
+                print(f"{self.shown}: taking over a stale lock ({why}; held by {describe(holder) if holder else '?'})",
+                      file=sys.stderr)
+                if tag is not None and storage.can_replace_if_unchanged(self.fs):
+                    if self._create(replacing=tag):  # only if nobody changed it since it was judged stale
+                        return self._start()
+                elif self._read() == holder:  # unchanged since judged stale: nobody else took it over
+                    self.fs.rm(self.path)
         raise FolderLocked(f"could not take the lock {self.shown}: other {self.holder}s keep taking it")
 
     def check(self) -> None:
@@ -194,7 +226,11 @@ class FolderLock:
             try:
                 self.check()
                 self.info["heartbeat"] = time.time()
-                storage.atomic_write(self.fs, self.path, self._payload())
+                if self._tag is not None and storage.can_replace_if_unchanged(self.fs):
+                    if not self._create(replacing=self._tag):  # changed since our last write: taken over
+                        self.check()
+                else:
+                    storage.atomic_write(self.fs, self.path, self._payload())
             except FolderLocked:
                 return
             except Exception as e:  # noqa: BLE001 - a failed heartbeat is retried at the next beat

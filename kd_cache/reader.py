@@ -411,14 +411,15 @@ class KDCache:
         self.storage_options = dict(storage_options or {})
         fs, root = storage.open_fs(self.url, self.storage_options)
         path = posixpath.join(root, MANIFEST_NAME)
-        if not fs.exists(root):
-            raise FileNotFoundError(f"no cache at {storage.display(fs, root)}: run kd-cache build to create it")
-        raw = storage.read_json(fs, path)
-        if raw is None:
-            if fs.exists(posixpath.join(root, BUILD_NAME)) or fs.exists(posixpath.join(root, SHARDS_DIR)):
-                raise FileNotFoundError(f"{storage.display(fs, path)} not found: {INCOMPLETE_HINT}")
-            raise FileNotFoundError(f"{storage.display(fs, root)} is not a kd cache (no {MANIFEST_NAME}): "
-                                    "pass the --out folder of kd-cache build")
+        with storage.reaching(fs, root):
+            raw = storage.read_json(fs, path)  # one GET; a missing cache is told apart only when it fails
+            if raw is None:
+                if not fs.exists(root):
+                    raise FileNotFoundError(f"no cache at {storage.display(fs, root)}: run kd-cache build to create it")
+                if fs.exists(posixpath.join(root, BUILD_NAME)) or fs.exists(posixpath.join(root, SHARDS_DIR)):
+                    raise FileNotFoundError(f"{storage.display(fs, path)} not found: {INCOMPLETE_HINT}")
+                raise FileNotFoundError(f"{storage.display(fs, root)} is not a kd cache (no {MANIFEST_NAME}): "
+                                        "pass the --out folder of kd-cache build")
         self.manifest: Manifest = Manifest.from_dict(raw, storage.display(fs, path))
         # what the file says beside its shard list (checked by ``check``)
         self._declared_samples = raw.get("num_samples") if isinstance(raw, dict) else None
@@ -498,7 +499,8 @@ class KDCache:
         return reader
 
     def read_sample(self, shard_index: int, local_index: int) -> dict:
-        return self._open_shard(shard_index).sample(local_index, self.chunk_cache)
+        with storage.reaching(self._filesystem(), self._root):
+            return self._open_shard(shard_index).sample(local_index, self.chunk_cache)
 
     def __getitem__(self, i: int) -> dict:
         return self.read_sample(*self.locate(int(i)))
@@ -565,6 +567,10 @@ class KDCache:
 
     def _checks(self, rehash: bool, trusted: CacheCheck | None = None) -> CacheCheck:
         fs = self._filesystem()
+        with storage.reaching(fs, self._root):
+            return self._check_all(fs, rehash, trusted)
+
+    def _check_all(self, fs, rehash: bool, trusted: CacheCheck | None) -> CacheCheck:
         listing = shards_listing(fs, self._root)
         problems, unlisted = self._check_manifest(fs, listing)
         known = None

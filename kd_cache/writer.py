@@ -51,10 +51,12 @@ class CacheWriter:
         self.fs, self.root = storage.open_fs(self.url, self.storage_options)
         self.compressors = compressors or default_compressors
         self.chunk_bytes = int(chunk_bytes)
-        # The layout exists as soon as a writer does (a no-op on object stores), so files the build
-        # puts next to shards (the per-shard skip lists) can be written before the first shard.
-        with storage.writing(self.fs, self.root):
-            self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
+        # The layout exists as soon as a writer does, so files the build puts next to shards (the per-shard
+        # skip lists) can be written before the first shard. An object store has no folders (and s3fs would
+        # create a missing bucket: a mistyped bucket must be an error, not a new bucket).
+        if not storage.is_object_store(self.fs):
+            with storage.writing(self.fs, self.root):
+                self.fs.makedirs(posixpath.join(self.root, SHARDS_DIR), exist_ok=True)
 
     # paths ------------------------------------------------------------------------------------
     def shard_name(self, index: int) -> str:
@@ -131,12 +133,23 @@ class CacheWriter:
 
     def _write_shard(self, index: int, arrays: dict, attrs: dict, n: int) -> ShardEntry:
         path, marker = self.shard_path(index), self.marker_path(index)
-        if self.fs.exists(marker):
-            self.fs.rm(marker)
-        storage.remove_tree(self.fs, path)
-        self.fs.invalidate_cache(posixpath.dirname(path))
+        if storage.is_object_store(self.fs):
+            checksum, nbytes, files = self._upload_shard(path, marker, arrays, attrs)
+        else:
+            if self.fs.exists(marker):
+                self.fs.rm(marker)
+            storage.remove_tree(self.fs, path)
+            self.fs.invalidate_cache(posixpath.dirname(path))
+            self._encode(storage.zarr_store(self.fs, path, read_only=False), arrays, attrs)
+            checksum, nbytes, files = storage.shard_digest(self.fs, path)
+        offsets = arrays["tokens/offsets"]
+        entry = ShardEntry(name=shard_name(index), samples=n, bytes=nbytes, checksum=checksum, files=files,
+                           max_tokens=int(np.diff(offsets).max()) if len(offsets) > 1 else 0)
+        storage.write_json(self.fs, marker, entry.to_dict())
+        return entry
 
-        store = storage.zarr_store(self.fs, path, read_only=False)
+    def _encode(self, store, arrays: dict, attrs: dict) -> None:
+        """The shard's zarr group (every array, its attributes, the consolidated metadata) into ``store``."""
         group = zarr.open_group(store=store, mode="w", zarr_format=3)
         for key, data in arrays.items():
             parent, _, leaf = key.rpartition("/")
@@ -155,12 +168,26 @@ class CacheWriter:
             warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
             zarr.consolidate_metadata(store)
 
-        checksum, nbytes, files = storage.shard_digest(self.fs, path)
-        offsets = arrays["tokens/offsets"]
-        entry = ShardEntry(name=shard_name(index), samples=n, bytes=nbytes, checksum=checksum, files=files,
-                           max_tokens=int(np.diff(offsets).max()) if len(offsets) > 1 else 0)
-        storage.write_json(self.fs, marker, entry.to_dict())
-        return entry
+    def _upload_shard(self, path: str, marker: str, arrays: dict, attrs: dict) -> tuple[str, int, dict[str, str]]:
+        """An object store's shard: encoded in memory, digested from those bytes, then one PUT per object.
+
+        zarr writing straight to an object store asks whether every metadata document exists before it
+        writes it, and the digest would read every object back: ~11 requests per object written. Here: one
+        listing of the shard's prefix, one delete of the marker and of any earlier attempt's objects, one PUT
+        per object. The bytes are the ones zarr writes to a disk (same codecs, same metadata)."""
+        buffers: dict = {}
+        self._encode(zarr.storage.MemoryStore(store_dict=buffers), arrays, attrs)
+        files = {key: buf.to_bytes() for key, buf in sorted(buffers.items())}
+        digest = storage.digest_files(files.items())
+        self.fs.invalidate_cache(path)
+        try:
+            stale = [str(p) for p in self.fs.find(path)]
+        except FileNotFoundError:
+            stale = []
+        self.fs.rm([marker, *stale])  # the marker first: a shard is incomplete from here until its marker is written
+        self.fs.pipe({posixpath.join(path, key): data for key, data in files.items()})
+        self.fs.invalidate_cache(path)
+        return digest
 
     # manifest ---------------------------------------------------------------------------------
     def read_manifest(self) -> Manifest | None:

@@ -13,12 +13,12 @@ name the flag; ``to_dict`` is what ``OUT/train_config.json`` and every checkpoin
 
 from __future__ import annotations
 
-import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from enum import Enum
 from typing import Any
 
 from kd_cache.schema import DEFAULT_KINDS, choice, parse_positions
+from kd_cache.storage import STORAGE_OPTIONS_HELP, parse_storage_options
 from student.distill import LossSettings
 from student.losses import Divergence, HiddenLoss, TailMode
 from student.stages import RECIPES, Stage, parse_modules
@@ -35,14 +35,6 @@ class Precision(str, Enum):
     auto = "auto"  # bf16 autocast on GPU, fp32 on CPU
     no = "no"
     bf16 = "bf16"
-
-
-def json_object(text: str) -> dict[str, Any]:
-    """``--storage-options``: a JSON object."""
-    value = json.loads(text)
-    if not isinstance(value, dict):
-        raise TypeError(f"--storage-options must be a JSON object, got {text!r}")
-    return value
 
 
 def _setting(default: Any = MISSING, *, help: str, resume: bool = False, **meta: Any) -> Any:
@@ -163,7 +155,7 @@ class TrainConfig:
     any_template: bool = _setting(False, help=(
         "Allow a cache whose template is not the stage's (pretrain for dpt, chat for sft/dft)."))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={
-        "help": "JSON object of fsspec storage options for a remote --cache.", "parse": json_object})
+        "help": STORAGE_OPTIONS_HELP, "parse": parse_storage_options})
     progress: bool = _setting(True, help="Show a progress bar.")
 
     def __post_init__(self):

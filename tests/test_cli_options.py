@@ -160,7 +160,7 @@ BUILD_FLAGS = [
     "--sort-window", "--shard-size", "--max-length", "--dtype", "--device", "--gpus-per-teacher", "--max-memory",
     "--quantize", "--strict", "--no-strict", "--max-skip-share", "--limit", "--seed", "--positions", "--hidden",
     "--no-hidden", "--generate", "--no-generate", "--max-new-tokens", "--generate-temperature", "--progress",
-    "--no-progress", "--repair", "--no-repair", "--overwrite", "--no-overwrite"]
+    "--no-progress", "--repair", "--no-repair", "--overwrite", "--no-overwrite", "--storage-options"]
 BUILD_CHOICES = {"--template": ["chat", "pretrain"], "--sparse": ["topk", "sample"],
                  "--sample-scheme": ["systematic", "multinomial"], "--dtype": ["auto", "float32", "bfloat16", "float16"],
                  "--quantize": ["none", "8bit", "4bit"]}
@@ -181,7 +181,8 @@ def _build():
     from cli.kd_cache_cli import app
     from kd_cache.build_config import BuildConfig
 
-    values = {"relation": "lowrank:4", "positions": "response", "device": "cpu", "max_memory": {"cpu": "1GiB"}}
+    values = {"relation": "lowrank:4", "positions": "response", "device": "cpu", "max_memory": {"cpu": "1GiB"},
+              "storage_options": {"anon": True}}
     return (app, "build", BuildConfig, (kd_cache.build, "build_cache", None), values, BUILD_FLAGS, BUILD_CHOICES,
             ["--teacher", "--data", "--out"])
 
