@@ -301,18 +301,21 @@ CHANGED = {
     "beta": 0.5, "gamma": 0.5, "positions": "response", "delta": 0.5, "hidden_weight": 0.5, "hidden_loss": "cosine",
     "affinity_weight": 0.5, "zscore": True, "divergence": "rkl", "jsd_beta": 0.3, "skew": 0.2, "temperature": 2.0,
     "tail_mode": "renorm", "shuffle": False, "block_shards": 2, "train_modules": "projector",
-    "mixed_precision": "bf16",
+    "mixed_precision": "bf16", "lora_r": 4,
 }
+# The adapter settings, changed against a run with adapters (--lora-r 8): without --lora-r they are refused.
+CHANGED_LORA = {"lora_alpha": 3.0, "lora_dropout": 0.1, "lora_target_modules": "q_proj", "load_in_4bit": True}
 # Settings that may change on resume, with a changed value: they do not change the samples, losses or updates.
 FREE = {"chunk_size": 64, "head_memory_mb": 0, "num_workers": 2, "save_every": 3, "report_to": "none",
         "gradient_checkpointing": True, "progress": False, "any_template": True, "student": "/other/student",
         "cache": "/other/cache", "out": "/other/out", "storage_options": {}}
+FREE_LORA = {"merge": True}  # what a run with adapters writes at its end, not how it trains
 
 
 def test_every_resume_key_is_checked(tmp_path, monkeypatch):
-    assert set(CHANGED) == set(RESUME_KEYS)
+    assert set(CHANGED) | set(CHANGED_LORA) == set(RESUME_KEYS)
     fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "overwrite"}
-    assert set(RESUME_KEYS) | set(FREE) == fields, "decide the resume rule of every TrainConfig field"
+    assert set(RESUME_KEYS) | set(FREE) | set(FREE_LORA) == fields, "decide the resume rule of every TrainConfig field"
     base = {"stage": "dft", "student": "s", "cache": "c", "out": "o", "max_steps": 4, "image_folder": "imgs"}
     saved = TrainConfig(**base).to_dict()
     ident = {"cache": "a", "student": "b"}
@@ -320,6 +323,12 @@ def test_every_resume_key_is_checked(tmp_path, monkeypatch):
         cfg = TrainConfig(**{**base, key: value})
         with pytest.raises(ValueError, match=f"--{key.replace('_', '-')}: checkpoint has"):
             check_resume(saved, cfg, tmp_path, ident, ident)
+    lora = {**base, "lora_r": 8}
+    for key, value in CHANGED_LORA.items():
+        with pytest.raises(ValueError, match=f"--{key.replace('_', '-')}: checkpoint has"):
+            check_resume(TrainConfig(**lora).to_dict(), TrainConfig(**{**lora, key: value}), tmp_path, ident, ident)
+    for key, value in FREE_LORA.items():
+        check_resume(TrainConfig(**lora).to_dict(), TrainConfig(**{**lora, key: value}), tmp_path, ident, ident)
     for key, value in FREE.items():
         check_resume(saved, TrainConfig(**{**base, key: value}), tmp_path, ident, ident)
     # a path is the same path relative or absolute
