@@ -1,0 +1,488 @@
+"""Response distillation across vocabularies: text alignment, a vocabulary projection, and the loss at
+aligned positions, for a cached sparse teacher (top-k ids + log-probs + exact tail). A library: the
+trainer does not call it yet.
+
+Method: GOLD (TRL's ``GOLDTrainer`` / ``ULDLoss``, huggingface/trl ``trl/experimental/gold``), which
+combines exact-vocabulary matches with ULD (Boizard et al. 2024, "Towards Cross-Tokenizer
+Distillation: the Universal Logit Distillation Loss", arXiv 2402.12030) on the rest. Why this one:
+it needs nothing but the two tokenizers and the teacher's next-token distribution at aligned
+positions, which is what a cache holds; where the vocabularies agree (most of a modern BPE vocabulary:
+words, digits, punctuation, bytes) it is an ordinary KL, so on a same-tokenizer pair it *is* today's
+loss (tested); ULD only covers what cannot be matched. X-Token's projected KL needs a learned or
+heuristic many-to-many projection per pair, and ALM's chunk likelihoods (Minixhofer et al., 2025)
+need the teacher's log-likelihood of every chunk of the *student's* tokenisation, i.e. a teacher
+forward on student-side text, which an offline cache cannot give for arbitrary students.
+
+1. Alignment (``byte_spans``, ``align_spans``). Both tokenizers encode the same answer text. Row ``i``
+   of a side's answer is the distribution that *predicts* answer token ``i`` (the cache's response
+   positions: ``t`` where the label of ``t + 1`` is kept), so we align the predicted tokens' spans.
+   Spans become UTF-8 byte spans (as GOLD does); consecutive tokens that share one character span
+   (byte-level pieces of one multi-byte character, byte-fallback ``<0xNN>`` tokens) are given the
+   bytes of that character in order when their byte lengths add up, else they stay one unit; tokens
+   that cover no characters (specials, offsets ``(0, 0)``) are moved to the end of the token before
+   them. Only the *ends* of spans are used: whitespace that one tokenizer puts inside a token's
+   offsets and another trims (leading-space handling) goes to the token that follows it, so
+   ``"Ġcat"`` and ``"▁cat"`` over `` cat`` are the same span. Walking both sides, a group closes
+   where both reach the same byte boundary (GOLD's ``_align_by_byte_offsets``):
+   - one teacher token and one student token (identical spans): a 1:1 position; keeps the whole
+     next-token distribution up to the projection;
+   - several on either side (a split, a merge, a digit run, a character one side spells in bytes):
+     a chunk. GOLD's fallback: the chunk's distribution is the one at its first position times the
+     probability of the realised continuation (the chain rule along the realised tokens, GOLD's
+     ``_merge_probabilities_with_alignment_groups``). It keeps the joint probability of the realised
+     chunk exactly and loses the counterfactual continuations (an alternative first token is scored
+     as if the realised rest followed it). Here the merged mass is made a distribution by an
+     "everything else" bin that holds ``1 - sum``, so a chunk and a 1:1 position are one formula;
+   - tokens on one side only (e.g. an end-of-turn token the other side does not have): no
+     counterpart to compare with. Such student positions are counted as not aligned (never dropped
+     silently: ``Alignment.orphan_student``), teacher-only positions have nothing to train.
+
+2. Projection (``build_projection``). A teacher id maps to the student id whose token is the same
+   byte string, each tokenizer's own conventions undone from its serialised backend: byte-level BPE
+   pieces through the ``ByteLevel`` pre-tokenizer's own byte alphabet, SentencePiece's ``▁`` through
+   the ``Metaspace`` / ``Replace`` decoder's replacement, byte-fallback ``<0xNN>`` to its byte, others
+   through ``convert_tokens_to_string``. Special tokens are excluded (pairs may be given
+   explicitly, e.g. the two end-of-turn tokens). GOLD matches raw token strings, so ``Ġcat`` never
+   meets ``▁cat``; comparing bytes is the difference. Many teacher ids may map to one student id
+   (``A`` and ``<0x41>``); the loss then sums their mass into one bin. Built once per pair and
+   cached under ``projection_key`` (both tokenizers' full serialisations hashed).
+
+3. Loss (``cross_vocab_divergence``), per aligned group, on the teacher row at the group's first
+   teacher token and the student row at its first student token:
+   - matched part: the coarsened divergence (``student.losses.sparse_from_bins``, every divergence
+     the sparse path offers) over the mapped top-k ids + one "everything else" bin; the teacher's
+     unmapped top-k mass joins its tail, and the student's else bin is its mass off the mapped ids.
+     GOLD uses JSD here; ours defaults to forward KL, today's loss;
+   - unmatched part (ULD): L1 between the sorted probabilities of the teacher's *unmapped top-k*
+     ids and the same number of the student's largest probabilities over its ids that no teacher id
+     maps to. Because every id outside the top-k has less mass than any id inside, the teacher's
+     unmapped top-k ids are exactly its largest unmapped probabilities, so these ranks are exact;
+     the ranks beyond them (inside the teacher's tail) are not compared: their total is already in
+     the else bin of the matched part. GOLD compares all ranks of a dense teacher;
+   - weights: GOLD's adaptive ones by default, ``coverage`` (mapped teacher ids / teacher vocabulary)
+     for the matched part and ``1 - coverage`` for ULD; identity projection gives 1 and 0.
+   Sampled (``counts``) teachers are refused: the else bin's teacher mass is not known from draws.
+
+Next step (issue 21, item 1): the cache must store the teacher tokenizer files, the conversation as
+turns (so the student's template renders the same answer text), each answer token's character
+offsets, and the realised token's log-prob at every response position (``teacher_realised`` here:
+it is in the top-k most of the time, not always); the student stream then tokenises the answer,
+calls ``align_spans`` once per sample and the head calls ``cross_vocab_divergence``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from student.losses.divergences import (
+    LOG_PROB_FLOOR,
+    DivergenceOptions,
+    SparseTeacher,
+    TailMode,
+    sparse_from_bins,
+    student_bins,
+    up,
+)
+
+# ----------------------------------------------------------------------------------------------
+# 1. Alignment by text offsets
+
+
+def byte_spans(text: str, offsets: list[tuple[int, int]], piece_bytes: list[int | None] | None = None) -> list[tuple[int, int]]:
+    """Character offsets [(start, end)] of answer tokens -> UTF-8 byte spans, tiled by their ends.
+
+    A token with an empty span is moved to the end of the token before it (0 for the first).
+    Consecutive tokens with one identical character span get that character's bytes in order when
+    ``piece_bytes`` (each token's byte length, ``token_bytes``) says they add up to it; otherwise they
+    keep the whole span, and only the last of them ends a unit.
+    """
+    cum = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text])]).astype(int)
+    out: list[tuple[int, int]] = []
+    i, n = 0, len(offsets)
+    prev_end = 0
+    while i < n:
+        s, e = offsets[i]
+        if e <= s:  # covers no characters
+            out.append((prev_end, prev_end))
+            i += 1
+            continue
+        j = i + 1
+        while j < n and tuple(offsets[j]) == (s, e):
+            j += 1
+        b0, b1 = int(cum[s]), int(cum[e])
+        lens = None if piece_bytes is None else piece_bytes[i:j]
+        if j - i > 1 and lens is not None and None not in lens and sum(lens) == b1 - b0:
+            at = b0
+            for n_bytes in lens:
+                out.append((at, at + n_bytes))
+                at += n_bytes
+        else:
+            out.extend([(b0, b1)] * (j - i))
+        prev_end = b1
+        i = j
+    return out
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Groups of consecutive answer tokens, teacher and student, that end at one text boundary.
+
+    teacher_groups, student_groups: [(start, end)] token index ranges, one per group, both non-empty.
+    orphan_teacher, orphan_student: token indices with no counterpart on the other side.
+    """
+
+    teacher_groups: list[tuple[int, int]]
+    student_groups: list[tuple[int, int]]
+    orphan_teacher: list[int]
+    orphan_student: list[int]
+
+    @property
+    def n_student(self) -> int:
+        return sum(e - s for s, e in self.student_groups) + len(self.orphan_student)
+
+    @property
+    def one_to_one(self) -> list[bool]:
+        return [te - ts == 1 and se - ss == 1 for (ts, te), (ss, se) in zip(self.teacher_groups, self.student_groups)]
+
+    @property
+    def aligned_share(self) -> float:
+        """Share of student answer positions in 1:1 groups (1.0 for an empty answer)."""
+        return sum(self.one_to_one) / self.n_student if self.n_student else 1.0
+
+    def tensors(self, device=None) -> dict[str, Tensor]:
+        """[G] long tensors: ``t_first``, ``t_len``, ``s_first``, ``s_len`` (the loss's input)."""
+        t = torch.tensor(self.teacher_groups, dtype=torch.long, device=device).reshape(-1, 2)
+        s = torch.tensor(self.student_groups, dtype=torch.long, device=device).reshape(-1, 2)
+        return {"t_first": t[:, 0], "t_len": t[:, 1] - t[:, 0], "s_first": s[:, 0], "s_len": s[:, 1] - s[:, 0]}
+
+
+def _cuts(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(token index after the cut, byte position) where a group may end on one side: after token i
+    unless the next token starts before token i ends (pieces of one unit)."""
+    return [(i + 1, e) for i, (_, e) in enumerate(spans) if i + 1 == len(spans) or spans[i + 1][0] >= e]
+
+
+def align_spans(teacher_spans: list[tuple[int, int]], student_spans: list[tuple[int, int]]) -> Alignment:
+    """Align two tokenisations of one answer by their byte spans (``byte_spans``), GOLD's walk: a group
+    closes where both sides reach the same boundary. Tokens left over on one side are orphans."""
+    tc, sc = _cuts(teacher_spans), _cuts(student_spans)
+    tg, sg = [], []
+    i = j = 0
+    t0 = s0 = 0
+    while i < len(tc) and j < len(sc):
+        (ti, tpos), (sj, spos) = tc[i], sc[j]
+        if tpos < spos:
+            i += 1
+        elif tpos > spos:
+            j += 1
+        else:
+            tg.append((t0, ti))
+            sg.append((s0, sj))
+            t0, s0 = ti, sj
+            i += 1
+            j += 1
+    return Alignment(tg, sg, list(range(t0, len(teacher_spans))), list(range(s0, len(student_spans))))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Vocabulary projection
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+PROJECTION_VERSION = 1
+
+
+def _byte_level_table() -> dict[str, int]:
+    """The byte-level alphabet's char -> byte, read off the ``tokenizers`` ByteLevel pre-tokenizer by
+    feeding it text whose UTF-8 covers every byte valid UTF-8 can hold (0xC0, 0xC1, 0xF5-0xFF never
+    occur in text, so pieces with them stay unmapped)."""
+    from tokenizers import pre_tokenizers
+
+    chars = [chr(c) for c in range(0x800)]
+    chars += [chr(((lead & 0x0F) << 12) | (0x800 if lead == 0xE0 else 0)) for lead in range(0xE0, 0xF0)]
+    chars += [chr(((lead & 0x07) << 18) | (0x10000 if lead == 0xF0 else 0)) for lead in range(0xF0, 0xF5)]
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    table: dict[str, int] = {}
+    for ch in chars:
+        (piece, _), = pre.pre_tokenize_str(ch)
+        for c, b in zip(piece, ch.encode()):
+            table[c] = b
+    return table
+
+
+def _decoders(spec: dict | None) -> list[dict]:
+    if not spec:
+        return []
+    return [d for sub in spec.get("decoders", [spec]) for d in _decoders(sub)] if spec.get("type") == "Sequence" else [spec]
+
+
+def token_bytes(tokenizer) -> list[bytes | None]:
+    """Each id's token as the bytes it stands for in running text (None: special, or not a byte string).
+
+    Reads the conventions from the tokenizer's own serialised backend: a ``ByteLevel`` decoder maps
+    pieces through the byte alphabet, a ``Metaspace`` or ``Replace`` decoder names the character that
+    stands for a space, ``ByteFallback`` makes ``<0xNN>`` one byte; any other piece goes through
+    ``convert_tokens_to_string`` (None if that gives a replacement character).
+    """
+    backend = json.loads(tokenizer.backend_tokenizer.to_str())
+    kinds = _decoders(backend.get("decoder"))
+    types = {d["type"] for d in kinds}
+    spaces = [d["replacement"] for d in kinds if d["type"] == "Metaspace"]
+    spaces += [d["pattern"]["String"] for d in kinds if d["type"] == "Replace" and d.get("content") == " "
+               and "String" in d.get("pattern", {})]
+    byte_fallback = "ByteFallback" in types or bool(backend.get("model", {}).get("byte_fallback"))
+    table = _byte_level_table() if "ByteLevel" in types else None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    out: list[bytes | None] = []
+    for i, piece in enumerate(pieces):
+        if i in special or piece is None:
+            out.append(None)
+        elif byte_fallback and (m := _BYTE_PIECE.match(piece)):
+            out.append(bytes([int(m.group(1), 16)]))
+        elif table is not None:
+            out.append(bytes(table[c] for c in piece) if all(c in table for c in piece) else None)
+        elif spaces:
+            for sp in spaces:
+                piece = piece.replace(sp, " ")
+            out.append(piece.encode())
+        else:
+            s = tokenizer.convert_tokens_to_string([piece])
+            out.append(None if "\ufffd" in s else s.encode())
+    return out
+
+
+def projection_key(teacher_tokenizer, student_tokenizer) -> str:
+    """Deterministic key of a pair: sha256 over both tokenizers' serialised backends (vocabulary,
+    merges, normaliser, pre-tokenizer, decoder) and added tokens."""
+    h = hashlib.sha256(f"cross-vocab-projection v{PROJECTION_VERSION}".encode())
+    for tok in (teacher_tokenizer, student_tokenizer):
+        h.update(tok.backend_tokenizer.to_str().encode())
+        h.update(json.dumps(sorted((i, str(t)) for i, t in tok.added_tokens_decoder.items())).encode())
+    return h.hexdigest()[:32]
+
+
+@dataclass(frozen=True)
+class VocabProjection:
+    """teacher id -> student id. to_student: [V_t] long, -1 where unmapped; student_matched: [V_s]
+    bool, the student ids some teacher id maps to; key: ``projection_key`` of the pair."""
+
+    to_student: Tensor
+    student_matched: Tensor
+    key: str
+
+    @property
+    def coverage(self) -> float:
+        """Mapped teacher ids / teacher vocabulary: GOLD's adaptive weight of the matched part."""
+        return float((self.to_student >= 0).double().mean()) if len(self.to_student) else 0.0
+
+    @classmethod
+    def identity(cls, vocab: int) -> VocabProjection:
+        return cls(torch.arange(vocab), torch.ones(vocab, dtype=torch.bool), "identity")
+
+    def save(self, path: str) -> None:
+        """Write to ``path`` (npz) atomically."""
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as f:
+            np.savez(f, to_student=self.to_student.numpy().astype(np.int64),
+                     student_matched=self.student_matched.numpy(), key=np.array(self.key))
+        os.replace(f.name, path)
+
+    @classmethod
+    def load(cls, path: str, key: str | None = None) -> VocabProjection:
+        """Read a saved projection; with ``key``, refuse one built for another pair."""
+        with np.load(path) as z:
+            found = str(z["key"])
+            if key is not None and found != key:
+                raise ValueError(f"{path}: projection built for tokenizer pair {found}, expected {key}: "
+                                 "delete it or rebuild with build_projection")
+            return cls(torch.from_numpy(z["to_student"]), torch.from_numpy(z["student_matched"]), found)
+
+
+def build_projection(teacher_tokenizer, student_tokenizer, pairs: dict[int, int] | None = None) -> VocabProjection:
+    """Map each teacher id to the student id with the same bytes (``token_bytes``); specials excluded
+    except ``pairs`` (teacher id -> student id, e.g. the end-of-turn tokens). Among student ids with the
+    same bytes the one that is not a ``<0xNN>`` piece wins, then the lowest id."""
+    s_bytes = token_bytes(student_tokenizer)
+    s_pieces = student_tokenizer.convert_ids_to_tokens(list(range(len(s_bytes))))
+    by_bytes: dict[bytes, int] = {}
+    for sid in sorted(range(len(s_bytes)), key=lambda i: (bool(_BYTE_PIECE.match(s_pieces[i] or "")), i)):
+        if s_bytes[sid] is not None:
+            by_bytes.setdefault(s_bytes[sid], sid)
+    t_bytes = token_bytes(teacher_tokenizer)
+    to_student = torch.tensor([by_bytes.get(b, -1) if b is not None else -1 for b in t_bytes], dtype=torch.long)
+    for t, s in (pairs or {}).items():
+        to_student[t] = s
+    matched = torch.zeros(len(s_bytes), dtype=torch.bool)
+    matched[to_student[to_student >= 0]] = True
+    return VocabProjection(to_student, matched, projection_key(teacher_tokenizer, student_tokenizer))
+
+
+def cached_projection(teacher_tokenizer, student_tokenizer, folder: str, pairs: dict[int, int] | None = None) -> VocabProjection:
+    """The pair's projection from ``folder/<key>.npz``, built and saved there the first time."""
+    key = projection_key(teacher_tokenizer, student_tokenizer)
+    path = os.path.join(folder, f"{key}.npz")
+    if os.path.exists(path):
+        return VocabProjection.load(path, key)
+    proj = build_projection(teacher_tokenizer, student_tokenizer, pairs)
+    proj.save(path)
+    return proj
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The loss at aligned positions
+
+
+@dataclass(frozen=True)
+class CrossLoss:
+    """Per aligned group [G]: ``loss`` = w_match * ``matched`` + w_uld * ``uld``; ``one_to_one`` [G]
+    bool; ``student_positions`` [G] student answer tokens each group covers."""
+
+    loss: Tensor
+    matched: Tensor
+    uld: Tensor
+    one_to_one: Tensor
+    student_positions: Tensor
+
+
+def _realised_sum(realised: Tensor, first: Tensor, length: Tensor) -> Tensor:
+    """sum of ``realised`` [P] over rows first+1 .. first+length-1 of each group -> [G] (0 exactly for
+    a group of one)."""
+    # The groups come from the host (``Alignment.tensors``): reading their widest length is no device sync
+    # when they are still on the CPU; the trainer will pass them along with that width.
+    width = max(int(length.max()) - 1, 0) if length.numel() else 0
+    offs = torch.arange(width, device=first.device)
+    idx = first[:, None] + 1 + offs
+    inside = offs < (length[:, None] - 1)
+    vals = realised[idx.clamp(max=max(realised.shape[0] - 1, 0))] if realised.numel() else idx.to(realised.dtype)
+    return torch.where(inside, vals.clamp_min(LOG_PROB_FLOOR), 0.0).sum(-1)
+
+
+def _scale(lp: Tensor, tail: Tensor, log_s: Tensor) -> tuple[Tensor, Tensor]:
+    """Bins ``lp`` [G, B] and else bin ``tail`` [G] of a distribution scaled by ``s`` (log_s [G] <= 0):
+    ``s * p_i`` and ``1 - s * (1 - p_else)`` = ``(1 - s) + s * p_else``. Exact identity when log_s = 0."""
+    chunk = log_s < 0
+    safe = torch.where(chunk, log_s.clamp(max=-1e-12), -1.0)
+    log_rest = torch.where(chunk, torch.log(-torch.expm1(safe)), float("-inf"))
+    return lp + log_s[:, None], torch.logaddexp(log_rest, tail + log_s)
+
+
+def _dedupe(mapped: Tensor, t_lp: Tensor, vocab: int) -> tuple[Tensor, Tensor]:
+    """Merge teacher ids mapped to one student id. mapped: [G, K] student ids (-1: none); t_lp [G, K].
+    Returns bin ids [G, K] (-1 padded) and their summed log-probs [G, K]."""
+    key = torch.where(mapped >= 0, mapped, vocab)
+    skey, order = key.sort(-1)
+    p = torch.where(skey < vocab, t_lp.gather(-1, order).exp(), 0.0)
+    new = torch.ones_like(skey, dtype=torch.bool)
+    new[:, 1:] = skey[:, 1:] != skey[:, :-1]
+    slot = new.long().cumsum(-1) - 1
+    ids = torch.full_like(skey, vocab).scatter(-1, slot, skey)
+    mass = torch.zeros_like(p).scatter_add(-1, slot, p)
+    ids = torch.where(ids < vocab, ids, -1)
+    return ids, torch.where(ids >= 0, mass.clamp_min(1e-300).log(), 0.0)
+
+
+def project_teacher(rows: SparseTeacher, projection: VocabProjection, student_vocab: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[SparseTeacher, Tensor]:
+    """A top-k teacher [P, K] on the student's vocabulary: its mapped ids (teacher ids sharing a student id
+    merged into one bin) + a tail that also holds the unmapped stored ids' mass.
+
+    Returns the projected ``SparseTeacher`` (ids [P, K] student ids padded with -1, log-probs [P, K],
+    tail [P]) and the unmapped stored ids [P, K] bool.
+    """
+    ids = rows.ids.long()
+    valid = ids >= 0
+    table = projection.to_student.to(ids.device)
+    inside = valid & (ids < len(table))
+    mapped = torch.where(inside, table[ids.clamp(0, max(len(table) - 1, 0))], -1)
+    t_lp = torch.where(valid, up(rows.logprobs).to(dtype), float("-inf"))
+    unmapped = valid & (mapped < 0)
+    tail = torch.cat([up(rows.tail).to(dtype)[:, None], torch.where(unmapped, t_lp, float("-inf"))], -1).logsumexp(-1)
+    bin_ids, bin_lp = _dedupe(mapped, torch.where(valid, t_lp, 0.0), student_vocab)
+    return SparseTeacher(bin_ids, bin_lp, tail), unmapped
+
+
+def cross_vocab_divergence(
+    student_logits: Tensor,
+    student_targets: Tensor,
+    teacher: SparseTeacher,
+    teacher_realised: Tensor,
+    groups: dict[str, Tensor],
+    projection: VocabProjection,
+    *,
+    options: DivergenceOptions | None = None,
+    matched_weight: float | None = None,
+) -> CrossLoss:
+    """GOLD's hybrid loss (matched ids: coarsened divergence; the rest: ULD) per aligned group.
+
+    Args:
+        student_logits: [P_s, V_s], row i predicts student answer token i (any float dtype; fp32 inside).
+        student_targets: [P_s] the student's answer token ids (row i's realised token).
+        teacher: the cached rows [P_t, K] (top-k ids, log-probs, tail), row i predicts teacher answer
+            token i; sampled (``counts``) teachers are refused.
+        teacher_realised: [P_t] teacher log-prob of its realised answer token i (read for chunks only).
+        groups: ``Alignment.tensors()``: [G] ``t_first``, ``t_len``, ``s_first``, ``s_len``.
+        projection: teacher id -> student id (ids beyond it are unmapped).
+        options: the matched part's divergence (tail mode, no zscore); default forward KL.
+        matched_weight: the matched part's weight (ULD gets ``1 - w``); default ``projection.coverage``.
+
+    Returns:
+        ``CrossLoss`` of [G] tensors (float32, or float64 for float64 logits); G = 0 gives empty ones.
+    """
+    opts = options or DivergenceOptions()
+    if teacher.sampled:
+        raise ValueError("cross-vocabulary distillation needs top-k teacher ids with log-probs and tail: with "
+                         "sampled ids the teacher mass of unmapped ids is unknown. Build the cache with --sparse topk.")
+    if opts.mode is not TailMode.tail or opts.zscore:
+        raise ValueError("cross-vocabulary distillation compares the mapped ids plus one else bin: use tail mode "
+                         "without zscore")
+    w = projection.coverage if matched_weight is None else float(matched_weight)
+    t_first, t_len, s_first, s_len = (groups[k] for k in ("t_first", "t_len", "s_first", "s_len"))
+    V_s = student_logits.shape[-1]
+
+    # Student: the rows at each group's first token, and the log-prob of its realised continuation.
+    log_q_all = up(student_logits).log_softmax(-1)  # [P_s, V_s]
+    realised_s = log_q_all.gather(-1, student_targets.long().clamp_min(0)[:, None])[:, 0]
+    log_s_s = _realised_sum(realised_s, s_first, s_len)  # [G]
+    log_q = log_q_all[s_first]  # [G, V_s]
+    dtype = log_q.dtype
+
+    # Teacher: project the stored ids; unmapped stored mass joins the tail.
+    rows = teacher[t_first]
+    if rows.logprobs is None or rows.tail is None:
+        raise ValueError("cross-vocabulary distillation needs the teacher's top-k log-probs and tail")
+    binned, unmapped = project_teacher(rows, projection, V_s, dtype)
+    ids = rows.ids
+    t_lp = torch.where(ids >= 0, up(rows.logprobs).to(dtype), float("-inf"))
+    log_s_t = _realised_sum(up(teacher_realised).to(dtype), t_first, t_len)
+
+    # Matched part: mapped bins + else bin, both sides scaled along the realised chunk (GOLD's merge).
+    # A row with no mapped id compares one bin with itself: 0.
+    s_lp, s_tail = student_bins(log_q, binned, opts)
+    s_lp, s_tail = _scale(s_lp, s_tail, log_s_s)
+    bin_lp, t_tail = _scale(binned.logprobs, binned.tail, log_s_t)
+    matched = sparse_from_bins(s_lp, s_tail, SparseTeacher(binned.ids, bin_lp, t_tail), opts)
+
+    # ULD on the unmatched part: the teacher's unmapped top-k probabilities (its largest unmapped
+    # ones) against as many of the student's largest probabilities off the projection's image.
+    K = ids.shape[-1]
+    p_un = torch.where(unmapped, (t_lp + log_s_t[:, None]).exp(), -1.0).sort(-1, descending=True).values
+    n_un = unmapped.sum(-1, keepdim=True)
+    q_free = torch.where(projection.student_matched.to(ids.device)[None, :], 0.0, (log_q + log_s_s[:, None]).exp())
+    k = min(K, V_s)
+    q_top = q_free.topk(k, -1).values if k else q_free[:, :0]
+    q_top = torch.nn.functional.pad(q_top, (0, K - k))
+    ranks = torch.arange(K, device=ids.device)[None, :] < n_un
+    uld = torch.where(ranks, (p_un.clamp_min(0) - q_top).abs(), 0.0).sum(-1)
+
+    one = (t_len == 1) & (s_len == 1)
+    return CrossLoss(w * matched + (1.0 - w) * uld, matched, uld, one, s_len)

@@ -1,0 +1,256 @@
+"""Cross-vocabulary response distillation (``student.cross_tokenizer``): alignment and projection on two
+hand-built tokenizers whose answers are known by construction, and the loss against a float64 reference
+written from its definition on dense distributions."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from student.cross_tokenizer import (
+    VocabProjection,
+    align_spans,
+    build_projection,
+    byte_spans,
+    cached_projection,
+    cross_vocab_divergence,
+    project_teacher,
+    projection_key,
+    token_bytes,
+)
+from student.losses import SparseTeacher, sparse_divergence
+from tests.loss_reference import ref_div
+
+TEXT = "hello world 2024 é cat 😀"
+
+
+def _bpe(base: list[str], words: list[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A BPE vocabulary and merges that build each word from its prefixes, left to right."""
+    vocab = {c: i for i, c in enumerate(base)}
+    merges = []
+    for w in words:
+        for n in range(2, len(w) + 1):
+            if w[:n] not in vocab:
+                merges.append((w[: n - 1], w[n - 1]))
+                vocab[w[:n]] = len(vocab)
+    return vocab, merges
+
+
+@pytest.fixture(scope="module")
+def teacher_tok():
+    """Byte-level BPE (GPT-2 style ``Ġ``): no merge for the emoji, one for ``é`` and the digit run."""
+    vocab, merges = _bpe(["<|eot|>"] + sorted(pre_tokenizers.ByteLevel.alphabet()),
+                         ["hel", "lo", "Ġworld", "Ġcat", "Ã©", "2024"])
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|eot|>")
+
+
+@pytest.fixture(scope="module")
+def student_tok():
+    """SentencePiece style (``▁``, byte fallback ``<0xNN>``, Llama's decoder), no ``é`` and no emoji."""
+    base = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list("▁helowrdcat0124A")
+    vocab, merges = _bpe(base, ["▁hello", "▁wor", "ld", "▁cat", "20", "24"])
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def _encode(tok, text):
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    ids = enc["input_ids"]
+    lens = [None if b is None else len(b) for b in (token_bytes(tok)[i] for i in ids)]
+    return ids, tok.convert_ids_to_tokens(ids), byte_spans(text, enc["offset_mapping"], lens)
+
+
+def test_alignment_known_by_construction(teacher_tok, student_tok):
+    t_ids, t_pieces, t_spans = _encode(teacher_tok, TEXT)
+    s_ids, s_pieces, s_spans = _encode(student_tok, TEXT)
+    assert t_pieces == ["hel", "lo", "Ġworld", "Ġ", "2024", "Ġ", "Ã©", "Ġcat", "Ġ", "ð", "Ł", "ĺ", "Ģ"]
+    assert s_pieces == ["▁hello", "▁wor", "ld", "▁", "20", "24", "▁", "<0xC3>", "<0xA9>", "▁cat", "▁",
+                        "<0xF0>", "<0x9F>", "<0x98>", "<0x80>"]
+    # The emoji's four byte pieces share one character span: byte_spans gives each its byte.
+    assert t_spans[-4:] == s_spans[-4:] == [(24, 25), (25, 26), (26, 27), (27, 28)]
+    al = align_spans(t_spans, s_spans)
+    pairs = [(t_pieces[a:b], s_pieces[c:d]) for (a, b), (c, d) in zip(al.teacher_groups, al.student_groups)]
+    assert pairs == [
+        (["hel", "lo"], ["▁hello"]),  # two teacher tokens merged into one student token
+        (["Ġworld"], ["▁wor", "ld"]),  # one teacher token split in two
+        (["Ġ"], ["▁"]),  # a lone space, 1:1
+        (["2024"], ["20", "24"]),  # a digit run
+        (["Ġ"], ["▁"]),
+        (["Ã©"], ["<0xC3>", "<0xA9>"]),  # a character the student spells in byte-fallback tokens
+        (["Ġcat"], ["▁cat"]),  # a leading space, 1:1
+        (["Ġ"], ["▁"]),
+        (["ð"], ["<0xF0>"]), (["Ł"], ["<0x9F>"]), (["ĺ"], ["<0x98>"]), (["Ģ"], ["<0x80>"]),  # emoji bytes 1:1
+    ]
+    assert al.orphan_teacher == al.orphan_student == []
+    assert al.aligned_share == pytest.approx(8 / 15)
+    assert al.one_to_one == [False, False, True, False, True, False, True, True, True, True, True, True]
+
+
+def test_alignment_edge_cases():
+    # Trimmed leading whitespace on one side: only ends count, so both tokens cover " cat".
+    al = align_spans(byte_spans(" cat", [(1, 4)]), byte_spans(" cat", [(0, 4)]))
+    assert al.teacher_groups == [(0, 1)] and al.one_to_one == [True]
+    # Pieces sharing one character with no byte lengths stay one unit: a chunk, never a false 1:1 pair.
+    al = align_spans(byte_spans("é", [(0, 1), (0, 1)]), byte_spans("é", [(0, 1)]))
+    assert al.teacher_groups == [(0, 2)] and al.student_groups == [(0, 1)]
+    # A special token covering no characters ((0, 0) offsets) sits at the end of the token before it:
+    # with both sides ending with one it is 1:1; on the student side only it is an orphan, counted.
+    al = align_spans(byte_spans("ab", [(0, 2), (0, 0)]), byte_spans("ab", [(0, 1), (1, 2), (0, 0)]))
+    assert al.student_groups == [(0, 2), (2, 3)] and al.one_to_one == [False, True]
+    al = align_spans(byte_spans("ab", [(0, 2)]), byte_spans("ab", [(0, 2), (0, 0)]))
+    assert al.orphan_student == [1] and al.aligned_share == pytest.approx(1 / 2)
+    assert align_spans([], []).aligned_share == 1.0
+
+
+def test_projection_known_by_construction(teacher_tok, student_tok, tmp_path):
+    proj = build_projection(teacher_tok, student_tok)
+    t, s = teacher_tok.convert_tokens_to_ids, student_tok.convert_tokens_to_ids
+
+    def to(piece):
+        return int(proj.to_student[t(piece)])
+
+    assert to("Ġcat") == s("▁cat")  # Ġ and ▁ both stand for a space
+    assert to("Ġ") == s("▁")
+    assert to("ð") == s("<0xF0>") and to("Ģ") == s("<0x80>")  # byte-level piece <-> byte fallback
+    assert to("A") == s("A")  # the student's "A" wins over its "<0x41>"
+    assert to("2024") == to("Ġworld") == to("Ã©") == -1  # no student token with those bytes
+    assert to("hel") == -1 and to("lo") == -1
+    assert to("<|eot|>") == -1  # special tokens excluded ...
+    paired = build_projection(teacher_tok, student_tok, pairs={t("<|eot|>"): s("</s>")})
+    assert int(paired.to_student[t("<|eot|>")]) == s("</s>")  # ... unless paired explicitly
+    assert proj.coverage == pytest.approx(float((proj.to_student >= 0).double().mean()))
+    # Cached once per pair under a deterministic key; the same tokenizers give the same key.
+    key = projection_key(teacher_tok, student_tok)
+    assert key == projection_key(teacher_tok, student_tok) != projection_key(student_tok, teacher_tok)
+    first = cached_projection(teacher_tok, student_tok, str(tmp_path))
+    assert (tmp_path / f"{key}.npz").exists()
+    again = cached_projection(teacher_tok, student_tok, str(tmp_path))
+    assert torch.equal(first.to_student, again.to_student) and again.key == key
+    with pytest.raises(ValueError, match="projection built for tokenizer pair"):
+        VocabProjection.load(str(tmp_path / f"{key}.npz"), key="other")
+
+
+def test_projected_distribution(teacher_tok, student_tok):
+    """Top-3 {Ġcat: .5, Ġworld: .2, 2024: .1}, tail .2 -> on the student: {▁cat: .5}, else .5."""
+    proj = build_projection(teacher_tok, student_tok)
+    t = teacher_tok.convert_tokens_to_ids
+    rows = SparseTeacher(torch.tensor([[t("Ġcat"), t("Ġworld"), t("2024")]]),
+                         torch.tensor([[0.5, 0.2, 0.1]]).log(), torch.tensor([0.2]).log())
+    out, unmapped = project_teacher(rows, proj, len(student_tok), torch.float64)
+    kept = out.ids[0] >= 0
+    assert out.ids[0][kept].tolist() == [student_tok.convert_tokens_to_ids("▁cat")]
+    assert out.logprobs[0][kept].exp().tolist() == pytest.approx([0.5])
+    assert float(out.tail.exp()) == pytest.approx(0.5)
+    assert unmapped.tolist() == [[False, True, True]]
+    # Two teacher ids with the same bytes ("A" and a byte-level alias via the pairs) share one bin.
+    a = student_tok.convert_tokens_to_ids("A")
+    proj2 = VocabProjection(torch.tensor([a, a, -1]), torch.zeros(len(student_tok), dtype=torch.bool), "x")
+    out, _ = project_teacher(SparseTeacher(torch.tensor([[0, 1, 2]]), torch.tensor([[0.3, 0.2, 0.1]]).log(),
+                                           torch.tensor([0.4]).log()), proj2, len(student_tok), torch.float64)
+    assert out.ids[0][out.ids[0] >= 0].tolist() == [a]
+    assert out.logprobs[0][out.ids[0] >= 0].exp().tolist() == pytest.approx([0.5])
+    assert float(out.tail.exp()) == pytest.approx(0.5)
+
+
+def test_same_tokenizer_is_todays_loss():
+    """Identity projection, every position 1:1: the cross path gives ``sparse_divergence`` exactly."""
+    g = torch.Generator().manual_seed(0)
+    P, V, K = 7, 40, 6
+    logits_t = torch.randn(P, V, generator=g) * 3
+    logits_s = torch.randn(P, V, generator=g) * 3
+    lp = logits_t.log_softmax(-1)
+    top = lp.topk(K, -1)
+    ids, tlp = top.indices, top.values
+    ids[2, 4:] = -1  # a padded row
+    ids[5] = -1  # an empty row
+    tail = torch.log1p(-torch.where(ids >= 0, tlp.exp(), 0.0).sum(-1).clamp_max(1 - 1e-7))
+    teacher = SparseTeacher(ids, tlp, tail)
+    targets = torch.randint(0, V, (P,), generator=g)
+    groups = align_spans([(i, i + 1) for i in range(P)], [(i, i + 1) for i in range(P)]).tensors()
+    for div in ("fkl", "rkl", "jsd", "tvd"):
+        from student.losses import DivergenceOptions
+
+        out = cross_vocab_divergence(logits_s, targets, teacher, lp[torch.arange(P), targets], groups,
+                                     VocabProjection.identity(V), options=DivergenceOptions(divergence=div))
+        today = sparse_divergence(logits_s, ids, tlp, tail, divergence=div)
+        torch.testing.assert_close(out.loss, today, rtol=1e-5, atol=1e-6)
+        assert torch.equal(out.uld, torch.zeros(P))
+
+
+def _reference(p_t, p_s, top_k, realised_t, realised_s, t_groups, s_groups, to_student, matched_w):
+    """The loss from its definition in float64, one group at a time, with plain Python sets."""
+    out = []
+    image = {j for j in to_student if j >= 0}
+    for (t0, t1), (s0, s1) in zip(t_groups, s_groups):
+        scale_t = float(torch.prod(realised_t[t0 + 1:t1].exp()))
+        scale_s = torch.prod(realised_s[s0 + 1:s1].exp())
+        p, q = p_t[t0], p_s[s0]
+        stored = p.topk(top_k).indices.tolist()
+        bins = sorted({to_student[i] for i in stored if to_student[i] >= 0})
+        P = torch.stack([sum(p[i] for i in stored if to_student[i] == j) * scale_t for j in bins] or [p[:0].sum()])
+        Q = torch.stack([q[j] * scale_s for j in bins] or [q[:0].sum()])
+        P = torch.cat([P[: len(bins)], (1 - P[: len(bins)].sum())[None]])
+        Q = torch.cat([Q[: len(bins)], (1 - Q[: len(bins)].sum())[None]])
+        kl = ref_div(P, Q, "fkl")
+        t_un = sorted((float(p[i]) * scale_t for i in stored if to_student[i] < 0), reverse=True)
+        s_free = torch.stack([q[j] * scale_s for j in range(len(q)) if j not in image])
+        s_top = s_free.sort(descending=True).values[: len(t_un)]
+        uld = sum((torch.tensor(a, dtype=torch.float64) - b).abs() for a, b in zip(t_un, s_top))
+        out.append(matched_w * kl + (1 - matched_w) * uld)
+    return torch.stack(out)
+
+
+def test_loss_matches_float64_reference():
+    """Tiny vocabularies (teacher 9, student 8), a 1:1 position, a merge chunk, a split chunk, and
+    many-to-one and unmapped teacher ids; gradients flow to the student logits."""
+    g = torch.Generator().manual_seed(3)
+    V_t, V_s, K = 9, 8, 5
+    to_student = [0, 1, 1, 2, 3, -1, -1, 6, -1]  # ids 1, 2 share student id 1; 5, 6, 8 unmapped
+    proj = VocabProjection(torch.tensor(to_student), torch.tensor([j in to_student for j in range(V_s)]), "t")
+    p_t = (torch.randn(4, V_t, generator=g, dtype=torch.float64) * 2).softmax(-1)
+    logits_s = (torch.randn(4, V_s, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    t_groups, s_groups = [(0, 1), (1, 3), (3, 4)], [(0, 1), (1, 2), (2, 4)]  # 1:1, 2 -> 1, 1 -> 2
+    t_targets = torch.tensor([2, 7, 0, 4])
+    s_targets = torch.tensor([1, 6, 0, 3])
+    realised_t = p_t.log()[torch.arange(4), t_targets]
+    top = p_t.log().topk(K, -1)
+    tail = torch.log1p(-top.values.exp().sum(-1))
+    teacher = SparseTeacher(top.indices, top.values, tail)
+    stored = [[to_student[i] for i in row] for row in top.indices[[0, 1, 3]].tolist()]
+    assert all(-1 in row for row in stored) and any(row.count(1) == 2 for row in stored)  # unmapped, merged
+    groups = {"t_first": torch.tensor([0, 1, 3]), "t_len": torch.tensor([1, 2, 1]),
+              "s_first": torch.tensor([0, 1, 2]), "s_len": torch.tensor([1, 1, 2])}
+    for w in (None, 0.5):
+        out = cross_vocab_divergence(logits_s, s_targets, teacher, realised_t, groups, proj, matched_weight=w)
+        realised_s = logits_s.log_softmax(-1)[torch.arange(4), s_targets]
+        ref = _reference(p_t, logits_s.softmax(-1), K, realised_t, realised_s, t_groups, s_groups, to_student,
+                         proj.coverage if w is None else w)
+        torch.testing.assert_close(out.loss, ref, rtol=1e-9, atol=1e-12)
+        assert out.one_to_one.tolist() == [True, False, False] and out.student_positions.tolist() == [1, 1, 2]
+        assert (out.uld > 0).all() and (out.matched > 0).all()  # both parts are exercised in every group
+        (g_out,) = torch.autograd.grad(out.loss.sum(), logits_s)
+        (g_ref,) = torch.autograd.grad(ref.sum(), logits_s)
+        torch.testing.assert_close(g_out, g_ref, rtol=1e-7, atol=1e-10)
+
+
+def test_empty_and_refusals():
+    V = 5
+    teacher = SparseTeacher(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3), torch.zeros(0))
+    groups = {k: torch.zeros(0, dtype=torch.long) for k in ("t_first", "t_len", "s_first", "s_len")}
+    out = cross_vocab_divergence(torch.zeros(0, V, requires_grad=True), torch.zeros(0, dtype=torch.long), teacher,
+                                 torch.zeros(0), groups, VocabProjection.identity(V))
+    assert out.loss.shape == (0,) and out.loss.sum().item() == 0.0
+    sampled = SparseTeacher(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2), torch.zeros(1),
+                            counts=torch.ones(1, 2))
+    one = align_spans([(0, 1)], [(0, 1)]).tensors()
+    with pytest.raises(ValueError, match="sparse topk"):
+        cross_vocab_divergence(torch.zeros(1, V), torch.zeros(1, dtype=torch.long), sampled, torch.zeros(1), one,
+                               VocabProjection.identity(V))
