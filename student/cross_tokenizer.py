@@ -63,7 +63,7 @@ forward on student-side text, which an offline cache cannot give for arbitrary s
      for the matched part and ``1 - coverage`` for ULD; identity projection gives 1 and 0.
    Sampled (``counts``) teachers are refused: the else bin's teacher mass is not known from draws.
 
-Next step (issue 21, item 1): the cache must store the teacher tokenizer files, the conversation as
+Next step: the cache must store the teacher tokenizer files, the conversation as
 turns (so the student's template renders the same answer text), each answer token's character
 offsets, and the realised token's log-prob at every response position (``teacher_realised`` here:
 it is in the top-k most of the time, not always); the student stream then tokenises the answer,
