@@ -54,7 +54,7 @@ class RegionLayout(str, Enum):
     idefics_tiles = "idefics_tiles"  # rows x cols tiles (<row_i_col_j>), then a global view; pixel shuffle
     internvl_tiles = "internvl_tiles"  # GotOcr2 tiled canvas, then a thumbnail if > 1 tile; pixel shuffle
     pixtral = "pixtral"  # the resized image (image_sizes) in merged patches, row-major
-    anyres = "anyres"  # LLaVA-NeXT / OneVision any-resolution tiles: not implemented (NotImplementedError)
+    anyres = "anyres"  # LLaVA-NeXT / OneVision: base tile, then pinpoint tiles unpadded, newline per row
 
 
 # The attention and MLP projections of a Llama-style block (every family's LLM; Pixtral's vision blocks too).

@@ -23,7 +23,10 @@ from its ``transformers`` 5.25 processor and model code, never re-derived by exp
   a thumbnail of the whole image when there is more than one tile; each tile pixel-shuffled;
 * ``pixtral`` (Mistral3): the image resized to whole merged patches (``image_sizes`` is its size), the
   merged patches row-major (the ``[IMG_BREAK]`` tokens between rows are not image tokens);
-* ``anyres`` (LLaVA-NeXT, LLaVA-OneVision): not done yet, ``NotImplementedError``.
+* ``anyres`` (LLaVA-NeXT, LLaVA-OneVision): the whole image squeezed into one tile, then the tiles of the
+  image resized and centre-padded into its best pinpoint resolution; the model's own
+  ``pack_image_features`` orders, unpads and closes rows with the image-newline feature (NaN boxes);
+  OneVision gives an image of a multi-image sample its base tile alone (and a newline).
 
 Every layout's token count is checked against the processor's visual positions
 (``RegionLayoutError`` when they differ), so a processor setting this module does not follow stops
@@ -32,6 +35,7 @@ here instead of giving wrong boxes.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -198,9 +202,61 @@ def _pixtral(ctx: _Image) -> np.ndarray:
     return grid_boxes(rows, cols, (0.0, 0.0, cols * cell / w, rows * cell / h))
 
 
-def _not_done(ctx: _Image) -> np.ndarray:
-    raise NotImplementedError(f"image regions of {FAMILIES[ctx.config.model_type].name} ({ctx.config.model_type}) "
-                              "are not implemented yet (any-resolution tiles with unpadding and newline features)")
+def _anyres(ctx: _Image) -> np.ndarray:
+    """LLaVA-NeXT / OneVision: the base tile (the whole image squeezed to one tile), then the tiles of the
+    image resized into its best pinpoint resolution and centre-padded, as one grid that the model unpads
+    and closes each row of with the image-newline feature. The boxes of every tile's patches go through
+    the model's own ``pack_image_features`` as 4-channel features (the newline feature: NaN), so the
+    order, unpadding and newlines are the model's."""
+    import importlib
+    from types import SimpleNamespace
+
+    import torch
+    from transformers.image_processing_utils import get_patch_output_size, select_best_resolution
+
+    cfg, ip, mt = ctx.config, ctx.processor.image_processor, ctx.config.model_type
+    modeling = importlib.import_module(f"transformers.models.{mt}.modeling_{mt}")
+    model_cls = getattr(modeling, "LlavaNextModel" if mt == "llava_next" else "LlavaOnevisionModel")
+    tile = cfg.vision_config.image_size
+    side = tile // cfg.vision_config.patch_size
+    crop = ip.crop_size if getattr(ip, "do_center_crop", False) else ip.size
+    base = ip.size.height or ip.size.shortest_edge
+    if (crop.height, crop.width) != (tile, tile) or base != tile:
+        raise NotImplementedError(f"{mt}: image regions follow tiles of the vision tower's size {tile}; the image "
+                                  f"processor resizes to {ip.size} and crops to {crop}")
+    strategy = cfg.vision_feature_select_strategy
+    has_cls = cfg.vision_config.model_type != "siglip_vision_model"  # CLIP's tower puts a CLS feature first
+    if (strategy == "full") == has_cls:  # "full" keeps it; "default" drops the first feature
+        raise NotImplementedError(f"{mt}: image regions need patch features without a CLS feature "
+                                  f"(vision_feature_select_strategy {strategy!r} on {type(cfg.vision_config).__name__})")
+    h, w = (int(v) for v in ctx.input("image_sizes")[ctx.index])  # the original image's (height, width)
+    if (w, h) != (ctx.width, ctx.height):
+        raise RegionLayoutError(f"{mt}: image_sizes says {w}x{h}, the image is {ctx.width}x{ctx.height}")
+    bh, bw = select_best_resolution((h, w), cfg.image_grid_pinpoints)
+    nh, nw = get_patch_output_size(np.empty((1, h, w)), (bh, bw), "channels_first")
+    px, py = (bw - nw) // 2, (bh - nh) // 2  # LlavaNextImageProcessor._get_padding_size: the image's offset
+    rows, cols = bh // tile, bw // tile
+    canvas = grid_boxes(rows * side, cols * side, (-px / nw, -py / nh, (bw - px) / nw, (bh - py) / nh))
+    # [rows, side, cols, side, 4] -> one feature row per tile, in divide_to_patches' row-major tile order
+    tiles = canvas.reshape(rows, side, cols, side, 4).transpose(0, 2, 1, 3, 4).reshape(rows * cols, side * side, 4)
+    n_images = ctx.sample.inputs.get("batch_num_images")
+    if mt == "llava_onevision" and n_images is not None and int(n_images[0]) > 1:
+        tiles = tiles[:0]  # OneVision keeps only the base tile of each image of a multi-image sample
+    feats = torch.from_numpy(np.concatenate([grid_boxes(side, side)[None], tiles]))
+    newline = torch.full((4,), float("nan"), dtype=feats.dtype)
+    sizes = torch.tensor([[h, w]])
+    owner = SimpleNamespace(config=cfg)
+    if mt == "llava_next":
+        packed, _ = model_cls.pack_image_features(owner, [feats], sizes, strategy, image_newline=newline)
+    else:
+        unpadded = modeling.unpad_image(torch.zeros(1, rows * side, cols * side), (h, w)).shape[1:]
+        limit = int(cfg.vision_aspect_ratio.removeprefix("anyres_max_"))
+        if math.sqrt(unpadded[0] * unpadded[1] / (limit * side**2)) > 1.1:
+            raise NotImplementedError(f"{mt}: image {ctx.index} ({w}x{h}) is bilinearly downsampled by the model "
+                                      f"({cfg.vision_aspect_ratio}); image regions do not cover that yet")
+        packed, _ = model_cls.pack_image_features(owner, [feats], sizes, image_newline=newline,
+                                                  vision_aspect_ratio=cfg.vision_aspect_ratio)
+    return clip_boxes(packed[0].numpy().astype(np.float64))
 
 
 LAYOUTS = {
@@ -209,7 +265,7 @@ LAYOUTS = {
     RegionLayout.idefics_tiles: _idefics_tiles,
     RegionLayout.internvl_tiles: _internvl_tiles,
     RegionLayout.pixtral: _pixtral,
-    RegionLayout.anyres: _not_done,
+    RegionLayout.anyres: _anyres,
 }
 
 
