@@ -46,6 +46,17 @@ class BlankImage(str, Enum):
     anyres_tiles = "anyres_tiles"  # base tile + the anyres tiles of a square image [1, T, C, S, S] + image_sizes
 
 
+class RegionLayout(str, Enum):
+    """How a family's visual tokens lay over the original image (``kd_cache.regions``, one function each)."""
+
+    single_view = "single_view"  # one resized (CLIP: and centre-cropped) view, a row-major token grid
+    qwen_grid = "qwen_grid"  # smart_resize'd image, image_grid_thw patches merged merge x merge, row-major
+    idefics_tiles = "idefics_tiles"  # rows x cols tiles (<row_i_col_j>), then a global view; pixel shuffle
+    internvl_tiles = "internvl_tiles"  # GotOcr2 tiled canvas, then a thumbnail if > 1 tile; pixel shuffle
+    pixtral = "pixtral"  # the resized image (image_sizes) in merged patches, row-major
+    anyres = "anyres"  # LLaVA-NeXT / OneVision: base tile, then pinpoint tiles unpadded, newline per row
+
+
 # The attention and MLP projections of a Llama-style block (every family's LLM; Pixtral's vision blocks too).
 FULL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -59,6 +70,7 @@ class Family:
     projector: tuple[str, ...]  # ... of the projector / connector (bare parameters by full name)
     llm: tuple[str, ...]  # ... of the language model and the LM head
     blank_image: BlankImage = BlankImage.single_image
+    regions: RegionLayout = RegionLayout.single_view
     lora_vision: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")  # SigLIP / CLIP
     lora_llm: tuple[str, ...] = FULL_PROJECTIONS
     # False: a prompt/suffix processor without a chat template (PaliGemma); the code recognises one by
@@ -72,11 +84,12 @@ class Family:
 LLM = ("model.language_model", "lm_head")  # lm_head is absent from named_parameters() when tied
 LLAVA = dict(vision=("model.vision_tower",), projector=("model.multi_modal_projector",), llm=LLM)
 ANYRES = dict(LLAVA, projector=("model.multi_modal_projector", "model.image_newline"),  # a bare parameter of model.model
-              blank_image=BlankImage.anyres_tiles)
+              blank_image=BlankImage.anyres_tiles, regions=RegionLayout.anyres)
 QWEN = dict(vision=("model.visual",), projector=("model.visual.merger",), llm=LLM, blank_image=BlankImage.qwen_patches,
+            regions=RegionLayout.qwen_grid,
             lora_vision=("qkv", "proj", "fc1", "fc2"))
 IDEFICS = dict(vision=("model.vision_model",), projector=("model.connector",), llm=("model.text_model", "lm_head"),
-               blank_image=BlankImage.idefics_tile)
+               blank_image=BlankImage.idefics_tile, regions=RegionLayout.idefics_tiles)
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("llava", "LLaVA", "LlavaForConditionalGeneration", **LLAVA),
@@ -94,9 +107,9 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in [
     Family("gemma3", "Gemma3", "Gemma3ForConditionalGeneration", **LLAVA),
     Family("paligemma", "PaliGemma", "PaliGemmaForConditionalGeneration", **LLAVA, chat=False),
     Family("internvl", "InternVL", "InternVLForConditionalGeneration", **LLAVA,
-           lora_vision=("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2")),
+           lora_vision=("q_proj", "k_proj", "v_proj", "projection_layer", "fc1", "fc2"), regions=RegionLayout.internvl_tiles),
     Family("mistral3", "Mistral3 (Pixtral)", "Mistral3ForConditionalGeneration", **LLAVA,
-           blank_image=BlankImage.mistral_merged, lora_vision=FULL_PROJECTIONS),
+           blank_image=BlankImage.mistral_merged, lora_vision=FULL_PROJECTIONS, regions=RegionLayout.pixtral),
 ]}
 
 
