@@ -5,7 +5,7 @@
 ``[0, 1]`` of that image as it was given (before the processor resized, cropped, padded or tiled it),
 one row per position of ``sample.visual_positions[i]``, in the same order. A visual position that
 covers no part of the image (a CLS feature kept by the ``full`` feature-select strategy) is a row of
-NaN. Boxes of different families' tokens can then be compared by overlap (issue 21, item 4).
+NaN. Boxes of different families' tokens can then be compared by overlap.
 
 The layout of a family (its registry entry's ``regions``, ``kd_cache.families.RegionLayout``) is read
 from its ``transformers`` 5.25 processor and model code, never re-derived by expanding a prompt:
