@@ -57,6 +57,12 @@ def chat_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def data7(tmp_path_factory):
+    """(data.json, image folder): 7 image QA records, 3 shards of 3 + 3 + 1 at --shard-size 3."""
+    return tiny.make_llava_dataset(tmp_path_factory.mktemp("data7"), n=7, seed=5)
+
+
+@pytest.fixture(scope="session")
 def caption_data(tmp_path_factory):
     return tiny.make_llava_dataset(tmp_path_factory.mktemp("caption"), n=8, seed=1, caption=True, fmt="jsonl")
 

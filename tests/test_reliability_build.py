@@ -28,7 +28,6 @@ from kd_cache import fingerprint, open_cache, storage
 from kd_cache.build import BuildConfig, build_cache, build_lock
 from kd_cache.lock import FolderLocked
 from kd_cache.storage import StorageError, open_fs
-from kd_demo import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -131,11 +130,6 @@ def _assert_identical(out: Path, ref: Path):
 def _in_process(teacher, data, out, **kw) -> BuildConfig:
     return BuildConfig(teacher=str(teacher), data=str(data[0]), image_folder=str(data[1]), out=str(out), device="cpu",
                        progress=False, top_k=8, shard_size=3, batch_size=2, **kw)
-
-
-@pytest.fixture(scope="module")
-def data7(tmp_path_factory):
-    return tiny.make_llava_dataset(tmp_path_factory.mktemp("data7"), n=7, seed=5)
 
 
 @pytest.fixture(scope="module")

@@ -150,13 +150,6 @@ def _cli(teacher, data, out, options, *extra):
 
 
 @pytest.fixture(scope="module")
-def data7(tmp_path_factory):
-    from kd_demo import tiny
-
-    return tiny.make_llava_dataset(tmp_path_factory.mktemp("data7"), n=7, seed=5)
-
-
-@pytest.fixture(scope="module")
 def reference(teacher_dir, data7, tmp_path_factory):
     """A local build of the same data (3 shards)."""
     out = tmp_path_factory.mktemp("ref") / "cache"
