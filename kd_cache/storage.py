@@ -162,11 +162,16 @@ def reaching(fs: fsspec.AbstractFileSystem | None, path: str) -> Iterator[None]:
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as e:
-        why = diagnose(e, fs)
-        if why is None:
+        error = _store_error(e, fs, path, "use")
+        if error is None:
             raise
-        where = display(fs, path) if fs is not None else str(path)
-        raise StorageError(f"cannot use {where}: {why}") from e
+        raise error from e
+
+
+def _store_error(e: BaseException, fs: fsspec.AbstractFileSystem | None, path: str, verb: str) -> StorageError | None:
+    """``cannot <verb> <path>: <why>`` when ``e`` is a failure of the store itself (``diagnose``), else None."""
+    why = diagnose(e, fs)
+    return None if why is None else StorageError(f"cannot {verb} {display(fs, str(path))}: {why}")
 
 
 def is_local(fs: fsspec.AbstractFileSystem | None) -> bool:
@@ -212,13 +217,12 @@ def writing(fs: fsspec.AbstractFileSystem | None, path: str) -> Iterator[None]:
     except (StorageError, KeyboardInterrupt):
         raise
     except Exception as e:
-        why = diagnose(e, fs)
-        if why is not None:
-            where = display(fs, path) if fs is not None else str(path)
-            raise StorageError(f"cannot write {where}: {why}") from e
+        error = _store_error(e, fs, path, "write")
+        if error is not None:
+            raise error from e
         if isinstance(e, (FileExistsError, FileNotFoundError)) or not isinstance(e, OSError):
             raise
-        where = display(fs, path) if fs is not None else str(path)
+        where = display(fs, str(path))
         reason = e.strerror or str(e) or type(e).__name__
         raise StorageError(
             f"cannot write {where}: {reason}. Free space or make the location writable, then rerun the same "
