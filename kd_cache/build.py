@@ -502,7 +502,7 @@ def _finish(cfg: BuildConfig, writer: CacheWriter, listed: tuple, teacher, k: in
         teacher=TeacherInfo(path=cfg.teacher, model_type=model_cfg.model_type,
                             revision=identity["teacher"]["revision"] or getattr(model_cfg, "_commit_hash", None),
                             config_hash=fingerprint.config_hash(model_cfg), multimodal=teacher.multimodal,
-                            weights=identity["teacher"]["digest"]),
+                            weights=identity["teacher"]["digest"], tokenizer_files=writer.write_tokenizer(teacher.tokenizer)),
         tokenizer_hash=fingerprint.tokenizer_hash(teacher.tokenizer),
         vocab_size=len(teacher.tokenizer),  # distributions cover the tokenizer's tokens only
         teacher_head_rows=int(head.shape[0]),

@@ -64,6 +64,7 @@ class Encoded:
     pil_images: list[Any]  # loaded RGB images, in placeholder order
     meta: dict = field(default_factory=dict)
     full_length: int | None = None  # tokens before ``--max-length`` cut the sample (None: not cut)
+    messages: list[dict] = field(default_factory=list)  # the conversation as role/content turns, as encoded
 
     @property
     def input_ids(self) -> np.ndarray:
@@ -159,7 +160,8 @@ class Encoder:
         if not (cut.labels[1:] != IGNORE_INDEX).any():
             raise BadRecord(rid, NO_ASSISTANT_TOKENS, f"--max-length {self.max_length}")
         full = len(sample.input_ids) if cut is not sample else None
-        return Encoded(rid, cut, list(prepared.record.images), pil, dict(prepared.meta), full_length=full)
+        return Encoded(rid, cut, list(prepared.record.images), pil, dict(prepared.meta), full_length=full,
+                       messages=messages)
 
     # -- a causal LM's tokenizer (no images) -------------------------------------------------------
     def _render_text(self, messages: list[dict], generation_prompt: bool) -> tuple[str, list[tuple[int, int]]]:
@@ -179,7 +181,7 @@ class Encoder:
             return render(messages, True), []
         return processing.assistant_spans(render, messages)
 
-    def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> ProcessedSample:
+    def _tokenize(self, text: str, spans: list[tuple[int, int]], messages: list[dict] | None = None) -> ProcessedSample:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = np.asarray(enc["input_ids"], dtype=np.int64)
         offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
@@ -188,11 +190,15 @@ class Encoder:
             labelled |= processing._tokens_in(offsets, a, b, np.ones(len(ids), dtype=bool))
         labels = np.where(labelled, ids, IGNORE_INDEX).astype(np.int64)
         t = torch.from_numpy(ids)[None]
-        return ProcessedSample(ids, labels, {"input_ids": t, "attention_mask": torch.ones_like(t)},
-                               call={"text": text, "add_special_tokens": False})
+        call = {"text": text, "add_special_tokens": False}
+        regions = [] if not spans else ([(a, b - 1) for a, b in spans] if self.template == "pretrain"
+                                        else processing.answer_regions(text, spans, messages or []))
+        answers = processing.answer_token_spans(offsets, labelled, regions)
+        return ProcessedSample(ids, labels, {"input_ids": t, "attention_mask": torch.ones_like(t)}, call=call,
+                               answer_text=processing.answer_text(call, regions), answer_spans=answers)
 
     def _encode_text(self, messages: list[dict]) -> ProcessedSample:
-        return self._tokenize(*self._render_text(messages, False))
+        return self._tokenize(*self._render_text(messages, False), messages)
 
     # -- --generate --------------------------------------------------------------------------------
     def assistant_turns(self, prepared: Prepared) -> list[int]:

@@ -15,6 +15,8 @@ A cache is a directory or any fsspec URL (``memory://x``, ``file:///tmp/x``, ``s
                                         sha256 of each file)
     <root>/shards/00000.skipped.json    {"skipped": [{id, reason, detail[, stage]}]}: the records of the
                                         shard's input range the build skipped, written before its data
+    <root>/teacher_tokenizer/           the teacher's tokenizer files (``save_pretrained``; sha256 of each
+                                        in the manifest's ``teacher.tokenizer_files``), written before it
     <root>/manifest.json                ``kd_cache.schema.Manifest``, written last, atomically, once every
                                         shard is complete; its ``shards`` are the completion markers
 
@@ -36,6 +38,8 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
     tokens/offsets int64 [S+1]       tokens/input_ids int32 [T]      tokens/labels int32 [T]
     tokens/image_offsets int64 [S+1] tokens/image_token_counts int32 [sum n_img]   (each image's visual count)
     tokens/call_offsets int64 [S+1]  tokens/call uint8 [bytes]       (each sample's processor_call, JSON utf-8)
+    tokens/conversation_offsets int64 [S+1]  tokens/conversation uint8 [bytes]   (each sample's
+                                     conversation: its role/content turns, JSON utf-8)
     images/data_offsets int64 [I+1]  images/data uint8 [bytes]       (per image, in tokens/image_offsets order:
                                      its original encoded file bytes; an empty range = not stored, read by path)
     <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
@@ -44,7 +48,9 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
                <kind>/ids int32 [E]  <kind>/counts uint16 [E]  <kind>/logp_mean float32 [P]
                (only the real entries of each row, E = sum n_entries; padded back to K on read)
                <kind>/logprobs float16 [E]   only with ``sample_logprobs`` (off by default)
-      extras:  <kind>/extra/<name> [P, ...]   (any other ``<kind>_<name>`` array, dtype kept)
+      extras:  <kind>/extra/<name> [P, ...]   (any other ``<kind>_<name>`` array, dtype kept; always
+               response/extra/spans int32 [P, 2], response/extra/realised float16 [P] and
+               visual/extra/boxes float16 [P, 4]: ``kd_cache.schema.ALIGNMENT_EXTRAS``)
     relation/offsets int64 [S+1]     relation/n int32 [I]            relation/energy float32 [I]
       full:    relation/upper float16 flat,   relation/upper_offsets int64 [I+1]
       lowrank: relation/eigvals float32 flat, relation/eigvals_offsets int64 [I+1]
@@ -212,7 +218,7 @@ class ShardAttrs:
     def index_arrays(self) -> list[str]:
         """The small arrays a reader keeps in memory: offsets, and the per-matrix relation sizes."""
         names = ["tokens/offsets", "tokens/image_offsets", "tokens/image_token_counts", "tokens/call_offsets",
-                 "images/data_offsets"]
+                 "tokens/conversation_offsets", "images/data_offsets"]
         for kind in KINDS:
             names.append(f"{kind}/offsets")
             if self.sparse_mode == SparseMode.sample.value:
@@ -270,36 +276,47 @@ def sample_logp_mean(logprobs: np.ndarray, counts: np.ndarray) -> np.ndarray:
 # tokens
 
 
-def _pack_tokens(s: CacheSample) -> tuple[np.ndarray, np.ndarray, np.ndarray, bytes]:
+# Per-sample JSON documents stored as utf-8 bytes: tokens/<name> with tokens/<name>_offsets.
+_DOCUMENTS = ("call", "conversation")
+
+
+def _json_bytes(doc: Any) -> bytes:
+    return json.dumps(doc, sort_keys=True, ensure_ascii=False).encode() if doc else b""
+
+
+def _pack_tokens(s: CacheSample) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[bytes, ...]]:
     """A sample's validated ``input_ids`` and ``labels`` (int32 [L] each), its per-image visual counts
-    (int32 [n_img]) and its processor call (JSON utf-8)."""
+    (int32 [n_img]) and its documents (``_DOCUMENTS``: processor call, conversation; JSON utf-8)."""
     inp = _as(s.input_ids, np.int32, "input_ids", s.id, 1)
     lab = _as(s.labels, np.int32, "labels", s.id, 1)
     if inp.shape != lab.shape:
         raise ValueError(f"sample {s.id!r}: input_ids has {inp.shape[0]} tokens but labels has {lab.shape[0]}")
     counts = _as(s.image_token_counts, np.int32, "image_token_counts", s.id, 1)
-    call = json.dumps(s.processor_call, sort_keys=True, ensure_ascii=False).encode() if s.processor_call else b""
-    return inp, lab, counts, call
+    return inp, lab, counts, (_json_bytes(s.processor_call), _json_bytes(s.conversation))
 
 
-def _token_arrays(tokens: list[tuple[np.ndarray, np.ndarray, np.ndarray, bytes]]) -> dict[str, np.ndarray]:
-    return {"tokens/offsets": _offsets([inp.shape[0] for inp, *_ in tokens]),
-            "tokens/input_ids": _cat([inp for inp, *_ in tokens], np.int32),
-            "tokens/labels": _cat([lab for _, lab, *_ in tokens], np.int32),
-            "tokens/image_offsets": _offsets([len(c) for _, _, c, _ in tokens]),
-            "tokens/image_token_counts": _cat([c for _, _, c, _ in tokens], np.int32),
-            "tokens/call_offsets": _offsets([len(b) for *_, b in tokens]),
-            "tokens/call": np.frombuffer(b"".join(b for *_, b in tokens), dtype=np.uint8)}
+def _token_arrays(tokens: list[tuple[np.ndarray, np.ndarray, np.ndarray, tuple[bytes, ...]]]) -> dict[str, np.ndarray]:
+    out = {"tokens/offsets": _offsets([inp.shape[0] for inp, *_ in tokens]),
+           "tokens/input_ids": _cat([inp for inp, *_ in tokens], np.int32),
+           "tokens/labels": _cat([lab for _, lab, *_ in tokens], np.int32),
+           "tokens/image_offsets": _offsets([len(c) for _, _, c, _ in tokens]),
+           "tokens/image_token_counts": _cat([c for _, _, c, _ in tokens], np.int32)}
+    for d, name in enumerate(_DOCUMENTS):
+        out[f"tokens/{name}_offsets"] = _offsets([len(docs[d]) for *_, docs in tokens])
+        out[f"tokens/{name}"] = np.frombuffer(b"".join(docs[d] for *_, docs in tokens), dtype=np.uint8)
+    return out
 
 
 def _unpack_tokens(index: dict[str, np.ndarray], read: ReadRows,
-                   j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+                   j: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict, list]:
     t0, t1 = _rows(index, "tokens/offsets", j)
     i0, i1 = _rows(index, "tokens/image_offsets", j)
-    c0, c1 = _rows(index, "tokens/call_offsets", j)
-    call = json.loads(read("tokens/call", c0, c1).tobytes().decode()) if c1 > c0 else {}
+    docs = []
+    for name in _DOCUMENTS:
+        c0, c1 = _rows(index, f"tokens/{name}_offsets", j)
+        docs.append(json.loads(read(f"tokens/{name}", c0, c1).tobytes().decode()) if c1 > c0 else None)
     return (read("tokens/input_ids", t0, t1), read("tokens/labels", t0, t1),
-            np.asarray(index["tokens/image_token_counts"][i0:i1], dtype=np.int32), call)
+            np.asarray(index["tokens/image_token_counts"][i0:i1], dtype=np.int32), docs[0] or {}, docs[1] or [])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -609,12 +626,12 @@ def unpack_sample(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRow
 
     ``index`` holds the arrays named by ``attrs.index_arrays()``; ``read`` reads rows of the others.
     """
-    input_ids, labels, image_token_counts, call = _unpack_tokens(index, read, j)
+    input_ids, labels, image_token_counts, call, conversation = _unpack_tokens(index, read, j)
     relation, energy = _unpack_relations(attrs, index, read, j)
     return CacheSample(
         id=attrs.sample_ids[j], images=list(attrs.images[j]), image_bytes=_unpack_images(index, read, j),
         input_ids=input_ids, labels=labels,
-        image_token_counts=image_token_counts, processor_call=call,
+        image_token_counts=image_token_counts, processor_call=call, conversation=conversation,
         meta=dict(attrs.meta[j]) if attrs.meta else {},
         kinds={kind: _unpack_kind(attrs, index, read, kind, j) for kind in KINDS},
         relation=relation, relation_energy=energy,

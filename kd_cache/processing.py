@@ -73,6 +73,12 @@ class ProcessedSample:
     # What the processor was called with besides the images: {"text": ..., **kwargs} (``add_special_tokens``,
     # PaliGemma's ``suffix``). ``process(processor, id, call, images)`` reproduces the encoding.
     call: dict[str, Any] = field(default_factory=dict)
+    # The answers' own text (each assistant turn's content, stripped, concatenated; the caption; the
+    # suffix) and, per token, the characters of it the token covers: int64 [L, 2], (-1, -1) for a token
+    # that is not labelled or covers no answer character (an end-of-turn marker). The same answer text
+    # on both sides of a teacher / student pair whatever their templates: what aligns their tokens.
+    answer_text: str = ""
+    answer_spans: np.ndarray | None = None
 
     @property
     def image_token_counts(self) -> list[int]:
@@ -86,8 +92,9 @@ class ProcessedSample:
         if any(b > max_length for _, b in self.image_spans):
             return None
         inputs = {k: v[:, :max_length] if k in TOKEN_INPUTS else v for k, v in self.inputs.items()}
+        spans = None if self.answer_spans is None else self.answer_spans[:max_length]
         return ProcessedSample(self.input_ids[:max_length], self.labels[:max_length], inputs,
-                               self.visual_positions, self.image_spans, self.call)
+                               self.visual_positions, self.image_spans, self.call, self.answer_text, spans)
 
 
 def config_image_token_id(config) -> int:
@@ -129,6 +136,20 @@ def _structured(messages: list[dict]) -> list[dict]:
             if chunk:
                 parts.append({"type": "text", "text": chunk})
         out.append({"role": turn_role(m["role"]), "content": parts})
+    return out
+
+
+def answer_regions(text: str, spans: list[tuple[int, int]], messages: list[dict]) -> list[tuple[int, int]]:
+    """Where each assistant turn's content (stripped) lies in ``text``, inside that turn's span: the
+    answer text a template keeps as given. A template that changes it (rewrites, drops) raises."""
+    answers = [str(m["content"]).strip() for m in messages if turn_role(m["role"]) == "assistant"]
+    out = []
+    for (a, b), content in zip(spans, answers):
+        at = text.find(content, a, b)
+        if at < 0:
+            raise ValueError("the chat template does not render an answer's text as given (it is not found "
+                             "inside its assistant turn), so its tokens cannot be located in the answer text")
+        out.append((at, at + len(content)))
     return out
 
 
@@ -202,9 +223,10 @@ def _tokens_in(offsets: np.ndarray, a: int, b: int, candidates: np.ndarray) -> n
 
 
 def render(processor, messages: list[dict], n_images: int, *, template: str = "chat",
-           generation_prompt: bool = False) -> tuple[dict[str, Any], list[tuple[int, int]]]:
-    """The processor call of a conversation (``{"text": ..., **kwargs}``) and the character spans of its
-    labelled text (assistant turns, or the caption), before placeholder expansion.
+           generation_prompt: bool = False) -> tuple[dict[str, Any], list[tuple[int, int]], list[tuple[int, int]]]:
+    """The processor call of a conversation (``{"text": ..., **kwargs}``), the character spans of its
+    labelled text (assistant turns, or the caption) and of the answers' own text inside them
+    (``answer_regions``; for a ``suffix`` call, characters of the suffix), before placeholder expansion.
 
     ``generation_prompt``: the prompt a model answers from (the conversation, then the generation
     prompt; no spans): the input of ``--generate``.
@@ -218,9 +240,10 @@ def render(processor, messages: list[dict], n_images: int, *, template: str = "c
         prompt = "\n".join(str(m["content"]).replace(IMAGE_TAG, "").strip() for m in messages
                            if turn_role(m["role"]) == "user")
         call["text"] = processor.image_token * n_images + prompt
-        if not generation_prompt:
-            call["suffix"] = str(answers[0]["content"]).strip()
-        return call, []
+        if generation_prompt:
+            return call, [], []
+        call["suffix"] = str(answers[0]["content"]).strip()
+        return call, [], [(0, len(call["suffix"]))]
     if template == "chat":
         if getattr(processor, "chat_template", None) is None:
             raise ValueError(f"{type(processor).__name__} has no chat template: use --template pretrain, or a "
@@ -230,6 +253,7 @@ def render(processor, messages: list[dict], n_images: int, *, template: str = "c
                                                         add_generation_prompt=True), []
         else:
             text, spans = render_chat(processor, messages)
+        regions = answer_regions(text, spans, messages) if spans else []
         bos = processor.tokenizer.bos_token
         # As the processor's own apply_chat_template(tokenize=True): a template that writes BOS gets no second one.
         call["add_special_tokens"] = not (bos and text.startswith(bos))
@@ -238,16 +262,40 @@ def render(processor, messages: list[dict], n_images: int, *, template: str = "c
             text, spans = image_placeholder(processor) * n_images, []
         else:
             text, spans = render_caption(processor, messages, n_images)
+        regions = [(a, b - 1) for a, b in spans]  # the caption without its newline (no spans: no caption)
     else:
         raise ValueError(f"template {template!r}: expected chat or pretrain")
     call["text"] = text
-    return call, spans
+    return call, spans, regions
+
+
+def answer_token_spans(offsets: np.ndarray, labelled: np.ndarray, regions: list[tuple[int, int]],
+                       shift: Callable[[int], int] = int) -> np.ndarray:
+    """int64 [L, 2]: each labelled token's characters inside the answer regions (``render``'s, before
+    expansion; ``shift`` maps them to the tokens' offsets), counted in the answers' concatenated text;
+    (-1, -1) for the other tokens."""
+    out = np.full((len(offsets), 2), -1, dtype=np.int64)
+    base = 0
+    for a, b in regions:
+        lo, hi = shift(a), shift(b)
+        s, e = np.clip(offsets[:, 0], lo, hi), np.clip(offsets[:, 1], lo, hi)
+        inside = labelled & (e > s)
+        out[inside, 0] = s[inside] - lo + base
+        out[inside, 1] = e[inside] - lo + base
+        base += b - a
+    return out
+
+
+def answer_text(call: dict[str, Any], regions: list[tuple[int, int]]) -> str:
+    text = call["suffix"] if "suffix" in call else call["text"]
+    return "".join(text[a:b] for a, b in regions)
 
 
 def process(processor, image_token_id: int, call: dict[str, Any], images: list[Any] | None = None,
-            spans: list[tuple[int, int]] = ()) -> ProcessedSample:
+            spans: list[tuple[int, int]] = (), regions: list[tuple[int, int]] = ()) -> ProcessedSample:
     """Run the processor on ``call`` (``render``'s) and the images; ``spans`` (characters of the text before
-    expansion) become the labels (PaliGemma: the suffix)."""
+    expansion) become the labels (PaliGemma: the suffix), ``regions`` (the answers' text inside them) the
+    tokens' ``answer_spans``."""
     images = list(images or [])
     kwargs = {k: v for k, v in call.items() if k != "text"}
     out = processor(text=[call["text"]], images=[images] if images else None, return_tensors="pt",
@@ -277,9 +325,12 @@ def process(processor, image_token_id: int, call: dict[str, Any], images: list[A
     for a, b in spans:
         labelled |= _tokens_in(offsets, _shift(a, replacements), _shift(b, replacements), first_seq)
     labels = np.where(labelled & ~expansion, ids, IGNORE_INDEX).astype(np.int64)
+    kept = labels != IGNORE_INDEX
+    answers = (answer_token_spans(offsets, kept, list(regions)) if "suffix" in kwargs else
+               answer_token_spans(offsets, kept, list(regions), lambda x: _shift(x, replacements)))
 
     inputs = {k: v for k, v in out.items() if k not in NOT_MODEL_INPUTS and torch.is_tensor(v)}
-    return ProcessedSample(ids, labels, inputs, visual, image_spans, dict(call))
+    return ProcessedSample(ids, labels, inputs, visual, image_spans, dict(call), answer_text(call, regions), answers)
 
 
 def model_inputs(processor, call: dict[str, Any], images: list[Any] | None = None) -> tuple[np.ndarray, dict]:
@@ -307,15 +358,15 @@ def encode(processor, image_token_id: int, messages: list[dict], images: list[An
     tags = sum(str(m["content"]).count(IMAGE_TAG) for m in messages)
     if template == "chat" and not is_prefix_lm(processor) and tags != len(images):
         raise ValueError(f"{tags} {IMAGE_TAG} tags in the conversation, {len(images)} images")
-    call, spans = render(processor, messages, len(images), template=template)
-    return process(processor, image_token_id, call, images, spans)
+    call, spans, regions = render(processor, messages, len(images), template=template)
+    return process(processor, image_token_id, call, images, spans, regions)
 
 
 def encode_prompt(processor, image_token_id: int, messages: list[dict], images: list[Any] | None = None, *,
                   template: str = "chat") -> ProcessedSample:
     """The prompt a model answers ``messages`` from (``render(generation_prompt=True)``), processed."""
     images = list(images or [])
-    call, _ = render(processor, messages, len(images), template=template, generation_prompt=True)
+    call, _, _ = render(processor, messages, len(images), template=template, generation_prompt=True)
     return process(processor, image_token_id, call, images)
 
 

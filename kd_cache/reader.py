@@ -40,7 +40,7 @@ from zarr.core.sync import sync as zarr_sync
 from kd_cache import storage
 from kd_cache.errors import UserError
 from kd_cache.format import BUILD_NAME, COMPLETE_SUFFIX, MANIFEST_NAME, SHARDS_DIR, ShardAttrs, unpack_sample
-from kd_cache.schema import Manifest, ShardEntry
+from kd_cache.schema import TEACHER_TOKENIZER_DIR, Manifest, ShardEntry
 
 READER_CACHE_BYTES = 64 << 20  # decoded chunks a reader keeps (all arrays and open shards together)
 INCOMPLETE_HINT = "cache incomplete: run kd-cache build again to finish it"
@@ -460,6 +460,32 @@ class KDCache:
         """The shard's completion marker."""
         self._filesystem()
         return posixpath.join(self._root, SHARDS_DIR, self.shard_name(shard_index) + COMPLETE_SUFFIX)
+
+    def teacher_tokenizer(self):
+        """The teacher's tokenizer, from the files the build saved in the cache (each checked against its
+        sha256 in the manifest); what a student of another tokenizer aligns with (no teacher checkpoint)."""
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        files = self.manifest.teacher.tokenizer_files
+        if not files:
+            raise CorruptCacheError(f"cache {self.url}: no teacher tokenizer files listed in its manifest")
+        fs = self._filesystem()
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, digest in files.items():
+                path = posixpath.join(self._root, TEACHER_TOKENIZER_DIR, name)
+                with storage.reaching(fs, path):
+                    try:
+                        data = fs.cat_file(path)
+                    except FileNotFoundError:
+                        raise CorruptCacheError(f"cache {self.url}: teacher tokenizer file {name} is missing") from None
+                if hashlib.sha256(data).hexdigest() != digest:
+                    raise CorruptCacheError(f"cache {self.url}: teacher tokenizer file {name} does not match its "
+                                            "sha256 in the manifest")
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+            return AutoTokenizer.from_pretrained(tmp)
 
     # reading ----------------------------------------------------------------------------------
     def __len__(self) -> int:

@@ -27,6 +27,9 @@ A sample, as a flat dict (``CacheSample.to_dict``)::
                                      {"text": rendered text before placeholder expansion, **kwargs}
                                      (``add_special_tokens``, PaliGemma's ``suffix``); a student's
                                      processor reproduces the sample from it and the images ({} = not kept)
+    conversation     list[dict]      the conversation as {"role", "content"} turns (``<image>`` tags in the
+                                     content), as the teacher's template rendered it: a student of
+                                     another template renders it with its own ([] = not kept)
     meta             dict            per-sample JSON notes ({} when none)
     relation         list of float32 [N_i, N_i]   per image (N_i = image_token_counts[i]): R / ||R||_F of the
                                      teacher's logits at that image's visual positions
@@ -38,6 +41,12 @@ A sample, as a flat dict (``CacheSample.to_dict``)::
                <kind>_logp_mean float32 [P] = sum_i (c_i / N) log p_i,
                <kind>_logprobs [P, K] only when the build kept them (--sample-logprobs)
     <kind>_<name>    [P, ...]        extra per-position arrays, e.g. <kind>_hidden (teacher hidden states)
+                                     and ``ALIGNMENT_EXTRAS``: response_spans int32 [P, 2] (the characters
+                                     of the answer text that the token predicted at each response
+                                     position covers; (-1, -1): none, e.g. an end-of-turn marker),
+                                     response_realised float16 [P] (the teacher's log-prob of that token,
+                                     stored ids or not), visual_boxes float16 [P, 4] (the box of its
+                                     original image each visual position covers, normalised; NaN: none)
 
 with ``<kind>`` each of ``KINDS``: ``response`` (t whose next token is labelled), ``visual`` (t whose
 token is the image token: LLaVA-KD distils the output at the image-feature positions, unshifted) and
@@ -54,13 +63,17 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
+TEACHER_TOKENIZER_DIR = "teacher_tokenizer"  # <root>/teacher_tokenizer/: the teacher's tokenizer files
 IGNORE_INDEX = -100
 
 KINDS = ("response", "visual", "prompt")
 DEFAULT_KINDS = ("response", "visual")  # LLaVA-KD
-SAMPLE_FIELDS = ("id", "images", "image_bytes", "input_ids", "labels", "image_token_counts", "processor_call", "relation",
-                 "relation_energy", "meta")
+SAMPLE_FIELDS = ("id", "images", "image_bytes", "input_ids", "labels", "image_token_counts", "processor_call",
+                 "conversation", "relation", "relation_energy", "meta")
+# Per-kind extras the teacher pass always writes, for a student of another tokenizer, template or image
+# layout (``student.alignment``): kind -> names (see the sample layout above).
+ALIGNMENT_EXTRAS = {"response": ("spans", "realised"), "visual": ("boxes",)}
 
 
 class SparseMode(str, Enum):
@@ -223,6 +236,7 @@ class CacheSample:
     image_bytes: list[bytes | None] = field(default_factory=list)  # [] = none stored
     image_token_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     processor_call: dict = field(default_factory=dict)
+    conversation: list[dict] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
     kinds: dict[str, KindArrays] = field(default_factory=dict)
     relation: list[np.ndarray] = field(default_factory=list)
@@ -240,6 +254,9 @@ class CacheSample:
         call = self.processor_call = self.processor_call or {}
         if not isinstance(call, dict) or (call and not isinstance(call.get("text"), str)):
             raise TypeError(f"sample {sid!r}: processor_call must be a dict with the processor's 'text', found {call!r}")
+        conv = self.conversation = [dict(t) for t in (self.conversation or [])]
+        if not all(isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in conv):
+            raise TypeError(f"sample {sid!r}: conversation must be a list of {{'role': str, 'content': str}} turns")
         data = self.image_bytes = list(self.image_bytes or [])
         if data and (len(data) != len(images) or not all(b is None or isinstance(b, bytes) for b in data)):
             raise ValueError(f"sample {sid!r}: image_bytes must hold one bytes object or None per image "
@@ -257,7 +274,8 @@ class CacheSample:
         out: dict[str, Any] = {"id": self.id, "images": list(self.images), "image_bytes": stored,
                                "input_ids": self.input_ids,
                                "labels": self.labels, "image_token_counts": self.image_token_counts,
-                               "processor_call": dict(self.processor_call), "meta": dict(self.meta)}
+                               "processor_call": dict(self.processor_call),
+                               "conversation": [dict(t) for t in self.conversation], "meta": dict(self.meta)}
         for kind in KINDS:
             if kind in self.kinds:
                 out.update(self.kinds[kind].to_dict(kind))
@@ -280,7 +298,8 @@ class CacheSample:
         kinds = {k: a for k in KINDS if (a := KindArrays.from_dict(d, k)) is not None}
         return cls(id=d["id"], input_ids=d["input_ids"], labels=d["labels"], images=d.get("images"),
                    image_bytes=d.get("image_bytes"), image_token_counts=d.get("image_token_counts", []),
-                   processor_call=d.get("processor_call"), meta=d.get("meta"), kinds=kinds,
+                   processor_call=d.get("processor_call"), conversation=d.get("conversation"), meta=d.get("meta"),
+                   kinds=kinds,
                    relation=d.get("relation"), relation_energy=d.get("relation_energy"))
 
 
@@ -296,6 +315,9 @@ class TeacherInfo:
     multimodal: bool
     # Content identity of the teacher's files (``fingerprint.teacher_identity``: sha256 or Hub blob ids).
     weights: str | None = None
+    # The teacher's tokenizer files saved in the cache (``TEACHER_TOKENIZER_DIR``): name -> sha256. What a
+    # student of another tokenizer aligns and projects with, without the teacher checkpoint.
+    tokenizer_files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

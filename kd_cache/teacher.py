@@ -13,13 +13,14 @@ the frozen head.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from kd_cache import processing
+from kd_cache import processing, regions
 from kd_cache.encoding import Encoded, Encoder, Prepared
 from kd_cache.errors import UserError
 from kd_cache.families import FAMILIES
@@ -206,6 +207,11 @@ def draw_ids(logp: torch.Tensor, n: int, scheme: str, generator: torch.Generator
     return torch.searchsorted(cdf, points, right=True).clamp_max_(logp.shape[1] - 1)
 
 
+def _next_tokens(e: Encoded, pos: np.ndarray) -> np.ndarray:
+    """The tokens that response positions ``pos`` predict (``labels[pos + 1]``)."""
+    return e.labels[pos.astype(np.int64) + 1] if len(pos) else np.zeros(0, np.int64)
+
+
 class TeacherRunner:
     """Runs the teacher on batches of ``Encoded`` samples and returns one cache sample dict each."""
 
@@ -220,6 +226,7 @@ class TeacherRunner:
         self.relation = relation
         self.chunk_size = chunk_size
         self.positions, self.hidden = tuple(positions), hidden
+        self._regions_error: str | None = None  # set when the teacher's image layout has no boxes here
         head = teacher.model.get_output_embeddings()
         self.head = head
         # Output rows past the tokenizer are padding (embeddings padded to a multiple of 64/128) and
@@ -301,22 +308,29 @@ class TeacherRunner:
         out: list[dict] = [{"_positions": p} for p in pos]
         for kind in self.positions:
             rows = np.concatenate([i * h.shape[1] + p[kind].astype(np.int64) for i, p in enumerate(pos)])
-            dist = self.distribution(flat[torch.from_numpy(rows).to(h.device)], "", kind)
+            targets = (np.concatenate([_next_tokens(e, p[kind]) for e, p in zip(batch, pos)])
+                       if kind == "response" else None)
+            dist = self.distribution(flat[torch.from_numpy(rows).to(h.device)], "", kind, targets)
             bounds = np.cumsum([0] + [len(p[kind]) for p in pos])
             for i in range(len(batch)):
                 out[i][kind] = {name: v[bounds[i] : bounds[i + 1]] for name, v in dist.items()}
         return out
 
-    def distribution(self, h: torch.Tensor, sample_id: str, kind: str) -> dict[str, np.ndarray]:
+    def distribution(self, h: torch.Tensor, sample_id: str, kind: str,
+                     targets: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Sparse teacher distribution at the rows of ``h`` [P, d]: its ``TEACHER_ARRAYS`` by name (ids
         [P, K], fp32 log-probs [P, K], tail [P]; counts [P, K] in sample mode, where ``kd_cache.format``
-        derives ``logp_mean``). ``sample_id`` and ``kind`` seed sample mode's draws."""
+        derives ``logp_mean``). ``sample_id`` and ``kind`` seed sample mode's draws. With ``targets`` [P]
+        (the realised next tokens) also ``realised`` [P]: their log-probs, inside the stored ids or not."""
         P = h.shape[0]
         gen = None  # sample mode: made on the head's device (a dispatched head may sit on another than h)
         k = min(self.top_k, self.vocab) if self.sparse == "topk" else self.samples
-        parts: dict[str, list[torch.Tensor]] = {"ids": [], "lp": [], "tail": [], "counts": []}
+        parts: dict[str, list[torch.Tensor]] = {"ids": [], "lp": [], "tail": [], "counts": [], "realised": []}
         for a in range(0, P, self.chunk_size):
             z = self.logits(h[a : a + self.chunk_size])
+            if targets is not None:
+                t = torch.from_numpy(np.asarray(targets[a : a + self.chunk_size], dtype=np.int64)).to(z.device)
+                parts["realised"].append(z.gather(1, t[:, None])[:, 0] - torch.logsumexp(z, dim=-1))
             if self.sparse == "topk":
                 # One exp pass serves the normaliser and the exact tail: e = exp(z - max); the tail is
                 # the sum of e *off* the top-k ids (taken directly, never as 1 - sum of the top-k,
@@ -364,6 +378,8 @@ class TeacherRunner:
                "tail": host("tail", torch.zeros(0)).astype(np.float32, copy=False)}
         if self.sparse == "sample":
             out["counts"] = host("counts", torch.zeros((0, k), dtype=torch.long)).astype(np.int32)
+        if targets is not None:
+            out["realised"] = host("realised", torch.zeros(0)).astype(np.float32, copy=False)
         return out
 
     def _relations(self, h_vis: torch.Tensor, counts: list[int]) -> list[np.ndarray]:
@@ -393,17 +409,43 @@ class TeacherRunner:
         for kind in self.positions:
             pos = where[kind]
             hk = h[torch.from_numpy(pos.astype(np.int64)).to(h.device)]
-            extras = {}
+            extras = self._alignment_extras(e, kind, pos)
             if self.hidden:  # LLaVADI hidden-state alignment: final-layer states, fp16 on disk
                 extras["hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
-            kinds[kind] = KindArrays(positions=pos, teacher=pre[kind] if pre is not None else
-                                     self.distribution(hk, e.id, kind), extras=extras)
+            teacher = dict(pre[kind]) if pre is not None else self.distribution(
+                hk, e.id, kind, _next_tokens(e, pos) if kind == "response" else None)
+            if "realised" in teacher:
+                extras["realised"] = teacher.pop("realised").astype(np.float16)
+            kinds[kind] = KindArrays(positions=pos, teacher=teacher, extras=extras)
         hv = h[torch.from_numpy(where["visual"].astype(np.int64)).to(h.device)]
         return CacheSample(id=e.id, images=[im.path for im in e.images], image_bytes=[im.data for im in e.images],
                            input_ids=e.input_ids.astype(np.int32), labels=e.labels.astype(np.int32),
                            image_token_counts=np.asarray(e.image_token_counts, np.int32),
-                           processor_call=e.processed.call, meta=e.meta or {}, kinds=kinds,
+                           processor_call=e.processed.call, conversation=e.messages, meta=e.meta or {}, kinds=kinds,
                            relation=self._relations(hv, e.image_token_counts))
+
+    def _alignment_extras(self, e: Encoded, kind: str, pos: np.ndarray) -> dict[str, np.ndarray]:
+        """What a student of another tokenizer or image layout needs at a kind's positions
+        (``kd_cache.schema.ALIGNMENT_EXTRAS``): each response position's predicted token's characters in
+        the answer text (``spans`` int32 [P, 2]), each visual position's box of its original image
+        (``boxes`` float16 [P, 4], NaN: none; ``kd_cache.regions``)."""
+        if kind == "response":
+            spans = e.processed.answer_spans
+            nxt = pos.astype(np.int64) + 1
+            return {"spans": (spans[nxt] if spans is not None and len(nxt) else
+                              np.full((len(pos), 2), -1)).astype(np.int32)}
+        if kind == "visual" and self.t.multimodal:
+            if self._regions_error is None:
+                try:
+                    boxes = regions.image_regions(self.t.processor, self.t.model.config, e.processed,
+                                                  [im.size for im in e.pil_images])
+                    return {"boxes": (np.concatenate(boxes) if boxes else np.zeros((0, 4))).astype(np.float16)}
+                except (NotImplementedError, regions.RegionLayoutError) as err:
+                    # a processor setting without a layout here: no boxes (a student of another image
+                    # layout is refused on this cache; one of the same layout needs none)
+                    self._regions_error = str(err)
+                    warnings.warn(f"no visual-token boxes in this cache: {err}", stacklevel=2)
+        return {}
 
     @torch.no_grad()
     def generate(self, encoder: Encoder, batch: list[Prepared], *, max_new_tokens: int = 128,

@@ -7,9 +7,11 @@ write synthetic caches with exactly the build's layout.
 
 from __future__ import annotations
 
+import os
 import posixpath
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import zarr
@@ -28,7 +30,7 @@ from kd_cache.format import (
     shard_name,
     stored_codecs,
 )
-from kd_cache.schema import CacheSample, Manifest, ShardEntry
+from kd_cache.schema import TEACHER_TOKENIZER_DIR, CacheSample, Manifest, ShardEntry
 
 
 class CacheWriter:
@@ -188,6 +190,21 @@ class CacheWriter:
         self.fs.pipe({posixpath.join(path, key): data for key, data in files.items()})
         self.fs.invalidate_cache(path)
         return digest
+
+    # the teacher's tokenizer -------------------------------------------------------------------
+    def write_tokenizer(self, tokenizer) -> dict[str, str]:
+        """Save the teacher's tokenizer files under ``<root>/teacher_tokenizer/`` (each written atomically);
+        returns name -> sha256, for the manifest (``TeacherInfo.tokenizer_files``)."""
+        import hashlib
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            files = {name: Path(tmp, name).read_bytes() for name in sorted(os.listdir(tmp))
+                     if Path(tmp, name).is_file()}
+        for name, data in files.items():
+            storage.atomic_write(self.fs, posixpath.join(self.root, TEACHER_TOKENIZER_DIR, name), data)
+        return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
     # manifest ---------------------------------------------------------------------------------
     def read_manifest(self) -> Manifest | None:

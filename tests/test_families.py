@@ -190,6 +190,26 @@ def test_labels_cover_exactly_the_answers(family):
         assert got == answers(conv), name
 
 
+def test_answer_spans_tile_the_answer_text(family):
+    """(e) the answer text is the answers as given, concatenated, and the labelled tokens' answer spans,
+    decoded, give it back: what aligns a teacher's and a student's tokens whatever their templates."""
+    name, model, processor = family
+    tok = processor.tokenizer
+    for conv, _, enc in _encodings(name, model, processor):
+        text = enc.answer_text
+        assert text == "".join(a.strip() for a in answers(conv)), name
+        spans = enc.answer_spans
+        labelled = enc.labels != IGNORE_INDEX
+        assert (spans[~labelled] == -1).all()
+        covered = spans[labelled & (spans[:, 1] > spans[:, 0])]
+        # the spans follow each other and cover every character once (a token may carry spaces the
+        # text has not: they are outside the answer, so spans are clipped to it)
+        assert covered[0, 0] == 0 and covered[-1, 1] == len(text), name
+        assert (covered[1:, 0] == covered[:-1, 1]).all(), (name, covered.tolist())
+        for (a, b), t in zip(covered, enc.input_ids[labelled & (spans[:, 1] > spans[:, 0])]):
+            assert text[a:b].strip() in tok.decode([int(t)]), (name, text[a:b], tok.decode([int(t)]))
+
+
 def test_generation_prompt_ending_in_a_space_keeps_the_first_word(built):
     """LLaVA-1.5's ``ASSISTANT: `` prompt: the answer's first token straddles the boundary and is labelled."""
     model, processor = built("llava")
