@@ -11,7 +11,7 @@ import warnings
 
 from kd_cache.schema import Manifest
 from student.config import TrainConfig
-from student.losses import Divergence
+from student.losses import TailMode, Divergence
 
 
 class TopKBiasWarning(UserWarning):
@@ -26,13 +26,16 @@ def topk_bias_warning(divergence: Divergence, k: int, vocab_size: int) -> str:
             "'Divergence bias on top-k caches'); use --divergence fkl, or a larger kd-cache build --top-k")
 
 
-def check_cache_options(cfg: TrainConfig, manifest: Manifest) -> int | None:
+def check_cache_options(cfg: TrainConfig, manifest: Manifest, pairing=None) -> int | None:
     """Refuse the distillation options the cache cannot serve; returns the teacher's hidden size when
     hidden states are used.
 
     Reads ``manifest.sparse.mode`` (topk or sample), ``manifest.positions`` (the cached position
-    kinds) and ``manifest.hidden`` (whether teacher hidden states were stored, ``--hidden``).
+    kinds) and ``manifest.hidden`` (whether teacher hidden states were stored, ``--hidden``); with a
+    ``pairing`` across tokenizers or image layouts (``student.alignment``), the options it cannot serve.
     """
+    if pairing is not None and pairing.cross:
+        _check_cross_options(cfg)
     sparse = manifest.sparse.mode
     if sparse == "sample" and cfg.divergence is not Divergence.fkl:
         raise ValueError(f"--divergence {cfg.divergence.value}: the cache holds sampled teacher tokens "
@@ -63,3 +66,20 @@ def check_cache_options(cfg: TrainConfig, manifest: Manifest) -> int | None:
                          f"and visual positions, the cache {cfg.cache} holds {','.join(cached)}: rebuild it with "
                          "kd-cache build --hidden --positions response,visual")
     return int(manifest.hidden.size)
+
+
+def _check_cross_options(cfg: TrainConfig) -> None:
+    """Options a student aligned to another tokenizer or image layout cannot take (each named)."""
+    refused = []
+    if "prompt" in cfg.positions:
+        refused.append("--positions with prompt (prompt tokens of two templates differ; distil response,visual)")
+    if cfg.hidden_weight > 0 or cfg.affinity_weight > 0:
+        refused.append("--hidden-weight / --affinity-weight (teacher hidden states sit at the teacher's positions)")
+    if cfg.zscore:
+        refused.append("--zscore (the aligned loss compares the mapped ids plus an 'everything else' bin)")
+    if cfg.tail_mode is not TailMode.tail:
+        refused.append(f"--tail-mode {cfg.tail_mode.value} (the aligned loss needs the tail bin)")
+    if refused:
+        raise ValueError("the student's tokens differ from the cache's (another tokenizer, chat template or image "
+                         "expansion), so kd-train aligns them to the teacher's; that alignment cannot take:\n  "
+                         + "\n  ".join(refused))

@@ -212,10 +212,11 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
 
 
 def _final_state(cfg: TrainConfig, at: Position, world: int, trainable: dict | None, projector: bool,
-                 identity: dict | None) -> dict:
+                 identity: dict | None, alignment: dict | None = None) -> dict:
     return {"step": at.step, "epoch": at.epoch, "samples_seen": at.samples_seen, "world_size": world,
             "train_modules": list(cfg.train_modules), "trainable": trainable,
-            "hidden_projector": PROJECTOR_DIR if projector else None, "identity": identity or {}}
+            "hidden_projector": PROJECTOR_DIR if projector else None, "identity": identity or {},
+            "alignment": alignment}
 
 
 def _write_final(folder: Path, unwrapped, parts: dict, processor, cfg: TrainConfig, at: Position,
@@ -255,7 +256,8 @@ def _move_into(tmp: Path, out: Path) -> None:
 
 
 def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, teacher: str | None,
-               trainable: dict | None = None, identity: dict | None = None, adapter=None) -> None:
+               trainable: dict | None = None, identity: dict | None = None, adapter=None,
+               alignment: dict | None = None) -> None:
     """The final model, as its own class, + processor in OUT, the hidden projector (if any) beside it;
     ``trainable`` (per part: parameters and trainable parameters) goes into trainer_state.json.
     ``adapter``: the ``PeftModel`` of a LoRA run, which saves the adapter instead of the model.
@@ -271,7 +273,7 @@ def save_final(accelerator, wrapper, processor, cfg: TrainConfig, at: Position, 
         unwrapped = accelerator.unwrap_model(wrapper)
         parts = split_state_dict(state_dict)
         has_projector = unwrapped.hidden_projector is not None
-        state = _final_state(cfg, at, accelerator.num_processes, trainable, has_projector, identity)
+        state = _final_state(cfg, at, accelerator.num_processes, trainable, has_projector, identity, alignment)
         try:
             _write_final(out / FINAL_TMP, unwrapped, parts, processor, cfg, at, teacher, adapter)
             if not has_projector and (out / PROJECTOR_DIR).exists():

@@ -19,6 +19,7 @@ from typing import Any
 
 from kd_cache.schema import DEFAULT_KINDS, choice, parse_positions
 from kd_cache.storage import STORAGE_OPTIONS_HELP, parse_storage_options
+from student.alignment import AlignmentMode, VisualAlignment
 from student.distill import LossSettings
 from student.losses import Divergence, HiddenLoss, TailMode
 from student.stages import RECIPES, Stage, parse_modules
@@ -152,6 +153,17 @@ class TrainConfig:
         "compute, double quantisation); vision tower, projector and LM head stay in full precision. Needs "
         "pip install -e '.[quant]'."))
     mixed_precision: Precision = _setting(Precision.auto, resume=True, help="auto: bf16 autocast on GPU, fp32 on CPU.")
+    alignment: AlignmentMode = _setting(AlignmentMode.auto, resume=True, help=(
+        "How the student meets the cache. auto: the student's processor is tried on a few cached samples; "
+        "when it gives the cached tokens, today's path (no alignment), else (another tokenizer, chat template "
+        "or image expansion) each sample is re-encoded by the student's own processor and the teacher's "
+        "distributions are aligned to it (answer tokens by text offsets, GOLD's loss over a vocabulary "
+        "projection; visual tokens by image-region overlap). same: require the cached tokens. cross: always "
+        "align."))
+    visual_alignment: VisualAlignment = _setting(VisualAlignment.overlap, resume=True, help=(
+        "How teacher visual tokens map onto a student's of another layout: overlap (each student token gets "
+        "the teacher tokens covering its image region, weighted by the share they cover) or hungarian (a "
+        "one-to-one matching by region IoU)."))
     any_template: bool = _setting(False, help=(
         "Allow a cache whose template is not the stage's (pretrain for dpt, chat for sft/dft)."))
     storage_options: dict[str, Any] = field(default_factory=dict, metadata={

@@ -81,6 +81,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 from torch import Tensor
 
 from student.losses.divergences import (
@@ -486,3 +487,63 @@ def cross_vocab_divergence(
 
     one = (t_len == 1) & (s_len == 1)
     return CrossLoss(w * matched + (1.0 - w) * uld, matched, uld, one, s_len)
+
+
+def chunked_cross_divergence(
+    hidden: Tensor,
+    head_weight: Tensor,
+    targets: Tensor,
+    teacher: SparseTeacher,
+    teacher_realised: Tensor,
+    groups: Tensor,
+    projection: VocabProjection,
+    *,
+    options: DivergenceOptions | None = None,
+    chunk_size: int = 1024,
+    checkpoint: bool = True,
+) -> Tensor:
+    """``cross_vocab_divergence`` summed over groups, from the student's hidden states, chunk by chunk.
+
+    Args:
+        hidden: [P_s, d] the student's final hidden states at its answer positions (row i predicts
+            ``targets[i]``), in group order.
+        head_weight: [V_s, d] the student's LM head.
+        targets, teacher, teacher_realised, projection: as ``cross_vocab_divergence``'s.
+        groups: [G, 4] long (teacher first row, teacher rows, student first row, student rows), sorted by
+            student row (``StreamingKDDataset`` collates them so).
+        options: the matched part's divergence; its ``temperature`` divides the student's logits.
+        chunk_size: student rows per chunk (a chunk holds whole groups, so a group longer than it is one
+            chunk of its own).
+        checkpoint: recompute each chunk's [rows, V_s] logits in backward instead of keeping them.
+
+    Returns:
+        The fp32 sum of the groups' losses (a zero connected to both inputs when G = 0).
+    """
+    opts = options or DivergenceOptions()
+    temperature = opts.temperature
+    zero = (up(hidden[:0]).sum() + up(head_weight[:0]).sum()) * 0.0
+    host = groups.detach().cpu().numpy()
+    total, start, G = zero, 0, host.shape[0]
+    while start < G:
+        r0 = int(host[start, 2])
+        end = start + 1
+        while end < G and host[end, 2] + host[end, 3] - r0 <= chunk_size:
+            end += 1
+        r1 = int(host[end - 1, 2] + host[end - 1, 3])
+        sub = {"t_first": groups[start:end, 0], "t_len": groups[start:end, 1],
+               "s_first": groups[start:end, 2] - r0, "s_len": groups[start:end, 3]}
+        tg = targets[r0:r1]
+
+        def chunk(h: Tensor, w: Tensor, sub=sub, tg=tg) -> Tensor:
+            logits = up(h @ w.T)
+            if temperature != 1.0:
+                logits = logits / temperature
+            return cross_vocab_divergence(logits, tg, teacher, teacher_realised, sub, projection, options=opts).loss.sum()
+
+        h = hidden[r0:r1]
+        if checkpoint and torch.is_grad_enabled():
+            total = total + torch.utils.checkpoint.checkpoint(chunk, h, head_weight, use_reentrant=False)
+        else:
+            total = total + chunk(h, head_weight)
+        start = end
+    return total

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, TEACHER_ARRAYS
+from student.cross_tokenizer import VocabProjection, chunked_cross_divergence
 from student.families import blank_image_inputs, image_feature_tensors, parameter_parts
 from student.losses import (
     Divergence,
@@ -178,6 +179,8 @@ def batch_counts(batch: dict, settings: LossSettings) -> Tensor:
             ids = batch.get(f"{kind}_ids")
             if ids is not None:
                 counts[mdist_term(kind).name] = float((ids >= 0).any(-1).sum())
+        if "response" in s.kinds and "cross_groups" in batch:  # one item per aligned group
+            counts[mdist_term("response").name] = float(batch["cross_groups"].shape[0])
         if "relation_index" in batch:
             counts["rdist"] = float(batch["relation_index"].shape[0])
         if s.hidden_loss is not None:
@@ -220,10 +223,13 @@ class DistillStudent(nn.Module):
     from the student's width to it is created (``self.hidden_projector``) and trains with the student.
     """
 
-    def __init__(self, student: nn.Module, settings: LossSettings, teacher_hidden_size: int | None = None):
+    def __init__(self, student: nn.Module, settings: LossSettings, teacher_hidden_size: int | None = None,
+                 projection: VocabProjection | None = None):
         super().__init__()
         self.student = student
         self.settings = settings
+        # teacher id -> student id, for a batch of another tokenizer or image layout (``cross`` batches)
+        self.projection = projection
         self.hidden_projector: HiddenProjector | None = None
         self._parts = parameter_parts(student)  # parameter name -> vision / projector / llm
         if settings.distill and settings.hidden_loss is not None:
@@ -309,6 +315,9 @@ class DistillStudent(nn.Module):
         # backward reuses them instead of recomputing each chunk (a quarter of the head's matmuls).
         n_head = sum(batch[f"{k}_index"].shape[0] for k in KINDS if k == "response" or teachers[k] is not None)
         checkpoint = not keep_head_logits(n_head, head.shape[0], s.head_memory_mb)
+        if "cross" in batch:
+            self._cross_terms(batch, flat, head, kinds, checkpoint, sums)
+            return None
         fused = relation is not None and _fuse_relation(batch, relation, "visual" in kinds, head.shape[1])
         r_s = None
         for kind, teacher in teachers.items():
@@ -323,6 +332,36 @@ class DistillStudent(nn.Module):
             sums[mdist_term(kind).sum_key] = got.mdist_sum
             r_s = got.relation if got.relation is not None else r_s
         return r_s
+
+    def _cross_terms(self, batch: dict[str, Tensor], flat: Tensor, head: Tensor, kinds: tuple[str, ...],
+                     checkpoint: bool, sums: dict[str, Tensor]) -> None:
+        """CE and MDist of a batch aligned to a teacher of another tokenizer or image layout
+        (``student.alignment``): GOLD's loss per aligned response group, and at the visual positions per
+        student token against the teacher rows mixed onto it (one-to-one groups)."""
+        s = self.settings
+        if self.projection is None:
+            raise ValueError("a batch aligned across tokenizers needs the teacher -> student vocabulary projection "
+                             "(DistillStudent(projection=...))")
+        opts = s.options
+        resp = flat[batch["response_index"]]
+        targets = batch["response_targets"]
+        sums["ce_sum"] = chunked_distill(resp, head, targets=targets, chunk_size=s.chunk_size,
+                                         checkpoint=checkpoint).ce_sum
+        if "response" in kinds and "cross_groups" in batch:
+            teacher = SparseTeacher(**{n: batch[f"cross_response_{n}"] for n in ("ids", "logprobs", "tail")})
+            sums[mdist_term("response").sum_key] = chunked_cross_divergence(
+                resp, head, targets, teacher, batch["cross_response_realised"], batch["cross_groups"],
+                self.projection, options=opts, chunk_size=s.chunk_size, checkpoint=checkpoint)
+        visual = teacher_arrays(batch, "visual") if "visual" in kinds else None
+        if visual is not None:
+            rows = torch.nonzero((visual.ids >= 0).any(-1)).reshape(-1)
+            ones = torch.ones_like(rows)
+            groups = torch.stack([rows, ones, rows, ones], dim=1)
+            vis = flat[batch["visual_index"]]
+            sums[mdist_term("visual").sum_key] = chunked_cross_divergence(
+                vis, head, torch.zeros(vis.shape[0], dtype=torch.long, device=vis.device), visual,
+                torch.zeros(visual.ids.shape[0], device=vis.device), groups, self.projection, options=opts,
+                chunk_size=s.chunk_size, checkpoint=checkpoint)
 
     def _hidden_term(self, batch: dict[str, Tensor], flat: Tensor) -> Tensor:
         hk = _hidden_kinds(batch, self.settings)

@@ -11,6 +11,8 @@ training and names both values of whatever differs.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import re
 from dataclasses import dataclass
@@ -325,17 +327,23 @@ def student_facts(model, processor) -> dict[str, Any]:
     }
 
 
-def check_compatibility(manifest: Manifest, model, processor, *, template: str | None = None) -> None:
+def check_compatibility(manifest: Manifest, model, processor, *, template: str | None = None,
+                        cross: bool = False) -> None:
     """Raise ``CompatibilityError`` naming both values if the cache and the student disagree.
 
     Checked: vocab size, tokenizer hash (identical token ids), image token id (the model config's), the
     template the stage expects (``template``; None = any), and that the longest cached sample fits the
     student's position embeddings. How many tokens each image expands to depends on the image (dynamic
     resolution, tiles) and on the processor, so it is checked per sample where the data stream
-    re-encodes a sample with the student's processor, not here.
+    re-encodes a sample with the student's processor, not here. ``cross``: the student is aligned to the
+    cache (``student.alignment``): its own vocabulary, image token and sample lengths are its business.
     """
     s = student_facts(model, processor)
     problems = []
+    if cross:
+        manifest = dataclasses.replace(manifest, vocab_size=s["vocab_size"], tokenizer_hash=s["tokenizer_hash"],
+                                       image_token_id=None if manifest.image_token_id is None else s["image_token_id"],
+                                       shards=[])
     if manifest.vocab_size != s["vocab_size"]:
         problems.append(f"cache vocab_size {manifest.vocab_size} != student vocab_size {s['vocab_size']}: "
                         "logit distillation needs a shared tokenizer and output vocabulary")

@@ -246,8 +246,12 @@ class StreamingKDDataset(IterableDataset):
                  rank: int = 0, world_size: int = 1, grad_accum: int = 1, shuffle: bool = True, block_shards: int = 4,
                  with_teacher: bool = True, storage_options: dict | None = None,
                  kinds: tuple[str, ...] | list[str] = DEFAULT_KINDS, hidden_kinds: tuple[str, ...] | list[str] = (),
-                 affinity: bool = False, window: int = WINDOW, mix: int = MIX_WINDOWS, cache_bytes: int | None = None):
+                 affinity: bool = False, window: int = WINDOW, mix: int = MIX_WINDOWS, cache_bytes: int | None = None,
+                 pairing=None):
         super().__init__()
+        # ``student.alignment.Pairing``: with ``cross``, every sample is re-encoded by the student's own
+        # processor and the teacher's arrays are aligned to it (``_collate_cross``)
+        self.pairing = pairing if pairing is not None and pairing.cross else None
         self.cache = open_cache(cache, storage_options) if isinstance(cache, (str, Path)) else cache
         self.processor = processor
         self.image_processor = getattr(processor, "image_processor", None)
@@ -344,25 +348,7 @@ class StreamingKDDataset(IterableDataset):
 
     # ------------------------------------------------------------------------------------ collation
     def _load_images(self, sample: dict) -> list:
-        """A sample's images: decoded from the bytes the cache stores, or read by path from the image folder."""
-        sid = sample["id"]
-        stored = sample.get("image_bytes") or [None] * len(sample["images"])
-        out = []
-        for rel, data in zip(sample["images"], stored):
-            try:
-                if data is not None:
-                    out.append(decode_image(data, sid, f"the image stored in the cache ({rel or 'embedded'})"))
-                    continue
-                if self.image_folder is None and not Path(rel).is_absolute():
-                    raise FileNotFoundError(
-                        f"sample {sid!r}: image {rel!r} is relative and no image folder is known; "
-                        "pass --image-folder (the cache records none)")
-                out.append(load_image(rel, self.image_folder, sid))
-            except BadRecord as e:
-                raise FileNotFoundError(f"sample {sid!r}: cannot read image {e.detail} ({e.reason}); "
-                                        + ("the cache's stored bytes are damaged" if data is not None
-                                           else "check --image-folder")) from e
-        return out
+        return load_sample_images(sample, self.image_folder)
 
     def _positions(self, s: dict, kind: str, ids: np.ndarray, labels: np.ndarray) -> np.ndarray:
         """Positions of one kind: as cached, or derived from the tokens when the cache lacks the kind."""
@@ -423,6 +409,8 @@ class StreamingKDDataset(IterableDataset):
         ``affinity_response_rows`` [A, Nr], rows into the batch's visual/response arrays (-1 pad) of
         the A samples having both kinds. Plus ``ids`` (sample ids) and ``n_samples``.
         """
+        if self.pairing is not None:
+            return self._collate_cross(samples)
         T = max(len(s["input_ids"]) for s in samples)
         processed, relations = [], []
         per_kind: dict[str, list[dict]] = {k: [] for k in self.index_kinds}
@@ -444,6 +432,52 @@ class StreamingKDDataset(IterableDataset):
         if self.affinity:
             out.update(_affinity_rows([len(e["index"]) for e in per_kind["visual"]],
                                       [len(e["index"]) for e in per_kind["response"]]))
+        return out
+
+    def _collate_cross(self, samples: list[dict]) -> dict:
+        """``collate`` for a student of another tokenizer, template or image layout (``student.alignment``):
+        the student's own encoding of each sample, and the teacher's arrays aligned to it.
+
+        Keys as ``collate``'s, at the student's positions (``response_index``/``targets``, ``visual_index``,
+        relations at the student's size), except the response teacher: ``cross_response_{ids,logprobs,tail,
+        realised}`` [P_t, ...] at the teacher's own response positions and ``cross_groups`` [G, 4] (teacher
+        first row, teacher rows, student first row, student rows; rows of the batch's concatenated teacher
+        and student response positions), ``cross_one_to_one`` / ``cross_answer_positions`` (student answer
+        positions in 1:1 groups / in all). ``visual_*`` teacher arrays are teacher-vocabulary rows mixed
+        onto the student's visual positions (a row without any teacher overlap: ids -1)."""
+        relation = self.with_teacher
+        entries = [self.pairing.sample(s, self._load_images(s), teacher_kinds=self.teacher_kinds,
+                                       relation=relation and bool(s.get("relation"))) for s in samples]
+        T = max(len(e["processed"].input_ids) for e in entries)
+        out: dict[str, Any] = {"model_inputs": processing.collate([e["processed"] for e in entries], self.pad_id),
+                               "ids": [str(s["id"]) for s in samples], "n_samples": len(samples),
+                               "cross": torch.ones(())}  # a tensor: it reaches the model with the batch
+        for kind in ("response", "visual"):
+            out[f"{kind}_index"] = torch.from_numpy(np.concatenate([b * T + e[kind] for b, e in enumerate(entries)]))
+            out[f"{kind}_batch"] = torch.from_numpy(np.concatenate([np.full(len(e[kind]), b, np.int64)
+                                                                    for b, e in enumerate(entries)]))
+        out["response_targets"] = torch.from_numpy(np.concatenate([e["targets"] for e in entries]).astype(np.int64))
+        if "response" in self.teacher_kinds:
+            names = [a.name for a in TEACHER_ARRAYS if a.name in ("ids", "logprobs", "tail")]
+            out.update(_cat_teacher("cross_response", [{n: np.asarray(s[f"response_{n}"]) for n in names}
+                                                       for s in samples]))
+            out["cross_response_realised"] = torch.from_numpy(np.concatenate(
+                [np.asarray(s["response_realised"], dtype=np.float32) for s in samples]))
+            t0 = np.cumsum([0] + [len(s["response_positions"]) for s in samples])
+            s0 = np.cumsum([0] + [len(e["response"]) for e in entries])
+            out["cross_groups"] = torch.from_numpy(np.concatenate(
+                [e["groups"] + np.array([t0[b], 0, s0[b], 0]) for b, e in enumerate(entries)]).reshape(-1, 4))
+            out["cross_one_to_one"] = sum(e["one_to_one"] for e in entries)
+            out["cross_answer_positions"] = sum(e["student_answer"] for e in entries)
+        if "visual" in self.teacher_kinds:
+            out.update(_cat_teacher("visual", [e["visual_teacher"] for e in entries]))
+        relations = []
+        for b, e in enumerate(entries):
+            counts = e["processed"].image_token_counts
+            per_image = np.split(b * T + e["visual"], np.cumsum(counts)[:-1]) if counts else []
+            relations += list(zip(per_image, e.get("relations", [])))
+        if relations:
+            out.update(_relation_batch(*zip(*relations)))
         return out
 
     def _kind_entry(self, s: dict, kind: str, b: int, T: int, ids: np.ndarray, labels: np.ndarray) -> dict:
@@ -481,6 +515,28 @@ class StreamingKDDataset(IterableDataset):
             width = self.hidden_size or max(e["hidden"].shape[1] for e in entries)
             out[f"{kind}_hidden"] = torch.from_numpy(np.concatenate([e["hidden"].reshape(-1, width) for e in entries]))
         return out
+
+
+def load_sample_images(sample: dict, image_folder: str | None) -> list:
+    """A cached sample's images: decoded from the bytes the cache stores, or read by path from ``image_folder``."""
+    sid = sample["id"]
+    stored = sample.get("image_bytes") or [None] * len(sample["images"])
+    out = []
+    for rel, data in zip(sample["images"], stored):
+        try:
+            if data is not None:
+                out.append(decode_image(data, sid, f"the image stored in the cache ({rel or 'embedded'})"))
+                continue
+            if image_folder is None and not Path(rel).is_absolute():
+                raise FileNotFoundError(
+                    f"sample {sid!r}: image {rel!r} is relative and no image folder is known; "
+                    "pass --image-folder (the cache records none)")
+            out.append(load_image(rel, image_folder, sid))
+        except BadRecord as e:
+            raise FileNotFoundError(f"sample {sid!r}: cannot read image {e.detail} ({e.reason}); "
+                                    + ("the cache's stored bytes are damaged" if data is not None
+                                       else "check --image-folder")) from e
+    return out
 
 
 def _image_relations(s: dict, visual_index: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:

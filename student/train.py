@@ -50,6 +50,7 @@ import torch
 
 from kd_cache.lock import FolderLock
 from kd_cache.reader import CorruptCacheError
+from student.alignment import detect_pairing
 from student.cache_checks import check_cache_options
 from student.checkpoints import (
     COMPLETE_MARKER,
@@ -144,6 +145,13 @@ def accumulate_gradients(accelerator, model, micro_batches: Sequence[dict], *, w
     for t, mean in zip(TERMS, means):
         metrics[t.name] = mean if term_active(t, settings) else None
     metrics["positions"] = {t.name: int(n) for t, n in zip(TERMS, counts.tolist())}
+    if any("cross_answer_positions" in mb for mb in micro_batches):
+        # the share of the student's answer positions in one-to-one groups with the teacher's
+        aligned = torch.tensor([float(sum(mb.get(k, 0) for mb in micro_batches))
+                                for k in ("cross_one_to_one", "cross_answer_positions")], device=device)
+        if world > 1:
+            aligned = accelerator.reduce(aligned, reduction="sum")
+        metrics["aligned_share"] = float(aligned[0] / aligned[1].clamp_min(1))
     return metrics
 
 
@@ -255,12 +263,14 @@ class _Run:
     identity: dict[str, str]  # content digests of the student and the cache, checked on --resume
     adapter: Any = None  # the PeftModel of a LoRA run (student.lora): what saves the adapter
     lock: FolderLock | None = None  # OUT's lock, on rank 0: checked before every save into OUT
+    alignment: dict | None = None  # how the student meets the cache (``Pairing.record``), in trainer_state.json
 
 
 def _load(cfg: TrainConfig):
     """Open the cache and the student and check they belong together; (cache, model, processor, hidden size)."""
     from kd_cache.reader import open_cache
     from student.model import check_compatibility, load_student
+    from student.stream import load_sample_images
 
     cache = open_cache(cfg.cache, cfg.storage_options or None)
     manifest = cache.manifest
@@ -274,13 +284,17 @@ def _load(cfg: TrainConfig):
                          + f"\n`kd-cache verify {cfg.cache}` lists every problem; `kd-cache verify --repair {cfg.cache}` "
                          "rebuilds the shards it names")
     model, processor = load_student(cfg.student, load_in_4bit=cfg.load_in_4bit)
-    check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template)
     if cfg.image_folder is None:
         cfg.image_folder = manifest.image_folder
     if len(cache) == 0:
         raise ValueError(f"--cache {cfg.cache}: the cache holds no samples")
-    teacher_hidden_size = check_cache_options(cfg, manifest) if cfg.distill else None
-    return cache, model, processor, teacher_hidden_size
+    folder = cfg.image_folder
+    pairing = detect_pairing(cache, processor, model.config, mode=cfg.alignment.value,
+                             visual=cfg.visual_alignment.value, load_images=lambda s: load_sample_images(s, folder))
+    check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template,
+                        cross=pairing.cross)
+    teacher_hidden_size = check_cache_options(cfg, manifest, pairing) if cfg.distill else None
+    return cache, model, processor, teacher_hidden_size, pairing
 
 
 def _prepare(cfg: TrainConfig, accelerator) -> _Run:
@@ -291,7 +305,7 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     from student.stages import describe_trainable, set_trainable, trainable_summary
     from student.stream import StreamingKDDataset, steps_per_epoch
 
-    cache, model, processor, teacher_hidden_size = _load(cfg)
+    cache, model, processor, teacher_hidden_size, pairing = _load(cfg)
     adapter = None
     if cfg.lora_r:
         # peft injects the adapters into ``model`` in place; ``adapter`` (the PeftModel) only saves them.
@@ -303,7 +317,7 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
     if accelerator.is_main_process:
         how = f" (LoRA r={cfg.lora_r}, alpha={cfg.lora_alpha:g})" if cfg.lora_r else ""
         print(f"kd-train {cfg.stage.value}: {type(model).__name__}, trains {','.join(cfg.train_modules)}{how}\n"
-              + describe_trainable(trainable), flush=True)
+              + describe_trainable(trainable) + f"\nalignment with the teacher cache: {pairing.describe()}", flush=True)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     if getattr(accelerator, "is_fsdp2", False):
@@ -313,7 +327,8 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
         model.enable_input_require_grads()
     model.config.use_cache = False
     settings = cfg.loss_settings()
-    wrapper = DistillStudent(model, settings, teacher_hidden_size=teacher_hidden_size)  # seeded by the caller
+    wrapper = DistillStudent(model, settings, teacher_hidden_size=teacher_hidden_size,  # seeded by the caller
+                             projection=pairing.projection)
     wrapper.train()
 
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -333,13 +348,13 @@ def _prepare(cfg: TrainConfig, accelerator) -> _Run:
                                  seed=cfg.seed, rank=rank, world_size=world, grad_accum=cfg.grad_accum,
                                  shuffle=cfg.shuffle, block_shards=cfg.block_shards, with_teacher=cfg.distill,
                                  kinds=settings.kinds, hidden_kinds=settings.kinds if settings.hidden_loss else (),
-                                 affinity=settings.affinity)
+                                 affinity=settings.affinity, pairing=pairing)
     from kd_cache.fingerprint import config_hash, tokenizer_hash
 
     identity = {"cache": cache.content_digest(),
                 "student": f"{config_hash(model.config)}-{tokenizer_hash(getattr(processor, 'tokenizer', processor))}"}
     return _Run(accelerator, wrapper, optimizer, scheduler, dataset, processor, settings, total_steps,
-                cache.manifest.teacher.path, trainable, identity, adapter)
+                cache.manifest.teacher.path, trainable, identity, adapter, alignment=pairing.record())
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -370,7 +385,8 @@ def _metrics_line(at: Position, m: dict[str, Any], n_samples: int, seconds: floa
     """One line of ``metrics.jsonl``."""
     return {"step": at.step, "epoch": at.epoch, "samples_seen": at.samples_seen, "loss": m["loss"],
             **{name: m[name] for name in TERM_NAMES}, "lr": m["lr"], "grad_norm": m["grad_norm"],
-            "samples": n_samples, "samples_per_s": n_samples / max(seconds, 1e-9), "positions": m["positions"]}
+            "samples": n_samples, "samples_per_s": n_samples / max(seconds, 1e-9), "positions": m["positions"],
+            **({"aligned_share": m["aligned_share"]} if "aligned_share" in m else {})}
 
 
 def _loop(cfg: TrainConfig, run: _Run, at: Position) -> dict[str, Any]:
@@ -492,7 +508,7 @@ def _train(cfg: TrainConfig, accelerator, lock: FolderLock | None) -> dict[str, 
     if lock is not None:
         lock.check()  # the final save replaces OUT's model: only while this run still holds OUT
     save_final(accelerator, run.model, run.processor, cfg, at, run.teacher, run.trainable, run.identity,
-               adapter=run.adapter)
+               adapter=run.adapter, alignment=run.alignment)
     if tracking:
         accelerator.end_training()
     return {"step": at.step, "out": str(out), "metrics": last, "main_process": main}

@@ -54,10 +54,26 @@ def _corpus() -> list[str]:
     return lines
 
 
-@functools.lru_cache(maxsize=1)
-def _bpe_json() -> str:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# Which tokenizer the builders wrap: "bpe" (byte-level BPE, GPT-2 / Qwen style) unless a test asks for
+# "sentencepiece" (SentencePiece-style BPE: "▁" for spaces, byte fallback, fewer merges: Llama / Gemma
+# style), a tokenizer of its own for the cross-tokenizer pairs (``other_tokenizer``).
+_VARIANT = ["bpe"]
 
+
+@functools.lru_cache(maxsize=2)
+def _tokenizer_json(variant: str) -> str:
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    if variant == "sentencepiece":
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+        bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+        trainer = trainers.BpeTrainer(vocab_size=len(SPECIAL) + 256 + 90, special_tokens=SPECIAL + bytes_,
+                                      show_progress=False)
+        tok.train_from_iterator(_corpus(), trainer=trainer)
+        return tok.to_str()
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -65,6 +81,21 @@ def _bpe_json() -> str:
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_corpus(), trainer=trainer)
     return tok.to_str()
+
+
+def _bpe_json() -> str:
+    return _tokenizer_json(_VARIANT[0])
+
+
+class other_tokenizer:
+    """``with other_tokenizer(): family.build(...)``: the builders wrap the SentencePiece-style tokenizer
+    (other ids, other pieces, byte fallback) instead of the shared byte-level BPE."""
+
+    def __enter__(self):
+        _VARIANT[0] = "sentencepiece"
+
+    def __exit__(self, *exc):
+        _VARIANT[0] = "bpe"
 
 
 def make_tokenizer(*, bos: str | None = None, eos: str, pad: str, named: dict[str, str] | None = None,
