@@ -216,7 +216,9 @@ class Pairing:
                                "(the teacher's image layout has none, or the cache was built without the visual "
                                "kind): a student of another image layout cannot be aligned to it")
         try:
-            s_boxes = regions.image_regions(self.processor, self.student_config, enc, [im.size for im in images])
+            # at the cache's precision, so that equal layouts compare equal
+            s_boxes = [b.astype(np.float16).astype(np.float64) for b in
+                       regions.image_regions(self.processor, self.student_config, enc, [im.size for im in images])]
         except (NotImplementedError, regions.RegionLayoutError) as e:
             raise PairingError(f"sample {s['id']!r}: the student's image layout has no boxes ({e})") from e
         t_boxes = np.split(np.asarray(boxes, dtype=np.float64), np.cumsum(counts)[:-1])
@@ -229,9 +231,7 @@ class Pairing:
         return out
 
     def _weights(self, student_boxes: np.ndarray, teacher_boxes: np.ndarray) -> np.ndarray:
-        if (len(student_boxes) == len(teacher_boxes)
-                and np.array_equal(np.nan_to_num(student_boxes, nan=-1.0),
-                                   np.nan_to_num(teacher_boxes.astype(np.float16).astype(np.float64), nan=-1.0))):
+        if len(student_boxes) == len(teacher_boxes) and np.array_equal(student_boxes, teacher_boxes, equal_nan=True):
             return np.eye(len(student_boxes))  # the same layout: the identity, exactly
         if self.visual == VisualAlignment.hungarian.value:
             return hungarian_weights(student_boxes, teacher_boxes)

@@ -177,6 +177,8 @@ class TrainConfig:
         self.report_to = choice(ReportTo, self.report_to, "--report-to")
         self.hidden_loss = choice(HiddenLoss, self.hidden_loss, "--hidden-loss")
         self.mixed_precision = choice(Precision, self.mixed_precision, "--mixed-precision")
+        self.alignment = choice(AlignmentMode, self.alignment, "--alignment")
+        self.visual_alignment = choice(VisualAlignment, self.visual_alignment, "--visual-alignment")
         for flag, value in (("--student", self.student), ("--cache", self.cache), ("--out", self.out)):
             if not value:
                 raise ValueError(f"{flag} is required")

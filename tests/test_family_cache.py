@@ -255,3 +255,37 @@ def test_dft_step_on_the_cache_equals_the_dense_reference_of_the_two_models(fam)
     for key in ("response", "visual"):  # teacher log-probs and tails are stored in fp16 / fp32
         assert got[key] == pytest.approx(ref[key], rel=5e-3, abs=1e-4), (name, key, got, ref)
     assert got["rdist"] == pytest.approx(ref["rdist"], rel=2e-3, abs=1e-5), (name, got, ref)
+
+
+def test_alignment_forced_on_the_same_processor_gives_todays_loss(fam):
+    """``--alignment cross`` on a student that shares the teacher's processor: each sample re-encoded from
+    its stored conversation, its answer tokens aligned by text offsets (all one-to-one), the vocabulary
+    projection the identity, every visual token's box equal to the teacher's (the identity map). In float64
+    the loss sums are today's path's to 1e-9 (the projected bins are summed in another order; in fp32 a KL
+    sum near 0 is a small difference of large terms, 1e-4 relative apart)."""
+    from student.alignment import detect_pairing
+    from student.distill import DistillStudent, LossSettings
+    from student.model import load_student
+    from student.stream import load_sample_images
+    from student.train import _to_device
+
+    name, f = fam
+    student, processor = load_student(f["student_path"])
+    student.double().eval()
+    cache = f["cache"]
+    samples = [cache[i] for i in range(len(cache))]
+    folder = cache.manifest.image_folder
+    pairing = detect_pairing(cache, processor, student.config, mode="cross",
+                             load_images=lambda s: load_sample_images(s, folder))
+    assert pairing.cross and pairing.text == "byte spans, same vocabulary" and pairing.projection.coverage == 1.0
+    sums = {}
+    for key, p in (("today", None), ("aligned", pairing)):
+        ds = StreamingKDDataset(cache, processor, image_folder=None, batch_size=len(samples), shuffle=False, pairing=p)
+        batch = ds.collate(samples)
+        if p is not None:
+            assert batch["cross_one_to_one"] == batch["cross_answer_positions"] > 0, name
+        wrapper = DistillStudent(student, LossSettings(), projection=pairing.projection)
+        with torch.no_grad():
+            sums[key] = {k: v.item() for k, v in wrapper(_to_device(batch, torch.device("cpu"))).items()}
+    for k in ("ce_sum", "mdist_response_sum", "mdist_visual_sum", "rdist_sum"):
+        assert sums["aligned"][k] == pytest.approx(sums["today"][k], rel=1e-9, abs=1e-12), (name, k, sums)
