@@ -604,7 +604,24 @@ class KDCache:
             known = {c.name: c.verified for c in trusted.shards if c.verified is not None}
         checks = check_shards(fs, self._root, self.manifest.shards, rehash=rehash, trusted=known, listing=listing,
                               indices=list(range(len(self.manifest.shards))))
+        if rehash:
+            problems = problems + self._check_tokenizer_files(fs)
         return CacheCheck(self.url, checks + unlisted, problems, manifest=self.manifest)
+
+    def _check_tokenizer_files(self, fs) -> list[str]:
+        """The teacher's tokenizer files against their sha256 in the manifest (what an aligned student reads)."""
+        problems = []
+        for name, digest in self.manifest.teacher.tokenizer_files.items():
+            path = posixpath.join(self._root, TEACHER_TOKENIZER_DIR, name)
+            try:
+                data = fs.cat_file(path)
+            except FileNotFoundError:
+                problems.append(f"teacher tokenizer file {TEACHER_TOKENIZER_DIR}/{name} is missing")
+                continue
+            if hashlib.sha256(data).hexdigest() != digest:
+                problems.append(f"teacher tokenizer file {TEACHER_TOKENIZER_DIR}/{name} does not match its sha256 "
+                                "in the manifest")
+        return problems
 
     def shard_status(self, shard_index: int, check: bool = True) -> dict:
         """Completion and (optionally) checksum status of one shard (``check_shards``, re-hashing it)."""

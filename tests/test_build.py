@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from transformers import AutoTokenizer
 import torch
 from student_fixtures import load_llava, model_inputs
 from typer.testing import CliRunner
@@ -341,6 +342,19 @@ def test_inspect_and_verify_through_cli(teacher_dir, chat_data, tmp_path):
     assert row["response_text"] == "".join(f"{a}<|im_end|>\n" for a in answers)
     res = runner.invoke(app, ["verify", str(out)])
     assert res.exit_code == 0 and "OK" in res.output
+    # The teacher's tokenizer files beside the shards (what an aligned student reads) are checked too.
+    from kd_cache import open_cache
+    from kd_cache.reader import CorruptCacheError
+
+    tok_file = out / "teacher_tokenizer" / "tokenizer.json"
+    assert open_cache(str(out)).teacher_tokenizer().get_vocab() == AutoTokenizer.from_pretrained(teacher_dir).get_vocab()
+    saved = tok_file.read_bytes()
+    tok_file.write_bytes(saved.replace(b'"vocab"', b'"vocab" ', 1))
+    res = runner.invoke(app, ["verify", str(out)])
+    assert res.exit_code == 1 and "teacher_tokenizer/tokenizer.json does not match its sha256" in res.output
+    with pytest.raises(CorruptCacheError, match="tokenizer.json does not match"):
+        open_cache(str(out)).teacher_tokenizer()
+    tok_file.write_bytes(saved)
     # Corrupt one chunk file: verify must fail and name the shard.
     chunk = next(p for p in sorted((out / "shards" / "00001").rglob("*")) if p.is_file() and p.name != "zarr.json")
     data = bytearray(chunk.read_bytes())
