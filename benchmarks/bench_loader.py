@@ -50,9 +50,16 @@ def _topk(rng, P: int, K: int, vocab: int, id_pool: np.ndarray) -> dict:
 
 
 def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int = 0,
-                store_images: bool = False) -> tuple[Path, Path, dict]:
+                store_images: bool = False, alignment: bool = False, words: list[str] | None = None,
+                name: str | None = None) -> tuple[Path, Path, dict]:
     """The synthetic cache (``store_images``: each sample's JPEG bytes in the shard, a self-contained
-    cache; otherwise read by path from the image folder) -> (cache, image folder, shape)."""
+    cache; otherwise read by path from the image folder) -> (cache, image folder, shape).
+
+    ``alignment``: also the arrays a student of another tokenizer needs, as the teacher pass writes them
+    (``kd_cache.schema.ALIGNMENT_EXTRAS``: each response position's answer characters, the realised
+    token's log-prob (here the top-1's), each visual position's image box; the conversation; the
+    tokenizer files). ``words``: prompt and answer are words drawn from it (about the profile's token
+    counts) instead of decoded random ids; ``name``: the cache folder under ``root``."""
     from PIL import Image
 
     from kd_cache import processing
@@ -70,42 +77,64 @@ def write_cache(root: Path, profile: Profile, processor, vocab: int, seed: int =
     normal = np.array([i for i in range(len(tok)) if i not in special])
     # A pool of realistic top-64 id rows, reused across positions (drawing each row costs ~1 ms).
     id_pool = _zipf_ids(rng, (256, 64), vocab)
+    config = None
+    if alignment:  # the model config the visual-token boxes are read against (kd_cache.regions)
+        from benchmarks.models import LMSize, VisionSize, llava_config
+
+        config = llava_config(processor, vocab, LMSize(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=64),
+                              VisionSize(hidden=32, layers=1, heads=2, intermediate=64,
+                                         image_size=profile.ld_image_size, patch_size=profile.ld_patch))
+    per_word = len(tok(" ".join(words * 4))["input_ids"]) / (4 * len(words)) if words else 1.0
     samples = []
     for i in range(profile.ld_samples):
-        name = f"ld-{i:05d}.jpg"
-        write_jpeg(img_dir / name, profile.ld_image_size, seed * 1000 + i)
+        sample_name = f"ld-{i:05d}.jpg"
+        write_jpeg(img_dir / sample_name, profile.ld_image_size, seed * 1000 + i)
         n_prompt = profile.ld_text_tokens - profile.ld_response_tokens
         # Text of about the profile's token counts, encoded by the processor (the stream re-runs it).
-        prompt = tok.decode(rng.choice(normal, size=n_prompt))
-        answer = tok.decode(rng.choice(normal, size=profile.ld_response_tokens))
-        with Image.open(img_dir / name) as im:
-            enc = processing.encode(processor, image_id, [{"role": "user", "content": "<image>\n" + prompt},
-                                                          {"role": "assistant", "content": answer}], [im.convert("RGB")])
+        if words:
+            prompt = " ".join(rng.choice(words, size=max(1, round(n_prompt / per_word)))) + "?"
+            answer = " ".join(rng.choice(words, size=max(1, round(profile.ld_response_tokens / per_word)))) + "."
+        else:
+            prompt = tok.decode(rng.choice(normal, size=n_prompt))
+            answer = tok.decode(rng.choice(normal, size=profile.ld_response_tokens))
+        conversation = [{"role": "user", "content": "<image>\n" + prompt}, {"role": "assistant", "content": answer}]
+        with Image.open(img_dir / sample_name) as im:
+            image = im.convert("RGB")
+        enc = processing.encode(processor, image_id, conversation, [image])
         ids, labels = enc.input_ids.astype(np.int32), enc.labels.astype(np.int32)
         resp = np.nonzero(labels[1:] != -100)[0].astype(np.int32)
         vis = np.nonzero(ids == image_id)[0].astype(np.int32)
         n_vis = len(vis)
-        s = {"id": f"ld-{i:05d}", "images": [name], "input_ids": ids, "labels": labels,
-             "image_bytes": [(img_dir / name).read_bytes() if store_images else None],
+        s = {"id": f"ld-{i:05d}", "images": [sample_name], "input_ids": ids, "labels": labels,
+             "image_bytes": [(img_dir / sample_name).read_bytes() if store_images else None],
              "image_token_counts": np.asarray(enc.image_token_counts, np.int32), "processor_call": enc.call,
              "response_positions": resp, "visual_positions": vis}
         for kind, pos in (("response", resp), ("visual", vis)):
             for f, v in _topk(rng, len(pos), 64, vocab, id_pool).items():
                 s[f"{kind}_{f}"] = v
+        if alignment:
+            from kd_cache import regions
+
+            s["conversation"] = conversation
+            s["response_spans"] = enc.answer_spans[resp + 1].astype(np.int32)
+            s["response_realised"] = s["response_logprobs"][:, 0].astype(np.float16)
+            s["visual_boxes"] = np.concatenate(regions.image_regions(processor, config, enc, [image.size])
+                                               ).astype(np.float16)
         # Relation of real-looking logits: a dominant shared direction plus a few smaller ones.
         z = rng.standard_normal((n_vis, 16)).astype(np.float32) @ rng.standard_normal((16, 64)).astype(np.float32)
         z += 8.0 * rng.standard_normal(64).astype(np.float32)
         s["relation"] = [z @ z.T]
         samples.append(s)
-    out = root / ("cache-stored" if store_images else "cache")
+    out = root / (name or ("cache-stored" if store_images else "cache"))
     shutil.rmtree(out, ignore_errors=True)
     w = CacheWriter(str(out))
     per_shard = profile.ld_shard_size or max(1, profile.ld_samples // 4)
     entries = [w.write_shard(j, samples[a:a + per_shard], sparse_mode="topk", k=64, relation="full")
                for j, a in enumerate(range(0, len(samples), per_shard))]
+    tokenizer_files = w.write_tokenizer(tok) if alignment else {}
     w.write_manifest(Manifest(
         teacher=TeacherInfo(path="synthetic", model_type="llava", revision=None, config_hash="synthetic",
-                            multimodal=True),
+                            multimodal=True, tokenizer_files=tokenizer_files),
         tokenizer_hash=tokenizer_hash(tok), vocab_size=vocab, teacher_head_rows=vocab, image_token_id=image_id,
         template="chat", max_length=4096, sparse=SparseInfo(mode="topk", k=64),
         relation="full", positions=DEFAULT_KINDS, hidden=HiddenInfo(), generated=None,

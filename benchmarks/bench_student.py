@@ -7,6 +7,9 @@ One optimizer step is what ``student.train.train`` runs per step, with the train
 * SFT: CE only, batches collated without the teacher arrays (``with_teacher=False``, as SFT reads them).
 * DFT: CE + MDist (response and visual positions) + RDist, the teacher arrays streamed from a cache
   that ``build_cache`` wrote with the same teacher that the online step runs.
+* DFT across tokenizers (timed only): the same DFT step on the batch a student of another tokenizer
+  gets (``benchmarks.bench_cross.cross_batch``: GOLD's loss per aligned group over a vocabulary
+  projection), the same student and micro-batches.
 * online KD: the same DFT step, but the teacher runs in the same process on every step: its HF
   forward returns full logits [B, T, V]; top-64 + exact tail at the distilled positions and the
   relation matrices come from those logits, then the identical DFT step follows. (A dense
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_cross import COVERAGE, GROUP_SHARES, cross_batch, synthetic_projection
 from benchmarks.common import Clock, median, reset_rss_peak, rss_hwm_bytes, rss_now_bytes, sync
 from benchmarks.models import (
     Profile,
@@ -46,6 +50,7 @@ from benchmarks.models import (
 
 MODES = ("sft", "dft", "online")
 DIAGNOSTIC_MODES = ("dft_response_mdist", "dft_no_visual_mdist")  # timed only, to split DFT's cost
+CROSS_MODE = "dft_cross"  # timed only: DFT for a student of another tokenizer (benchmarks.bench_cross)
 TOP_K = 64
 
 
@@ -99,10 +104,12 @@ class Steps:
                                        step_scheduler_with_optimizer=False)
         sft = DistillStudent(self.student, LossSettings(distill=False)).train()
         dft = DistillStudent(self.student, LossSettings(distill=True)).train()
+        cross = DistillStudent(self.student, LossSettings(distill=True),
+                               projection=synthetic_projection(profile.vocab)).train()
         params = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=RECIPES[Stage.DFT].lr)
-        sft, dft, self.optimizer = self.accelerator.prepare(sft, dft, optimizer)
-        self.wrappers = {"sft": sft, "dft": dft, "online": dft}
+        sft, dft, cross, self.optimizer = self.accelerator.prepare(sft, dft, cross, optimizer)
+        self.wrappers = {"sft": sft, "dft": dft, "online": dft, CROSS_MODE: cross}
         self.params = params
         self.teacher = _teacher(profile, processor, device) if "online" in modes else None
 
@@ -123,6 +130,7 @@ class Steps:
                                               for b in no_vis]
         self.batches["dft_no_visual_mdist"] = no_vis
         self.wrappers["dft_response_mdist"] = self.wrappers["dft_no_visual_mdist"] = dft
+        self.batches[CROSS_MODE] = [cross_batch(b, seed=i) for i, b in enumerate(self.batches["dft"])]
 
     @torch.no_grad()
     def online_teacher_arrays(self, batch: dict) -> dict:
@@ -192,8 +200,8 @@ def _child(args) -> dict:
         metrics = {}
         for m in MODES:  # warm-up step of each mode
             st.step(m, 0)
-        timed = (*MODES, *DIAGNOSTIC_MODES)
-        for m in DIAGNOSTIC_MODES:
+        timed = (*MODES, *DIAGNOSTIC_MODES, CROSS_MODE)
+        for m in (*DIAGNOSTIC_MODES, CROSS_MODE):
             st.step(m, 0)
         for r in range(profile.st_reps):
             for m in timed if r % 2 == 0 else timed[::-1]:
@@ -208,6 +216,10 @@ def _child(args) -> dict:
         return {"clock": clock.report(), "mem": mem, "student_params": n_params(st.student), "student_lm_params": lm_params(st.student),
                 "losses": {m: metrics[m]["loss"] for m in MODES},
                 "positions": metrics["dft"]["positions"],
+                "cross": {"positions": metrics[CROSS_MODE]["positions"], "aligned_share": metrics[CROSS_MODE]["aligned_share"],
+                          "groups": [int(b["cross_groups"].shape[0]) for b in st.batches[CROSS_MODE]],
+                          "teacher_rows": [int(b["cross_response_ids"].shape[0]) for b in st.batches[CROSS_MODE]],
+                          "student_rows": [int(b["response_index"].shape[0]) for b in st.batches[CROSS_MODE]]},
                 "tokens_per_batch": int(st.batches["dft"][0]["model_inputs"]["attention_mask"].sum())}
     # memory: one mode in this fresh process
     st = Steps(profile, device, args.cache, (args.mode,))
@@ -237,6 +249,7 @@ def run(profile: Profile, device: torch.device, workdir: Path, log=print) -> dic
     clock = t["clock"]
     costs = clock["wall_s"] if clock["basis"] == "wall" else clock["cpu_s"]
     sft, dft, onl = (median(costs[m]) for m in MODES)
+    cross = median(costs[CROSS_MODE])
     wall = {m: median(clock["wall_s"][m]) for m in MODES}
     log(f"  step cost ({clock['basis']} s): SFT {sft:.2f}, DFT {dft:.2f}, online KD {onl:.2f} "
         f"(wall medians {wall['sft']:.2f}, {wall['dft']:.2f}, {wall['online']:.2f}; teacher "
@@ -249,13 +262,19 @@ def run(profile: Profile, device: torch.device, workdir: Path, log=print) -> dic
         peak = {m: mem[m]["rss_peak"] - mem[m]["rss_baseline"] for m in MODES}
         mem_def = ("resident-set high-water mark (VmHWM) of a fresh process running the mode's steps, minus its "
                    "resident set after imports (interpreter + torch + transformers, before any model)")
+    log(f"  DFT across tokenizers {cross:.2f} ({clock['basis']} s; {cross / dft:.3f}x DFT; aligned share "
+        f"{t['cross']['aligned_share']:.2f}, projection coverage {COVERAGE:.0%})")
     log("  peak memory: " + ", ".join(f"{m} {peak[m] / 2**20:.0f} MiB" for m in MODES))
     return {
         "dft_step_over_sft_step": dft / sft,
         "online_kd_step_over_dft_step": onl / dft,
         "peak_mem_dft_over_sft": peak["dft"] / peak["sft"],
         "peak_mem_online_over_dft": peak["online"] / peak["dft"],
+        "cross_dft_step_over_dft_step": cross / dft,
         "details": {
+            "cross": {**t["cross"], "median_step_cost": cross, "wall_ratio": median(clock["wall_s"][CROSS_MODE]) / wall["dft"],
+                      "per_rep_ratio_median": median([c / d for c, d in zip(costs[CROSS_MODE], costs["dft"])]),
+                      "projection_coverage": COVERAGE, "group_shares": {f"{a}:{b}": v for (a, b), v in GROUP_SHARES.items()}},
             "clock": clock, "median_step_cost": {"sft": sft, "dft": dft, "online": onl},
             "wall_ratios": {"dft_over_sft": wall["dft"] / wall["sft"], "online_over_dft": wall["online"] / wall["dft"]},
             "dft_parts_over_sft": {"ce+mdist_response": median(costs["dft_response_mdist"]) / sft,

@@ -51,6 +51,11 @@ GOALS: dict[str, tuple[str, float | None]] = {
     "grad_cos_topk64_renorm": ("report", None),
     "grad_cos_sample64": (">=", 0.99),
     "loader_samples_per_s_per_worker": (">=", 60.0),
+    "cross_dft_step_over_dft_step": ("<=", 1.3),
+    "cross_loader_over_same_loader": (">=", 0.8),
+    "alignment_bytes_per_sample": ("report", None),
+    "alignment_bytes_share": ("report", None),
+    "teacher_tokenizer_bytes_per_cache": ("report", None),
 }
 RESULT_KEYS = tuple(GOALS)
 GROUPS = {
@@ -59,8 +64,10 @@ GROUPS = {
              "grad_cos_topk64_renorm", "grad_cos_sample64"),
     "teacher": ("teacher_pass_over_forward_only", "teacher_pass_over_forward_only_qwen2vl"),
     "student": ("dft_step_over_sft_step", "online_kd_step_over_dft_step", "peak_mem_dft_over_sft",
-                "peak_mem_online_over_dft"),
+                "peak_mem_online_over_dft", "cross_dft_step_over_dft_step"),
     "loader": ("loader_samples_per_s_per_worker",),
+    "cross": ("cross_loader_over_same_loader", "alignment_bytes_per_sample", "alignment_bytes_share",
+              "teacher_tokenizer_bytes_per_cache"),
 }
 
 
@@ -100,8 +107,9 @@ def parse_args(argv=None):
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                     help="cuda: bf16 GPU variant of the teacher-pass and student-step benchmarks (larger models)")
     ap.add_argument("--out", required=True, help="JSON file to write")
-    ap.add_argument("--only", default="real,teacher,student,loader",
-                    help="comma-separated subset of: real, teacher, student, loader")
+    ap.add_argument("--only", default="real,teacher,student,loader,cross",
+                    help="comma-separated subset of: real, teacher, student, loader, cross (a student of another "
+                         "tokenizer: loader and bytes; its step is in student)")
     ap.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one, deleted)")
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="GPU dense bf16 peak in TFLOP/s (default: looked up from the device name)")
@@ -161,7 +169,7 @@ def main(argv=None) -> int:
     timings: dict = {}
     log(f"mllm-kd benchmarks: profile {profile.name}, device {device}, torch threads {torch.get_num_threads()}, "
         f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
-    for group in ("real", "teacher", "student", "loader"):
+    for group in GROUPS:
         if group not in args.only:
             continue
         log(f"[{group}]")
@@ -179,10 +187,14 @@ def main(argv=None) -> int:
                 from benchmarks import bench_student
 
                 out = bench_student.run(profile, device, workdir, log=log)
-            else:
+            elif group == "loader":
                 from benchmarks import bench_loader
 
                 out = bench_loader.run(profile, workdir, profile.vocab, basis_cpu=device.type == "cpu", log=log)
+            else:
+                from benchmarks import bench_cross
+
+                out = bench_cross.run(profile, device, workdir, log=log)
             details[group] = out.pop("details")
             for k in GROUPS[group]:
                 results[k] = float(out[k])
