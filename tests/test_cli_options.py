@@ -147,11 +147,12 @@ TRAIN_FLAGS = [
     "--no-shuffle", "--block-shards", "--save-every", "--resume", "--no-resume", "--overwrite", "--no-overwrite", "--report-to", "--train-modules",
     "--gradient-checkpointing", "--no-gradient-checkpointing", "--lora-r", "--lora-alpha", "--lora-dropout",
     "--lora-target-modules", "--merge", "--no-merge", "--load-in-4bit", "--no-load-in-4bit", "--mixed-precision",
-    "--any-template",
+    "--alignment", "--visual-alignment", "--any-template",
     "--no-any-template", "--storage-options", "--progress", "--no-progress"]
 TRAIN_CHOICES = {"--stage": ["dpt", "sft", "dft"], "--hidden-loss": ["mse", "cosine"],
                  "--divergence": ["fkl", "rkl", "jsd", "tvd", "skl", "srkl"], "--tail-mode": ["tail", "renorm"],
-                 "--report-to": ["none", "tensorboard", "wandb"], "--mixed-precision": ["auto", "no", "bf16"]}
+                 "--report-to": ["none", "tensorboard", "wandb"], "--mixed-precision": ["auto", "no", "bf16"],
+                 "--alignment": ["auto", "same", "cross"], "--visual-alignment": ["overlap", "hungarian"]}
 BUILD_FLAGS = [
     "--teacher", "--data", "--out", "--split", "--subset", "--streaming", "--no-streaming", "--id-column",
     "--image-column", "--conversation-column", "--image-folder", "--store-images", "--no-store-images",
