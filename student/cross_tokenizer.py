@@ -84,6 +84,7 @@ import torch
 import torch.utils.checkpoint
 from torch import Tensor
 
+from kd_cache.schema import IGNORE_INDEX
 from student.losses.divergences import (
     LOG_PROB_FLOOR,
     DivergenceOptions,
@@ -285,6 +286,17 @@ class VocabProjection:
         """Mapped teacher ids / teacher vocabulary: GOLD's adaptive weight of the matched part."""
         return float((self.to_student >= 0).double().mean()) if len(self.to_student) else 0.0
 
+    def free_ids(self, vocab: int) -> Tensor:
+        """The student ids below ``vocab`` that no teacher id maps to (long [F]), computed once."""
+        cached = getattr(self, "_free", None)
+        if cached is None or cached[0] != vocab:
+            matched = torch.zeros(vocab, dtype=torch.bool)
+            n = min(vocab, len(self.student_matched))
+            matched[:n] = self.student_matched[:n]
+            cached = (vocab, torch.nonzero(~matched).reshape(-1))
+            object.__setattr__(self, "_free", cached)
+        return cached[1]
+
     @classmethod
     def identity(cls, vocab: int) -> VocabProjection:
         return cls(torch.arange(vocab), torch.ones(vocab, dtype=torch.bool), "identity")
@@ -439,6 +451,14 @@ def cross_vocab_divergence(
     Returns:
         ``CrossLoss`` of [G] tensors (float32, or float64 for float64 logits); G = 0 gives empty ones.
     """
+    return _cross_from_log_q(up(student_logits).log_softmax(-1), student_targets, teacher, teacher_realised, groups,
+                             projection, options=options, matched_weight=matched_weight)
+
+
+def _cross_from_log_q(log_q_all: Tensor, student_targets: Tensor, teacher: SparseTeacher, teacher_realised: Tensor,
+                      groups: dict[str, Tensor], projection: VocabProjection, *,
+                      options: DivergenceOptions | None = None, matched_weight: float | None = None) -> CrossLoss:
+    """``cross_vocab_divergence`` from the student's log-softmax [P_s, V_s] (fp32 or fp64)."""
     opts = options or DivergenceOptions()
     if teacher.sampled:
         raise ValueError("cross-vocabulary distillation needs top-k teacher ids with log-probs and tail: with "
@@ -448,10 +468,9 @@ def cross_vocab_divergence(
                          "without zscore")
     w = projection.coverage if matched_weight is None else float(matched_weight)
     t_first, t_len, s_first, s_len = (groups[k] for k in ("t_first", "t_len", "s_first", "s_len"))
-    V_s = student_logits.shape[-1]
+    V_s = log_q_all.shape[-1]
 
     # Student: the rows at each group's first token, and the log-prob of its realised continuation.
-    log_q_all = up(student_logits).log_softmax(-1)  # [P_s, V_s]
     realised_s = log_q_all.gather(-1, student_targets.long().clamp_min(0)[:, None])[:, 0]
     log_s_s = _realised_sum(realised_s, s_first, s_len)  # [G]
     log_q = log_q_all[s_first]  # [G, V_s]
@@ -474,13 +493,15 @@ def cross_vocab_divergence(
     matched = sparse_from_bins(s_lp, s_tail, SparseTeacher(binned.ids, bin_lp, t_tail), opts)
 
     # ULD on the unmatched part: the teacher's unmapped top-k probabilities (its largest unmapped
-    # ones) against as many of the student's largest probabilities off the projection's image.
+    # ones) against as many of the student's largest probabilities off the projection's image (read at
+    # the student ids no teacher id maps to only: the rest of the row takes no part).
     K = ids.shape[-1]
     p_un = torch.where(unmapped, (t_lp + log_s_t[:, None]).exp(), -1.0).sort(-1, descending=True).values
     n_un = unmapped.sum(-1, keepdim=True)
-    q_free = torch.where(projection.student_matched.to(ids.device)[None, :], 0.0, (log_q + log_s_s[:, None]).exp())
-    k = min(K, V_s)
-    q_top = q_free.topk(k, -1).values if k else q_free[:, :0]
+    free = projection.free_ids(V_s).to(ids.device)
+    k = min(K, len(free))
+    q_free = (log_q[:, free] + log_s_s[:, None]).exp() if k else log_q[:, :0]
+    q_top = q_free.topk(k, -1).values if k else q_free
     q_top = torch.nn.functional.pad(q_top, (0, K - k))
     ranks = torch.arange(K, device=ids.device)[None, :] < n_un
     uld = torch.where(ranks, (p_un.clamp_min(0) - q_top).abs(), 0.0).sum(-1)
@@ -501,49 +522,66 @@ def chunked_cross_divergence(
     options: DivergenceOptions | None = None,
     chunk_size: int = 1024,
     checkpoint: bool = True,
-) -> Tensor:
-    """``cross_vocab_divergence`` summed over groups, from the student's hidden states, chunk by chunk.
+    ce: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """CE over the student's answer rows and ``cross_vocab_divergence`` summed over the groups, from the
+    student's hidden states, chunk by chunk: one head matmul and one log-softmax per row serve both.
 
     Args:
         hidden: [P_s, d] the student's final hidden states at its answer positions (row i predicts
-            ``targets[i]``), in group order.
+            ``targets[i]``; IGNORE_INDEX: no CE), the groups' rows in order.
         head_weight: [V_s, d] the student's LM head.
         targets, teacher, teacher_realised, projection: as ``cross_vocab_divergence``'s.
         groups: [G, 4] long (teacher first row, teacher rows, student first row, student rows), sorted by
             student row (``StreamingKDDataset`` collates them so).
-        options: the matched part's divergence; its ``temperature`` divides the student's logits.
+        options: the matched part's divergence; its ``temperature`` divides the student's logits (CE's
+            never).
         chunk_size: student rows per chunk (a chunk holds whole groups, so a group longer than it is one
             chunk of its own).
         checkpoint: recompute each chunk's [rows, V_s] logits in backward instead of keeping them.
+        ce: also the CE sum (False: 0).
 
     Returns:
-        The fp32 sum of the groups' losses (a zero connected to both inputs when G = 0).
+        (CE sum, divergence sum), fp32 (zeros connected to both inputs when there are no rows).
     """
     opts = options or DivergenceOptions()
     temperature = opts.temperature
     zero = (up(hidden[:0]).sum() + up(head_weight[:0]).sum()) * 0.0
     host = groups.detach().cpu().numpy()
-    total, start, G = zero, 0, host.shape[0]
-    while start < G:
-        r0 = int(host[start, 2])
-        end = start + 1
-        while end < G and host[end, 2] + host[end, 3] - r0 <= chunk_size:
+    P, G = hidden.shape[0], host.shape[0]
+    ce_total, div_total = zero, zero
+    # Chunks of whole groups that together cover every row once (rows between groups, e.g. a student
+    # end-of-turn token without a teacher counterpart, go with the chunk before them).
+    bounds, start, r0 = [], 0, 0
+    while start < G or r0 < P:
+        end = start
+        while end < G and (end == start or host[end, 2] + host[end, 3] - r0 <= chunk_size):
             end += 1
-        r1 = int(host[end - 1, 2] + host[end - 1, 3])
-        sub = {"t_first": groups[start:end, 0], "t_len": groups[start:end, 1],
-               "s_first": groups[start:end, 2] - r0, "s_len": groups[start:end, 3]}
+        r1 = P if end >= G else int(host[end, 2])
+        bounds.append((start, end, r0, r1))
+        start, r0 = end, r1
+        if end >= G:
+            break
+
+    for g0, g1, r0, r1 in bounds:
+        sub = {"t_first": groups[g0:g1, 0], "t_len": groups[g0:g1, 1],
+               "s_first": groups[g0:g1, 2] - r0, "s_len": groups[g0:g1, 3]}
         tg = targets[r0:r1]
 
-        def chunk(h: Tensor, w: Tensor, sub=sub, tg=tg) -> Tensor:
+        def chunk(h: Tensor, w: Tensor, sub=sub, tg=tg) -> tuple[Tensor, Tensor]:
             logits = up(h @ w.T)
+            log_q = logits.log_softmax(-1)
+            ce_sum = -torch.where(tg != IGNORE_INDEX, log_q.gather(-1, tg.clamp_min(0)[:, None])[:, 0], 0.0).sum() \
+                if ce else logits.new_zeros(())
             if temperature != 1.0:
-                logits = logits / temperature
-            return cross_vocab_divergence(logits, tg, teacher, teacher_realised, sub, projection, options=opts).loss.sum()
+                log_q = (logits / temperature).log_softmax(-1)
+            div = _cross_from_log_q(log_q, tg, teacher, teacher_realised, sub, projection, options=opts).loss.sum()
+            return ce_sum, div
 
         h = hidden[r0:r1]
         if checkpoint and torch.is_grad_enabled():
-            total = total + torch.utils.checkpoint.checkpoint(chunk, h, head_weight, use_reentrant=False)
+            c, d = torch.utils.checkpoint.checkpoint(chunk, h, head_weight, use_reentrant=False)
         else:
-            total = total + chunk(h, head_weight)
-        start = end
-    return total
+            c, d = chunk(h, head_weight)
+        ce_total, div_total = ce_total + c, div_total + d
+    return ce_total, div_total

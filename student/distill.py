@@ -345,13 +345,14 @@ class DistillStudent(nn.Module):
         opts = s.options
         resp = flat[batch["response_index"]]
         targets = batch["response_targets"]
-        sums["ce_sum"] = chunked_distill(resp, head, targets=targets, chunk_size=s.chunk_size,
-                                         checkpoint=checkpoint).ce_sum
-        if "response" in kinds and "cross_groups" in batch:
+        if "response" in kinds and "cross_groups" in batch:  # CE from the same head pass as the divergence
             teacher = SparseTeacher(**{n: batch[f"cross_response_{n}"] for n in ("ids", "logprobs", "tail")})
-            sums[mdist_term("response").sum_key] = chunked_cross_divergence(
+            sums["ce_sum"], sums[mdist_term("response").sum_key] = chunked_cross_divergence(
                 resp, head, targets, teacher, batch["cross_response_realised"], batch["cross_groups"],
                 self.projection, options=opts, chunk_size=s.chunk_size, checkpoint=checkpoint)
+        else:
+            sums["ce_sum"] = chunked_distill(resp, head, targets=targets, chunk_size=s.chunk_size,
+                                             checkpoint=checkpoint).ce_sum
         visual = teacher_arrays(batch, "visual") if "visual" in kinds else None
         if visual is not None:
             rows = torch.nonzero((visual.ids >= 0).any(-1)).reshape(-1)
@@ -361,7 +362,7 @@ class DistillStudent(nn.Module):
             sums[mdist_term("visual").sum_key] = chunked_cross_divergence(
                 vis, head, torch.zeros(vis.shape[0], dtype=torch.long, device=vis.device), visual,
                 torch.zeros(visual.ids.shape[0], device=vis.device), groups, self.projection, options=opts,
-                chunk_size=s.chunk_size, checkpoint=checkpoint)
+                chunk_size=s.chunk_size, checkpoint=checkpoint, ce=False)[1]
 
     def _hidden_term(self, batch: dict[str, Tensor], flat: Tensor) -> Tensor:
         hk = _hidden_kinds(batch, self.settings)

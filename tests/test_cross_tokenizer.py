@@ -241,6 +241,41 @@ def test_loss_matches_float64_reference():
         torch.testing.assert_close(g_out, g_ref, rtol=1e-7, atol=1e-10)
 
 
+def test_chunked_from_hidden_states_equals_the_whole():
+    """``chunked_cross_divergence``: CE over every student row (an orphan row after the last group
+    included) and the groups' loss from hidden states and the head, chunk by chunk (groups never cut,
+    logits recomputed in backward or kept), equal the whole-matrix computation, gradients included."""
+    from student.cross_tokenizer import chunked_cross_divergence
+
+    g = torch.Generator().manual_seed(5)
+    V_t, V_s, K, d, P_t, P_s = 9, 8, 5, 6, 6, 7
+    to_student = [0, 1, 1, 2, 3, -1, -1, 6, -1]
+    proj = VocabProjection(torch.tensor(to_student), torch.tensor([j in to_student for j in range(V_s)]), "t")
+    lp_t = (torch.randn(P_t, V_t, generator=g, dtype=torch.float64) * 2).log_softmax(-1)
+    top = lp_t.topk(K, -1)
+    teacher = SparseTeacher(top.indices, top.values, torch.log1p(-top.values.exp().sum(-1)))
+    realised_t = lp_t[:, 0]
+    hidden = torch.randn(P_s, d, generator=g, dtype=torch.float64, requires_grad=True)
+    head = torch.randn(V_s, d, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([1, 6, 0, 3, 2, -100, 4])  # row 5 carries no CE, row 6 is in no group
+    groups = torch.tensor([[0, 1, 0, 1], [1, 2, 1, 1], [3, 1, 2, 2], [4, 2, 4, 2]])
+    whole_logits = hidden @ head.T
+    whole = cross_vocab_divergence(whole_logits, targets, teacher, realised_t,
+                                   {"t_first": groups[:, 0], "t_len": groups[:, 1], "s_first": groups[:, 2],
+                                    "s_len": groups[:, 3]}, proj).loss.sum()
+    ce = torch.nn.functional.cross_entropy(whole_logits, targets, ignore_index=-100, reduction="sum")
+    g_ref = torch.autograd.grad(whole + 0.5 * ce, (hidden, head))
+    for chunk_size in (1, 2, 3, 100):
+        for checkpoint in (False, True):
+            c, dv = chunked_cross_divergence(hidden, head, targets, teacher, realised_t, groups, proj,
+                                             chunk_size=chunk_size, checkpoint=checkpoint)
+            torch.testing.assert_close(dv, whole, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(c, ce, rtol=1e-12, atol=1e-12)
+            got = torch.autograd.grad(dv + 0.5 * c, (hidden, head))
+            for a, b in zip(got, g_ref):
+                torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_empty_and_refusals():
     V = 5
     teacher = SparseTeacher(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3), torch.zeros(0))
