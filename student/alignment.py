@@ -62,6 +62,7 @@ class VisualAlignment(str, Enum):
 
 
 PROBE_SAMPLES = 4  # samples whose ids decide auto detection
+MAPS_KEPT = 256  # visual-token maps a process keeps (one per image shape and layout seen)
 
 
 class PairingError(UserError, ValueError):
@@ -131,7 +132,7 @@ class Pairing:
     projection: VocabProjection | None = None
     teacher_piece_bytes: np.ndarray | None = None  # byte length of each teacher id's token (-1: none)
     student_piece_bytes: np.ndarray | None = None
-    notes: list[str] = field(default_factory=list)
+    _maps: dict = field(default_factory=dict, repr=False)  # image shapes and layouts -> overlap maps (per process)
 
     def describe(self) -> str:
         if not self.cross:
@@ -215,14 +216,22 @@ class Pairing:
             raise PairingError(f"sample {s['id']!r}: the cache holds no image boxes for its visual positions "
                                "(the teacher's image layout has none, or the cache was built without the visual "
                                "kind): a student of another image layout cannot be aligned to it")
-        try:
-            # at the cache's precision, so that equal layouts compare equal
-            s_boxes = [b.astype(np.float16).astype(np.float64) for b in
-                       regions.image_regions(self.processor, self.student_config, enc, [im.size for im in images])]
-        except (NotImplementedError, regions.RegionLayoutError) as e:
-            raise PairingError(f"sample {s['id']!r}: the student's image layout has no boxes ({e})") from e
-        t_boxes = np.split(np.asarray(boxes, dtype=np.float64), np.cumsum(counts)[:-1])
-        weights = [self._weights(sb, tb) for sb, tb in zip(s_boxes, t_boxes)]
+        t_boxes = np.asarray(boxes, dtype=np.float16)
+        # The maps depend on the images' sizes and both layouts only: kept for the next sample of that shape.
+        key = (tuple(im.size for im in images), tuple(enc.image_token_counts), t_boxes.tobytes())
+        weights = self._maps.get(key)
+        if weights is None:
+            try:
+                # at the cache's precision, so that equal layouts compare equal
+                s_boxes = [b.astype(np.float16).astype(np.float64) for b in
+                           regions.image_regions(self.processor, self.student_config, enc, [im.size for im in images])]
+            except (NotImplementedError, regions.RegionLayoutError) as e:
+                raise PairingError(f"sample {s['id']!r}: the student's image layout has no boxes ({e})") from e
+            per_image = np.split(t_boxes.astype(np.float64), np.cumsum(counts)[:-1])
+            weights = [self._weights(sb, tb) for sb, tb in zip(s_boxes, per_image)]
+            if len(self._maps) >= MAPS_KEPT:
+                self._maps.pop(next(iter(self._maps)))
+            self._maps[key] = weights
         if relation:
             rel = s.get("relation") or []
             out["relations"] = [map_relation(a, np.asarray(r, dtype=np.float32)) for a, r in zip(weights, rel)]
