@@ -99,39 +99,59 @@ from student.losses.divergences import (
 # 1. Alignment by text offsets
 
 
-def byte_spans(text: str, offsets: list[tuple[int, int]], piece_bytes: list[int | None] | None = None) -> list[tuple[int, int]]:
+def byte_spans(text: str, offsets, piece_bytes: list[int | None] | None = None) -> list[tuple[int, int]]:
     """Character offsets [(start, end)] of answer tokens -> UTF-8 byte spans, tiled by their ends.
 
     A token with an empty span is moved to the end of the token before it (0 for the first).
     Consecutive tokens with one identical character span get that character's bytes in order when
     ``piece_bytes`` (each token's byte length, ``token_bytes``) says they add up to it; otherwise they
     keep the whole span, and only the last of them ends a unit.
+
+    ``offsets``: a list of pairs or an int [n, 2] array; ``piece_bytes``: one entry per token (None where
+    unknown). Vectorised with numpy: the data loader calls it twice per sample.
     """
-    cum = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text])]).astype(int)
-    out: list[tuple[int, int]] = []
-    i, n = 0, len(offsets)
-    prev_end = 0
-    while i < n:
-        s, e = offsets[i]
-        if e <= s:  # covers no characters
-            out.append((prev_end, prev_end))
-            i += 1
-            continue
-        j = i + 1
-        while j < n and tuple(offsets[j]) == (s, e):
-            j += 1
-        b0, b1 = int(cum[s]), int(cum[e])
-        lens = None if piece_bytes is None else piece_bytes[i:j]
-        if j - i > 1 and lens is not None and None not in lens and sum(lens) == b1 - b0:
-            at = b0
-            for n_bytes in lens:
-                out.append((at, at + n_bytes))
-                at += n_bytes
-        else:
-            out.extend([(b0, b1)] * (j - i))
-        prev_end = b1
-        i = j
-    return out
+    off = _pairs(offsets)
+    n = off.shape[0]
+    if n == 0:
+        return []
+    if piece_bytes is not None and len(piece_bytes) != n:
+        raise ValueError(f"byte_spans: {len(piece_bytes)} piece byte lengths for {n} token offsets; "
+                         "pass one length (or None) per token")
+    raw = text.encode()
+    if len(raw) == len(text):
+        cum = np.arange(len(text) + 1, dtype=np.int64)
+    else:  # character i starts at the i-th byte that is not a continuation byte (0b10xxxxxx)
+        cum = np.empty(len(text) + 1, dtype=np.int64)
+        cum[:-1] = np.flatnonzero(np.frombuffer(raw, dtype=np.int8) >= -64)
+        cum[-1] = len(raw)
+    s, e = off[:, 0], off[:, 1]
+    full = e > s  # covers characters
+    if full.all():
+        start, end = cum[s], cum[e]
+    else:  # an empty span sits at the end of the last token before it that covers characters (0 if none)
+        start, end = cum[np.where(full, s, 0)], cum[np.where(full, e, 0)]
+        last = np.maximum.accumulate(np.where(full, np.arange(n), -1))
+        at = np.where(last >= 0, end[last], 0)
+        start, end = np.where(full, start, at), np.where(full, end, at)
+    if piece_bytes is not None and n > 1:
+        # Runs: consecutive tokens with one identical non-empty span. A run of several is given its
+        # character's bytes when its tokens' lengths add up to them.
+        head = np.ones(n, dtype=bool)
+        head[1:] = (s[1:] != s[:-1]) | (e[1:] != e[:-1]) | ~full[1:]
+        if not head.all():
+            heads = np.flatnonzero(head)
+            size = np.empty_like(heads)
+            size[:-1] = heads[1:] - heads[:-1]
+            size[-1] = n - heads[-1]
+            pb = np.array(piece_bytes, dtype=np.float64)  # None -> nan: its run's sum never matches
+            split = (size > 1) & (np.add.reduceat(pb, heads) == end[heads] - start[heads])
+            if split.any():
+                tok = np.repeat(split, size)
+                w = np.where(tok, pb, 0).astype(np.int64)
+                before = np.cumsum(w) - w  # bytes of the split tokens before this one
+                first = np.repeat(start[heads] - before[heads], size) + before
+                start, end = np.where(tok, first, start), np.where(tok, first + w, end)
+    return list(zip(start.tolist(), end.tolist()))
 
 
 @dataclass(frozen=True)
@@ -167,32 +187,66 @@ class Alignment:
         return {"t_first": t[:, 0], "t_len": t[:, 1] - t[:, 0], "s_first": s[:, 0], "s_len": s[:, 1] - s[:, 0]}
 
 
-def _cuts(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(token index after the cut, byte position) where a group may end on one side: after token i
-    unless the next token starts before token i ends (pieces of one unit)."""
-    return [(i + 1, e) for i, (_, e) in enumerate(spans) if i + 1 == len(spans) or spans[i + 1][0] >= e]
+def _cuts(spans) -> tuple[np.ndarray, np.ndarray]:
+    """(token index after the cut, byte position) where a group may end on one side, as two int64 arrays:
+    after token i unless the next token starts before token i ends (pieces of one unit)."""
+    sp = _pairs(spans)
+    n = sp.shape[0]
+    keep = np.ones(n, dtype=bool)
+    keep[:-1] = sp[1:, 0] >= sp[:-1, 1]
+    at = np.flatnonzero(keep)
+    return at + 1, sp[at, 1]
 
 
-def align_spans(teacher_spans: list[tuple[int, int]], student_spans: list[tuple[int, int]]) -> Alignment:
-    """Align two tokenisations of one answer by their byte spans (``byte_spans``), GOLD's walk: a group
-    closes where both sides reach the same boundary. Tokens left over on one side are orphans."""
-    tc, sc = _cuts(teacher_spans), _cuts(student_spans)
-    tg, sg = [], []
+def _pairs(pairs) -> np.ndarray:
+    """A list of (a, b) pairs or an int [n, 2] array -> int64 [n, 2]."""
+    if isinstance(pairs, np.ndarray):
+        return pairs.astype(np.int64, copy=False).reshape(-1, 2)
+    from itertools import chain  # here, so the module's imports stay as they are
+
+    # faster than np.asarray on a list of pairs
+    return np.fromiter(chain.from_iterable(pairs), dtype=np.int64, count=2 * len(pairs)).reshape(-1, 2)
+
+
+def _walk(tc: tuple[np.ndarray, np.ndarray], sc: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Indices into both cut lists of the cuts paired by the walk: step the side at the smaller byte position,
+    pair both where they are equal. Cut positions are non-decreasing for any tiling of the text, and then the
+    walk pairs the k-th cut at a position on one side with the k-th cut at it on the other (a merge join);
+    other inputs take the walk itself."""
+    tpos, spos = tc[1], sc[1]
+    if (tpos[1:] >= tpos[:-1]).all() and (spos[1:] >= spos[:-1]).all():
+        first = np.searchsorted(tpos, tpos, side="left")  # each teacher cut's first equal cut
+        j = np.searchsorted(spos, tpos, side="left") + np.arange(len(tpos)) - first
+        ok = j < len(spos)
+        ok[ok] = spos[j[ok]] == tpos[ok]
+        return np.flatnonzero(ok), j[ok]
+    ti, sj = [], []
     i = j = 0
-    t0 = s0 = 0
-    while i < len(tc) and j < len(sc):
-        (ti, tpos), (sj, spos) = tc[i], sc[j]
-        if tpos < spos:
+    tl, sl = tpos.tolist(), spos.tolist()
+    while i < len(tl) and j < len(sl):
+        if tl[i] < sl[j]:
             i += 1
-        elif tpos > spos:
+        elif tl[i] > sl[j]:
             j += 1
         else:
-            tg.append((t0, ti))
-            sg.append((s0, sj))
-            t0, s0 = ti, sj
+            ti.append(i)
+            sj.append(j)
             i += 1
             j += 1
-    return Alignment(tg, sg, list(range(t0, len(teacher_spans))), list(range(s0, len(student_spans))))
+    return np.asarray(ti, dtype=np.int64), np.asarray(sj, dtype=np.int64)
+
+
+def align_spans(teacher_spans, student_spans) -> Alignment:
+    """Align two tokenisations of one answer by their byte spans (``byte_spans``: a list of pairs, or an int
+    [n, 2] array), GOLD's walk: a group closes where both sides reach the same boundary, several cuts at one
+    position pair in order. Tokens left over on one side are orphans."""
+    tc, sc = _cuts(teacher_spans), _cuts(student_spans)
+    i, j = _walk(tc, sc)
+    t_end, s_end = tc[0][i].tolist(), sc[0][j].tolist()
+    t0, s0 = [0] + t_end[:-1], [0] + s_end[:-1]
+    t_last, s_last = (t_end[-1], s_end[-1]) if t_end else (0, 0)
+    return Alignment(list(zip(t0, t_end)), list(zip(s0, s_end)), list(range(t_last, len(teacher_spans))),
+                     list(range(s_last, len(student_spans))))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,12 +4,16 @@ written from its definition on dense distributions."""
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from student.cross_tokenizer import (
+    Alignment,
     VocabProjection,
     align_spans,
     build_projection,
@@ -108,6 +112,134 @@ def test_alignment_edge_cases():
     al = align_spans(byte_spans("ab", [(0, 2)]), byte_spans("ab", [(0, 2), (0, 0)]))
     assert al.orphan_student == [1] and al.aligned_share == pytest.approx(1 / 2)
     assert align_spans([], []).aligned_share == 1.0
+
+
+# The pure-Python alignment the vectorised one replaced, kept as the reference it is tested against.
+def _ref_byte_spans(text, offsets, piece_bytes=None):
+    cum = np.concatenate([[0], np.cumsum([len(c.encode()) for c in text])]).astype(int)
+    out = []
+    i, n = 0, len(offsets)
+    prev_end = 0
+    while i < n:
+        s, e = offsets[i]
+        if e <= s:  # covers no characters
+            out.append((prev_end, prev_end))
+            i += 1
+            continue
+        j = i + 1
+        while j < n and tuple(offsets[j]) == (s, e):
+            j += 1
+        b0, b1 = int(cum[s]), int(cum[e])
+        lens = None if piece_bytes is None else piece_bytes[i:j]
+        if j - i > 1 and lens is not None and None not in lens and sum(lens) == b1 - b0:
+            at = b0
+            for n_bytes in lens:
+                out.append((at, at + n_bytes))
+                at += n_bytes
+        else:
+            out.extend([(b0, b1)] * (j - i))
+        prev_end = b1
+        i = j
+    return out
+
+
+def _ref_cuts(spans):
+    return [(i + 1, e) for i, (_, e) in enumerate(spans) if i + 1 == len(spans) or spans[i + 1][0] >= e]
+
+
+def _ref_align_spans(teacher_spans, student_spans):
+    tc, sc = _ref_cuts(teacher_spans), _ref_cuts(student_spans)
+    tg, sg = [], []
+    i = j = 0
+    t0 = s0 = 0
+    while i < len(tc) and j < len(sc):
+        (ti, tpos), (sj, spos) = tc[i], sc[j]
+        if tpos < spos:
+            i += 1
+        elif tpos > spos:
+            j += 1
+        else:
+            tg.append((t0, ti))
+            sg.append((s0, sj))
+            t0, s0 = ti, sj
+            i += 1
+            j += 1
+    return Alignment(tg, sg, list(range(t0, len(teacher_spans))), list(range(s0, len(student_spans))))
+
+
+_CHARS = "ab c  xyz09é中😀∑ñÿ\u0301🎉\U0010ffff"  # 1 to 4 bytes, continuation bytes 0x80 to 0xBF
+
+
+def _random_tokens(rng: random.Random, text: str) -> tuple[list[tuple[int, int]], list[int | None] | None]:
+    """A random tokenisation of ``text``: a tiling (leading spaces sometimes trimmed), multi-byte characters
+    sometimes spelt in pieces sharing the character's span (lengths adding up to its bytes or not), whole
+    spans repeated, empty spans ((-1, -1), (0, 0), (k, k)) anywhere; now and then arbitrary offsets
+    (overlapping, backwards). Piece byte lengths: true, random, None, or no list at all."""
+    offsets, lens = [], []
+
+    def empty():
+        k = rng.randint(0, len(text))
+        offsets.append(rng.choice([(-1, -1), (0, 0), (k, k), (k, max(k - 1, 0))]))
+        lens.append(rng.choice([None, 0, 1]))
+
+    if rng.random() < 0.1:
+        for _ in range(rng.randint(0, 12)):
+            s = rng.randint(0, len(text))
+            offsets.append((s, rng.randint(0, len(text))))
+            lens.append(rng.choice([None, 0, 1, 2, 3, 4]))
+    else:
+        i = 0
+        while i < len(text):
+            if rng.random() < 0.15:
+                empty()
+            j = min(len(text), i + rng.choice([1, 1, 1, 2, 3, 5]))
+            nbytes = len(text[i:j].encode())
+            if rng.random() < 0.5 and (j - i == 1 and nbytes > 1 or rng.random() < 0.15):
+                k = rng.choice([nbytes, nbytes, 2, 3])  # pieces sharing one span
+                parts = sorted(rng.sample(range(1, nbytes), min(k, nbytes) - 1)) if nbytes > 1 else []
+                good = [b - a for a, b in zip([0] + parts, parts + [nbytes])]
+                good += [0] * (k - len(good))  # more pieces than bytes: zero-length ones
+                if rng.random() < 0.2:
+                    rng.shuffle(good)
+                pick = rng.random()
+                piece = (good if pick < 0.6 else [None if rng.random() < 0.5 else x for x in good] if pick < 0.8
+                         else [rng.randint(0, 4) for _ in good])
+                offsets += [(i, j)] * k
+                lens += piece
+            else:
+                s = i + 1 if text[i] == " " and j - i > 1 and rng.random() < 0.5 else i
+                offsets.append((s, j))
+                lens.append(nbytes if rng.random() < 0.9 else rng.choice([None, nbytes + 1]))
+            i = j
+        while rng.random() < 0.2:
+            empty()
+    return offsets, (None if rng.random() < 0.2 else lens)
+
+
+def test_vectorised_alignment_matches_reference():
+    rng = random.Random(20240611)
+    for case in range(3000):
+        text = "".join(rng.choice(_CHARS) for _ in range(rng.choice([0, 1, 3, 8, 20, 40])))
+        sides = []
+        for _ in range(2):
+            offsets, lens = _random_tokens(rng, text)
+            got = byte_spans(text, offsets, lens)
+            want = _ref_byte_spans(text, offsets, lens)
+            assert got == want, (case, text, offsets, lens)
+            assert all(type(a) is int and type(b) is int for a, b in got)
+            assert byte_spans(text, np.asarray(offsets, dtype=np.int64).reshape(-1, 2), lens) == want
+            sides.append(got)
+        assert align_spans(*sides) == _ref_align_spans(*sides), (case, text, sides)
+        # The walk on arbitrary spans (backwards, overlapping): the same groups and orphans.
+        raw = [[(rng.randint(0, 9), rng.randint(0, 9)) for _ in range(rng.randint(0, 8))] for _ in range(2)]
+        assert align_spans(*raw) == _ref_align_spans(*raw), (case, raw)
+        arrays = [np.asarray(x, dtype=np.int64).reshape(-1, 2) for x in sides]
+        assert align_spans(*arrays) == _ref_align_spans(*sides)
+
+
+def test_byte_spans_refuses_lengths_of_another_tokenisation():
+    with pytest.raises(ValueError, match="one length"):
+        byte_spans("ab", [(0, 1), (1, 2)], [1])
 
 
 def test_projection_known_by_construction(teacher_tok, student_tok, tmp_path):
