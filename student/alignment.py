@@ -196,10 +196,9 @@ class Pairing:
         text = enc.answer_text
         t_ids = np.asarray(s["labels"], dtype=np.int64)[t_pos + 1] if len(t_pos) else np.zeros(0, np.int64)
         s_ids = enc.labels[resp + 1] if len(resp) else np.zeros(0, np.int64)
-        t_bytes = byte_spans(text, [tuple(int(v) for v in r) for r in np.asarray(t_spans)],
+        t_bytes = byte_spans(text, np.asarray(t_spans, dtype=np.int64).reshape(-1, 2),
                              _lengths(self.teacher_piece_bytes, t_ids))
-        s_bytes = byte_spans(text, [tuple(int(v) for v in r) for r in enc.answer_spans[resp + 1]],
-                             _lengths(self.student_piece_bytes, s_ids))
+        s_bytes = byte_spans(text, enc.answer_spans[resp + 1].reshape(-1, 2), _lengths(self.student_piece_bytes, s_ids))
         al = align_spans(t_bytes, s_bytes)
         g = np.asarray([(t0, t1 - t0, s0, s1 - s0) for (t0, t1), (s0, s1) in zip(al.teacher_groups, al.student_groups)],
                        dtype=np.int64).reshape(-1, 4)
@@ -247,11 +246,13 @@ class Pairing:
         return overlap_weights(student_boxes, teacher_boxes)
 
 
-def _lengths(table: np.ndarray | None, ids: np.ndarray) -> list[int | None] | None:
+def _lengths(table: np.ndarray | None, ids: np.ndarray) -> np.ndarray | None:
+    """Each token's byte length (float64, NaN where unknown: a special or an id outside the table)."""
     if table is None:
         return None
-    got = table[np.clip(ids, 0, len(table) - 1)]
-    return [int(n) if n >= 0 and 0 <= i < len(table) else None for n, i in zip(got, ids)]
+    ids = np.asarray(ids, dtype=np.int64)
+    got = table[np.clip(ids, 0, len(table) - 1)].astype(np.float64)
+    return np.where((ids >= 0) & (ids < len(table)) & (got >= 0), got, np.nan)
 
 
 def _empty_rows(n: int, k: int) -> dict:
