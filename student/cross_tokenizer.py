@@ -91,7 +91,7 @@ from student.losses.divergences import (
     SparseTeacher,
     TailMode,
     sparse_from_bins,
-    student_bins,
+    tail_fill,
     up,
 )
 
@@ -511,8 +511,10 @@ def cross_vocab_divergence(
 
 def _cross_from_log_q(log_q_all: Tensor, student_targets: Tensor, teacher: SparseTeacher, teacher_realised: Tensor,
                       groups: dict[str, Tensor], projection: VocabProjection, *,
-                      options: DivergenceOptions | None = None, matched_weight: float | None = None) -> CrossLoss:
-    """``cross_vocab_divergence`` from the student's log-softmax [P_s, V_s] (fp32 or fp64)."""
+                      options: DivergenceOptions | None = None, matched_weight: float | None = None,
+                      realised_s: Tensor | None = None) -> CrossLoss:
+    """``cross_vocab_divergence`` from the student's log-softmax [P_s, V_s] (fp32 or fp64); ``realised_s``:
+    its log-probs at ``student_targets`` when already read."""
     opts = options or DivergenceOptions()
     if teacher.sampled:
         raise ValueError("cross-vocabulary distillation needs top-k teacher ids with log-probs and tail: with "
@@ -525,9 +527,12 @@ def _cross_from_log_q(log_q_all: Tensor, student_targets: Tensor, teacher: Spars
     V_s = log_q_all.shape[-1]
 
     # Student: the rows at each group's first token, and the log-prob of its realised continuation.
-    realised_s = log_q_all.gather(-1, student_targets.long().clamp_min(0)[:, None])[:, 0]
+    if realised_s is None:
+        realised_s = log_q_all.gather(-1, student_targets.long().clamp_min(0)[:, None])[:, 0]
     log_s_s = _realised_sum(realised_s, s_first, s_len)  # [G]
-    log_q = log_q_all[s_first]  # [G, V_s]
+    # [G, V_s]; every row in order (all groups of one token: the usual chunk) needs no copy
+    every_row = bool(groups.get("every_row", False))
+    log_q = log_q_all if every_row else log_q_all[s_first]
     dtype = log_q.dtype
 
     # Teacher: project the stored ids; unmapped stored mass joins the tail.
@@ -539,9 +544,25 @@ def _cross_from_log_q(log_q_all: Tensor, student_targets: Tensor, teacher: Spars
     t_lp = torch.where(ids >= 0, up(rows.logprobs).to(dtype), float("-inf"))
     log_s_t = _realised_sum(up(teacher_realised).to(dtype), t_first, t_len)
 
+    # The student's log-probs at the bins and, for ULD below, at its largest ids off the projection's
+    # image (chosen without the graph): one read of the row (one sparse backward).
+    K = ids.shape[-1]
+    free = projection.free_ids(V_s).to(ids.device)
+    k = min(K, len(free))
+    b_ids = binned.ids.long()
+    if k:
+        with torch.no_grad():
+            top_free = free[log_q[:, free].topk(k, -1).indices]
+        read = log_q.gather(-1, torch.cat([b_ids.clamp_min(0), top_free], -1))
+        s_lp, q_free = read[:, : b_ids.shape[-1]], read[:, b_ids.shape[-1]:]
+    else:
+        s_lp, q_free = log_q.gather(-1, b_ids.clamp_min(0)), log_q[:, :0]
+    # The else bin: log(1 - sum of the bins) as a logsumexp over the ids off them (``student_bins``).
+    stored = torch.zeros_like(log_q, dtype=torch.bool).scatter_(-1, tail_fill(b_ids, b_ids >= 0), True)
+    s_tail = log_q.masked_fill(stored, torch.finfo(log_q.dtype).min).logsumexp(-1)
+
     # Matched part: mapped bins + else bin, both sides scaled along the realised chunk (GOLD's merge).
     # A row with no mapped id compares one bin with itself: 0.
-    s_lp, s_tail = student_bins(log_q, binned, opts)
     s_lp, s_tail = _scale(s_lp, s_tail, log_s_s)
     bin_lp, t_tail = _scale(binned.logprobs, binned.tail, log_s_t)
     matched = sparse_from_bins(s_lp, s_tail, SparseTeacher(binned.ids, bin_lp, t_tail), opts)
@@ -549,14 +570,9 @@ def _cross_from_log_q(log_q_all: Tensor, student_targets: Tensor, teacher: Spars
     # ULD on the unmatched part: the teacher's unmapped top-k probabilities (its largest unmapped
     # ones) against as many of the student's largest probabilities off the projection's image (read at
     # the student ids no teacher id maps to only: the rest of the row takes no part).
-    K = ids.shape[-1]
     p_un = torch.where(unmapped, (t_lp + log_s_t[:, None]).exp(), -1.0).sort(-1, descending=True).values
     n_un = unmapped.sum(-1, keepdim=True)
-    free = projection.free_ids(V_s).to(ids.device)
-    k = min(K, len(free))
-    q_free = (log_q[:, free] + log_s_s[:, None]).exp() if k else log_q[:, :0]
-    q_top = q_free.topk(k, -1).values if k else q_free
-    q_top = torch.nn.functional.pad(q_top, (0, K - k))
+    q_top = torch.nn.functional.pad((q_free + log_s_s[:, None]).exp(), (0, K - k))
     ranks = torch.arange(K, device=ids.device)[None, :] < n_un
     uld = torch.where(ranks, (p_un.clamp_min(0) - q_top).abs(), 0.0).sum(-1)
 
@@ -619,17 +635,19 @@ def chunked_cross_divergence(
 
     for g0, g1, r0, r1 in bounds:
         sub = {"t_first": groups[g0:g1, 0], "t_len": groups[g0:g1, 1],
-               "s_first": groups[g0:g1, 2] - r0, "s_len": groups[g0:g1, 3]}
+               "s_first": groups[g0:g1, 2] - r0, "s_len": groups[g0:g1, 3],
+               "every_row": g1 - g0 == r1 - r0 and bool((host[g0:g1, 2] == np.arange(r0, r1)).all())}
         tg = targets[r0:r1]
 
         def chunk(h: Tensor, w: Tensor, sub=sub, tg=tg) -> tuple[Tensor, Tensor]:
             logits = up(h @ w.T)
             log_q = logits.log_softmax(-1)
-            ce_sum = -torch.where(tg != IGNORE_INDEX, log_q.gather(-1, tg.clamp_min(0)[:, None])[:, 0], 0.0).sum() \
-                if ce else logits.new_zeros(())
+            realised = log_q.gather(-1, tg.clamp_min(0)[:, None])[:, 0]
+            ce_sum = -torch.where(tg != IGNORE_INDEX, realised, 0.0).sum() if ce else logits.new_zeros(())
             if temperature != 1.0:
-                log_q = (logits / temperature).log_softmax(-1)
-            div = _cross_from_log_q(log_q, tg, teacher, teacher_realised, sub, projection, options=opts).loss.sum()
+                log_q, realised = (logits / temperature).log_softmax(-1), None
+            div = _cross_from_log_q(log_q, tg, teacher, teacher_realised, sub, projection, options=opts,
+                                    realised_s=realised).loss.sum()
             return ce_sum, div
 
         h = hidden[r0:r1]
