@@ -32,10 +32,10 @@ def agreement(model, processor, cache: str | Path, *, batch_size: int = 8, align
     one-to-one groups / in all) as attributes."""
     from kd_cache.reader import open_cache
     from student.alignment import detect_pairing
+    from student.cross_tokenizer import cross_vocab_divergence
     from student.distill import teacher_arrays
     from student.evaluate import CacheAgreement, _on, cache_agreement, teacher_top1
     from student.losses import SparseTeacher
-    from student.cross_tokenizer import cross_vocab_divergence
     from student.stream import StreamingKDDataset, load_sample_images
 
     kd = open_cache(str(cache))

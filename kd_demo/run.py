@@ -27,6 +27,13 @@ Steps (each one is the real tool, called in-process):
 6. ``kd-eval`` metrics for every model on the test and validation sets, and the verdict
    (``kd_demo.verdict``): the distilled student's margins over the baseline in standard errors.
 
+``--cross-tokenizer``: the student has another tokenizer (``tiny.build_sentencepiece_tokenizer``), chat
+template (Gemma-style turns) and image grid (the teacher's tower at ``student_image_size``:
+``tiny.vision_tower_at``); every kd-train leg detects and aligns the pair on its own; its KL to the
+teacher goes through the same alignment (``kd_demo.cross``); a third student distils response tokens
+only (``response-only``), and ``results["cross"]`` holds the pair, each leg's alignment and mean
+``aligned_share``, and the full method's verdict against the response-only student.
+
 Writes ``OUT/results.json`` (``{"teacher": {...}, "baseline": {...}, "distilled": {...}}`` on the test
 set with ``accuracy`` (exact match of greedy answers), ``mc_accuracy``, ``accuracy_by_question``,
 ``kl_to_teacher`` and ``top1_agreement`` (response positions of the test cache), ``kl_visual``; the
