@@ -2,6 +2,7 @@
 
     kd-demo --out DIR [--seed N] [--quick]
     kd-demo --out DIR --ablation --seeds 0 1 2
+    kd-demo --out DIR --cross-tokenizer [--seed N]
 
 Draws the task, trains a teacher, caches it with kd-cache build, trains a baseline (PT -> SFT) and a
 distilled student (DPT -> SFT -> DFT) from the same start, evaluates all three, prints a table and

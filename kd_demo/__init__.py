@@ -7,5 +7,7 @@
 - ``run``: ``run_demo``, every step of the demo (the ``kd-demo`` command).
 - ``report``: the demo's loss curves, per-question accuracy and printed table.
 - ``verdict``: per-question KL, and the distilled student's margins over the baseline in standard errors.
+- ``cross``: ``--cross-tokenizer``'s KL of a student of another tokenizer, template or image grid to the
+  teacher's cache, through kd-train's alignment.
 - ``ablation``: ``kd-demo --ablation``, the paper's ablation over seeds (table and plot).
 """

@@ -92,6 +92,15 @@ class DemoConfig:
     seeds: tuple[int, ...] = field(default=(), metadata={"help": (
         "With --ablation: the seeds, e.g. --seeds 0 1 2 (default: --seed alone); each runs in OUT/seed-N."),
         "parse": parse_seeds})
+    cross_tokenizer: bool = field(default=False, metadata={"help": (
+        "A student of another tokenizer (SentencePiece-style BPE with byte fallback), chat template "
+        "(<start_of_turn> turns) and image grid (3x3 visual tokens for the teacher's 4x4), which kd-train "
+        "aligns to the teacher's cache by itself; adds a third student distilled on response tokens only "
+        "(--positions response, no RDist), and reports the aligned share of answer positions.")})
+    # The cross student's input size: the teacher's tower and patch size, its position embeddings resized
+    # to this size's grid (24 px / patch 8: 3x3 tokens against the teacher's 32 px: 4x4, a grid whose
+    # cells overlap the teacher's by parts, not by whole cells).
+    student_image_size: int = 24
     hidden_weight: float = 1.0
     # The ablation's LoRA arm: DPT as LLaVA-KD's, then SFT and DFT training the LLM through rank-r
     # adapters (kd-train --lora-r), the projector in full, at the same learning rate and steps.
@@ -113,6 +122,9 @@ class DemoConfig:
             raise ValueError("--seeds is for --ablation; a single demo takes --seed")
         if self.ablation and self.method is not DemoMethod.llavakd:
             raise ValueError("--ablation compares LLaVA-KD's recipes; it does not take --method llavadi")
+        if self.cross_tokenizer and (self.ablation or self.method is not DemoMethod.llavakd):
+            raise ValueError("--cross-tokenizer runs the two-student demo (plus a response-only student); it does "
+                             "not take --ablation or --method llavadi")
         for name in ("n_teacher", "n_caption", "n_train", "n_val", "n_test", "batch_size", "teacher_steps", "pt_steps",
                      "sft_steps", "dft_steps", "top_k"):
             if getattr(self, name) < 1:

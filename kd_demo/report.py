@@ -91,18 +91,39 @@ def log_summary(results: dict[str, Any], out: Path, plotted: bool, log: Callable
     from student.evaluate import format_table
 
     log("")
-    shown = {k: results[k] for k in ("teacher", "baseline", "distilled", "llavadi") if k in results}
+    shown = {k: results[k] for k in ("teacher", "baseline", "distilled", "llavadi", "response-only") if k in results}
     kinds = [("acc_" + q, q, ".3f") for q in QUESTIONS]
     log(format_table({k: {**v, **{"acc_" + q: a for q, a in v["accuracy_by_question"].items()}}
-                      for k, v in shown.items()}, COLUMNS[:2] + kinds + COLUMNS[2:]))
+                      for k, v in shown.items()}, COLUMNS[:2] + kinds + COLUMNS[2:]
+                     + ([("aligned_share", "aligned_share", ".3f")] if "cross" in results else [])))
     ratio = results["teacher"]["llm_params"] / results["baseline"]["llm_params"]
     log(f"\nteacher LLM / student LLM parameters: {ratio:.1f}x; {results['teacher']['questions']} test questions; "
         f"total {results['total_s']:.0f}s")
+    cross = results.get("cross")
+    if cross:
+        t, s = cross["pair"]["teacher"], cross["pair"]["student"]
+        log(f"cross pair: teacher tokenizer {t['tokenizer_hash'][:12]} (V={t['vocab_size']}, {t['turn_marker']} turns, "
+            f"{t['visual_tokens']} visual tokens per image) vs student {s['tokenizer_hash'][:12]} (V={s['vocab_size']}, "
+            f"{s['turn_marker']} turns, {s['visual_tokens']} visual tokens); KL to the teacher is kd-train's aligned "
+            "KL (mapped ids + else bin, per aligned answer group)")
+        for leg, got in cross["legs"].items():
+            a = got["alignment"] or {}
+            share = got["aligned_share"]
+            log(f"  {leg}: response {a.get('text')}, {a.get('teacher_ids_mapped', 0):.1%} of teacher ids mapped; "
+                + (f"visual {a.get('visual')}" if "visual" in got["positions"] else "visual not distilled")
+                + "; mean aligned share of answer positions "
+                + ("-" if share is None else f"{share:.3f}"))
     v = results["verdict"]
     won = "yes" if v["verdict"] else "NO"
     log(f"distilled - baseline on the test set (paired, {results['teacher']['questions']} questions): accuracy "
         f"{v['accuracy_gain']:+.3f} +- {v['accuracy_gain_se']:.3f} ({v['accuracy_gain_z']:+.1f} SE), KL to the teacher "
         f"{-v['kl_reduction']:+.4f} +- {v['kl_reduction_se']:.4f} ({v['kl_reduction_z']:+.1f} SE); "
         f"more accurate and closer by more than 2 SE: {won}")
+    if cross:
+        r = cross["verdict_response_only"]
+        log(f"distilled (response + visual MDist + RDist) - response-only on the test set: accuracy "
+            f"{r['accuracy_gain']:+.3f} +- {r['accuracy_gain_se']:.3f} ({r['accuracy_gain_z']:+.1f} SE), KL to the "
+            f"teacher {-r['kl_reduction']:+.4f} +- {r['kl_reduction_se']:.4f} ({r['kl_reduction_z']:+.1f} SE); "
+            f"more accurate and closer by more than 2 SE: {'yes' if r['verdict'] else 'NO'}")
     log(f"results: {out / 'results.json'}" + (f"; curves: {out / 'curves.png'}" if plotted else
                                                " (pip install matplotlib for curves.png)"))

@@ -27,6 +27,13 @@ Steps (each one is the real tool, called in-process):
 6. ``kd-eval`` metrics for every model on the test and validation sets, and the verdict
    (``kd_demo.verdict``): the distilled student's margins over the baseline in standard errors.
 
+``--cross-tokenizer``: the student has another tokenizer (``tiny.build_sentencepiece_tokenizer``), chat
+template (Gemma-style turns) and image grid (the teacher's tower at ``student_image_size``:
+``tiny.vision_tower_at``); every kd-train leg detects and aligns the pair on its own; its KL to the
+teacher goes through the same alignment (``kd_demo.cross``); a third student distils response tokens
+only (``response-only``), and ``results["cross"]`` holds the pair, each leg's alignment and mean
+``aligned_share``, and the full method's verdict against the response-only student.
+
 Writes ``OUT/results.json`` (``{"teacher": {...}, "baseline": {...}, "distilled": {...}}`` on the test
 set with ``accuracy`` (exact match of greedy answers), ``mc_accuracy``, ``accuracy_by_question``,
 ``kl_to_teacher`` and ``top1_agreement`` (response positions of the test cache), ``kl_visual``; the
@@ -134,12 +141,36 @@ def _build_student_llm(path: Path, tokenizer, cfg: DemoConfig) -> Path:
 
 
 def make_models(cfg: DemoConfig, models: Path) -> tuple[Any, Path, Path]:
-    """The shared tokenizer, the untrained teacher and the student's fresh LLM: (tokenizer, teacher, LLM)."""
+    """The teacher's tokenizer, the untrained teacher and the student's fresh LLM: (tokenizer, teacher, LLM).
+    The student's LLM has the teacher's tokenizer, or with ``--cross-tokenizer`` another one
+    (``tiny.build_sentencepiece_tokenizer``: other ids and pieces, a Gemma-style chat template)."""
     processor = tiny.build_processor(image_size=32, patch_size=8)
     teacher_init = tiny.build_llava(models / "teacher-init", processor=processor, sizes=_teacher_sizes(cfg),
                                     seed=cfg.seed)
-    student_llm = _build_student_llm(models / "student-llm", processor.tokenizer, cfg)
+    student_tok = tiny.build_sentencepiece_tokenizer() if cfg.cross_tokenizer else processor.tokenizer
+    student_llm = _build_student_llm(models / "student-llm", student_tok, cfg)
     return processor.tokenizer, teacher_init, student_llm
+
+
+def make_student(cfg: DemoConfig, teacher: Path, student_llm: Path, models: Path) -> Path:
+    """``compose_student`` (= ``kd-train init-student``): the trained teacher's vision tower, a fresh
+    projector and the small LLM. With ``--cross-tokenizer`` the tower is the teacher's at the student's
+    own input size (``tiny.vision_tower_at``: another grid of visual tokens), feeding the projector from
+    the same layer as the teacher's."""
+    from student.model import compose_student
+
+    if not cfg.cross_tokenizer:
+        return compose_student(teacher, student_llm, models / "student-init", seed=cfg.seed)
+    from transformers import PreTrainedTokenizerFast
+
+    vision = tiny.vision_tower_at(teacher, models / "student-vision", cfg.student_image_size)
+    student = compose_student(vision, student_llm, models / "student-init", seed=cfg.seed, vision_feature_layer=-1)
+    # compose_student reads the LLM's tokenizer with AutoTokenizer, which (transformers 5) loads a tokenizer
+    # saved beside a Qwen2 LM as Qwen2Tokenizer and rebuilds its normaliser, pre-tokenizer and decoder
+    # (NFC, Qwen's split regex, byte-level) over the saved vocabulary: the SentencePiece-style pipeline
+    # would be lost. The tokenizer is saved again as it was trained (same vocabulary, so same ids).
+    PreTrainedTokenizerFast.from_pretrained(student_llm).save_pretrained(student)
+    return student
 
 
 # ---------------------------------------------------------------------------- caches and training legs
@@ -249,6 +280,16 @@ def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> di
         return [first[pre_stage], sft, last]
 
     arms = {"baseline": arm("pt", "sft"), "distilled": arm("dpt", "dft")}
+    if cfg.cross_tokenizer:
+        # LLaVA-KD's schedule with response MDist alone in DPT and DFT (no visual MDist, no RDist): what the
+        # alignment of visual tokens across the two image grids adds to the aligned answer tokens.
+        only = dict(alpha=cfg.alpha, beta=0.0, gamma=0.0, positions="response")
+        arms["response-only"] = [
+            _leg("dpt", student, captions, runs / "response-only-dpt", **only, **pre),
+            _leg("sft", runs / "response-only-dpt", instruct, runs / "response-only-sft", max_steps=cfg.sft_steps,
+                 **fine),
+            _leg("dft", runs / "response-only-sft", instruct, runs / "response-only-dft", max_steps=cfg.dft_steps,
+                 **only, **fine)]
     if cfg.ablation:
         arms.update({name: arm(pre_stage, third, off) for name, pre_stage, third, off in ABLATION_ARMS})
         # LLaVA-KD's recipe with a LoRA student: the same DPT leg, then SFT and DFT through adapters.
@@ -313,9 +354,12 @@ def train_students(cfg: DemoConfig, arms: dict[str, list[dict]], steps: _Steps) 
 
 
 def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: int = 1,
-                   batch_size: int = 64) -> tuple[dict[str, Any], list[dict]]:
+                   batch_size: int = 64, cross: bool = False) -> tuple[dict[str, Any], list[dict]]:
     """``kd-eval`` of one model on a question file (answers) and its full-vocabulary cache (KL):
-    (metrics, predictions with each question's KL sum ``kl`` over its ``kl_positions``)."""
+    (metrics, predictions with each question's KL sum ``kl`` over its ``kl_positions``). ``cross``: the
+    model may have another tokenizer, template or image grid than the cache's teacher; the KL is then
+    measured through kd-train's alignment (``kd_demo.cross.agreement``), per aligned answer group, and
+    the metrics add ``aligned_share`` (the model's answer positions in one-to-one groups)."""
     _quiet()
     import torch
 
@@ -325,7 +369,12 @@ def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: i
     model, proc = load_model(path, "cpu")
     qa = evaluate_qa(path, str(data), str(images), batch_size=batch_size, max_new_tokens=6, model=model,
                      processor=proc)
-    got = cache_agreement(model, proc, cache, batch_size=batch_size)  # per question: its sample in the cache
+    if cross:
+        from kd_demo.cross import agreement
+
+        got = agreement(model, proc, cache, batch_size=batch_size)
+    else:
+        got = cache_agreement(model, proc, cache, batch_size=batch_size)  # per question: its sample in the cache
     at = {rid: i for i, rid in enumerate(got.ids)}
     predictions = [{**p, "kl": float(got.kl["response"][at[p["id"]]]),
                     "kl_positions": int(got.positions["response"][at[p["id"]]])} for p in qa["predictions"]]
@@ -336,6 +385,8 @@ def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: i
                "kl_visual": float(got.kl["visual"].sum() / n_vis) if n_vis else None,
                "questions": qa["questions"], "llm_params": llm_params(model),
                "accuracy_by_question": accuracy_by_question(qa["predictions"], data)}
+    if cross:
+        metrics["aligned_share"] = float(got.one_to_one.sum() / max(int(got.answer_positions.sum()), 1))
     return metrics, predictions
 
 
@@ -346,7 +397,8 @@ def evaluate_all(cfg: DemoConfig, models: dict[str, Path], data: dict[str, Path]
     jobs = [(split, name, path) for split in ("test", "val") for name, path in models.items()]
 
     def args(split, path):
-        return (path, data[split], data["images"], caches / split, cfg.threads, cfg.eval_batch_size)
+        return (path, data[split], data["images"], caches / split, cfg.threads, cfg.eval_batch_size,
+                cfg.cross_tokenizer)
 
     if cfg.parallel:
         import multiprocessing as mp
@@ -377,7 +429,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     import torch
 
     from student.evaluate import evaluate_cache
-    from student.model import compose_student
 
     torch.manual_seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -394,8 +445,9 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         tok, teacher_init, student_llm = make_models(cfg, models)
     with steps("teacher: kd-cache build (labels only) + kd-train (captions, then instructions)"):
         teacher = train_teacher(cfg, data, teacher_init, caches, runs)
-    with steps("student: kd-train init-student (teacher's vision tower + fresh projector + small LLM)"):
-        student = compose_student(teacher, student_llm, models / "student-init", seed=cfg.seed)
+    with steps("student: kd-train init-student (teacher's vision tower + fresh projector + small LLM)"
+               + (", another tokenizer, template and image grid" if cfg.cross_tokenizer else "")):
+        student = make_student(cfg, teacher, student_llm, models)
     with steps("kd-cache build: captions, instructions, test and val (full vocabulary)"):
         build_student_caches(cfg, teacher, data, caches, len(tok))
     arms = student_arms(cfg, student, caches, runs)
@@ -410,6 +462,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     results["val"] = evaluated["val"]
     results["teacher"]["caption_ce"] = captions["ce"]
     results.update(verdicts(out))
+    if cfg.cross_tokenizer:
+        results["cross"] = cross_summary(out, runs, arms)
     plotted = plot_curves({k: runs / k for k in STAGE_RUNS}, out / "curves.png")
     results["config"] = asdict(cfg)
     results["teacher_to_student_llm_params"] = round(results["teacher"]["llm_params"]
@@ -431,6 +485,47 @@ def verdicts(out: Path) -> dict[str, dict[str, Any]]:
         per = {name: _per_question(read_predictions(out, split, name)) for name in ("distilled", "baseline")}
         found[key] = compare(per["distilled"], per["baseline"])
     return found
+
+
+def cross_summary(out: Path, runs: Path, arms: dict[str, list[dict]]) -> dict[str, Any]:
+    """What ``--cross-tokenizer`` adds: the pair (both tokenizers' hashes, templates and visual tokens per
+    image), how kd-train aligned each distilling leg (``trainer_state.json``'s ``alignment``) and the mean
+    of its per-step ``aligned_share`` (``metrics.jsonl``), and ``verdict_response_only``: the full
+    method against the response-only student on the test set (``verdict.compare``)."""
+    from kd_demo.verdict import compare
+
+    legs: dict[str, Any] = {}
+    for leg in (x for name in ("distilled", "response-only") for x in arms[name] if x["stage"] != "sft"):
+        run = Path(leg["out"])
+        shares = [m["aligned_share"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                  if m.get("aligned_share") is not None]
+        legs[run.name] = {"alignment": json.loads((run / "trainer_state.json").read_text()).get("alignment"),
+                          "positions": leg.get("positions", "response,visual"),
+                          "aligned_share": sum(shares) / len(shares) if shares else None}
+    per = {name: _per_question(read_predictions(out, "test", name)) for name in ("distilled", "response-only")}
+    return {"pair": pair_facts(runs / "teacher", Path(arms["baseline"][0]["student"])), "legs": legs,
+            "verdict_response_only": compare(per["distilled"], per["response-only"])}
+
+
+def pair_facts(teacher: Path, student: Path) -> dict[str, dict[str, Any]]:
+    """Per model: its tokenizer hash, vocabulary size, chat template's first turn marker, and visual tokens
+    per image (its processor on one image)."""
+    from PIL import Image
+    from transformers import AutoProcessor
+
+    from kd_cache.fingerprint import tokenizer_hash
+    from kd_cache.processing import encode
+
+    facts = {}
+    for name, path in (("teacher", teacher), ("student", student)):
+        proc = AutoProcessor.from_pretrained(path)
+        tok = proc.tokenizer
+        conv = [{"role": "user", "content": "<image>\nWhat shape is it?"}, {"role": "assistant", "content": "a"}]
+        enc = encode(proc, tok.convert_tokens_to_ids(tiny.IMAGE_TOKEN), conv, [Image.new("RGB", (32, 32), "white")])
+        facts[name] = {"tokenizer_hash": tokenizer_hash(tok), "vocab_size": len(tok),
+                       "turn_marker": tok.convert_ids_to_tokens(int(enc.input_ids[0 if tok.bos_token is None else 1])),
+                       "visual_tokens": int(enc.image_token_counts[0]), "chat_template": proc.chat_template}
+    return facts
 
 
 def _per_question(predictions: list[dict]) -> dict[str, Any]:

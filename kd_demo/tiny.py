@@ -77,6 +77,91 @@ def build_tokenizer(vocab_size: int = 400):
     return fast
 
 
+# A Gemma-style chat template: other turn markers than ChatML, ``model`` for the assistant's role, a BOS
+# at the start, prefix-stable (each turn renders on its own, so the labelled spans are found by prefixes).
+# No newline follows a block tag: chat templates are rendered with trim_blocks, which would drop it.
+TURN_TEMPLATE = (
+    "<bos>{% for message in messages %}<start_of_turn>"
+    "{% if message['role'] == 'assistant' %}model\n{% else %}{{ message['role'] }}\n{% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+TURN_SPECIAL_TOKENS = ["<bos>", "<start_of_turn>", "<end_of_turn>", IMAGE_TOKEN, "<pad>"]
+
+
+def build_sentencepiece_tokenizer(vocab_size: int = 400):
+    """Another tokenizer for the same text: a SentencePiece-style BPE (Llama / Gemma convention: ``▁`` for
+    spaces, ``<0xNN>`` byte fallback for characters it has no piece for, e.g. the newline), trained on the
+    same corpus as ``build_tokenizer``, with Gemma-style turn tokens and ``TURN_TEMPLATE``. Its ids,
+    pieces and special tokens all differ from the byte-level BPE's."""
+    import re
+
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    tok.normalizer = normalizers.Replace(" ", "\u2581")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    byte_pieces = [f"<0x{b:02X}>" for b in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=TURN_SPECIAL_TOKENS + byte_pieces,
+                                  show_progress=False)
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    # The byte pieces are ordinary vocabulary entries (as in Llama's tokenizer), not added special tokens:
+    # the trainer only put them in the vocabulary through its special-token list.
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = [t for t in spec["added_tokens"] if not re.fullmatch(r"<0x[0-9A-F]{2}>", t["content"])]
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token="<bos>",
+        eos_token="<end_of_turn>",
+        pad_token="<pad>",
+        unk_token=None,
+        additional_special_tokens=["<start_of_turn>", IMAGE_TOKEN],
+    )
+    fast.chat_template = TURN_TEMPLATE
+    return fast
+
+
+def vision_tower_at(llava_dir: str | Path, out_dir: str | Path, image_size: int) -> Path:
+    """The vision tower of a saved SigLIP LLaVA at another input size: same patch size and weights, its
+    position embeddings resized (bilinear, as ``interpolate_pos_encoding`` does) to the new patch grid.
+    Saved as a ``SiglipVisionModel`` with a SigLIP image processor of that size, which
+    ``compose_student`` takes as ``--vision``: the student sees another grid of visual tokens."""
+    import torch.nn.functional as F
+    from transformers import LlavaForConditionalGeneration, SiglipVisionConfig, SiglipVisionModel
+
+    try:
+        from transformers import SiglipImageProcessorPil as ImageProcessor
+    except ImportError:  # older transformers
+        from transformers import SiglipImageProcessor as ImageProcessor
+
+    source = LlavaForConditionalGeneration.from_pretrained(llava_dir, dtype=torch.float32)
+    vcfg = source.config.vision_config.to_dict()
+    patch, old = vcfg["patch_size"], vcfg["image_size"] // vcfg["patch_size"]
+    if image_size % patch:
+        raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch}")
+    new = image_size // patch
+    state = source.model.vision_tower.state_dict()
+    key = next(k for k in state if k.endswith("embeddings.position_embedding.weight"))
+    grid = state[key].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(new, new), mode="bilinear", align_corners=False, antialias=old > new)
+    state[key] = resized.permute(0, 2, 3, 1).reshape(new * new, -1).contiguous()
+    tower = SiglipVisionModel(SiglipVisionConfig(**{**vcfg, "image_size": image_size}))
+    own = tower.state_dict()
+    missing = tower.load_state_dict({k: v for k, v in state.items() if k in own and not k.endswith("position_ids")},
+                                    strict=False).missing_keys
+    if [k for k in missing if not k.endswith("position_ids")]:
+        raise ValueError(f"vision tower of {llava_dir}: weights not carried over: {missing}")
+    out = Path(out_dir)
+    tower.save_pretrained(out)
+    ImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(out)
+    return out
+
+
 def build_processor(tokenizer=None, image_size: int = 32, patch_size: int = 8):
     """A ``LlavaProcessor`` (SigLIP-style image processor, no CLS token) with the ChatML template."""
     from transformers import LlavaProcessor

@@ -279,3 +279,71 @@ def test_instructions_keep_a_caption_turn(tmp_path):
     # A seed gives the same files.
     again = make_task(tmp_path / "again", cfg)
     assert all(files[k].read_text() == again[k].read_text() for k in ("teacher", "captions", "train", "test", "val"))
+
+
+def test_cross_demo_pair_differs(tmp_path):
+    """``--cross-tokenizer``'s student really is another model than the teacher's tokens: another
+    tokenizer (hash, pieces: SentencePiece's ``▁``, byte fallback), chat template and image grid, and its
+    tokenizer keeps the pipeline it was trained with through ``compose_student``."""
+    from kd_demo.run import make_models, make_student, pair_facts
+
+    cfg = DemoConfig(out=str(tmp_path), quick=True, cross_tokenizer=True)
+    _, teacher, student_llm = make_models(cfg, tmp_path / "models")
+    student = make_student(cfg, teacher, student_llm, tmp_path / "models")
+    facts = pair_facts(teacher, student)
+    t, s = facts["teacher"], facts["student"]
+    assert t["tokenizer_hash"] != s["tokenizer_hash"]
+    assert (t["turn_marker"], s["turn_marker"]) == ("<|im_start|>", "<start_of_turn>")
+    assert t["chat_template"] != s["chat_template"] and "<start_of_turn>" not in t["chat_template"]
+    assert (t["visual_tokens"], s["visual_tokens"]) == (16, 9)
+    from transformers import AutoProcessor
+
+    tok = AutoProcessor.from_pretrained(student).tokenizer
+    pieces = tok.convert_ids_to_tokens(tok("a red circle\n", add_special_tokens=False)["input_ids"])
+    assert "\u2581red" in pieces and pieces[-1] == "<0x0A>", pieces
+    # The default demo's student shares the teacher's tokenizer, template and grid.
+    same = DemoConfig(out=str(tmp_path), quick=True)
+    _, teacher, student_llm = make_models(same, tmp_path / "same")
+    facts = pair_facts(teacher, make_student(same, teacher, student_llm, tmp_path / "same"))
+    assert facts["teacher"] == facts["student"]
+    with pytest.raises(ValueError, match="--cross-tokenizer"):
+        DemoConfig(out=str(tmp_path), cross_tokenizer=True, ablation=True)
+
+
+@pytest.mark.slow
+def test_quick_cross_demo(tmp_path):
+    out = tmp_path / "demo"
+    proc = _quick_demo(out, "--cross-tokenizer")
+    results = json.loads((out / "results.json").read_text())
+    runs = out / "runs"
+    for name in ("baseline", "distilled", "response-only"):
+        preds = _predictions(out, name)
+        assert math.isfinite(results[name]["kl_to_teacher"]) and 0 <= results[name]["aligned_share"] <= 1
+        assert sum(p["kl"] for p in preds) / sum(p["kl_positions"] for p in preds) == pytest.approx(
+            results[name]["kl_to_teacher"], rel=1e-6)
+    # kd-train aligned every student leg on its own, and logged the aligned share per step.
+    for leg in ("baseline-pt", "distilled-dpt", "distilled-dft", "response-only-dft"):
+        state = json.loads((runs / leg / "trainer_state.json").read_text())
+        assert state["alignment"]["cross"] and "GOLD" in state["alignment"]["text"], leg
+    for leg in ("distilled-dft", "response-only-dft"):
+        shares = [json.loads(x)["aligned_share"] for x in (runs / leg / "metrics.jsonl").read_text().splitlines()]
+        assert shares and all(0 < v <= 1 for v in shares)
+        assert results["cross"]["legs"][leg]["aligned_share"] == pytest.approx(sum(shares) / len(shares))
+    only = json.loads((runs / "response-only-dft" / "train_config.json").read_text())
+    assert only["positions"] in ("response", ["response"]) and only["gamma"] == 0.0
+    per = {n: _predictions(out, n) for n in ("response-only", "distilled")}
+    view = {n: {"ids": [p["id"] for p in v], "correct": [p["correct"] for p in v], "response_kl": [p["kl"] for p in v],
+                "response_n": [p["kl_positions"] for p in v]} for n, v in per.items()}
+    assert results["cross"]["verdict_response_only"] == pytest.approx(compare(view["distilled"], view["response-only"]))
+    assert results["teacher"]["kl_to_teacher"] < 1e-3  # the teacher itself: same ids, today's cache_agreement
+    assert "response-only" in proc.stdout and "aligned share" in proc.stdout
+    # The aligned KL of a model that shares the cache's tokens, forced through the alignment, is kd-eval's.
+    from kd_demo.cross import agreement
+    from student.evaluate import cache_agreement, load_model
+
+    model, processor = load_model(runs / "teacher-pt", "cpu")
+    ref = cache_agreement(model, processor, out / "caches" / "val")
+    got = agreement(model, processor, out / "caches" / "val", alignment="cross")
+    for kind in ("response", "visual"):
+        assert got.kl[kind] == pytest.approx(ref.kl[kind], rel=1e-5)
+        assert (got.positions[kind] == ref.positions[kind]).all() and (got.agree[kind] == ref.agree[kind]).all()
