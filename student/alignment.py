@@ -300,6 +300,9 @@ def detect_pairing(cache, processor, student_config, *, mode: str = "auto", visu
     image_token_id = processing.config_image_token_id(student_config) if m.image_token_id is not None else None
     pairing = Pairing(True, "", visual, template=m.template, max_length=m.max_length, k=m.sparse.k,
                       student_image_token_id=image_token_id, student_config=student_config, processor=processor)
+    if not m.teacher.tokenizer_files:
+        raise PairingError(f"the student's processor does not give the cache's tokens, and the cache holds no teacher "
+                           "tokenizer files to align with: rebuild it with this version of kd-cache build")
     teacher_tok = cache.teacher_tokenizer()
     from kd_cache.fingerprint import tokenizer_hash
 

@@ -215,12 +215,34 @@ def _setup_vision(vision_path: Path, vision_feature_layer: int | None) -> _Visio
     return _Vision(tower, vcfg, image_processor, strategy, extra_tokens, layer)
 
 
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved in ``path`` as it was saved.
+
+    ``AutoTokenizer`` picks a class from the model's type when ``tokenizer_config.json`` names the generic
+    backend (``TokenizersBackend``), and that class rebuilds its own normaliser, pre-tokenizer and decoder
+    over the saved vocabulary: a SentencePiece-style tokenizer beside a Qwen2 LM came back byte-level
+    (other pieces, other offsets, the same vocabulary hash). When the loaded pipeline differs from the
+    saved ``tokenizer.json``, the file is loaded as it is (``PreTrainedTokenizerFast``)."""
+    import json
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    saved = Path(path) / "tokenizer.json"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if saved.is_file() and backend is not None:
+        want, got = json.loads(saved.read_text()), json.loads(backend.to_str())
+        if any(want.get(k) != got.get(k) for k in ("normalizer", "pre_tokenizer", "decoder")):
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    return tokenizer
+
+
 def _setup_llm(llm_path: Path, image_token: str) -> _LLM:
     """The causal LM of ``--llm`` and its tokenizer, with a pad token (EOS when it has none) and the image
     token (added when missing; the embeddings grow only if its id does not fit the LM's vocabulary)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    tokenizer = load_tokenizer(llm_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if image_token not in tokenizer.get_vocab():

@@ -50,7 +50,7 @@ import torch
 
 from kd_cache.lock import FolderLock
 from kd_cache.reader import CorruptCacheError
-from student.alignment import detect_pairing
+from student.alignment import PairingError, detect_pairing
 from student.cache_checks import check_cache_options
 from student.checkpoints import (
     COMPLETE_MARKER,
@@ -269,7 +269,7 @@ class _Run:
 def _load(cfg: TrainConfig):
     """Open the cache and the student and check they belong together; (cache, model, processor, hidden size)."""
     from kd_cache.reader import open_cache
-    from student.model import check_compatibility, load_student
+    from student.model import CompatibilityError, check_compatibility, load_student
     from student.stream import load_sample_images
 
     cache = open_cache(cfg.cache, cfg.storage_options or None)
@@ -289,10 +289,18 @@ def _load(cfg: TrainConfig):
     if len(cache) == 0:
         raise ValueError(f"--cache {cfg.cache}: the cache holds no samples")
     folder = cfg.image_folder
-    pairing = detect_pairing(cache, processor, model.config, mode=cfg.alignment.value,
-                             visual=cfg.visual_alignment.value, load_images=lambda s: load_sample_images(s, folder))
-    check_compatibility(manifest, model, processor, template=None if cfg.any_template else RECIPES[cfg.stage].template,
-                        cross=pairing.cross)
+    template = None if cfg.any_template else RECIPES[cfg.stage].template
+    try:
+        pairing = detect_pairing(cache, processor, model.config, mode=cfg.alignment.value,
+                                 visual=cfg.visual_alignment.value, load_images=lambda s: load_sample_images(s, folder))
+    except PairingError as e:
+        # what differs first (vocabulary, image token, ...), then why aligning cannot bridge it
+        try:
+            check_compatibility(manifest, model, processor, template=template)
+        except CompatibilityError as c:
+            raise CompatibilityError(f"{c}\nand kd-train cannot align the student to this cache: {e}") from e
+        raise
+    check_compatibility(manifest, model, processor, template=template, cross=pairing.cross)
     teacher_hidden_size = check_cache_options(cfg, manifest, pairing) if cfg.distill else None
     return cache, model, processor, teacher_hidden_size, pairing
 

@@ -176,3 +176,24 @@ def test_cli_init_student_and_mismatched_train(parts, tmp_path, processor):
     res = runner.invoke(app, ["init-student", "--vision", str(tmp_path / "nope"), "--llm", str(llm_dir),
                               "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "--vision" in res.output and "config.json" in res.output
+
+
+def test_compose_keeps_a_tokenizer_pipeline_the_llm_type_would_replace(parts, tmp_path):
+    """A SentencePiece-style tokenizer ("▁" spaces, byte fallback) saved beside a Qwen2 LM: AutoTokenizer
+    alone loads it as Qwen2's byte-level tokenizer over the same vocabulary (other pieces, other offsets,
+    the same vocabulary hash); the composed student keeps the pipeline it was saved with."""
+    from transformers import AutoProcessor, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    from tests.vlm_families import make_tokenizer, other_tokenizer
+
+    vision_dir, _ = parts
+    with other_tokenizer():
+        tok = make_tokenizer(bos="<s>", eos="</s>", pad="<pad>", chat_template=CHATML_TEMPLATE)
+    llm = tmp_path / "llm"
+    Qwen2ForCausalLM(Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 num_key_value_heads=1, intermediate_size=32)).save_pretrained(llm)
+    tok.save_pretrained(llm)
+    text = " the red circle é"
+    assert AutoTokenizer.from_pretrained(llm).tokenize(text) != tok.tokenize(text)  # what the fix is for
+    out = compose_student(vision_dir, llm, tmp_path / "student")
+    assert AutoProcessor.from_pretrained(out).tokenizer.tokenize(text) == tok.tokenize(text)
