@@ -97,6 +97,9 @@ class DemoConfig:
         "(<start_of_turn> turns) and image grid (3x3 visual tokens for the teacher's 4x4), which kd-train "
         "aligns to the teacher's cache by itself; adds a third student distilled on response tokens only "
         "(--positions response, no RDist), and reports the aligned share of answer positions.")})
+    visual_alignment: str = field(default="overlap", metadata={"help": (
+        "With --cross-tokenizer: how the distilled student's visual tokens meet the teacher's (kd-train "
+        "--visual-alignment): overlap (region-overlap weights) or hungarian (a one-to-one IoU matching).")})
     # The cross student's input size: the teacher's tower and patch size, its position embeddings resized
     # to this size's grid (24 px / patch 8: 3x3 tokens against the teacher's 32 px: 4x4, a grid whose
     # cells overlap the teacher's by parts, not by whole cells).
@@ -122,6 +125,8 @@ class DemoConfig:
             raise ValueError("--seeds is for --ablation; a single demo takes --seed")
         if self.ablation and self.method is not DemoMethod.llavakd:
             raise ValueError("--ablation compares LLaVA-KD's recipes; it does not take --method llavadi")
+        if self.visual_alignment not in ("overlap", "hungarian"):
+            raise ValueError(f"--visual-alignment {self.visual_alignment!r}: expected overlap or hungarian")
         if self.cross_tokenizer and (self.ablation or self.method is not DemoMethod.llavakd):
             raise ValueError("--cross-tokenizer runs the two-student demo (plus a response-only student); it does "
                              "not take --ablation or --method llavadi")

@@ -260,6 +260,8 @@ def student_arms(cfg: DemoConfig, student: Path, caches: Path, runs: Path) -> di
     the only difference between the two students.
     """
     kd = dict(alpha=cfg.alpha, beta=cfg.beta, gamma=cfg.gamma)
+    if cfg.cross_tokenizer:
+        kd["visual_alignment"] = cfg.visual_alignment
     pre = dict(max_steps=cfg.pt_steps, lr=cfg.pt_lr, train_modules=cfg.pretrain_modules, any_template=True,
                **_train_options(cfg))
     fine = dict(lr=cfg.lr, **_train_options(cfg))
