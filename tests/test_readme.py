@@ -18,7 +18,7 @@ import pytest
 
 from kd_cache.families import FAMILIES as REGISTRY
 from kd_demo import tiny
-from tests.vlm_families import FAMILIES
+from tests.vlm_families import FAMILIES, other_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,11 @@ def test_every_readme_command_runs(tmp_path, processor, teacher_dir):
     llm = tiny.build_causal_lm(tmp_path / "llm", tokenizer=processor.tokenizer)
     qwen = FAMILIES["qwen2_5_vl"]  # the Supported model families example, tiny and same-family
     qwen_teacher, qwen_student = qwen.build(tmp_path / "qwen-t"), qwen.build(tmp_path / "qwen-s", student=True)
+    # "Teacher and student of different families": students with another tokenizer than the teachers'
+    internvl_teacher = FAMILIES["internvl"].build(tmp_path / "internvl-t")
+    with other_tokenizer():
+        smol_student = FAMILIES["smolvlm"].build(tmp_path / "smol-s", student=True)
+        ov_student = FAMILIES["llava_onevision"].build(tmp_path / "ov-s", student=True)
     cap, cap_images = tiny.make_llava_dataset(tmp_path / "cap", n=8, seed=3, caption=True)
     ift, ift_images = tiny.make_llava_dataset(tmp_path / "ift", n=8, seed=4)
     shutil.copy(cap, work / "blip_laion_cc_sbu_558k.json")
@@ -84,6 +89,10 @@ def test_every_readme_command_runs(tmp_path, processor, teacher_dir):
         (r"Qwen/Qwen2\.5-VL-7B-Instruct", str(qwen_teacher)),
         (r"Qwen/Qwen2\.5-VL-3B-Instruct", str(qwen_student)),
         (r"--out caches/qwen-ift", "--max-length 1024 --out caches/qwen-ift"),  # the tiny student's positions
+        (r"HuggingFaceTB/SmolVLM-256M-Instruct", str(smol_student)),
+        (r"OpenGVLab/InternVL3-8B-hf", str(internvl_teacher)),
+        (r"llava-hf/llava-onevision-qwen2-0\.5b-ov-hf", str(ov_student)),
+        (r"--out caches/internvl-ift", "--max-length 1024 --out caches/internvl-ift"),
         (r"s3://my-bucket/", bucket.as_uri() + "/"),
         (r"--batch-size \d+", "--batch-size 2"),
         (r"--grad-accum \d+", "--grad-accum 1"),

@@ -301,7 +301,7 @@ CHANGED = {
     "beta": 0.5, "gamma": 0.5, "positions": "response", "delta": 0.5, "hidden_weight": 0.5, "hidden_loss": "cosine",
     "affinity_weight": 0.5, "zscore": True, "divergence": "rkl", "jsd_beta": 0.3, "skew": 0.2, "temperature": 2.0,
     "tail_mode": "renorm", "shuffle": False, "block_shards": 2, "train_modules": "projector",
-    "mixed_precision": "bf16", "lora_r": 4,
+    "mixed_precision": "bf16", "lora_r": 4, "alignment": "cross", "visual_alignment": "hungarian",
 }
 # The adapter settings, changed against a run with adapters (--lora-r 8): without --lora-r they are refused.
 CHANGED_LORA = {"lora_alpha": 3.0, "lora_dropout": 0.1, "lora_target_modules": "q_proj", "load_in_4bit": True}
