@@ -30,7 +30,7 @@ Steps (each one is the real tool, called in-process):
 ``--cross-tokenizer``: the student has another tokenizer (``tiny.build_sentencepiece_tokenizer``), chat
 template (Gemma-style turns) and image grid (the teacher's tower at ``student_image_size``:
 ``tiny.vision_tower_at``); every kd-train leg detects and aligns the pair on its own; its KL to the
-teacher goes through the same alignment (``kd_demo.cross``); a third student distils response tokens
+teacher goes through the same alignment (``student.evaluate.aligned_cache_agreement``); a third student distils response tokens
 only (``response-only``), and ``results["cross"]`` holds the pair, each leg's alignment and mean
 ``aligned_share``, and the full method's verdict against the response-only student.
 
@@ -360,7 +360,7 @@ def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: i
     """``kd-eval`` of one model on a question file (answers) and its full-vocabulary cache (KL):
     (metrics, predictions with each question's KL sum ``kl`` over its ``kl_positions``). ``cross``: the
     model may have another tokenizer, template or image grid than the cache's teacher; the KL is then
-    measured through kd-train's alignment (``kd_demo.cross.agreement``), per aligned answer group, and
+    measured through kd-train's alignment (``student.evaluate.aligned_cache_agreement``), per aligned answer group, and
     the metrics add ``aligned_share`` (the model's answer positions in one-to-one groups)."""
     _quiet()
     import torch
@@ -372,7 +372,7 @@ def evaluate_model(path: Path, data: Path, images: Path, cache: Path, threads: i
     qa = evaluate_qa(path, str(data), str(images), batch_size=batch_size, max_new_tokens=6, model=model,
                      processor=proc)
     if cross:
-        from kd_demo.cross import agreement
+        from student.evaluate import aligned_cache_agreement as agreement
 
         got = agreement(model, proc, cache, batch_size=batch_size)
     else:

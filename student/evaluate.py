@@ -365,6 +365,10 @@ class CacheAgreement:
     ce: np.ndarray
     ce_tokens: np.ndarray
     sparse: SparseInfo  # the cache's sparse mode and k
+    # ``aligned_cache_agreement``: the model's answer positions in one-to-one groups with the teacher's, and
+    # in all (int64 [n]; equal when the model has the cache's own tokens)
+    one_to_one: np.ndarray | None = None
+    answer_positions: np.ndarray | None = None
 
 
 def teacher_top1(teacher: SparseTeacher) -> torch.Tensor:
@@ -438,11 +442,109 @@ def cache_agreement(model, processor, cache: str | Path, *, image_folder: str | 
                           ce_tokens=total["ce_tokens"].astype(np.int64), sparse=kd.manifest.sparse)
 
 
+@torch.no_grad()
+def aligned_cache_agreement(model, processor, cache: str | Path, *, image_folder: str | None = None,
+                            batch_size: int = 8, chunk_size: int = 1024, storage_options: dict | None = None,
+                            alignment: str = "auto") -> CacheAgreement:
+    """``cache_agreement`` for a model of any tokenizer, template or image layout: ``cache_agreement``
+    itself when the model's processor gives the cached tokens (``alignment`` auto), else the model meets
+    the cache the way ``kd-train`` does (``student.alignment.detect_pairing``: the cached conversation
+    re-encoded by its own processor, answer tokens aligned by text offsets, the teacher's top-k projected
+    onto its vocabulary, visual tokens mixed by image-region overlap), and the KL is the matched part of
+    ``student.cross_tokenizer.cross_vocab_divergence``: forward KL(teacher || model) over the ids the
+    teacher's stored ids map to plus one "everything else" bin, per aligned group (a sample's
+    ``positions`` are its groups). On a pair that shares the tokens, forced through the alignment, this
+    is ``cache_agreement``'s KL. Sets ``one_to_one`` / ``answer_positions`` (int64 [n]: the model's answer
+    positions in one-to-one groups / in all)."""
+    from kd_cache.reader import open_cache
+    from student.alignment import detect_pairing
+    from student.cross_tokenizer import cross_vocab_divergence
+    from student.stream import StreamingKDDataset, load_sample_images
+
+    kd = open_cache(str(cache), storage_options)
+    folder = image_folder or kd.manifest.image_folder
+    pairing = detect_pairing(kd, processor, model.config, mode=alignment,
+                             load_images=lambda s: load_sample_images(s, folder))
+    if not pairing.cross:
+        got = cache_agreement(model, processor, cache, image_folder=image_folder, batch_size=batch_size,
+                              chunk_size=chunk_size, storage_options=storage_options)
+        got.one_to_one = got.answer_positions = got.positions["response"]
+        return got
+    projection = pairing.projection
+    ds = StreamingKDDataset(kd, processor, image_folder=image_folder, batch_size=batch_size, shuffle=False,
+                            with_teacher=True, pairing=pairing)
+    head = model.get_output_embeddings().weight
+    dev = model.device
+    ids: list[str] = []
+    names = [f"{m}/{k}" for m in ("kl", "positions", "agree") for k in DEFAULT_KINDS]
+    names += ["ce", "ce_tokens", "one_to_one", "answer_positions"]
+    cols: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for batch in ds:
+        n = len(batch["ids"])
+        ids += list(batch["ids"])
+        sums = {name: torch.zeros(n, dtype=torch.float64) for name in cols}
+        out = model.model(**_on(model, batch["model_inputs"]), use_cache=False)
+        flat = out.last_hidden_state.reshape(-1, out.last_hidden_state.shape[-1])
+
+        logits = (flat[batch["response_index"].to(dev)] @ head.T).float()
+        targets = batch["response_targets"].to(dev).long()
+        owner = batch["response_batch"].long()
+        ce = F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
+        sums["ce"].index_add_(0, owner, ce.double().cpu())
+        sums["ce_tokens"].index_add_(0, owner, (targets != IGNORE_INDEX).double().cpu())
+        sums["answer_positions"].index_add_(0, owner, torch.ones(len(owner), dtype=torch.float64))
+        if "cross_groups" in batch:
+            teacher = SparseTeacher(**{k: batch[f"cross_response_{k}"].to(dev) for k in ("ids", "logprobs", "tail")})
+            g = batch["cross_groups"].to(dev).long()
+            groups = {"t_first": g[:, 0], "t_len": g[:, 1], "s_first": g[:, 2], "s_len": g[:, 3]}
+            loss = cross_vocab_divergence(logits, targets, teacher, batch["cross_response_realised"].to(dev),
+                                          groups, projection)
+            first = groups["s_first"].cpu()
+            g_owner = owner[first]
+            t_top = teacher_top1(teacher[groups["t_first"]])
+            mapped = torch.where(t_top >= 0, projection.to_student.to(dev)[t_top.clamp_min(0)], -1)
+            agree = logits[groups["s_first"]].argmax(-1) == mapped
+            one = (groups["s_len"] == 1) & (groups["t_len"] == 1)
+            for name, values in (("kl/response", loss.matched), ("positions/response", torch.ones_like(loss.matched)),
+                                 ("agree/response", agree), ("one_to_one", one)):
+                sums[name].index_add_(0, g_owner, values.double().cpu())
+        visual = teacher_arrays(batch, "visual")
+        if visual is not None and len(batch["visual_index"]):
+            visual = visual.to(dev)
+            rows = torch.nonzero((visual.ids >= 0).any(-1)).reshape(-1)
+            ones = torch.ones_like(rows)
+            v_logits = (flat[batch["visual_index"].to(dev)] @ head.T).float()
+            loss = cross_vocab_divergence(v_logits, torch.zeros(len(v_logits), dtype=torch.long, device=dev), visual,
+                                          torch.zeros(visual.ids.shape[0], device=dev),
+                                          {"t_first": rows, "t_len": ones, "s_first": rows, "s_len": ones}, projection)
+            t_top = teacher_top1(visual[rows])
+            mapped = torch.where(t_top >= 0, projection.to_student.to(dev)[t_top.clamp_min(0)], -1)
+            v_owner = batch["visual_batch"].long()[rows.cpu()]
+            for name, values in (("kl/visual", loss.matched), ("positions/visual", torch.ones_like(loss.matched)),
+                                 ("agree/visual", v_logits[rows].argmax(-1) == mapped)):
+                sums[name].index_add_(0, v_owner, values.double().cpu())
+        for name, values in sums.items():
+            cols[name].append(values)
+    total = {name: torch.cat(v).numpy() for name, v in cols.items()}
+
+    def per_kind(name: str, dtype) -> dict[str, np.ndarray]:
+        return {k: total[f"{name}/{k}"].astype(dtype) for k in DEFAULT_KINDS}
+
+    got = CacheAgreement(ids=ids, kl=per_kind("kl", np.float64), positions=per_kind("positions", np.int64),
+                         agree=per_kind("agree", np.int64), ce=total["ce"], ce_tokens=total["ce_tokens"].astype(np.int64),
+                         sparse=kd.manifest.sparse)
+    got.one_to_one = total["one_to_one"].astype(np.int64)
+    got.answer_positions = total["answer_positions"].astype(np.int64)
+    return got
+
+
 def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | None = None, batch_size: int = 8,
                    chunk_size: int = 1024, device: str = "auto", dtype: str = "auto",
                    storage_options: dict | None = None, model=None, processor=None) -> dict[str, Any]:
     """KL(teacher || model) and top-1 agreement at the cache's response (and visual) positions: the
-    per-sample sums of ``cache_agreement`` over the whole cache, as means over positions.
+    per-sample sums of ``aligned_cache_agreement`` (``cache_agreement`` for a model of the cache's own
+    tokens) over the whole cache, as means over positions (over aligned groups for a model of another
+    tokenizer, template or image layout, whose ``aligned_share`` says how many are one to one).
 
     Returns ``kl_to_teacher`` and ``top1_agreement`` (response positions), ``ce`` (the model's
     cross-entropy on the cached reference tokens), ``positions``, and ``kl_visual``/``top1_visual``/
@@ -451,8 +553,8 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
     """
     if model is None:
         model, processor = load_model(model_path, device, dtype)
-    got = cache_agreement(model, processor, cache, image_folder=image_folder, batch_size=batch_size,
-                          chunk_size=chunk_size, storage_options=storage_options)
+    got = aligned_cache_agreement(model, processor, cache, image_folder=image_folder, batch_size=batch_size,
+                                  chunk_size=chunk_size, storage_options=storage_options)
 
     def mean(total: np.ndarray, n: np.ndarray) -> float | None:
         return float(total.sum() / n.sum()) if n.sum() else None
@@ -467,6 +569,8 @@ def evaluate_cache(model_path: str | Path, cache: str, *, image_folder: str | No
         "visual_positions": int(got.positions["visual"].sum()),
         "samples": len(got.ids),
         "sparse": {"mode": got.sparse.mode, "k": got.sparse.k},
+        # the model's answer positions in one-to-one groups with the teacher's (1.0: the cache's own tokens)
+        "aligned_share": mean(got.one_to_one, got.answer_positions),
     }
 
 

@@ -338,7 +338,7 @@ def test_quick_cross_demo(tmp_path):
     assert results["teacher"]["kl_to_teacher"] < 1e-3  # the teacher itself: same ids, today's cache_agreement
     assert "response-only" in proc.stdout and "aligned share" in proc.stdout
     # The aligned KL of a model that shares the cache's tokens, forced through the alignment, is kd-eval's.
-    from kd_demo.cross import agreement
+    from student.evaluate import aligned_cache_agreement as agreement
     from student.evaluate import cache_agreement, load_model
 
     model, processor = load_model(runs / "teacher-pt", "cpu")
