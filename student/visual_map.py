@@ -70,6 +70,16 @@ def overlap_weights(student_boxes: np.ndarray, teacher_boxes: np.ndarray) -> np.
     box is an all-zero column. Equal boxes on both sides (the same grid) give exactly the identity.
     Dense over [Ns, Nt], computed in blocks of student rows.
     """
+    def shares(inter: np.ndarray, s_use: np.ndarray, t_use: np.ndarray) -> np.ndarray:
+        total = inter.sum(axis=1, keepdims=True)
+        return np.divide(inter, total, out=inter, where=total > 0)
+
+    return _pairwise(student_boxes, teacher_boxes, shares)
+
+
+def _pairwise(student_boxes: np.ndarray, teacher_boxes: np.ndarray, block) -> np.ndarray:
+    """float64 [Ns, Nt]: ``block(intersections, student boxes, teacher boxes)`` over the usable boxes of both
+    sides, in blocks of student rows; 0 wherever either box is NaN or has no area."""
     s_boxes, t_boxes = _check_boxes("student_boxes", student_boxes), _check_boxes("teacher_boxes", teacher_boxes)
     out = np.zeros((len(s_boxes), len(t_boxes)), dtype=np.float64)
     s_idx, t_idx = np.flatnonzero(_usable(s_boxes)), np.flatnonzero(_usable(t_boxes))
@@ -78,28 +88,17 @@ def overlap_weights(student_boxes: np.ndarray, teacher_boxes: np.ndarray) -> np.
     t_use = t_boxes[t_idx]
     for a in range(0, len(s_idx), _CHUNK):
         rows = s_idx[a:a + _CHUNK]
-        inter = _intersections(s_boxes[rows], t_use)
-        total = inter.sum(axis=1, keepdims=True)
-        np.divide(inter, total, out=inter, where=total > 0)
-        out[np.ix_(rows, t_idx)] = inter
+        out[np.ix_(rows, t_idx)] = block(_intersections(s_boxes[rows], t_use), s_boxes[rows], t_use)
     return out
 
 
 def iou_matrix(student_boxes: np.ndarray, teacher_boxes: np.ndarray) -> np.ndarray:
     """float64 [Ns, Nt] intersection over union of every student box with every teacher box (0 where either
     box is NaN or has no area)."""
-    s_boxes, t_boxes = _check_boxes("student_boxes", student_boxes), _check_boxes("teacher_boxes", teacher_boxes)
-    out = np.zeros((len(s_boxes), len(t_boxes)), dtype=np.float64)
-    s_idx, t_idx = np.flatnonzero(_usable(s_boxes)), np.flatnonzero(_usable(t_boxes))
-    if not len(s_idx) or not len(t_idx):
-        return out
-    t_use = t_boxes[t_idx]
-    t_area = _area(t_use)
-    for a in range(0, len(s_idx), _CHUNK):
-        rows = s_idx[a:a + _CHUNK]
-        inter = _intersections(s_boxes[rows], t_use)
-        out[np.ix_(rows, t_idx)] = inter / (_area(s_boxes[rows])[:, None] + t_area[None, :] - inter)
-    return out
+    def iou(inter: np.ndarray, s_use: np.ndarray, t_use: np.ndarray) -> np.ndarray:
+        return inter / (_area(s_use)[:, None] + _area(t_use)[None, :] - inter)
+
+    return _pairwise(student_boxes, teacher_boxes, iou)
 
 
 def hungarian_weights(student_boxes: np.ndarray, teacher_boxes: np.ndarray) -> np.ndarray:
