@@ -146,3 +146,11 @@ def test_refused_before_step_1(pair, images, tmp_path):
     # --alignment same: today's path, which refuses another tokenizer as before
     with pytest.raises(Exception, match=r"tokenizer"):
         _train(p["chat"], p["student"], tmp_path / "o4", "dft", alignment="same")
+
+
+def test_loader_workers_give_the_same_steps(pair):
+    """The aligned stream in DataLoader workers (the pairing pickled into each) gives the same losses."""
+    p = pair("llava", "idefics3")
+    got = [_train(p["chat"], p["student"], p["root"] / f"workers-{n}", "dft", num_workers=n)["metrics"] for n in (0, 2)]
+    for key in ("loss", "ce", "mdist_response", "mdist_visual", "rdist", "aligned_share"):
+        assert got[0][key] == got[1][key], key
