@@ -43,7 +43,7 @@ from kd_cache.errors import UserError
 from kd_cache.processing import ProcessedSample
 from kd_cache.schema import SparseMode, choice, derive_positions
 from student.cross_tokenizer import VocabProjection, align_spans, build_projection, byte_spans, token_bytes
-from student.visual_map import hungarian_weights, is_identity, map_relation, mix_sparse_rows, overlap_weights
+from student.visual_map import hungarian_weights, map_relation, mix_sparse_rows, overlap_weights
 
 
 class AlignmentMode(str, Enum):
@@ -306,7 +306,7 @@ def detect_pairing(cache, processor, student_config, *, mode: str = "auto", visu
     pairing = Pairing(True, "", visual, template=m.template, max_length=m.max_length, k=m.sparse.k,
                       student_image_token_id=image_token_id, student_config=student_config, processor=processor)
     if not m.teacher.tokenizer_files:
-        raise PairingError(f"the student's processor does not give the cache's tokens, and the cache holds no teacher "
+        raise PairingError("the student's processor does not give the cache's tokens, and the cache holds no teacher "
                            "tokenizer files to align with: rebuild it with this version of kd-cache build")
     teacher_tok = cache.teacher_tokenizer()
     from kd_cache.fingerprint import tokenizer_hash

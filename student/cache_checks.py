@@ -11,7 +11,7 @@ import warnings
 
 from kd_cache.schema import Manifest
 from student.config import TrainConfig
-from student.losses import TailMode, Divergence
+from student.losses import Divergence, TailMode
 
 
 class TopKBiasWarning(UserWarning):

@@ -12,7 +12,6 @@ training and names both values of whatever differs.
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import re
 from dataclasses import dataclass

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from transformers import AutoTokenizer
 import torch
 from student_fixtures import load_llava, model_inputs
+from transformers import AutoTokenizer
 from typer.testing import CliRunner
 
 from cli.kd_cache_cli import app
