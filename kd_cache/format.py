@@ -70,9 +70,9 @@ replaces ~20 fp16 log-probs (they cost ~40% of a sample-mode cache and are incom
 their low bits). ``--sample-logprobs`` keeps the per-entry log-probs too (for analysis).
 
 The reader gives back what ``kd_cache.schema.TEACHER_ARRAYS`` lists (ids int32 [P, K], rows in ascending id
-order; top-k log-probs float16, tail float32): ids, counts, ``logp_mean`` and sample mode's per-entry
-log-probs exactly, the tail to fp16 (relative error <= 2^-11), top-k log-probs to fp16 for ``p_top``
-and within half a step of ``sqrt(p / p_top)`` for every other id. The order of a row's ids carries
+order; top-k log-probs float32, tail float32): ids, counts, ``logp_mean`` and sample mode's per-entry
+log-probs (float16) exactly, the tail to fp16 (relative error <= 2^-11), top-k log-probs to fp16 for
+``p_top`` and within half a step of ``sqrt(p / p_top)`` for every other id. The order of a row's ids carries
 nothing: the loss, the collation and ``kd-eval`` take a row as a set (its most likely id by log-prob
 or count). Bytes and gradient fidelity of these encodings: benchmarks/RESULTS.md, "Cache encodings".
 
@@ -401,14 +401,20 @@ def _pack_ids(ids: np.ndarray, lengths: np.ndarray | None) -> tuple[np.ndarray, 
     return (gap & 0xFF).astype(np.uint8), (gap >> IDS_LOW_BITS).astype(np.uint16)
 
 
-def _unpack_ids(low: np.ndarray, high: np.ndarray, lengths: np.ndarray | None) -> np.ndarray:
-    """The inverse of ``_pack_ids``: int32 ids, ``[P, K]`` or flat ``[E]`` for rows of ``lengths``."""
-    gap = low.astype(np.int64) | (high.astype(np.int64) << IDS_LOW_BITS)
+def _unpack_ids(low: np.ndarray, high: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
+    """The inverse of ``_pack_ids``: int32 ids, ``[P, K]``, or the flat ``[E]`` of rows of ``lengths`` entries."""
+    gap = high.astype(np.int32)
+    gap <<= IDS_LOW_BITS
+    gap |= low
     if lengths is None:
-        return (np.cumsum(gap, axis=-1) - 1).astype(np.int32)
-    run = np.cumsum(gap)
-    before = np.concatenate([[0], run])[_offsets(lengths)[:-1]]  # the running sum before each row
-    return (run - np.repeat(before, lengths) - 1).astype(np.int32)
+        np.cumsum(gap, axis=-1, out=gap)  # int32: a row's ids are < 2^24
+    elif gap.size:  # one running sum over all entries, less its value before each row (int32 wraps alike)
+        np.cumsum(gap, out=gap)
+        starts = np.cumsum(lengths) - lengths
+        before = np.where(starts > 0, gap[starts - 1], 0).astype(np.int32)
+        gap -= np.repeat(before, lengths)
+    gap -= 1
+    return gap
 
 
 def _pack_logprobs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -423,11 +429,15 @@ def _pack_logprobs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _unpack_logprobs(ids: np.ndarray, steps: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """The inverse of ``_pack_logprobs`` (fp16 [P, K], 0 at padding): ``top + 2 log(steps / LOGPROB_STEPS)``,
+    """The inverse of ``_pack_logprobs`` (float32 [P, K], 0 at padding): ``top + 2 log(steps / LOGPROB_STEPS)``,
     a step of 0 read as ``_CODE0``. Error: ``|sqrt(p' / p_top) - sqrt(p / p_top)| <= 0.5 / LOGPROB_STEPS``
-    and the fp16 rounding of ``top`` and of the result."""
-    lp = top.astype(np.float32)[:, None] + _STEP_LOGS[steps]
-    return np.where(ids >= 0, lp, 0.0).astype(np.float16)
+    and the fp16 rounding of ``top``. Float32, not the former fp16: a float16 conversion would cost more
+    than the rest of the decoding, and the trainer takes float32."""
+    lp = np.take(_STEP_LOGS, steps)
+    lp += top.astype(np.float32)[:, None]
+    if ids.size and ids[:, 0].min() < 0:  # padding sorts first in a top-k row
+        lp[ids < 0] = 0.0
+    return lp
 
 
 # log-prob offset of each step from the row's top: 2 log(step / LOGPROB_STEPS), step 0 as _CODE0
@@ -555,6 +565,13 @@ def _unpack_kind(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows
     p0, p1 = _rows(index, f"{kind}/offsets", j)
     sampled = attrs.sparse_mode == SparseMode.sample.value
     teacher: dict[str, np.ndarray] = {}
+    if p1 == p0:  # no positions of this kind (most samples lack one kind or two): empty arrays, nothing to decode
+        for arr in TEACHER_ARRAYS:
+            if arr.stored(attrs.sparse_mode, attrs.sample_logprobs):
+                dtype = np.float32 if arr.name == "logprobs" and not sampled else arr.dtype
+                teacher[arr.name] = np.zeros((0, attrs.k) if arr.per_id else 0, dtype=dtype)
+        return KindArrays(positions=np.zeros(0, np.int32), teacher=teacher,
+                          extras=_unpack_extras(attrs, read, kind, p0, p1))
     if sampled:
         e0, e1 = _rows(index, f"{kind}/entry_offsets", j)
         n_ent = read(f"{kind}/n_entries", p0, p1).astype(np.int64)
@@ -568,11 +585,11 @@ def _unpack_kind(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows
 
         teacher["ids"] = rows("ids", _unpack_ids(read(f"{kind}/ids", e0, e1), read(f"{kind}/ids_hi", e0, e1), n_ent))
     else:
-        teacher["ids"] = _unpack_ids(read(f"{kind}/ids", p0, p1), read(f"{kind}/ids_hi", p0, p1), None)
+        teacher["ids"] = _unpack_ids(read(f"{kind}/ids", p0, p1), read(f"{kind}/ids_hi", p0, p1))
     for arr in TEACHER_ARRAYS:
         if arr.name == "ids" or not arr.stored(attrs.sparse_mode, attrs.sample_logprobs):
             continue
-        if arr.name == "logprobs" and not sampled:
+        if arr.name == "logprobs" and not sampled:  # float32 (sample mode's stored entries: float16)
             teacher["logprobs"] = _unpack_logprobs(teacher["ids"], read(f"{kind}/logprobs", p0, p1),
                                                    read(f"{kind}/logprob_top", p0, p1))
         elif sampled and arr.per_id:

@@ -109,7 +109,7 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str,
         np.testing.assert_array_equal(dense(g_ids, g_ids >= 0), dense(w_ids, w_ids >= 0))
         assert all((np.diff(row[row >= 0]) > 0).all() for row in g_ids)  # in ascending id order
         if mode == "topk":
-            assert got[f"{kind}_logprobs"].dtype == np.float16
+            assert got[f"{kind}_logprobs"].dtype == np.float32
             assert_logprobs_close(g_ids, got[f"{kind}_logprobs"], w_ids, want[f"{kind}_logprobs"])
         elif logprobs:  # sample mode's per-entry log-probs: fp16, exact
             assert got[f"{kind}_logprobs"].dtype == np.float16
@@ -212,7 +212,7 @@ def test_topk_encoding_against_a_dense_reference(tmp_path, vocab):
     build_cache(tmp_path / "c", [s], k=k, relation="none")
     got = open_cache(tmp_path / "c")[0]
     g_ids, g_lp, g_tail = got["response_ids"], got["response_logprobs"], got["response_tail"]
-    assert g_ids.dtype == np.int32 and g_lp.dtype == np.float16 and g_tail.dtype == np.float32
+    assert g_ids.dtype == np.int32 and g_lp.dtype == np.float32 and g_tail.dtype == np.float32
     np.testing.assert_array_equal(dense(g_ids, g_ids >= 0, vocab), dense(ids, ids >= 0, vocab))
     assert_logprobs_close(g_ids, g_lp, ids, lp)
     np.testing.assert_allclose(g_tail, tail, rtol=2 ** -11)
@@ -239,6 +239,23 @@ def test_ids_beyond_the_stored_range_are_refused(tmp_path):
     assert open_cache(tmp_path / "ok")[0]["response_ids"][0].tolist() == [1, MAX_ID]
 
 
+def test_sampled_ids_near_the_largest_id_over_many_rows(tmp_path):
+    """Sample mode decodes a sample's gaps as one running sum (int32, wrapping many times here) less each
+    row's start: ids near ``MAX_ID`` over thousands of rows come back exact."""
+    from kd_cache.format import MAX_ID
+
+    P = 3000
+    ids = np.stack([MAX_ID - np.arange(P) % 7, np.full(P, -1)], axis=1)
+    ids[::5, 1] = 3  # some rows hold a small id too (read back first)
+    s = {"id": "w", "images": [], "input_ids": np.zeros(P + 1, np.int32), "labels": np.ones(P + 1, np.int32),
+         "response_positions": np.arange(P), "response_ids": ids, "response_counts": np.where(ids >= 0, 2, 0),
+         "response_logp_mean": np.zeros(P, np.float32), "response_tail": np.zeros(P, np.float32)}
+    build_cache(tmp_path / "c", [s], mode="sample", k=2, relation="none")
+    got = open_cache(tmp_path / "c")[0]["response_ids"]
+    want = np.where(ids[:, 1:] >= 0, np.concatenate([ids[:, 1:], ids[:, :1]], axis=1), ids)
+    np.testing.assert_array_equal(got, want)
+
+
 def test_sample_entries_read_back_in_id_order_with_their_counts(tmp_path):
     """Sampled ids given in any order (as a dense count table: the reference) read back in ascending id
     order, each with its count and (when kept) its log-prob, rows padded to K after their entries."""
@@ -247,7 +264,7 @@ def test_sample_entries_read_back_in_id_order_with_their_counts(tmp_path):
     ids = np.full((P, k), -1, np.int64)
     counts = np.zeros((P, k), np.int64)
     for p in range(P):
-        n = int(rng.integers(1, k + 1))
+        n = int(rng.integers(0, k + 1))  # rows without draws included
         ids[p, :n] = rng.choice(vocab, n, replace=False)  # unsorted, gaps past 65535 included
         counts[p, :n] = rng.integers(1, 9, n)
     lp = np.where(ids >= 0, -rng.exponential(3.0, (P, k)), 0.0).astype(np.float32)
