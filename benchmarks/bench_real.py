@@ -19,13 +19,6 @@ chunking) and ``open_cache`` to read it back, and the losses are ``student.losse
   weaker distribution over the same vocabulary). ``details`` adds per-position statistics, the
   cosine of the resulting LM-head *weight* gradients (what the optimizer receives, which sums over
   positions), and the same figures for a much weaker student (the middle layer).
-* ``bytes_per_position_distillkit*`` / ``grad_cos_distillkit*``: the same top-k rows through a DistillKit-style
-  encoding (``distillkit_style``, rebuilt from its published description: ids bit-packed in rank order,
-  the first log-probs exact, a polynomial fit of the rest of the sorted log-prob curve and its residuals
-  quantised with error diffusion, all bit-packed; the tail derived from the stored mass), its packed
-  bytes in place of the cache's teacher arrays.
-* ``decode_us_per_position_*``: time of ``kd_cache.format.unpack_sample`` over the benchmark's samples, the
-  shard's arrays in memory (no codec, no I/O: the cost of the format's own decoding), per position.
 * storage grid: every array of the top-64, sample-64 and relation shards compressed with candidate
   codecs in the writer's chunking: bytes and encode/decode speed, which is how the defaults in
   ``kd_cache.format.default_compressors`` were chosen.
@@ -44,8 +37,7 @@ import torch
 
 from benchmarks.common import load_smollm2, real_text
 
-TOPK_VARIANTS = (16, 50, 64, 128, 256)
-DISTILLKIT_K = (50, 128)  # the DistillKit-style comparison (``distillkit_style``) at its published k
+TOPK_VARIANTS = (16, 64, 256)
 REL_N = 729
 
 
@@ -230,105 +222,6 @@ def _kl_stats(head_w, h_teacher, h_student, chunk: int = 512) -> dict:
             "teacher_mass_outside_top64_mean": float(tl.mean()), "teacher_mass_outside_top64_max": float(tl.max())}
 
 
-# ------------------------------------------------------------------------------------------ DistillKit-style
-
-
-def _bitpack(values: np.ndarray, bits: int) -> np.ndarray:
-    """Rows of unsigned ints [P, n] < 2^bits as ``ceil(n bits / 8)`` packed bytes per row (little-endian bits)."""
-    P, n = values.shape
-    b = ((values[:, :, None].astype(np.uint64) >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
-    return np.packbits(b.reshape(P, n * bits), axis=1, bitorder="little")
-
-
-def _bitunpack(packed: np.ndarray, n: int, bits: int) -> np.ndarray:
-    b = np.unpackbits(packed, axis=1, bitorder="little", count=n * bits).reshape(len(packed), n, bits)
-    return (b.astype(np.uint64) << np.arange(bits, dtype=np.uint64)).sum(-1).astype(np.int64)
-
-
-def distillkit_style(ids: np.ndarray, logprobs: np.ndarray, vocab: int, *, exact: int, degree: int = 3,
-                     residual_bits: int = 1) -> tuple[dict, int]:
-    """A DistillKit-style top-k encoding, rebuilt from its published description (not its code), for comparison.
-
-    Per row, in rank order (log-probs descending): the ids bit-packed at ``ceil(log2 vocab)`` bits; the
-    first ``exact`` log-probs in fp16; a polynomial of ``degree`` in the rank fitted to the remaining sorted
-    log-probs (fp16 coefficients); its residuals quantised to ``residual_bits`` bits with error diffusion
-    (each residual's rounding error carried into the next) on a per-row fp16 scale; everything bit-packed.
-    The tail is not stored: it is derived from the stored mass (``log(1 - sum p)``). Returns the decoded
-    rows ({ids, logprobs, tail}) and the packed bytes of all rows.
-    """
-    P, k = ids.shape
-    order = np.argsort(-logprobs, axis=1, kind="stable")
-    ids_r = np.take_along_axis(ids, order, 1).astype(np.int64)
-    lp = np.take_along_axis(logprobs, order, 1).astype(np.float64)
-    id_bits = max(1, math.ceil(math.log2(vocab)))
-    head = lp[:, :exact].astype(np.float16).astype(np.float64)
-    rest = lp[:, exact:]
-    n = rest.shape[1]
-    x = np.linspace(0.0, 1.0, n) if n > 1 else np.zeros(n)
-    X = np.vander(x, degree + 1)  # [n, d + 1]
-    coef = np.linalg.lstsq(X, rest.T, rcond=None)[0].T.astype(np.float16).astype(np.float64)  # [P, d + 1]
-    curve = coef @ X.T
-    res = rest - curve
-    levels = 1 << residual_bits
-    scale = (np.abs(res).max(axis=1) / (levels / 2)).astype(np.float16).astype(np.float64)
-    scale = np.where(scale > 0, scale, 1.0)
-    q = np.zeros((P, n), np.int64)
-    carry = np.zeros(P)
-    for j in range(n):  # error diffusion along the rank
-        v = (res[:, j] + carry) / scale - 0.5
-        q[:, j] = np.clip(np.rint(v), -levels // 2, levels // 2 - 1)
-        carry = res[:, j] + carry - (q[:, j] + 0.5) * scale
-    dec = np.concatenate([head, curve + (q + 0.5) * scale[:, None]], axis=1)
-    packed = [_bitpack(ids_r, id_bits), _bitpack(q + levels // 2, residual_bits)] if n else [_bitpack(ids_r, id_bits)]
-    nbytes = sum(a.nbytes for a in packed) + P * 2 * (exact + degree + 2)  # + fp16 head, coefficients, scale
-    assert np.array_equal(_bitunpack(packed[0], k, id_bits), ids_r)
-    mass = np.exp(dec).sum(1)
-    tail = np.log(np.clip(1.0 - mass, 1e-6, None))
-    return {"ids": ids_r.astype(np.int32), "logprobs": dec.astype(np.float32), "tail": tail.astype(np.float32)}, nbytes
-
-
-def _distillkit_variants(dists: dict, vocab: int, n_pos: int, writes: dict) -> dict:
-    """Per k of ``DISTILLKIT_K``: decoded rows (as reader samples) and bytes per position: the top-k shard's
-    bytes with its teacher arrays replaced by the DistillKit-style packed bytes."""
-    out = {}
-    for k in DISTILLKIT_K:
-        exact = 16 if k >= 128 else 1  # the published settings' sizes: ~300 B (k=128, 16 exact), ~114 B (k=50)
-        samples = []
-        total = 0
-        for s in dists[f"topk{k}"]:
-            dec, nbytes = distillkit_style(s["response_ids"], s["response_logprobs"], vocab, exact=exact)
-            samples.append({**s, **{f"response_{n}": v for n, v in dec.items()}})
-            total += nbytes
-        per_array = writes[f"topk{k}"]["per_array"]
-        teacher = sum(b for a, b in per_array.items() if a.split("/")[-1] in ("ids", "ids_hi", "logprobs",
-                                                                               "logprob_top", "tail"))
-        out[f"distillkit{k}"] = {"samples": samples, "exact": exact, "payload_bytes_per_position": total / n_pos,
-                                 "bytes_per_position": (writes[f"topk{k}"]["data_bytes"] - teacher + total) / n_pos}
-    return out
-
-
-def _decode_timing(samples: list[dict], mode: str, k: int, reps: int = 5) -> dict:
-    """``unpack_sample`` over ``samples`` packed in memory (the format's own decoding: no codec, no I/O)."""
-    from kd_cache.format import ShardAttrs, pack_samples, unpack_sample
-
-    arrays, attrs = pack_samples(samples, sparse_mode=mode, k=k, relation="none")
-    shard = ShardAttrs.from_attrs(attrs, "memory")
-    index = {n: arrays[n] for n in shard.index_arrays() if n in arrays}
-
-    def read(name: str, a: int, b: int) -> np.ndarray:
-        return arrays[name][a:b]
-
-    n_pos = sum(len(s["response_positions"]) for s in samples)
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for j in range(len(samples)):
-            unpack_sample(shard, index, read, j)
-        best = min(best, time.perf_counter() - t0)
-    return {"us_per_position": best / n_pos * 1e6, "ms_per_sample": best / len(samples) * 1e3,
-            "positions_per_sample": n_pos / len(samples)}
-
-
 # ------------------------------------------------------------------------------------------ relations
 
 
@@ -423,20 +316,21 @@ def _encode_arrays(arrays: dict[str, np.ndarray], compressors, chunk_bytes: int)
     return total, te, td, raw
 
 
-def _what_if(samples: list[dict], arrays: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
-    """Other layouts of a top-k shard's teacher arrays (bytes only): the former one (ids int32 in rank order,
-    fp16 log-probs, fp32 tail) and the adopted gaps as one array instead of two byte planes."""
-    ids = np.concatenate([s["response_ids"] for s in samples]).astype(np.int32)
-    base = {n: a for n, a in arrays.items() if n.split("/")[-1] not in ("ids", "ids_hi", "logprobs", "logprob_top",
-                                                                      "tail") or not n.startswith("response/")}
-    former = {**base, "response/ids": ids,
-              "response/logprobs": np.concatenate([s["response_logprobs"] for s in samples]).astype(np.float16),
-              "response/tail": np.concatenate([s["response_tail"] for s in samples]).astype(np.float32)}
-    gaps = arrays["response/ids"].astype(np.int64) | (arrays["response/ids_hi"].astype(np.int64) << 8)
-    one = {n: a for n, a in arrays.items() if n != "response/ids_hi"}
-    one["response/ids"] = gaps.astype(np.uint16 if gaps.max(initial=0) < 1 << 16 else np.uint32)
-    return {"former layout (rank-order int32 ids, fp16 log-probs, fp32 tail)": former,
-            "gaps as one uint16 array (not two byte planes)": one}
+def _what_if(arrays: dict[str, np.ndarray], vocab: int) -> dict[str, dict[str, np.ndarray]]:
+    """Lossless and lossy layout alternatives of a top-k shard's arrays (bytes only, not adopted)."""
+    out = {}
+    ids, lp = arrays["response/ids"], arrays["response/logprobs"]
+    order = np.argsort(ids, axis=1, kind="stable")
+    sids = np.take_along_axis(ids, order, 1)
+    delta = sids.copy()
+    delta[:, 1:] = np.diff(sids, axis=1)
+    out["sorted ids + row delta (logprobs in id order)"] = {**arrays, "response/ids": delta,
+                                                             "response/logprobs": np.take_along_axis(lp, order, 1)}
+    if vocab <= 65536:
+        out["uint16 ids"] = {**arrays, "response/ids": ids.astype(np.uint16)}
+    bf16 = (lp.astype(np.float32).view(np.uint32) + 0x8000 >> 16).astype(np.uint16)  # round to bf16 bits
+    out["bf16 logprobs (lossy)"] = {**arrays, "response/logprobs": bf16}
+    return out
 
 
 def storage_grid(topk_samples, sample_samples, rel_mats, vocab: int, n_pos: int) -> dict:
@@ -462,7 +356,7 @@ def storage_grid(topk_samples, sample_samples, rel_mats, vocab: int, n_pos: int)
     from kd_cache.format import CHUNK_BYTES, default_compressors
 
     what_if = []
-    for name, arrays in _what_if(topk_samples, sets["topk64"][0]).items():
+    for name, arrays in _what_if(sets["topk64"][0], vocab).items():
         b, _, _, _ = _encode_arrays(arrays, default_compressors, CHUNK_BYTES)
         what_if.append({"layout": name, "topk64_bytes_per_position": b / n_pos})
     return {"codecs": rows, "topk64_layouts_with_default_codecs": what_if}
@@ -512,13 +406,6 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
     bpp = {n: w["data_bytes"] / n_pos for n, w in writes.items()}
     log(f"  bytes/position over {n_pos} positions: " + ", ".join(f"{n} {b:.1f}" for n, b in bpp.items()))
 
-    distillkit = _distillkit_variants(dists, V, n_pos, writes)
-    log("  DistillKit-style bytes/position: " + ", ".join(f"{n} {d['bytes_per_position']:.1f}"
-                                                          for n, d in distillkit.items()))
-    decode = {n: _decode_timing(dists[n], *variants[n][:2]) for n in ("topk64", "sample64")}
-    log("  decode (unpack_sample, arrays in memory): " + ", ".join(
-        f"{n} {d['us_per_position']:.3f} us/position" for n, d in decode.items()))
-
     h_t = hid["final"][torch.from_numpy(rows).to(device)]
     grads = {}
     for L_s in student_layers:
@@ -528,8 +415,6 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
         # sampled ids are recognised from their counts (the tail mode is not read for them)
         gv["sample64"] = (_teacher_tensors(back["sample64"], device), "tail")
         gv["sample64_multinomial"] = (_teacher_tensors(back["sample64_multinomial"], device), "tail")
-        for name, dk in distillkit.items():
-            gv[name] = (_teacher_tensors(dk["samples"], device), "tail")
         grads[f"layer{L_s}"] = {"student": f"teacher layer {L_s} of {L} through the final norm and head",
                                 **_kl_stats(head_w, h_t, h_s),
                                 "variants": _grad_cosines(head_w, h_t, h_s, gv, head_grad=True)}
@@ -555,17 +440,7 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
         "bytes_per_position_sample64": bpp["sample64"],
         "relation_lowrank32_over_full_bytes": rel["relation_lowrank32_over_full_bytes"],
         "relation_lowrank32_min_cos": rel["relation_lowrank32_min_cos"],
-        "bytes_per_position_topk50": bpp["topk50"],
-        "bytes_per_position_topk128": bpp["topk128"],
-        "bytes_per_position_distillkit50": distillkit["distillkit50"]["bytes_per_position"],
-        "bytes_per_position_distillkit128": distillkit["distillkit128"]["bytes_per_position"],
         "grad_cos_topk16": primary["topk16"]["logit_grad_cos"],
-        "grad_cos_topk50": primary["topk50"]["logit_grad_cos"],
-        "grad_cos_topk128": primary["topk128"]["logit_grad_cos"],
-        "grad_cos_distillkit50": primary["distillkit50"]["logit_grad_cos"],
-        "grad_cos_distillkit128": primary["distillkit128"]["logit_grad_cos"],
-        "decode_us_per_position_topk64": decode["topk64"]["us_per_position"],
-        "decode_us_per_position_sample64": decode["sample64"]["us_per_position"],
         "grad_cos_topk64": primary["topk64"]["logit_grad_cos"],
         "grad_cos_topk256": primary["topk256"]["logit_grad_cos"],
         "grad_cos_topk64_renorm": primary["topk64_renorm"]["logit_grad_cos"],
@@ -579,9 +454,6 @@ def run(profile, device: torch.device, workdir: Path, log=print) -> dict:
             **{f"{n}_unique_ids_per_position": float(np.mean([(s["response_ids"] >= 0).sum(-1).mean()
                                                               for s in dists[n]]))
                for n in ("sample64", "sample64_multinomial")},
-            "distillkit": {n: {"exact": d["exact"], "payload_bytes_per_position": d["payload_bytes_per_position"],
-                               "bytes_per_position": d["bytes_per_position"]} for n, d in distillkit.items()},
-            "decode": decode,
             "gradients": grads, "relation": rel["details"], "storage_grid": grid, "generated_text": generated,
             "seconds": time.perf_counter() - t0,
         },

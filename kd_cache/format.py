@@ -42,15 +42,10 @@ Inside a shard group (S samples; T tokens, P positions of one kind, I relation m
                                      conversation: its role/content turns, JSON utf-8)
     images/data_offsets int64 [I+1]  images/data uint8 [bytes]       (per image, in tokens/image_offsets order:
                                      its original encoded file bytes; an empty range = not stored, read by path)
-    <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float16 [P]
-      every row's ids in ascending order (its per-id arrays permuted alike), stored as the gaps
-      g = (id + 1) - (previous id of the row + 1), the first from 0, in two planes (``_pack_ids``):
-               <kind>/ids uint8 (g & 255)     <kind>/ids_hi uint16 (g >> 8)   [P, K] or [E]
-      topk:    <kind>/logprobs uint8 [P, K]   steps s = round(LOGPROB_STEPS sqrt(p / p_top)) (0..LOGPROB_STEPS)
-               <kind>/logprob_top float16 [P] the row's largest log-prob, log p_top
-               (read back as log p_top + 2 log(max(s, 0.5) / LOGPROB_STEPS): ``_pack_logprobs``)
+    <kind>/offsets int64 [S+1]       <kind>/positions int32 [P]      <kind>/tail float32 [P]
+      topk:    <kind>/ids int32 [P, K]        <kind>/logprobs float16 [P, K]
       sample:  <kind>/n_entries uint16 [P]    <kind>/entry_offsets int64 [S+1]
-               <kind>/counts uint16 [E]  <kind>/logp_mean float32 [P]
+               <kind>/ids int32 [E]  <kind>/counts uint16 [E]  <kind>/logp_mean float32 [P]
                (only the real entries of each row, E = sum n_entries; padded back to K on read)
                <kind>/logprobs float16 [E]   only with ``sample_logprobs`` (off by default)
       extras:  <kind>/extra/<name> [P, ...]   (any other ``<kind>_<name>`` array, dtype kept; always
@@ -68,13 +63,6 @@ from the teacher's fp32 log-probs: it is the only thing the sampled forward-KL e
 ``sum_i (c_i/N)(log p_i - log q_i)`` needs of the teacher's log-probs, so one number per position
 replaces ~20 fp16 log-probs (they cost ~40% of a sample-mode cache and are incompressible noise in
 their low bits). ``--sample-logprobs`` keeps the per-entry log-probs too (for analysis).
-
-The reader gives back what ``kd_cache.schema.TEACHER_ARRAYS`` lists (ids int32 [P, K], rows in ascending id
-order; top-k log-probs float32, tail float32): ids, counts, ``logp_mean`` and sample mode's per-entry
-log-probs (float16) exactly, the tail to fp16 (relative error <= 2^-11), top-k log-probs to fp16 for
-``p_top`` and within half a step of ``sqrt(p / p_top)`` for every other id. The order of a row's ids carries
-nothing: the loss, the collation and ``kd-eval`` take a row as a set (its most likely id by log-prob
-or count). Bytes and gradient fidelity of these encodings: benchmarks/RESULTS.md, "Cache encodings".
 
 ``<kind>`` is each of ``kd_cache.schema.KINDS`` (every shard stores all three; a kind the build did not
 distil has no positions). Every array is Blosc/zstd compressed (``default_compressors``) in chunks of
@@ -355,102 +343,11 @@ def _unpack_images(index: dict[str, np.ndarray], read: ReadRows, j: int) -> list
 # one kind's sparse distributions
 
 
-# Sorted ids as gaps (``_pack_ids`` / ``_unpack_ids``). The loss, the collation and every reader of a row
-# take its ids as a set (``student.evaluate.teacher_top1`` takes the highest log-prob or count, not the
-# first column), so a row is stored in id order: the gaps between consecutive ids are small where the
-# ids are dense (the frequent tokens a BPE vocabulary numbers first) and compress to ~9 bits an id
-# instead of ~14 for the ids in rank order (benchmarks/RESULTS.md, "Cache encodings").
-IDS_LOW_BITS = 8  # ``<kind>/ids`` holds each gap's low byte, ``<kind>/ids_hi`` the rest (uint16)
-MAX_ID = (1 << (IDS_LOW_BITS + 16)) - 2  # the largest id the two planes hold (a gap of id + 1 fits 24 bits)
-
-# Top-k log-probs (``_pack_logprobs`` / ``_unpack_logprobs``): the row's most likely stored id keeps its
-# log-prob (``<kind>/logprob_top`` fp16), every stored id its probability relative to it as a step of
-# ``sqrt(p / p_top)`` (uint8 0..LOGPROB_STEPS): sqrt companding spends its steps where the loss feels an
-# error (the gradient error of an id is its probability error, which grows with sqrt(p) here) and a
-# rank-64 id of p ~ 1e-4 p_top costs ~1 step. Measured on SmolLM2 (benchmarks/RESULTS.md): the gradient
-# cosine to the dense loss moves by ~1e-5 where the top-k cut itself costs 2e-3.
-LOGPROB_STEPS = 90
-_CODE0 = 0.5  # a step of 0 (p < p_top (0.5 / LOGPROB_STEPS)^2) reads back as half a step
-# Stored arrays that are a part of a teacher array's encoding -> that array (``kd-cache inspect``'s sample key)
-ENCODED_PARTS = {"ids_hi": "ids", "logprob_top": "logprobs"}
-
-
-def _sort_rows(pad_last: bool, ids: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Each row of ``ids`` [P, K] in ascending id order, ``others`` [P, K] permuted alike; padding (-1)
-    first, or last with ``pad_last`` (sample mode, whose rows keep their real entries first)."""
-    order = np.argsort(np.where(ids < 0, np.iinfo(np.int64).max, ids) if pad_last else ids, axis=1, kind="stable")
-    return tuple(np.take_along_axis(a, order, axis=1) for a in (ids, *others))
-
-
-def _pack_ids(ids: np.ndarray, lengths: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ids, each ascending (padding -1 last), as the gaps of ``id + 1`` from the previous id of
-    the row (the first from 0): ``(low byte uint8, high bits uint16)``, each shaped like the input.
-
-    ``ids`` is ``[P, K]`` (top-k) or the flat real entries ``[E]`` of rows of ``lengths`` entries
-    (sample mode)."""
-    v = ids.astype(np.int64) + 1
-    if v.size and v.max() - 1 > MAX_ID:
-        raise ValueError(f"token id {v.max() - 1} is beyond the largest id the cache format stores ({MAX_ID})")
-    if lengths is None:
-        gap = np.diff(v, axis=-1, prepend=0) if v.size else v
-    else:
-        gap = np.diff(v, prepend=0)
-        starts = _offsets(lengths)[:-1]
-        starts = starts[np.asarray(lengths) > 0]
-        gap[starts] = v[starts]
-    return (gap & 0xFF).astype(np.uint8), (gap >> IDS_LOW_BITS).astype(np.uint16)
-
-
-def _unpack_ids(low: np.ndarray, high: np.ndarray, lengths: np.ndarray | None = None) -> np.ndarray:
-    """The inverse of ``_pack_ids``: int32 ids, ``[P, K]``, or the flat ``[E]`` of rows of ``lengths`` entries."""
-    gap = high.astype(np.int32)
-    gap <<= IDS_LOW_BITS
-    gap |= low
-    if lengths is None:
-        np.cumsum(gap, axis=-1, out=gap)  # int32: a row's ids are < 2^24
-    elif gap.size:  # one running sum over all entries, less its value before each row (int32 wraps alike)
-        np.cumsum(gap, out=gap)
-        starts = np.cumsum(lengths) - lengths
-        before = np.where(starts > 0, gap[starts - 1], 0).astype(np.int32)
-        gap -= np.repeat(before, lengths)
-    gap -= 1
-    return gap
-
-
-def _pack_logprobs(ids: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k log-probs [P, K] (fp32; ignored where ids are -1) as ``(steps uint8 [P, K], top fp16 [P])``:
-    ``top`` the row's largest log-prob, ``steps = round(LOGPROB_STEPS sqrt(p / p_top))``."""
-    real = ids >= 0
-    lp = np.where(real, logprobs.astype(np.float64), -np.inf)
-    top = lp.max(axis=1, initial=-np.inf) if lp.size else np.zeros(lp.shape[0])
-    top = np.where(np.isfinite(top), top, 0.0)
-    steps = np.rint(LOGPROB_STEPS * np.exp(0.5 * (lp - top[:, None])))
-    return np.where(real, steps, 0).astype(np.uint8), top.astype(np.float16)
-
-
-def _unpack_logprobs(ids: np.ndarray, steps: np.ndarray, top: np.ndarray) -> np.ndarray:
-    """The inverse of ``_pack_logprobs`` (float32 [P, K], 0 at padding): ``top + 2 log(steps / LOGPROB_STEPS)``,
-    a step of 0 read as ``_CODE0``. Error: ``|sqrt(p' / p_top) - sqrt(p / p_top)| <= 0.5 / LOGPROB_STEPS``
-    and the fp16 rounding of ``top``. Float32, not the former fp16: a float16 conversion would cost more
-    than the rest of the decoding, and the trainer takes float32."""
-    lp = np.take(_STEP_LOGS, steps)
-    lp += top.astype(np.float32)[:, None]
-    if ids.size and ids[:, 0].min() < 0:  # padding sorts first in a top-k row
-        lp[ids < 0] = 0.0
-    return lp
-
-
-# log-prob offset of each step from the row's top: 2 log(step / LOGPROB_STEPS), step 0 as _CODE0
-_STEP_LOGS = (2.0 * np.log(np.maximum(np.arange(256, dtype=np.float64), _CODE0) / LOGPROB_STEPS)).astype(np.float32)
-
-
 class _KindColumns:
     """One kind's sparse arrays of a shard, added sample by sample and concatenated by ``arrays``.
 
     The arrays are those of ``TEACHER_ARRAYS`` that the shard's sparse mode stores: top-k keeps each
-    ``[P, K]`` row whole, sample mode only its drawn entries (ids >= 0) with ``n_entries`` per row; each
-    row in ascending id order. ``arrays`` encodes them (``_ENCODED``: ids as gaps, top-k log-probs as
-    steps, the tail in fp16)."""
+    ``[P, K]`` array whole, sample mode only its drawn entries (ids >= 0) with ``n_entries`` per row."""
 
     def __init__(self, kind: str, sparse_mode: str, k: int, sample_logprobs: bool):
         self.kind, self.mode, self.k, self.sample_logprobs = kind, sparse_mode, k, sample_logprobs
@@ -472,9 +369,6 @@ class _KindColumns:
                 f"found values in [{pos.min()}, {pos.max()}]"
             )
         given = self._given(sid, a.teacher, P)
-        per_id = [arr.name for arr in self.stored if arr.per_id]
-        for name, v in zip(per_id, _sort_rows(self.sampled, *(given[n] for n in per_id))):  # "ids" comes first
-            given[name] = v
         self.parts["positions"].append(pos)
         mask = None
         if self.sampled:
@@ -482,9 +376,7 @@ class _KindColumns:
             self.parts["n_entries"].append(mask.sum(axis=1).astype(np.uint16))
         for arr in self.stored:
             v = given[arr.name]
-            # ids stay int64 and top-k log-probs fp32 until ``arrays`` encodes them
-            keep = np.int64 if arr.name == "ids" else np.float32 if arr.name == "logprobs" and not self.sampled else arr.dtype
-            self.parts[arr.name].append((v[mask] if mask is not None and arr.per_id else v).astype(keep))
+            self.parts[arr.name].append((v[mask] if mask is not None and arr.per_id else v).astype(arr.dtype))
         self.extras.add(sid, i, a.extras, P)
 
     def _given(self, sid: str, teacher: dict[str, np.ndarray], P: int) -> dict[str, np.ndarray]:
@@ -538,64 +430,33 @@ class _KindColumns:
         kind, p = self.kind, self.parts
         out = {f"{kind}/offsets": _offsets([x.shape[0] for x in p["positions"]]),
                f"{kind}/positions": _cat(p["positions"], np.int32)}
-        lengths = None
         if self.sampled:
             out[f"{kind}/n_entries"] = _cat(p["n_entries"], np.uint16)
             out[f"{kind}/entry_offsets"] = _offsets([int(n.sum()) for n in p["n_entries"]])
-            lengths = out[f"{kind}/n_entries"].astype(np.int64)
-        raw = {}
         for arr in self.stored:
             whole_rows = arr.per_id and not self.sampled
-            raw[arr.name] = _cat(p[arr.name], p[arr.name][0].dtype if p[arr.name] else arr.dtype,
-                                 (self.k,) if whole_rows else ())
-        ids = raw.pop("ids")
-        out[f"{kind}/ids"], out[f"{kind}/ids_hi"] = _pack_ids(ids, lengths)
-        if not self.sampled:
-            out[f"{kind}/logprobs"], out[f"{kind}/logprob_top"] = _pack_logprobs(ids, raw.pop("logprobs"))
-        out[f"{kind}/tail"] = raw.pop("tail").astype(np.float16)
-        for name, v in raw.items():  # counts, logp_mean, sample mode's per-entry log-probs: as they are
-            out[f"{kind}/{name}"] = v.astype(TEACHER_ARRAY[name].dtype, copy=False)
+            out[f"{kind}/{arr.name}"] = _cat(p[arr.name], arr.dtype, (self.k,) if whole_rows else ())
         out.update(self.extras.arrays())
         return out
 
 
 def _unpack_kind(attrs: ShardAttrs, index: dict[str, np.ndarray], read: ReadRows, kind: str, j: int) -> KindArrays:
-    """The inverse of ``_KindColumns.add``/``arrays``: sample ``j``'s arrays of one kind (sample mode padded
-    to K), each row in ascending id order."""
+    """The inverse of ``_KindColumns.add``: sample ``j``'s arrays of one kind (sample mode padded to K)."""
     p0, p1 = _rows(index, f"{kind}/offsets", j)
     sampled = attrs.sparse_mode == SparseMode.sample.value
-    teacher: dict[str, np.ndarray] = {}
-    if p1 == p0:  # no positions of this kind (most samples lack one kind or two): empty arrays, nothing to decode
-        for arr in TEACHER_ARRAYS:
-            if arr.stored(attrs.sparse_mode, attrs.sample_logprobs):
-                dtype = np.float32 if arr.name == "logprobs" and not sampled else arr.dtype
-                teacher[arr.name] = np.zeros((0, attrs.k) if arr.per_id else 0, dtype=dtype)
-        return KindArrays(positions=np.zeros(0, np.int32), teacher=teacher,
-                          extras=_unpack_extras(attrs, read, kind, p0, p1))
     if sampled:
         e0, e1 = _rows(index, f"{kind}/entry_offsets", j)
         n_ent = read(f"{kind}/n_entries", p0, p1).astype(np.int64)
         mask = np.arange(attrs.k)[None, :] < n_ent[:, None]
-
-        def rows(name: str, flat: np.ndarray) -> np.ndarray:
-            a = TEACHER_ARRAY[name]
-            out = np.full(mask.shape, a.pad, dtype=a.dtype)
-            out[mask] = flat
-            return out
-
-        teacher["ids"] = rows("ids", _unpack_ids(read(f"{kind}/ids", e0, e1), read(f"{kind}/ids_hi", e0, e1), n_ent))
-    else:
-        teacher["ids"] = _unpack_ids(read(f"{kind}/ids", p0, p1), read(f"{kind}/ids_hi", p0, p1))
+    teacher = {}
     for arr in TEACHER_ARRAYS:
-        if arr.name == "ids" or not arr.stored(attrs.sparse_mode, attrs.sample_logprobs):
+        if not arr.stored(attrs.sparse_mode, attrs.sample_logprobs):
             continue
-        if arr.name == "logprobs" and not sampled:  # float32 (sample mode's stored entries: float16)
-            teacher["logprobs"] = _unpack_logprobs(teacher["ids"], read(f"{kind}/logprobs", p0, p1),
-                                                   read(f"{kind}/logprob_top", p0, p1))
-        elif sampled and arr.per_id:
-            teacher[arr.name] = rows(arr.name, read(f"{kind}/{arr.name}", e0, e1))
+        if sampled and arr.per_id:
+            teacher[arr.name] = np.full(mask.shape, arr.pad, dtype=arr.dtype)
+            teacher[arr.name][mask] = read(f"{kind}/{arr.name}", e0, e1)
         else:
-            teacher[arr.name] = read(f"{kind}/{arr.name}", p0, p1).astype(arr.dtype, copy=False)
+            teacher[arr.name] = read(f"{kind}/{arr.name}", p0, p1)
     return KindArrays(positions=read(f"{kind}/positions", p0, p1), teacher=teacher,
                       extras=_unpack_extras(attrs, read, kind, p0, p1))
 

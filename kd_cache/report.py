@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from kd_cache.format import ENCODED_PARTS
 from kd_cache.reader import KDCache, open_cache
 from kd_cache.schema import IGNORE_INDEX, KINDS, Manifest
 
@@ -128,7 +127,6 @@ def sample_key(array: str) -> str:
     if group in KINDS:
         if leaf in ("offsets", "entry_offsets", "n_entries"):
             return "(index)"
-        leaf = ENCODED_PARTS.get(leaf, leaf)  # e.g. ids_hi: the high plane of the ids' gaps
         return f"{group}_{leaf.removeprefix('extra/')}"
     return "-"
 

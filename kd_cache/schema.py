@@ -35,10 +35,8 @@ A sample, as a flat dict (``CacheSample.to_dict``)::
                                      teacher's logits at that image's visual positions
     relation_energy  list of float   share of R's Frobenius energy the stored encoding keeps
     <kind>_positions int32 [P]       distilled positions t (the logits at t predict token t + 1)
-    <kind>_tail      float32 [P]     log of the teacher's probability mass outside the stored ids (fp16
-                                     precision when read)
-      top-k:   <kind>_ids int32 [P, K], <kind>_logprobs float32 [P, K] (quantised when stored:
-               ``kd_cache.format``); a row's ids are a set (read back in ascending id order)
+    <kind>_tail      float32 [P]     log of the teacher's probability mass outside the stored ids
+      top-k:   <kind>_ids int32 [P, K], <kind>_logprobs float32 [P, K] (fp16 precision when read)
       sample:  <kind>_ids int32 [P, K] (-1 pad), <kind>_counts uint16 [P, K] (0 pad),
                <kind>_logp_mean float32 [P] = sum_i (c_i / N) log p_i,
                <kind>_logprobs [P, K] only when the build kept them (--sample-logprobs)
@@ -94,8 +92,7 @@ class TeacherArray:
     """
 
     name: str
-    dtype: type  # as the reader returns it, top-k log-probs aside (float32 there): ``kd_cache.format`` stores
-    # some encoded (ids as gaps, top-k log-probs as steps, the tail in fp16); the teacher pass may give more precision
+    dtype: type  # as stored in a shard and returned by the reader (the teacher pass may give more precision)
     per_id: bool  # [P, K], one value per stored id (sample mode stores only the drawn entries); else [P]
     pad: int | float  # the value at padded ids (-1 ids): a sample-mode row padded to K, a batch padded to its widest K
     modes: tuple[str, ...]  # the sparse modes whose caches always hold it

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from cache_fixtures import assert_logprobs_close
 from student_fixtures import load_llava, model_inputs
 from transformers import AutoTokenizer
 from typer.testing import CliRunner
@@ -67,9 +66,8 @@ def test_topk_and_relation_equal_dense(teacher_dir, chat_data, tmp_path):
         for kind in ("response", "visual"):
             pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
             ref_lp, ref_ids = logp[pos].topk(8, dim=-1)
-            # the same ids (a set: stored in id order), log-probs within the storage's quantisation
-            np.testing.assert_array_equal(s[f"{kind}_ids"], np.sort(ref_ids.numpy(), axis=1))
-            assert_logprobs_close(s[f"{kind}_ids"], s[f"{kind}_logprobs"], ref_ids.numpy(), ref_lp.numpy())
+            np.testing.assert_array_equal(s[f"{kind}_ids"], ref_ids.numpy())
+            np.testing.assert_allclose(s[f"{kind}_logprobs"], ref_lp.numpy(), rtol=2e-3, atol=2e-3)  # fp16 storage
             ref_tail = torch.log1p(-ref_lp.exp().sum(-1).clamp(max=1 - 1e-7)).numpy()
             np.testing.assert_allclose(s[f"{kind}_tail"], ref_tail, rtol=1e-3, atol=1e-4)
         assert len(s["relation"]) == len(s["images"])
@@ -314,7 +312,7 @@ def test_causal_lm_teacher_on_text_only_data(causal_teacher_dir, tmp_path):
         with torch.no_grad():
             logp = torch.log_softmax(model(torch.from_numpy(s["input_ids"].astype(np.int64))[None]).logits[0], -1)
         ref = logp[torch.from_numpy(s["response_positions"].astype(np.int64))].topk(5)
-        np.testing.assert_array_equal(s["response_ids"], np.sort(ref.indices.numpy(), axis=1))  # a set, in id order
+        np.testing.assert_array_equal(s["response_ids"], ref.indices.numpy())
         assert tok.decode(s["input_ids"][s["labels"] != -100]) == "yes<|im_end|>\n"
 
 
@@ -388,7 +386,7 @@ def test_prompt_positions_and_hidden_states(teacher_dir, chat_data, tmp_path):
             assert s[f"{kind}_hidden"].dtype == np.float16 and s[f"{kind}_hidden"].shape == (len(pos), 64)
             np.testing.assert_allclose(s[f"{kind}_hidden"], h[pos].numpy(), rtol=2e-3, atol=2e-3)
             ref = torch.log_softmax(out.logits[0, pos].float(), -1).topk(4).indices.numpy()
-            np.testing.assert_array_equal(s[f"{kind}_ids"], np.sort(ref, axis=1))  # a set, in id order
+            np.testing.assert_array_equal(s[f"{kind}_ids"], ref)
 
 
 def test_generate_replaces_answers_with_the_teachers(teacher_dir, chat_data, tmp_path):
@@ -438,7 +436,7 @@ def test_padded_teacher_head_is_cut_to_the_tokenizer(teacher_dir, student_dir, c
         logp = torch.log_softmax(dense[s["id"]][:, :400].float(), -1)
         pos = torch.from_numpy(s["response_positions"].astype(np.int64))
         ref = logp[pos].topk(8)
-        np.testing.assert_array_equal(s["response_ids"], np.sort(ref.indices.numpy(), axis=1))  # a set, in id order
-        assert_logprobs_close(s["response_ids"], s["response_logprobs"], ref.indices.numpy(), ref.values.numpy())
+        np.testing.assert_array_equal(s["response_ids"], ref.indices.numpy())
+        np.testing.assert_allclose(s["response_logprobs"], ref.values.numpy(), atol=2e-3, rtol=2e-3)
     student, sproc = load_student(student_dir)
     check_compatibility(manifest, student, sproc, template="chat")

@@ -23,7 +23,6 @@ from kd_cache.build import build_cache
 from kd_cache.build_config import BuildConfig
 from kd_cache.processing import config_image_token_id
 from student.stream import StreamingKDDataset
-from tests.cache_fixtures import assert_logprobs_close
 from tests.vlm_families import FAMILIES
 
 pytest.importorskip("torchvision", reason="the processors of 7 families need torchvision")
@@ -128,11 +127,9 @@ def test_cached_distributions_and_relations_are_the_models(fam):
             pos = torch.from_numpy(s[f"{kind}_positions"].astype(np.int64))
             ref = logp[pos].topk(TOP_K)
             where = f"{name} {s['id']} {kind}"
-            # the ids as a set (stored in id order), their log-probs within the storage's quantisation
-            assert_logprobs_close(s[f"{kind}_ids"], s[f"{kind}_logprobs"], ref.indices.numpy(), ref.values.numpy())
+            np.testing.assert_allclose(s[f"{kind}_logprobs"], ref.values.numpy(), atol=5e-3, rtol=2e-3, err_msg=where)
             got = np.take_along_axis(logp[pos].numpy(), s[f"{kind}_ids"].astype(np.int64), 1)
-            np.testing.assert_allclose(np.sort(got, 1), np.sort(ref.values.numpy(), 1), atol=1e-5,
-                                       err_msg=where)  # the same ids up to ties
+            np.testing.assert_allclose(got, ref.values.numpy(), atol=1e-5, err_msg=where)  # same ids up to ties
             tail = torch.log1p(-ref.values.exp().sum(-1).clamp_max(1 - 1e-7))
             np.testing.assert_allclose(s[f"{kind}_tail"], tail.numpy(), atol=2e-3, rtol=2e-3, err_msg=where)
         assert len(s["relation"]) == len(enc.visual_positions)
@@ -213,8 +210,7 @@ def test_dft_step_on_the_cache_equals_the_dense_reference_of_the_two_models(fam)
     ``DistillStudent``) gives the loss sums of a dense reference computed from the two models directly:
     CE at response positions, forward KL over the teacher's top-k ids + one tail bin at response and
     visual positions (the teacher's bins from its own full log-softmax), and RDist per image from both
-    models' logits at that image's visual positions. Only the cache's storage (quantised top-k log-probs,
-    fp16 tail and relations) separates them."""
+    models' logits at that image's visual positions. Only the cache's fp16 storage separates them."""
     from student.distill import DistillStudent, LossSettings
     from student.model import load_student
     from student.train import _to_device
@@ -256,10 +252,8 @@ def test_dft_step_on_the_cache_equals_the_dense_reference_of_the_two_models(fam)
     got = {"ce": sums["ce_sum"].item(), "response": sums["mdist_response_sum"].item(),
            "visual": sums["mdist_visual_sum"].item(), "rdist": sums["rdist_sum"].item()}
     assert got["ce"] == pytest.approx(ref["ce"], rel=1e-4), name
-    # the teacher's log-probs are stored as steps of sqrt(p / p_top) (half a step: up to ~1% of a small p;
-    # the fp16 layout before them: rel 5e-3) and the tail in fp16
-    for key in ("response", "visual"):
-        assert got[key] == pytest.approx(ref[key], rel=1e-2, abs=1e-4), (name, key, got, ref)
+    for key in ("response", "visual"):  # teacher log-probs and tails are stored in fp16 / fp32
+        assert got[key] == pytest.approx(ref[key], rel=5e-3, abs=1e-4), (name, key, got, ref)
     assert got["rdist"] == pytest.approx(ref["rdist"], rel=2e-3, abs=1e-5), (name, got, ref)
 
 

@@ -138,10 +138,10 @@ def test_changed_array_metadata_is_detected_when_the_shard_opens(cache, tmp_path
     work = _copy(cache, tmp_path)
     root = work / "shards" / "00000" / "zarr.json"
     doc = json.loads(root.read_text())
-    assert doc["consolidated_metadata"]["metadata"]["response/logprobs"]["data_type"] == "uint8"
+    assert doc["consolidated_metadata"]["metadata"]["response/logprobs"]["data_type"] == "float16"
     text = root.read_text()
     at = text.index('"response/logprobs"')
-    root.write_text(text[:at] + text[at:].replace('"uint8"', '"uint16"', 1))
+    root.write_text(text[:at] + text[at:].replace('"float16"', '"float32"', 1))
     with pytest.raises(CorruptCacheError, match="00000/zarr.json \\(zarr metadata\\) changed"):
         _read_shard(work, 0)
     assert not open_cache(str(work)).check().ok  # the up-front check hashes it too
@@ -150,11 +150,11 @@ def test_changed_array_metadata_is_detected_when_the_shard_opens(cache, tmp_path
     work = _copy(cache, tmp_path, "own")
     meta = work / "shards" / "00000" / "response" / "logprobs" / "zarr.json"
     text = meta.read_text()
-    assert '"uint8"' in text
-    meta.write_text(text.replace('"data_type": "uint8"', '"data_type":"uint16"'))  # same length
+    assert '"float16"' in text
+    meta.write_text(text.replace('"float16"', '"float32"'))
     for a, b in zip(reference, _read_shard(work, 0), strict=True):
         np.testing.assert_array_equal(a["response_logprobs"], b["response_logprobs"])
-        assert b["response_logprobs"].dtype == np.float32
+        assert b["response_logprobs"].dtype == np.float16
     assert open_cache(str(work)).verify_shards().failing == ["00000"]
 
 

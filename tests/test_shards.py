@@ -11,7 +11,7 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pytest
-from cache_fixtures import assert_logprobs_close, dense_table, synthetic_manifest
+from cache_fixtures import synthetic_manifest
 
 from kd_cache import CacheWriter, KDCache, open_cache
 from kd_cache.relation import decode_relation, encode_relation, normalise
@@ -66,11 +66,6 @@ def make_sample(rng: np.random.Generator, i: int, mode: str, k: int, n_images: i
     return s
 
 
-def dense(ids: np.ndarray, values: np.ndarray, vocab: int = VOCAB) -> np.ndarray:
-    return dense_table(ids, values, vocab)
-
-
-
 def build_cache(
     url, samples, *, mode="topk", k=8, relation="full", per_shard=4, storage_options=None, sample_logprobs=False,
     **writer_kw,
@@ -104,17 +99,13 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str,
         P = len(want[f"{kind}_positions"])
         np.testing.assert_array_equal(got[f"{kind}_positions"], want[f"{kind}_positions"])
         assert got[f"{kind}_ids"].shape == (P, k) and got[f"{kind}_ids"].dtype == np.int32
-        # a row's ids are a set (stored in id order): compare dense [P, VOCAB] tables of each per-id array
-        g_ids, w_ids = got[f"{kind}_ids"], np.asarray(want[f"{kind}_ids"])
-        np.testing.assert_array_equal(dense(g_ids, g_ids >= 0), dense(w_ids, w_ids >= 0))
-        assert all((np.diff(row[row >= 0]) > 0).all() for row in g_ids)  # in ascending id order
-        if mode == "topk":
-            assert got[f"{kind}_logprobs"].dtype == np.float32
-            assert_logprobs_close(g_ids, got[f"{kind}_logprobs"], w_ids, want[f"{kind}_logprobs"])
-        elif logprobs:  # sample mode's per-entry log-probs: fp16, exact
+        np.testing.assert_array_equal(got[f"{kind}_ids"], want[f"{kind}_ids"])
+        if mode == "topk" or logprobs:
             assert got[f"{kind}_logprobs"].dtype == np.float16
-            np.testing.assert_array_equal(dense(g_ids, got[f"{kind}_logprobs"]),
-                                          dense(w_ids, want[f"{kind}_logprobs"].astype(np.float16)))
+            np.testing.assert_array_equal(got[f"{kind}_logprobs"], want[f"{kind}_logprobs"].astype(np.float16))
+            np.testing.assert_allclose(
+                got[f"{kind}_logprobs"].astype(np.float32), want[f"{kind}_logprobs"], rtol=1e-3, atol=1e-3
+            )
         else:
             assert f"{kind}_logprobs" not in got
         if mode == "sample":
@@ -129,10 +120,10 @@ def assert_sample_equal(got: dict, want: dict, mode: str, k: int, relation: str,
         else:
             assert f"{kind}_logp_mean" not in got
         assert got[f"{kind}_tail"].dtype == np.float32
-        np.testing.assert_array_equal(got[f"{kind}_tail"], want[f"{kind}_tail"].astype(np.float16))  # fp16 stored
+        np.testing.assert_array_equal(got[f"{kind}_tail"], want[f"{kind}_tail"])
         if mode == "sample":
             assert got[f"{kind}_counts"].dtype == np.uint16
-            np.testing.assert_array_equal(dense(g_ids, got[f"{kind}_counts"]), dense(w_ids, want[f"{kind}_counts"]))
+            np.testing.assert_array_equal(got[f"{kind}_counts"], want[f"{kind}_counts"])
         else:
             assert f"{kind}_counts" not in got
     if relation == "none":
@@ -181,106 +172,6 @@ def test_round_trip(tmp_path, mode, relation, logprobs):
     assert len(got) == 11
     for g, w in zip(got, samples):
         assert_sample_equal(g, w, mode, k, relation, logprobs)
-
-
-def _softmax_rows(rng, P: int, V: int) -> np.ndarray:
-    """[P, V] float64 log-probs of peaked random logits (a real LM's shape: a few likely ids, a long tail)."""
-    z = rng.standard_normal((P, V)) * 2.5
-    z[np.arange(P), rng.integers(0, V, P)] += 8.0
-    return z - np.logaddexp.reduce(z, axis=1, keepdims=True)
-
-
-@pytest.mark.parametrize("vocab", [300, 262_144])  # gaps within one byte, and gaps that need the high plane
-def test_topk_encoding_against_a_dense_reference(tmp_path, vocab):
-    """Top-k rows of a dense distribution read back as the same id sets, each id's probability within half a
-    step of sqrt(p / p_top), the tail to fp16, and the K + 1 bins still one distribution; ids 0 and V - 1
-    and rows padded with -1 included."""
-    from kd_cache.format import LOGPROB_STEPS
-
-    rng = np.random.default_rng(11)
-    P, k = 40, 16
-    logp = _softmax_rows(rng, P, vocab)
-    ids = np.argsort(-logp, axis=1)[:, :k]
-    ids[0, -1], ids[1, -1] = 0, vocab - 1  # the extreme ids (rank k: the smallest stored mass)
-    lp = np.take_along_axis(logp, ids, 1)
-    ids[2, 10:] = -1  # a row with fewer ids than k
-    lp[2, 10:] = 0.0
-    tail = np.log1p(-np.where(ids >= 0, np.exp(lp), 0.0).sum(1))
-    s = {"id": "d", "images": [], "input_ids": np.zeros(P + 1, np.int32), "labels": np.ones(P + 1, np.int32),
-         "response_positions": np.arange(P), "response_ids": ids, "response_logprobs": lp.astype(np.float32),
-         "response_tail": tail.astype(np.float32)}
-    build_cache(tmp_path / "c", [s], k=k, relation="none")
-    got = open_cache(tmp_path / "c")[0]
-    g_ids, g_lp, g_tail = got["response_ids"], got["response_logprobs"], got["response_tail"]
-    assert g_ids.dtype == np.int32 and g_lp.dtype == np.float32 and g_tail.dtype == np.float32
-    np.testing.assert_array_equal(dense(g_ids, g_ids >= 0, vocab), dense(ids, ids >= 0, vocab))
-    assert_logprobs_close(g_ids, g_lp, ids, lp)
-    np.testing.assert_allclose(g_tail, tail, rtol=2 ** -11)
-    assert (g_lp[g_ids < 0] == 0).all()
-    # the stored distribution: p_top exact to fp16, any other id within (1 / STEPS) sqrt(p p_top) + (0.5 / STEPS)^2 p_top
-    p, g_p = dense(ids, np.exp(lp), vocab), dense(g_ids, np.exp(g_lp.astype(np.float64)), vocab)
-    p_top = p.max(1, keepdims=True)
-    bound = np.sqrt(p * p_top) / LOGPROB_STEPS + p_top * (0.5 / LOGPROB_STEPS) ** 2 + 2 ** -9 * g_p * np.abs(
-        np.log(np.maximum(g_p, 1e-30)))
-    assert (np.abs(g_p - p) <= bound + 1e-12).all()
-    assert np.abs(g_p.sum(1) + np.exp(g_tail) - 1).max() < 0.05  # still a distribution up to the steps
-
-
-def test_ids_beyond_the_stored_range_are_refused(tmp_path):
-    from kd_cache.format import MAX_ID
-
-    s = {"id": "x", "images": [], "input_ids": np.zeros(3, np.int32), "labels": np.ones(3, np.int32),
-         "response_positions": np.arange(2), "response_ids": np.array([[1, MAX_ID + 1], [2, 3]]),
-         "response_logprobs": np.full((2, 2), -1.0, np.float32), "response_tail": np.full(2, -1.0, np.float32)}
-    with pytest.raises(ValueError, match="beyond the largest id"):
-        build_cache(tmp_path / "c", [s], k=2, relation="none")
-    s["response_ids"] = np.array([[1, MAX_ID], [2, 3]])
-    build_cache(tmp_path / "ok", [s], k=2, relation="none")
-    assert open_cache(tmp_path / "ok")[0]["response_ids"][0].tolist() == [1, MAX_ID]
-
-
-def test_sampled_ids_near_the_largest_id_over_many_rows(tmp_path):
-    """Sample mode decodes a sample's gaps as one running sum (int32, wrapping many times here) less each
-    row's start: ids near ``MAX_ID`` over thousands of rows come back exact."""
-    from kd_cache.format import MAX_ID
-
-    P = 3000
-    ids = np.stack([MAX_ID - np.arange(P) % 7, np.full(P, -1)], axis=1)
-    ids[::5, 1] = 3  # some rows hold a small id too (read back first)
-    s = {"id": "w", "images": [], "input_ids": np.zeros(P + 1, np.int32), "labels": np.ones(P + 1, np.int32),
-         "response_positions": np.arange(P), "response_ids": ids, "response_counts": np.where(ids >= 0, 2, 0),
-         "response_logp_mean": np.zeros(P, np.float32), "response_tail": np.zeros(P, np.float32)}
-    build_cache(tmp_path / "c", [s], mode="sample", k=2, relation="none")
-    got = open_cache(tmp_path / "c")[0]["response_ids"]
-    want = np.where(ids[:, 1:] >= 0, np.concatenate([ids[:, 1:], ids[:, :1]], axis=1), ids)
-    np.testing.assert_array_equal(got, want)
-
-
-def test_sample_entries_read_back_in_id_order_with_their_counts(tmp_path):
-    """Sampled ids given in any order (as a dense count table: the reference) read back in ascending id
-    order, each with its count and (when kept) its log-prob, rows padded to K after their entries."""
-    rng = np.random.default_rng(4)
-    P, k, vocab = 30, 12, 70_000
-    ids = np.full((P, k), -1, np.int64)
-    counts = np.zeros((P, k), np.int64)
-    for p in range(P):
-        n = int(rng.integers(0, k + 1))  # rows without draws included
-        ids[p, :n] = rng.choice(vocab, n, replace=False)  # unsorted, gaps past 65535 included
-        counts[p, :n] = rng.integers(1, 9, n)
-    lp = np.where(ids >= 0, -rng.exponential(3.0, (P, k)), 0.0).astype(np.float32)
-    s = {"id": "s", "images": [], "input_ids": np.zeros(P + 1, np.int32), "labels": np.ones(P + 1, np.int32),
-         "response_positions": np.arange(P), "response_ids": ids, "response_counts": counts,
-         "response_logprobs": lp, "response_tail": np.full(P, -0.5, np.float32)}
-    build_cache(tmp_path / "c", [s], mode="sample", k=k, relation="none", sample_logprobs=True)
-    got = open_cache(tmp_path / "c")[0]
-    g_ids = got["response_ids"]
-    n = (ids >= 0).sum(1)
-    assert ((g_ids >= 0) == (np.arange(k)[None] < n[:, None])).all()  # real entries first
-    assert all((np.diff(r[r >= 0]) > 0).all() for r in g_ids)
-    np.testing.assert_array_equal(dense(g_ids, got["response_counts"], vocab), dense(ids, counts, vocab))
-    np.testing.assert_array_equal(dense(g_ids, got["response_logprobs"], vocab),
-                                  dense(ids, lp.astype(np.float16), vocab))
-    assert (got["response_counts"][g_ids < 0] == 0).all() and (got["response_logprobs"][g_ids < 0] == 0).all()
 
 
 def test_sample_mode_stores_logp_mean_instead_of_logprobs(tmp_path):
@@ -540,11 +431,12 @@ def test_array_stats(tmp_path):
     samples = [make_sample(rng, i, "topk", 8) for i in range(6)]
     build_cache(tmp_path / "c", samples, k=8, relation="full", per_shard=6)
     stats = open_cache(Path(tmp_path / "c")).array_stats(0)
-    assert {"tokens/input_ids", "response/ids", "response/ids_hi", "response/logprobs", "response/logprob_top",
-            "visual/tail", "relation/upper"} <= set(stats)
+    assert {"tokens/input_ids", "response/ids", "response/logprobs", "visual/tail", "relation/upper"} <= set(
+        stats
+    )
     st = stats["response/logprobs"]
-    assert st["dtype"] == "uint8" and st["shape"][1] == 8  # steps of sqrt(p / p_top) (kd_cache.format)
-    assert st["raw_bytes"] == st["shape"][0] * 8 * 1
+    assert st["dtype"] == "float16" and st["shape"][1] == 8
+    assert st["raw_bytes"] == st["shape"][0] * 8 * 2
     assert st["stored_bytes"] > 0 and st["ratio"] == pytest.approx(st["raw_bytes"] / st["stored_bytes"])
 
 

@@ -324,9 +324,7 @@ def test_windowed_order_decodes_each_chunk_about_once_and_reads_the_same_samples
                    plain._open_shard(s).arrays() if a.shape[0] and not name.endswith("offsets"))
     windowed = read_epoch(uniform=False)
     uniform = read_epoch(uniform=True)
-    # "about once": a window boundary inside a chunk decodes it twice, and the many small per-position arrays
-    # (1 KiB chunks here: positions, tail, the top log-prob) have many such chunks (1.30 measured)
-    assert windowed <= 1.4 * n_chunks and uniform >= 2.5 * windowed
+    assert windowed <= 1.3 * n_chunks and uniform >= 2.5 * windowed
 
 
 # Frees a 24 MB block (below the kept mmap threshold of 32 MB) and prints how many MB the process's
