@@ -125,20 +125,21 @@ def test_same_tokenizer_other_template_and_grid(pair):
 
 
 def test_refused_before_step_1(pair, images, tmp_path):
-    """Pairs that cannot work stop before step 1 (no metrics written), naming what differs."""
-    from student.alignment import PairingError
+    """Pairs that cannot work stop before step 1 (no metrics written), naming what differs (the
+    vocabularies first, then why the alignment cannot bridge them)."""
+    from kd_cache.errors import UserError
 
     p = pair("llava", "idefics3")
     # a sampled cache: the teacher mass of ids the projection cannot map is unknown from draws
     sampled = _build(p["teacher"], p["root"] / "chat.json", tmp_path / "sampled", images, sparse="sample", samples=8)
-    with pytest.raises(PairingError, match=r"sampled teacher tokens .*--sparse topk"):
+    with pytest.raises(UserError, match=r"(?s)tokenizer_hash .*cannot align .*sampled teacher tokens .*--sparse topk"):
         _train(sampled, p["student"], tmp_path / "o1", "dft")
     assert not (tmp_path / "o1" / "metrics.jsonl").exists()
     # a student without a chat template (PaliGemma: one prompt, one answer) given a multi-turn chat cache
     pali = tmp_path / "pali"
     with other_tokenizer():
         FAMILIES["paligemma"].build(pali, student=True)
-    with pytest.raises(PairingError, match=r"two-turns.*cannot encode the cached conversation"):
+    with pytest.raises(UserError, match=r"two-turns.*cannot encode the cached conversation"):
         _train(p["chat"], pali, tmp_path / "o2", "dft")
     # an option the alignment cannot serve
     with pytest.raises(ValueError, match=r"prompt tokens of two templates differ"):
