@@ -42,7 +42,7 @@ from kd_cache import processing, regions
 from kd_cache.errors import UserError
 from kd_cache.processing import ProcessedSample
 from kd_cache.schema import SparseMode, choice, derive_positions
-from student.cross_tokenizer import VocabProjection, align_spans, build_projection, byte_spans, token_bytes
+from student.cross_tokenizer import VocabProjection, align_spans, byte_spans, cached_projection, token_bytes
 from student.visual_map import hungarian_weights, map_relation, mix_sparse_rows, overlap_weights
 
 
@@ -320,7 +320,7 @@ def detect_pairing(cache, processor, student_config, *, mode: str = "auto", visu
     else:
         pairs = {int(t): int(t2) for t, t2 in _special_pairs(teacher_tok, tok).items()}
         pairs.update(_end_of_turn_pairs(cache, pairing, load_images))
-        pairing.projection = _cached_projection(teacher_tok, tok, pairs, projection_dir or projection_folder())
+        pairing.projection = cached_projection(teacher_tok, tok, projection_dir or projection_folder(), pairs)
     for i in _probe_indices(cache):  # every refusal before step 1: encode and align a few samples
         s = cache[i]
         pairing.sample(s, load_images(s), teacher_kinds=tuple(k for k in ("response", "visual") if k in m.positions),
@@ -332,28 +332,3 @@ def _special_pairs(teacher_tok, student_tok) -> dict[int, int]:
     """Special tokens both tokenizers spell the same (``<|im_end|>`` in both): teacher id -> student id."""
     student = {str(t): i for i, t in student_tok.added_tokens_decoder.items()}
     return {i: student[str(t)] for i, t in teacher_tok.added_tokens_decoder.items() if str(t) in student}
-
-
-def _cached_projection(teacher_tok, student_tok, pairs: dict[int, int], folder: str) -> VocabProjection:
-    """The pair's projection, built once and kept in ``folder`` (keyed by both tokenizers and the pairs)."""
-    import hashlib
-    import json
-
-    from student.cross_tokenizer import projection_key
-
-    key = hashlib.sha256((projection_key(teacher_tok, student_tok) + json.dumps(sorted(pairs.items()))).encode()
-                         ).hexdigest()[:32]
-    path = os.path.join(folder, f"{key}.npz")
-    if os.path.exists(path):
-        try:
-            return VocabProjection.load(path, key)
-        except (ValueError, OSError):
-            pass  # damaged or another pair's: rebuilt below
-    proj = build_projection(teacher_tok, student_tok, pairs)
-    proj = VocabProjection(proj.to_student, proj.student_matched, key)
-    try:
-        proj.save(path)
-    except OSError:
-        pass  # a read-only home: the projection is rebuilt next time
-    return proj
-

@@ -316,13 +316,15 @@ def token_bytes(tokenizer) -> list[bytes | None]:
     return out
 
 
-def projection_key(teacher_tokenizer, student_tokenizer) -> str:
+def projection_key(teacher_tokenizer, student_tokenizer, pairs: dict[int, int] | None = None) -> str:
     """Deterministic key of a pair: sha256 over both tokenizers' serialised backends (vocabulary,
-    merges, normaliser, pre-tokenizer, decoder) and added tokens."""
+    merges, normaliser, pre-tokenizer, decoder) and added tokens, and the explicit ``pairs`` if any."""
     h = hashlib.sha256(f"cross-vocab-projection v{PROJECTION_VERSION}".encode())
     for tok in (teacher_tokenizer, student_tokenizer):
         h.update(tok.backend_tokenizer.to_str().encode())
         h.update(json.dumps(sorted((i, str(t)) for i, t in tok.added_tokens_decoder.items())).encode())
+    if pairs:
+        h.update(json.dumps(sorted((int(t), int(s)) for t, s in pairs.items())).encode())
     return h.hexdigest()[:32]
 
 
@@ -391,17 +393,24 @@ def build_projection(teacher_tokenizer, student_tokenizer, pairs: dict[int, int]
         to_student[t] = s
     matched = torch.zeros(len(s_bytes), dtype=torch.bool)
     matched[to_student[to_student >= 0]] = True
-    return VocabProjection(to_student, matched, projection_key(teacher_tokenizer, student_tokenizer))
+    return VocabProjection(to_student, matched, projection_key(teacher_tokenizer, student_tokenizer, pairs))
 
 
 def cached_projection(teacher_tokenizer, student_tokenizer, folder: str, pairs: dict[int, int] | None = None) -> VocabProjection:
-    """The pair's projection from ``folder/<key>.npz``, built and saved there the first time."""
-    key = projection_key(teacher_tokenizer, student_tokenizer)
+    """The pair's projection (with its ``pairs``) from ``folder/<key>.npz``, built and saved there the first
+    time. A damaged file is rebuilt; a folder that cannot be written leaves the projection unsaved."""
+    key = projection_key(teacher_tokenizer, student_tokenizer, pairs)
     path = os.path.join(folder, f"{key}.npz")
     if os.path.exists(path):
-        return VocabProjection.load(path, key)
+        try:
+            return VocabProjection.load(path, key)
+        except (ValueError, OSError):
+            pass  # damaged: rebuilt below
     proj = build_projection(teacher_tokenizer, student_tokenizer, pairs)
-    proj.save(path)
+    try:
+        proj.save(path)
+    except OSError:
+        pass  # a read-only home: built again next time
     return proj
 
 

@@ -266,6 +266,12 @@ def test_projection_known_by_construction(teacher_tok, student_tok, tmp_path):
     assert (tmp_path / f"{key}.npz").exists()
     again = cached_projection(teacher_tok, student_tok, str(tmp_path))
     assert torch.equal(first.to_student, again.to_student) and again.key == key
+    # explicit pairs are part of the key: a cached projection without them is not reused
+    with_pair = cached_projection(teacher_tok, student_tok, str(tmp_path), {t("<|eot|>"): s("</s>")})
+    assert with_pair.key != key and int(with_pair.to_student[t("<|eot|>")]) == s("</s>")
+    (tmp_path / f"{with_pair.key}.npz").write_bytes(b"damaged")  # rebuilt, not raised
+    assert torch.equal(cached_projection(teacher_tok, student_tok, str(tmp_path), {t("<|eot|>"): s("</s>")}).to_student,
+                       with_pair.to_student)
     with pytest.raises(ValueError, match="projection built for tokenizer pair"):
         VocabProjection.load(str(tmp_path / f"{key}.npz"), key="other")
 
