@@ -164,6 +164,12 @@ def response_positions(labels: np.ndarray) -> np.ndarray:
     return np.nonzero(labels[1:] != IGNORE_INDEX)[0].astype(np.int32)
 
 
+def predicted_tokens(labels: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """The tokens response positions predict: ``labels[t + 1]`` (int64 [P])."""
+    positions = np.asarray(positions, dtype=np.int64)
+    return np.asarray(labels, dtype=np.int64)[positions + 1] if len(positions) else np.zeros(0, np.int64)
+
+
 def visual_positions(input_ids: np.ndarray, image_token_id: int | None) -> np.ndarray:
     """Positions holding the image token, i.e. filled with image features (int32 [P])."""
     if image_token_id is None:

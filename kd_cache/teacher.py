@@ -33,6 +33,7 @@ from kd_cache.schema import (
     SparseMode,
     choice,
     derive_positions,
+    predicted_tokens,
 )
 
 
@@ -207,11 +208,6 @@ def draw_ids(logp: torch.Tensor, n: int, scheme: str, generator: torch.Generator
     return torch.searchsorted(cdf, points, right=True).clamp_max_(logp.shape[1] - 1)
 
 
-def _next_tokens(e: Encoded, pos: np.ndarray) -> np.ndarray:
-    """The tokens that response positions ``pos`` predict (``labels[pos + 1]``)."""
-    return e.labels[pos.astype(np.int64) + 1] if len(pos) else np.zeros(0, np.int64)
-
-
 class TeacherRunner:
     """Runs the teacher on batches of ``Encoded`` samples and returns one cache sample dict each."""
 
@@ -308,7 +304,7 @@ class TeacherRunner:
         out: list[dict] = [{"_positions": p} for p in pos]
         for kind in self.positions:
             rows = np.concatenate([i * h.shape[1] + p[kind].astype(np.int64) for i, p in enumerate(pos)])
-            targets = (np.concatenate([_next_tokens(e, p[kind]) for e, p in zip(batch, pos)])
+            targets = (np.concatenate([predicted_tokens(e.labels, p[kind]) for e, p in zip(batch, pos)])
                        if kind == "response" else None)
             dist = self.distribution(flat[torch.from_numpy(rows).to(h.device)], "", kind, targets)
             bounds = np.cumsum([0] + [len(p[kind]) for p in pos])
@@ -413,7 +409,7 @@ class TeacherRunner:
             if self.hidden:  # LLaVADI hidden-state alignment: final-layer states, fp16 on disk
                 extras["hidden"] = hk.float().clamp(-65000, 65000).cpu().numpy().astype(np.float16)
             teacher = dict(pre[kind]) if pre is not None else self.distribution(
-                hk, e.id, kind, _next_tokens(e, pos) if kind == "response" else None)
+                hk, e.id, kind, predicted_tokens(e.labels, pos) if kind == "response" else None)
             if "realised" in teacher:
                 extras["realised"] = teacher.pop("realised").astype(np.float16)
             kinds[kind] = KindArrays(positions=pos, teacher=teacher, extras=extras)

@@ -41,7 +41,7 @@ import numpy as np
 from kd_cache import processing, regions
 from kd_cache.errors import UserError
 from kd_cache.processing import ProcessedSample
-from kd_cache.schema import SparseMode, choice, derive_positions
+from kd_cache.schema import SparseMode, choice, derive_positions, predicted_tokens
 from student.cross_tokenizer import VocabProjection, align_spans, byte_spans, cached_projection, token_bytes
 from student.visual_map import hungarian_weights, map_relation, mix_sparse_rows, overlap_weights
 
@@ -102,20 +102,17 @@ def _same_ids(cache, processor, load_images) -> bool:
     return True
 
 
-def _end_of_turn_pairs(cache, pairing: Pairing, load_images) -> dict[int, int]:
+def _end_of_turn_pairs(probes: list[tuple[dict, dict]]) -> dict[int, int]:
     """Teacher id -> student id of the labelled tokens outside the answer text (end-of-turn markers), read
-    in order off a few samples encoded by both: special tokens a byte comparison cannot pair."""
+    in order off probe samples (each cached sample with ``Pairing.sample``'s result for it): special tokens a
+    byte comparison cannot pair."""
     pairs: dict[int, int] = {}
-    for i in _probe_indices(cache):
-        s = cache[i]
-        enc = pairing.encode(s, load_images(s))
-        t_pos = np.asarray(s.get("response_positions", []), dtype=np.int64)
-        t_spans = np.asarray(s.get("response_spans", np.zeros((0, 2))))
-        t_ids = np.asarray(s["labels"], dtype=np.int64)[t_pos + 1] if len(t_pos) else np.zeros(0, np.int64)
+    for s, got in probes:
+        t_ids = predicted_tokens(s["labels"], s.get("response_positions", []))
+        t_spans = np.asarray(s.get("response_spans", np.zeros((0, 2)))).reshape(-1, 2)
         t_marks = [int(t) for t, (a, b) in zip(t_ids, t_spans) if b <= a]
-        s_pos = derive_positions("response", enc.input_ids, enc.labels, None).astype(np.int64)
-        s_ids = enc.labels[s_pos + 1]
-        s_marks = [int(t) for t, (a, b) in zip(s_ids, enc.answer_spans[s_pos + 1]) if b <= a]
+        enc, resp = got["processed"], got["response"]
+        s_marks = [int(t) for t, (a, b) in zip(got["targets"], enc.answer_spans[resp + 1]) if b <= a]
         for t, u in zip(t_marks, s_marks):
             pairs.setdefault(t, u)
     return pairs
@@ -183,8 +180,7 @@ class Pairing:
         ids, labels = enc.input_ids, enc.labels
         resp = derive_positions("response", ids, labels, self.student_image_token_id).astype(np.int64)
         vis = [np.asarray(p, dtype=np.int64) for p in enc.visual_positions]
-        out: dict[str, Any] = {"processed": enc, "response": resp, "targets": labels[resp + 1] if len(resp) else
-                               np.zeros(0, np.int64),
+        out: dict[str, Any] = {"processed": enc, "response": resp, "targets": predicted_tokens(labels, resp),
                                "visual": np.concatenate(vis) if vis else np.zeros(0, np.int64)}
         if "response" in teacher_kinds:
             out.update(self._text_groups(s, enc, resp))
@@ -199,8 +195,8 @@ class Pairing:
             raise PairingError(f"sample {s['id']!r}: the cache has no answer spans or realised log-probs at its "
                                "response positions; rebuild it with this version of kd-cache build")
         text = enc.answer_text
-        t_ids = np.asarray(s["labels"], dtype=np.int64)[t_pos + 1] if len(t_pos) else np.zeros(0, np.int64)
-        s_ids = enc.labels[resp + 1] if len(resp) else np.zeros(0, np.int64)
+        t_ids = predicted_tokens(s["labels"], t_pos)
+        s_ids = predicted_tokens(enc.labels, resp)
         t_bytes = byte_spans(text, np.asarray(t_spans, dtype=np.int64).reshape(-1, 2),
                              _lengths(self.teacher_piece_bytes, t_ids))
         s_bytes = byte_spans(text, enc.answer_spans[resp + 1].reshape(-1, 2), _lengths(self.student_piece_bytes, s_ids))
@@ -315,16 +311,18 @@ def detect_pairing(cache, processor, student_config, *, mode: str = "auto", visu
     pairing.text = "byte spans, same vocabulary" if same_vocab else "byte spans, projected vocabulary (GOLD)"
     pairing.teacher_piece_bytes = _piece_lengths(teacher_tok)
     pairing.student_piece_bytes = (pairing.teacher_piece_bytes if same_vocab else _piece_lengths(tok))
+    # Every refusal before step 1: encode and align a few samples (the projection takes no part in it).
+    kinds = tuple(k for k in ("response", "visual") if k in m.positions)
+    probes = []
+    for i in _probe_indices(cache):
+        s = cache[i]
+        probes.append((s, pairing.sample(s, load_images(s), teacher_kinds=kinds, relation=bool(s.get("relation")))))
     if same_vocab:
         pairing.projection = VocabProjection.identity(m.vocab_size)
     else:
         pairs = {int(t): int(t2) for t, t2 in _special_pairs(teacher_tok, tok).items()}
-        pairs.update(_end_of_turn_pairs(cache, pairing, load_images))
+        pairs.update(_end_of_turn_pairs(probes))
         pairing.projection = cached_projection(teacher_tok, tok, projection_dir or projection_folder(), pairs)
-    for i in _probe_indices(cache):  # every refusal before step 1: encode and align a few samples
-        s = cache[i]
-        pairing.sample(s, load_images(s), teacher_kinds=tuple(k for k in ("response", "visual") if k in m.positions),
-                       relation=bool(s.get("relation")))
     return pairing
 
 

@@ -80,7 +80,7 @@ from kd_cache.format import CHUNK_BYTES
 from kd_cache.processing import ProcessedSample
 from kd_cache.reader import ChunkCache, open_cache
 from kd_cache.records import BadRecord, decode_image, load_image
-from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, TEACHER_ARRAYS, derive_positions
+from kd_cache.schema import DEFAULT_KINDS, IGNORE_INDEX, KINDS, TEACHER_ARRAYS, derive_positions, predicted_tokens
 
 # Read locality of the shuffled order (see ``epoch_order``): windows of WINDOW consecutive samples of a
 # shard, MIX_WINDOWS of them interleaved. Chosen by benchmarks/bench_loader.py (see benchmarks/RESULTS.md).
@@ -486,7 +486,7 @@ class StreamingKDDataset(IterableDataset):
         pos = self._positions(s, kind, ids, labels)
         entry = {"index": b * T + pos, "batch": np.full(len(pos), b, np.int64)}
         if kind == "response":
-            targets = labels[pos + 1] if len(pos) else np.zeros(0, np.int64)
+            targets = predicted_tokens(labels, pos)
             if (targets == IGNORE_INDEX).any():
                 raise ValueError(f"sample {s['id']!r}: a response position predicts an unlabelled "
                                  "token: the cache is inconsistent")
