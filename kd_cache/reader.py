@@ -468,21 +468,15 @@ class KDCache:
 
         from transformers import AutoTokenizer
 
-        files = self.manifest.teacher.tokenizer_files
-        if not files:
+        if not self.manifest.teacher.tokenizer_files:
             raise CorruptCacheError(f"cache {self.url}: no teacher tokenizer files listed in its manifest")
         fs = self._filesystem()
+        with storage.reaching(fs, self._root):
+            files, problems = self._tokenizer_files(fs)
+        if problems:
+            raise CorruptCacheError(f"cache {self.url}: {problems[0]}")
         with tempfile.TemporaryDirectory() as tmp:
-            for name, digest in files.items():
-                path = posixpath.join(self._root, TEACHER_TOKENIZER_DIR, name)
-                with storage.reaching(fs, path):
-                    try:
-                        data = fs.cat_file(path)
-                    except FileNotFoundError:
-                        raise CorruptCacheError(f"cache {self.url}: teacher tokenizer file {name} is missing") from None
-                if hashlib.sha256(data).hexdigest() != digest:
-                    raise CorruptCacheError(f"cache {self.url}: teacher tokenizer file {name} does not match its "
-                                            "sha256 in the manifest")
+            for name, data in files.items():
                 with open(os.path.join(tmp, name), "wb") as f:
                     f.write(data)
             return AutoTokenizer.from_pretrained(tmp)
@@ -605,12 +599,13 @@ class KDCache:
         checks = check_shards(fs, self._root, self.manifest.shards, rehash=rehash, trusted=known, listing=listing,
                               indices=list(range(len(self.manifest.shards))))
         if rehash:
-            problems = problems + self._check_tokenizer_files(fs)
+            problems = problems + self._tokenizer_files(fs)[1]
         return CacheCheck(self.url, checks + unlisted, problems, manifest=self.manifest)
 
-    def _check_tokenizer_files(self, fs) -> list[str]:
-        """The teacher's tokenizer files against their sha256 in the manifest (what an aligned student reads)."""
-        problems = []
+    def _tokenizer_files(self, fs) -> tuple[dict[str, bytes], list[str]]:
+        """The teacher's tokenizer files that match their sha256 in the manifest, and one line per file that
+        is missing or does not (what an aligned student reads; ``verify`` lists the lines)."""
+        files, problems = {}, []
         for name, digest in self.manifest.teacher.tokenizer_files.items():
             path = posixpath.join(self._root, TEACHER_TOKENIZER_DIR, name)
             try:
@@ -621,7 +616,9 @@ class KDCache:
             if hashlib.sha256(data).hexdigest() != digest:
                 problems.append(f"teacher tokenizer file {TEACHER_TOKENIZER_DIR}/{name} does not match its sha256 "
                                 "in the manifest")
-        return problems
+            else:
+                files[name] = data
+        return files, problems
 
     def shard_status(self, shard_index: int, check: bool = True) -> dict:
         """Completion and (optionally) checksum status of one shard (``check_shards``, re-hashing it)."""
